@@ -1,0 +1,217 @@
+//! AdamW with checkpointable state, global-norm gradient clipping, and the learning-rate
+//! schedules.
+//!
+//! dfdx's own `Adam` keeps its moments private, so it could not be saved; this one keeps the
+//! first and second moments as tensors in the model's parameter order (names included) and the
+//! step counter, and is saved next to the weights.
+//!
+//! Update (decoupled weight decay, as PyTorch's `AdamW`), with g already clipped:
+//! m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; θ ← θ(1 − lr·wd) − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε).
+//! Weight decay applies to matrices only (not to biases, LayerNorm scales or the logit scale).
+
+use crate::params::{scalar, ParamMut, ParamRef, Params};
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How the learning rate evolves.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Schedule {
+    /// Linear warm-up, then cosine decay to `floor`·lr at `total_steps` (offline training).
+    Cosine { total_steps: u64, floor: f64 },
+    /// Linear warm-up, then constant (the continuous trainer, which never ends).
+    Constant,
+}
+
+/// Optimiser settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Adam's β₁, β₂.
+    pub betas: [f64; 2],
+    /// Adam's ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Gradients are scaled down so their global L2 norm is at most this; 0 disables clipping.
+    pub clip_norm: f64,
+    /// Steps of linear warm-up from 0.
+    pub warmup_steps: u64,
+    /// What follows the warm-up.
+    pub schedule: Schedule,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 3e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.05,
+            clip_norm: 1.0,
+            warmup_steps: 100,
+            schedule: Schedule::Constant,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Learning rate of 0-based step `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine { total_steps, floor } => {
+                let span = total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                self.lr * (floor + (1.0 - floor) * cos)
+            }
+        }
+    }
+}
+
+/// Moments of one parameter.
+#[derive(Clone, Debug)]
+pub enum Moments<E: Dtype, D: Device<E>> {
+    Vector(Tensor<(usize,), E, D>, Tensor<(usize,), E, D>),
+    Matrix(Tensor<(usize, usize), E, D>, Tensor<(usize, usize), E, D>),
+}
+
+/// AdamW state: step count and moments per parameter.
+#[derive(Clone, Debug)]
+pub struct AdamW<E: Dtype, D: Device<E>> {
+    /// Updates applied so far.
+    pub step: u64,
+    /// Parameter names, in the model's order.
+    pub names: Vec<String>,
+    /// First and second moments, in the same order.
+    pub moments: Vec<Moments<E, D>>,
+}
+
+/// The outcome of clipping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradInfo {
+    /// Global L2 norm before clipping.
+    pub norm: f64,
+    /// Factor the gradients were multiplied by.
+    pub scale: f64,
+}
+
+impl<E: Dtype, D: Device<E>> AdamW<E, D> {
+    /// Zero moments for every parameter of `model`.
+    pub fn new<M: Params<E, D>>(model: &M) -> Self {
+        let mut names = Vec::new();
+        let mut moments = Vec::new();
+        for (name, p) in model.params() {
+            names.push(name);
+            moments.push(match p {
+                ParamRef::Vector(t) => Moments::Vector(t.device().zeros_like(t), t.device().zeros_like(t)),
+                ParamRef::Matrix(t) => Moments::Matrix(t.device().zeros_like(t), t.device().zeros_like(t)),
+            });
+        }
+        AdamW { step: 0, names, moments }
+    }
+
+    /// Collects the gradients of `model`'s parameters, in order.
+    pub fn gradients<M: Params<E, D>>(model: &M, grads: &Gradients<E, D>) -> Vec<Grad<E, D>> {
+        model
+            .params()
+            .into_iter()
+            .map(|(_, p)| match p {
+                ParamRef::Vector(t) => Grad::Vector(grads.get(t)),
+                ParamRef::Matrix(t) => Grad::Matrix(grads.get(t)),
+            })
+            .collect()
+    }
+
+    /// Global norm and clip factor of a gradient set.
+    pub fn clip_info(grads: &[Grad<E, D>], clip_norm: f64) -> GradInfo {
+        let sq: f64 = grads
+            .iter()
+            .map(|g| match g {
+                Grad::Vector(t) => t.clone().square().sum::<(), Axis<0>>().as_vec()[0],
+                Grad::Matrix(t) => t.clone().square().sum::<(), Axes2<0, 1>>().as_vec()[0],
+            })
+            .map(|x| x.to_f64().unwrap_or(f64::NAN))
+            .sum();
+        let norm = sq.sqrt();
+        let scale = if clip_norm > 0.0 && norm > clip_norm { clip_norm / (norm + 1e-6) } else { 1.0 };
+        GradInfo { norm, scale }
+    }
+
+    /// Applies one update with learning rate `lr` to `model`, gradients multiplied by
+    /// `grad_scale` (the clip factor).
+    ///
+    /// # Errors
+    /// Gradients or state that do not match the model's parameters.
+    pub fn update<M: Params<E, D>>(
+        &mut self,
+        model: &mut M,
+        grads: Vec<Grad<E, D>>,
+        grad_scale: f64,
+        lr: f64,
+        cfg: &OptimConfig,
+    ) -> crate::Result<()> {
+        let params = model.params_mut();
+        if params.len() != self.moments.len() || grads.len() != params.len() {
+            return Err(crate::Error::Shape(format!(
+                "optimiser holds {} moments, model has {} parameters, {} gradients",
+                self.moments.len(),
+                params.len(),
+                grads.len()
+            )));
+        }
+        self.step += 1;
+        let t = self.step as i32;
+        let [b1, b2] = cfg.betas;
+        let c1 = 1.0 - b1.powi(t);
+        let c2 = 1.0 - b2.powi(t);
+        let h = Hyper { b1, b2, c1, c2, lr, eps: cfg.eps, gs: grad_scale };
+        for (((_, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
+            match (p, m, g) {
+                (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => adamw_one(p, m, v, g, &h, 0.0),
+                (ParamMut::Matrix(p), Moments::Matrix(m, v), Grad::Matrix(g)) => {
+                    adamw_one(p, m, v, g, &h, cfg.weight_decay)
+                }
+                _ => return Err(crate::Error::Shape("optimiser state does not match the model".into())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parameter's gradient.
+pub enum Grad<E: Dtype, D: Device<E>> {
+    Vector(Tensor<(usize,), E, D>),
+    Matrix(Tensor<(usize, usize), E, D>),
+}
+
+struct Hyper {
+    b1: f64,
+    b2: f64,
+    c1: f64,
+    c2: f64,
+    lr: f64,
+    eps: f64,
+    gs: f64,
+}
+
+fn adamw_one<S: Shape, E: Dtype, D: Device<E>>(
+    p: &mut Tensor<S, E, D>,
+    m: &mut Tensor<S, E, D>,
+    v: &mut Tensor<S, E, D>,
+    g: Tensor<S, E, D>,
+    h: &Hyper,
+    wd: f64,
+) {
+    m.axpy(h.b1, &g, (1.0 - h.b1) * h.gs);
+    v.axpy(h.b2, &g.square(), (1.0 - h.b2) * h.gs * h.gs);
+    let denom = (v.clone() * scalar::<E>(1.0 / h.c2)).sqrt() + scalar::<E>(h.eps);
+    let step = m.clone() * scalar::<E>(h.lr / h.c1) / denom;
+    p.axpy(1.0 - h.lr * wd, &step, -1.0);
+}

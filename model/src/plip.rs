@@ -1,0 +1,259 @@
+//! The PLIP model: both towers, the two pretext heads and the learnable logit scale, with the
+//! total pretext loss L = w_ivlc·L_ivlc + w_iap·L_iap + w_tic·L_tic (defaults 1, 0.1, 0.02) and
+//! the serving API (`embed_images`, `embed_texts`).
+
+use crate::batch::Batch;
+use crate::heads::{IapHead, TicHead};
+use crate::impl_params;
+use crate::loss;
+use crate::params::{scalar, Init, Vector};
+use crate::preset::Preset;
+use crate::text::{padding_bias, TextEncoder, TokenBatch};
+use crate::vision::ImageEncoder;
+use dfdx::prelude::*;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+/// Initial logit scale s = 1/0.07 (CLIP's), stored as ln s.
+pub const INIT_LOGIT_SCALE: f64 = 2.659_260_036_932_778_3; // ln(1/0.07)
+/// Upper clamp of the logit scale: s ≤ 100.
+pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
+
+/// Which pretext tasks run and how each is weighted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskWeights {
+    /// Weight of identity-level image–text contrast; 0 switches the task off.
+    pub ivlc: f64,
+    /// Weight of image-guided attribute prediction; 0 switches the task off.
+    pub iap: f64,
+    /// Weight of text-guided image colorization; 0 switches the task off.
+    pub tic: f64,
+}
+
+impl Default for TaskWeights {
+    fn default() -> Self {
+        TaskWeights { ivlc: 1.0, iap: 0.1, tic: 0.02 }
+    }
+}
+
+/// The values of one evaluation of the losses (unweighted per task, weighted total).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossValues {
+    pub ivlc: Option<f64>,
+    pub iap: Option<f64>,
+    pub tic: Option<f64>,
+    pub total: f64,
+}
+
+/// L2-normalised embeddings, row-major `(rows, dim)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub rows: usize,
+    pub dim: usize,
+    pub data: Vec<f32>,
+}
+
+impl Embeddings {
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// The dual encoder with its pretext heads.
+#[derive(Clone, Debug)]
+pub struct Plip<E: Dtype, D: Device<E>> {
+    pub image: ImageEncoder<E, D>,
+    pub text: TextEncoder<E, D>,
+    pub iap: IapHead<E, D>,
+    pub tic: TicHead<E, D>,
+    pub logit_scale: Vector<E, D>,
+    pub preset: Preset,
+    pub dev: D,
+}
+impl_params!(Plip { image, text, iap, tic, logit_scale });
+
+impl<E: Dtype, D: Device<E>> Plip<E, D> {
+    /// A freshly initialised model; the same seed gives the same weights on every device.
+    ///
+    /// # Errors
+    /// An inconsistent preset.
+    pub fn new(dev: &D, preset: &Preset, seed: u64) -> crate::Result<Self> {
+        preset.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut init = Init { dev, rng: &mut rng };
+        Ok(Plip {
+            image: ImageEncoder::new(&mut init, preset),
+            text: TextEncoder::new(&mut init, preset),
+            iap: IapHead::new(&mut init, preset),
+            tic: TicHead::new(&mut init, preset),
+            logit_scale: init.fill(1, INIT_LOGIT_SCALE),
+            preset: preset.clone(),
+            dev: dev.clone(),
+        })
+    }
+
+    fn to_e(v: &[f32]) -> Vec<E> {
+        v.iter().map(|&x| scalar::<E>(x as f64)).collect()
+    }
+
+    fn images_tensor(&self, data: &[f32], n: usize) -> Tensor<(usize, usize, usize, usize), E, D> {
+        let p = &self.preset;
+        self.dev
+            .tensor_from_vec(Self::to_e(data), (n, 3, p.image_height, p.image_width))
+    }
+
+    /// The logit scale s = exp(min(ln s, ln 100)) as a scalar tensor.
+    pub fn scale<T: Tape<E, D>>(&self) -> Tensor<(), E, D, T> {
+        self.logit_scale
+            .retaped::<T>()
+            .clamp(-MAX_LOGIT_SCALE, MAX_LOGIT_SCALE)
+            .exp()
+            .reshape_like(&())
+    }
+
+    /// The weighted total loss of a batch (with its tape, for `backward`) and the values.
+    ///
+    /// `tape` starts the gradient record (a traced tensor's tape, or `NoneTape` to evaluate).
+    ///
+    /// # Errors
+    /// All tasks switched off, or a batch that does not match the preset.
+    pub fn losses<T: Tape<E, D>>(
+        &self,
+        batch: &Batch,
+        weights: &TaskWeights,
+        tape: T,
+    ) -> crate::Result<(Tensor<(), E, D, T>, LossValues)> {
+        let p = &self.preset;
+        let n = batch.n;
+        if weights.ivlc <= 0.0 && weights.iap <= 0.0 && weights.tic <= 0.0 {
+            return Err(crate::Error::Config("every pretext task is switched off".into()));
+        }
+        if batch.images.len() != n * p.image_len() || batch.tokens.len > p.text_len {
+            return Err(crate::Error::Shape(format!(
+                "batch does not match preset {}: {} image values for {n} samples, {} tokens",
+                p.name,
+                batch.images.len(),
+                batch.tokens.len
+            )));
+        }
+        let mut values = LossValues::default();
+        let mut terms: Vec<Tensor<(), E, D, T>> = Vec::new();
+        let read = |t: &Tensor<(), E, D, T>| t.as_vec()[0].to_f64().unwrap_or(f64::NAN);
+
+        // Colour image pass: its pooled feature feeds IVLC and IAP.
+        let iap_active = weights.iap > 0.0 && !batch.iap_positions.is_empty();
+        if weights.ivlc <= 0.0 && weights.tic <= 0.0 && !iap_active {
+            return Err(crate::Error::Shape(
+                "only IAP is on and no caption in the batch has an attribute phrase".into(),
+            ));
+        }
+        let mut kept = tape;
+        let pooled = if weights.ivlc > 0.0 || iap_active {
+            let images = self.images_tensor(&batch.images, n).put_tape(T::default());
+            let (pooled, tape) = self.image.pooled(images).split_tape();
+            kept = kept.merge(tape);
+            Some(pooled)
+        } else {
+            None
+        };
+
+        // Caption pass: its embedding feeds IVLC and TIC.
+        let need_text = weights.ivlc > 0.0 || weights.tic > 0.0;
+        let text_emb = if need_text {
+            let (t, tape) = self.text.embed(&self.dev, &batch.tokens, T::default()).split_tape();
+            kept = kept.merge(tape);
+            Some(t)
+        } else {
+            None
+        };
+
+        if let (true, Some(text_emb), Some(pooled)) = (weights.ivlc > 0.0, &text_emb, &pooled) {
+            let img = self.image.proj.forward(pooled.retaped::<T>());
+            let q = loss::identity_targets(&batch.identities);
+            let l = loss::ivlc(img, text_emb.retaped::<T>(), self.scale::<T>(), &q);
+            values.ivlc = Some(read(&l));
+            terms.push(l * scalar::<E>(weights.ivlc));
+        }
+        if let (true, Some(pooled)) = (iap_active, &pooled) {
+            let (b, s) = (batch.masked.batch, batch.masked.len);
+            let hidden = self.text.hidden(&self.dev, &batch.masked, T::default());
+            let bias = padding_bias(&self.dev, &batch.masked);
+            let logits = self.iap.forward(
+                &self.dev,
+                hidden,
+                pooled.retaped::<T>(),
+                b,
+                s,
+                bias.as_ref(),
+                &batch.iap_positions,
+            );
+            let l = loss::cross_entropy(logits, &batch.iap_labels);
+            values.iap = Some(read(&l));
+            terms.push(l * scalar::<E>(weights.iap));
+        }
+        if let (true, Some(text_emb)) = (weights.tic > 0.0, &text_emb) {
+            let gray = self.images_tensor(&batch.gray, n).put_tape(T::default());
+            let out = self.image.tokens(gray);
+            let pred = self.tic.forward(out.tokens, text_emb.retaped::<T>(), out.b, out.n);
+            let target = self
+                .dev
+                .tensor_from_vec(Self::to_e(&batch.tic_target), (n * p.num_patches(), p.tic_len()));
+            let l = loss::mse(pred, target);
+            values.tic = Some(read(&l));
+            terms.push(l * scalar::<E>(weights.tic));
+        }
+        let mut total = terms.pop().ok_or_else(|| crate::Error::Shape("no loss term".into()))?;
+        for t in terms {
+            total = total + t;
+        }
+        let (total, tape) = total.split_tape();
+        let total = total.put_tape(tape.merge(kept));
+        values.total = read(&total);
+        Ok((total, values))
+    }
+
+    /// L2-normalised image embeddings of normalised `(n, 3, H, W)` images, `batch_size` at a
+    /// time.
+    pub fn embed_images(&self, images: &[f32], batch_size: usize) -> Embeddings {
+        let len = self.preset.image_len();
+        let rows = images.len() / len;
+        let mut data = Vec::with_capacity(rows * self.preset.embed);
+        for chunk in images.chunks(batch_size.max(1) * len) {
+            let n = chunk.len() / len;
+            let e = loss::l2_normalize(self.image.embed(self.images_tensor(chunk, n)));
+            data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
+        }
+        Embeddings { rows, dim: self.preset.embed, data }
+    }
+
+    /// L2-normalised caption embeddings, `batch_size` captions at a time; each chunk is cut to
+    /// its longest caption (padding never changes an embedding).
+    pub fn embed_texts(&self, tokens: &TokenBatch, batch_size: usize) -> Embeddings {
+        let mut data = Vec::with_capacity(tokens.batch * self.preset.embed);
+        let bs = batch_size.max(1);
+        for start in (0..tokens.batch).step_by(bs) {
+            let rows = bs.min(tokens.batch - start);
+            let row = |r: usize| (start + r) * tokens.len..(start + r + 1) * tokens.len;
+            let longest = (0..rows)
+                .map(|r| tokens.mask[row(r)].iter().rposition(|&m| m > 0.5).map_or(1, |p| p + 1))
+                .max()
+                .unwrap_or(1);
+            let mut chunk = TokenBatch { ids: Vec::new(), mask: Vec::new(), batch: rows, len: longest };
+            for r in 0..rows {
+                let rg = row(r);
+                chunk.ids.extend(&tokens.ids[rg.start..rg.start + longest]);
+                chunk.mask.extend(&tokens.mask[rg.start..rg.start + longest]);
+            }
+            let e = loss::l2_normalize(self.text.embed(&self.dev, &chunk, NoneTape));
+            data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
+        }
+        Embeddings { rows: tokens.batch, dim: self.preset.embed, data }
+    }
+
+    /// The current logit scale s.
+    pub fn logit_scale_value(&self) -> f64 {
+        self.logit_scale.as_vec()[0].to_f64().unwrap_or(f64::NAN).min(MAX_LOGIT_SCALE).exp()
+    }
+}

@@ -1,0 +1,31 @@
+//! Process-level performance settings for CPU training: the worker thread count and the
+//! allocator's behaviour.
+
+/// Keeps glibc's malloc from returning freed memory to the OS after every op and from serving
+/// large tensors with fresh (zero-filled, page-faulting) mmaps; measured at about 1.5× faster
+/// training steps in dfdx. A no-op on other C libraries. Call once, early.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before heavy allocation.
+    unsafe {
+        const M_TRIM_THRESHOLD: libc::c_int = -1;
+        const M_TOP_PAD: libc::c_int = -2;
+        const M_MMAP_THRESHOLD: libc::c_int = -3;
+        libc::mallopt(M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(M_TOP_PAD, 256 << 20);
+    }
+}
+
+/// A pool of `threads` workers (0 = one per core) for dfdx's CPU matrix products: run the
+/// training or embedding inside `pool.install(|| ...)`.
+///
+/// # Errors
+/// The pool could not be created.
+pub fn thread_pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("plip-cpu-{i}"))
+        .build()
+        .map_err(|e| crate::Error::Config(format!("thread pool of {threads}: {e}")))
+}

@@ -1,0 +1,107 @@
+//! The text tower: token embedding + learned positions → pre-LN blocks with a key padding mask →
+//! final LayerNorm → mean over the real (unpadded) tokens → Linear to the joint embedding.
+//!
+//! Sequences may be shorter than the preset's `text_len` (serving pads a batch only to its
+//! longest caption); positions beyond the sequence are simply not used.
+
+use crate::impl_params;
+use crate::layers::{mask_bias, run_blocks, Block, LayerNorm, Linear};
+use crate::params::{Init, Mat};
+use crate::preset::Preset;
+use dfdx::prelude::*;
+
+/// Token ids `(b, s)` flattened row-major, with the attention mask (1 real, 0 padding).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenBatch {
+    pub ids: Vec<usize>,
+    pub mask: Vec<f32>,
+    pub batch: usize,
+    pub len: usize,
+}
+
+/// The text encoder.
+#[derive(Clone, Debug)]
+pub struct TextEncoder<E: Dtype, D: Device<E>> {
+    pub token_embed: Mat<E, D>,
+    pub pos: Mat<E, D>,
+    pub blocks: Vec<Block<E, D>>,
+    pub ln: LayerNorm<E, D>,
+    pub proj: Linear<E, D>,
+}
+impl_params!(TextEncoder { token_embed, pos, blocks, ln, proj });
+
+impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
+    pub fn new(init: &mut Init<D>, p: &Preset) -> Self {
+        TextEncoder {
+            token_embed: init.normal(p.vocab, p.dim, 0.02),
+            pos: init.normal(p.text_len, p.dim, 0.02),
+            blocks: (0..p.text_layers).map(|_| Block::new(init, p.dim, p.heads, p.mlp)).collect(),
+            ln: LayerNorm::new(init, p.dim),
+            proj: Linear::new(init, p.dim, p.embed),
+        }
+    }
+
+    /// Token embeddings plus positions, `(b·s, dim)`; the gradient tape starts at `tape`.
+    pub fn embed_tokens<T: Tape<E, D>>(&self, dev: &D, tokens: &TokenBatch, tape: T) -> Mat<E, D, T> {
+        let (b, s) = (tokens.batch, tokens.len);
+        let dim = self.token_embed.shape().1;
+        let ids = dev.tensor_from_vec(tokens.ids.clone(), (b * s,));
+        let x = self.token_embed.clone().put_tape(tape).gather(ids);
+        let pos = self
+            .pos
+            .retaped::<T>()
+            .slice((0..s, ..))
+            .broadcast_like::<_, Axis<0>>(&(b, s, dim));
+        (x.reshape_like(&(b, s, dim)) + pos).reshape_like(&(b * s, dim))
+    }
+
+    /// Runs the blocks over `x` `(b·s, dim)` with the batch's padding mask; returns the final
+    /// normalised hidden states `(b·s, dim)`.
+    pub fn encode<T: Tape<E, D>>(&self, dev: &D, x: Mat<E, D, T>, tokens: &TokenBatch) -> Mat<E, D, T> {
+        let (b, s) = (tokens.batch, tokens.len);
+        let bias = padding_bias(dev, tokens);
+        let x = run_blocks(&self.blocks, x, b, s, bias.as_ref());
+        self.ln.forward(x)
+    }
+
+    /// Hidden states `(b·s, dim)` for a token batch.
+    pub fn hidden<T: Tape<E, D>>(&self, dev: &D, tokens: &TokenBatch, tape: T) -> Mat<E, D, T> {
+        let x = self.embed_tokens(dev, tokens, tape);
+        self.encode(dev, x, tokens)
+    }
+
+    /// Joint-space embedding `(b, embed)`, not normalised: masked mean of the hidden states, then
+    /// the projection.
+    pub fn embed<T: Tape<E, D>>(&self, dev: &D, tokens: &TokenBatch, tape: T) -> Mat<E, D, T> {
+        let h = self.hidden(dev, tokens, tape);
+        self.proj.forward(masked_mean(dev, h, tokens))
+    }
+}
+
+/// The attention bias for a token batch, or none when no token is padding.
+pub fn padding_bias<E: Dtype, D: Device<E>>(dev: &D, tokens: &TokenBatch) -> Option<Mat<E, D>> {
+    if tokens.mask.iter().all(|&m| m > 0.5) {
+        None
+    } else {
+        Some(mask_bias(dev, &tokens.mask, tokens.batch, tokens.len))
+    }
+}
+
+/// Mean over the real tokens of each sequence: `(b·s, d) → (b, d)`.
+pub fn masked_mean<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    dev: &D,
+    h: Mat<E, D, T>,
+    tokens: &TokenBatch,
+) -> Mat<E, D, T> {
+    let (b, s) = (tokens.batch, tokens.len);
+    let d = h.shape().1;
+    let mask: Vec<E> = tokens.mask.iter().map(|&m| crate::params::scalar(m as f64)).collect();
+    let counts: Vec<E> = tokens
+        .mask
+        .chunks(s.max(1))
+        .map(|row| crate::params::scalar(1.0 / row.iter().sum::<f32>().max(1.0) as f64))
+        .collect();
+    let mask = dev.tensor_from_vec(mask, (b, s)).broadcast_like::<_, Axis<2>>(&(b, s, d));
+    let inv = dev.tensor_from_vec(counts, (b,)).broadcast_like::<_, Axis<1>>(&(b, d));
+    (h.reshape_like(&(b, s, d)) * mask).sum::<(usize, usize), Axis<1>>() * inv
+}

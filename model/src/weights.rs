@@ -1,0 +1,245 @@
+//! Weights and optimiser state as safetensors bytes with metadata.
+//!
+//! Tensor names are the parameters' dotted paths (`image.blocks.0.attn.q.weight`, shapes as
+//! PyTorch's `nn.Linear` stores them: `(out, in)`), so a PyTorch user can load the file with
+//! `safetensors.torch.load_file`. Optimiser files hold `m.<name>` and `v.<name>`.
+//!
+//! Metadata keys: `format` = `plip`, `format_version`, `kind` (`weights` | `optimizer`),
+//! `preset` (name), `dims` (the preset as JSON), `tokenizer` (fingerprint), `step`, `extra`
+//! (JSON object of caller-supplied strings, e.g. metrics).
+
+use crate::optim::{AdamW, Moments};
+use crate::params::{scalar, Params};
+use crate::plip::Plip;
+use crate::preset::Preset;
+use crate::{Error, Result};
+use dfdx::prelude::*;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
+use std::collections::{BTreeMap, HashMap};
+
+/// Version of the layout written by this build.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The metadata of a weights or optimiser blob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlobMeta {
+    pub format_version: u32,
+    pub kind: String,
+    pub preset: Preset,
+    pub tokenizer: String,
+    pub step: u64,
+    pub extra: BTreeMap<String, String>,
+}
+
+fn werr(e: impl std::fmt::Display) -> Error {
+    Error::Weights(e.to_string())
+}
+
+fn to_bytes<E: Dtype>(values: &[E]) -> (StDtype, Vec<u8>) {
+    if std::mem::size_of::<E>() == 8 {
+        let b = values.iter().flat_map(|x| x.to_f64().unwrap_or(f64::NAN).to_le_bytes()).collect();
+        (StDtype::F64, b)
+    } else {
+        let b = values.iter().flat_map(|x| x.to_f32().unwrap_or(f32::NAN).to_le_bytes()).collect();
+        (StDtype::F32, b)
+    }
+}
+
+fn from_view<E: Dtype>(name: &str, view: &TensorView<'_>, dims: &[usize]) -> Result<Vec<E>> {
+    if view.shape() != dims {
+        return Err(Error::Weights(format!(
+            "tensor {name} has shape {:?}, the model expects {dims:?}",
+            view.shape()
+        )));
+    }
+    let data = view.data();
+    let out: Vec<E> = match view.dtype() {
+        StDtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| scalar(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
+            .collect(),
+        StDtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                scalar(f64::from_le_bytes(b))
+            })
+            .collect(),
+        other => return Err(Error::Weights(format!("tensor {name} has unsupported dtype {other:?}"))),
+    };
+    if out.len() != dims.iter().product::<usize>() {
+        return Err(Error::Weights(format!("tensor {name} is truncated")));
+    }
+    Ok(out)
+}
+
+fn serialize(
+    tensors: Vec<(String, StDtype, Vec<usize>, Vec<u8>)>,
+    kind: &str,
+    preset: &Preset,
+    tokenizer: &str,
+    step: u64,
+    extra: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "plip".to_string());
+    meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    meta.insert("kind".to_string(), kind.to_string());
+    meta.insert("preset".to_string(), preset.name.clone());
+    meta.insert("dims".to_string(), serde_json::to_string(preset).map_err(werr)?);
+    meta.insert("tokenizer".to_string(), tokenizer.to_string());
+    meta.insert("step".to_string(), step.to_string());
+    meta.insert("extra".to_string(), serde_json::to_string(extra).map_err(werr)?);
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, dt, shape, data)| Ok((n.clone(), TensorView::new(*dt, shape.clone(), data).map_err(werr)?)))
+        .collect::<Result<_>>()?;
+    safetensors::tensor::serialize(views, &Some(meta)).map_err(werr)
+}
+
+/// Reads and checks a blob's metadata.
+///
+/// # Errors
+/// Not a plip blob, a truncated header, or a newer format.
+pub fn read_meta(bytes: &[u8]) -> Result<BlobMeta> {
+    let (_, md) = SafeTensors::read_metadata(bytes).map_err(werr)?;
+    let m = md.metadata().as_ref().ok_or_else(|| werr("no metadata: not a plip file"))?;
+    let get = |k: &str| m.get(k).ok_or_else(|| Error::Weights(format!("metadata lacks {k:?}")));
+    if get("format")? != "plip" {
+        return Err(werr("not a plip file"));
+    }
+    let format_version: u32 = get("format_version")?.parse().map_err(werr)?;
+    if format_version > FORMAT_VERSION {
+        return Err(Error::NewerFormat { found: format_version, supported: FORMAT_VERSION });
+    }
+    Ok(BlobMeta {
+        format_version,
+        kind: get("kind")?.clone(),
+        preset: serde_json::from_str(get("dims")?).map_err(werr)?,
+        tokenizer: get("tokenizer")?.clone(),
+        step: get("step")?.parse().map_err(werr)?,
+        extra: serde_json::from_str(get("extra")?).map_err(werr)?,
+    })
+}
+
+fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> Result<()> {
+    if meta.kind != kind {
+        return Err(Error::Weights(format!("a {} file, expected {kind}", meta.kind)));
+    }
+    if meta.preset != *preset {
+        return Err(Error::PresetMismatch { expected: preset.name.clone(), found: meta.preset.name.clone() });
+    }
+    if meta.tokenizer != tokenizer {
+        return Err(Error::TokenizerMismatch { expected: tokenizer.into(), found: meta.tokenizer.clone() });
+    }
+    Ok(())
+}
+
+/// The model's weights as safetensors bytes.
+///
+/// # Errors
+/// Serialisation failure (not expected).
+pub fn save_weights<E: Dtype, D: Device<E>>(
+    model: &Plip<E, D>,
+    tokenizer: &str,
+    step: u64,
+    extra: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let tensors = model
+        .params()
+        .into_iter()
+        .map(|(name, p)| {
+            let (dt, data) = to_bytes(&p.to_host());
+            (name, dt, p.dims(), data)
+        })
+        .collect();
+    serialize(tensors, "weights", &model.preset, tokenizer, step, extra)
+}
+
+/// Loads weights into `model`; nothing is changed unless every tensor is present and valid.
+///
+/// # Errors
+/// A truncated or corrupt blob, another preset, another tokenizer, a newer format.
+pub fn load_weights<E: Dtype, D: Device<E>>(model: &mut Plip<E, D>, bytes: &[u8], tokenizer: &str) -> Result<BlobMeta> {
+    let meta = read_meta(bytes)?;
+    check_meta(&meta, "weights", &model.preset, tokenizer)?;
+    let st = SafeTensors::deserialize(bytes).map_err(werr)?;
+    let mut values = Vec::new();
+    for (name, p) in model.params() {
+        let view = st.tensor(&name).map_err(|e| Error::Weights(format!("tensor {name}: {e}")))?;
+        values.push(from_view::<E>(&name, &view, &p.dims())?);
+    }
+    for ((_, mut p), v) in model.params_mut().into_iter().zip(values) {
+        p.copy_from_host(&v);
+    }
+    Ok(meta)
+}
+
+/// The optimiser state as safetensors bytes.
+///
+/// # Errors
+/// Serialisation failure (not expected).
+pub fn save_optimizer<E: Dtype, D: Device<E>>(opt: &AdamW<E, D>, preset: &Preset, tokenizer: &str) -> Result<Vec<u8>> {
+    let mut tensors = Vec::new();
+    for (name, m) in opt.names.iter().zip(&opt.moments) {
+        let (m1, m2, dims) = match m {
+            Moments::Vector(a, b) => (a.as_vec(), b.as_vec(), vec![a.shape().0]),
+            Moments::Matrix(a, b) => (a.as_vec(), b.as_vec(), vec![a.shape().0, a.shape().1]),
+        };
+        let (dt, d1) = to_bytes(&m1);
+        let (_, d2) = to_bytes(&m2);
+        tensors.push((format!("m.{name}"), dt, dims.clone(), d1));
+        tensors.push((format!("v.{name}"), dt, dims, d2));
+    }
+    serialize(tensors, "optimizer", preset, tokenizer, opt.step, &BTreeMap::new())
+}
+
+/// Loads optimiser state saved by [`save_optimizer`] into `opt` (built for the same model).
+///
+/// # Errors
+/// As [`load_weights`].
+pub fn load_optimizer<E: Dtype, D: Device<E>>(
+    opt: &mut AdamW<E, D>,
+    bytes: &[u8],
+    preset: &Preset,
+    tokenizer: &str,
+) -> Result<BlobMeta> {
+    let meta = read_meta(bytes)?;
+    check_meta(&meta, "optimizer", preset, tokenizer)?;
+    let st = SafeTensors::deserialize(bytes).map_err(werr)?;
+    let mut values = Vec::new();
+    for (name, m) in opt.names.iter().zip(&opt.moments) {
+        let dims = match m {
+            Moments::Vector(a, _) => vec![a.shape().0],
+            Moments::Matrix(a, _) => vec![a.shape().0, a.shape().1],
+        };
+        let get = |k: String| -> Result<Vec<E>> {
+            let view = st.tensor(&k).map_err(|e| Error::Weights(format!("tensor {k}: {e}")))?;
+            from_view::<E>(&k, &view, &dims)
+        };
+        values.push((get(format!("m.{name}"))?, get(format!("v.{name}"))?));
+    }
+    for (m, (a, b)) in opt.moments.iter_mut().zip(values) {
+        match m {
+            Moments::Vector(x, y) => {
+                x.copy_from(&a);
+                y.copy_from(&b);
+            }
+            Moments::Matrix(x, y) => {
+                x.copy_from(&a);
+                y.copy_from(&b);
+            }
+        }
+    }
+    opt.step = meta.step;
+    Ok(meta)
+}
+
+/// Copies `model`'s weights into `dst` (another device or dtype) through host memory.
+pub fn copy_weights<E: Dtype, D: Device<E>, E2: Dtype, D2: Device<E2>>(src: &Plip<E, D>, dst: &mut Plip<E2, D2>) {
+    for ((_, s), (_, mut d)) in src.params().into_iter().zip(dst.params_mut()) {
+        let v: Vec<E2> = s.to_host().iter().map(|x| scalar(x.to_f64().unwrap_or(f64::NAN))).collect();
+        d.copy_from_host(&v);
+    }
+}
