@@ -71,6 +71,11 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 impl Tokenizer {
     /// Trains a vocabulary of at most `capacity` entries (the preset's `vocab`) from texts.
     ///
+    /// The crate's trainer breaks ties between equally frequent merges in hash order, so training
+    /// twice on the same texts may give another (equally valid) vocabulary with another
+    /// fingerprint. That is why a tokenizer is trained once, stored with the state, and its
+    /// fingerprint recorded in every checkpoint.
+    ///
     /// # Errors
     /// The trainer's failure, or a capacity too small for the special tokens.
     pub fn train<I, S>(texts: I, capacity: usize) -> Result<Self>
@@ -94,7 +99,7 @@ impl Tokenizer {
             .build()
             .into();
         tk.train(&mut trainer, texts).map_err(tok_err)?;
-        Self::wrap(tk.into())
+        Self::wrap(tk)
     }
 
     /// Loads a tokenizer saved with [`Tokenizer::to_bytes`].
@@ -128,6 +133,13 @@ impl Tokenizer {
         }
         let fingerprint = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
         Ok(Tokenizer { inner, pad, cls, sep, mask, fingerprint })
+    }
+
+    /// The vocabulary in id order.
+    pub fn vocab(&self) -> Vec<String> {
+        let mut v: Vec<(String, u32)> = self.inner.get_vocab(true).into_iter().collect();
+        v.sort_by_key(|(_, id)| *id);
+        v.into_iter().map(|(t, _)| t).collect()
     }
 
     /// Entries in the vocabulary; the largest id is `vocab_size() - 1`.

@@ -30,7 +30,7 @@ fn check(tasks: TaskWeights) {
     let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
     let cfg = TrainConfig { tasks, ..Default::default() };
     let mut trainer = Trainer::new(model, cfg);
-    let (grads, values) = trainer.gradients(&b).unwrap();
+    let (grads, _) = trainer.gradients(&b).unwrap();
     let grads = AdamW::gradients(&trainer.model, &grads.unwrap());
     let names: Vec<String> = trainer.model.params().into_iter().map(|(n, _)| n).collect();
 
@@ -71,10 +71,10 @@ fn check(tasks: TaskWeights) {
         }
         for &e in order.iter().take(3) {
             let base = {
-                let mut ps = trainer.model.params_mut();
+                let ps = trainer.model.params_mut();
                 ps[idx].1.to_host()
             };
-            let mut eval = |delta: f64, t: &mut Trainer<f64, Cpu>| {
+            let eval = |delta: f64, t: &mut Trainer<f64, Cpu>| {
                 let mut v = base.clone();
                 v[e] += delta;
                 let mut ps = t.model.params_mut();

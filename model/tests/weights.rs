@@ -1,0 +1,134 @@
+//! Weights and optimiser state through bytes: exact round trips, exact resumption, and refusal
+//! of anything that does not belong to the model.
+
+mod common;
+
+use common::*;
+use plip_model::dfdx::prelude::*;
+use plip_model::optim::{AdamW, OptimConfig};
+use plip_model::weights::{self, load_optimizer, load_weights, save_optimizer, save_weights};
+use plip_model::{Error, Params, Plip, Preset, TrainConfig, Trainer};
+use std::collections::BTreeMap;
+
+fn trained(steps: u64, seed: u64) -> (Trainer<f32, Cpu>, Vec<plip_model::batch::Batch>, plip_model::Tokenizer) {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 2, 3);
+    let batches: Vec<_> = (0..5).map(|i| batch(&toys, &p, &tk, 0.5, 100 + i)).collect();
+    let cfg = TrainConfig {
+        optim: OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() },
+        ..Default::default()
+    };
+    let mut t = Trainer::new(Plip::new(&cpu(), &p, seed).unwrap(), cfg);
+    for b in batches.iter().take(steps as usize) {
+        assert!(!t.step(b).unwrap().skipped);
+    }
+    (t, batches, tk)
+}
+
+fn all_values(m: &Plip<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
+    m.params().into_iter().map(|(n, p)| (n, p.to_host())).collect()
+}
+
+/// Saved weights loaded into a differently initialised model give bit-identical embeddings, and
+/// the metadata comes back.
+#[test]
+fn save_then_load_gives_identical_embeddings() {
+    let (t, batches, tk) = trained(2, 1);
+    let mut extra = BTreeMap::new();
+    extra.insert("map".to_string(), "0.5".to_string());
+    let bytes = save_weights(&t.model, tk.fingerprint(), 2, &extra).unwrap();
+    let mut fresh = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 999).unwrap();
+    assert_ne!(all_values(&fresh), all_values(&t.model));
+    let meta = load_weights(&mut fresh, &bytes, tk.fingerprint()).unwrap();
+    assert_eq!((meta.step, meta.extra, meta.preset.name.as_str()), (2, extra, "test"));
+    assert_eq!(fresh.embed_images(&batches[0].images, 3), t.model.embed_images(&batches[0].images, 3));
+    assert_eq!(fresh.embed_texts(&batches[0].tokens, 3), t.model.embed_texts(&batches[0].tokens, 3));
+}
+
+/// Training 3 steps, saving weights and optimiser, loading both into a fresh model and training
+/// 2 more equals 5 uninterrupted steps (to 1e-6 on every parameter).
+#[test]
+fn resume_from_bytes_equals_uninterrupted_training() {
+    let (straight, batches, tk) = trained(5, 1);
+    let (three, _, _) = trained(3, 1);
+    let w = save_weights(&three.model, tk.fingerprint(), three.opt.step, &BTreeMap::new()).unwrap();
+    let o = save_optimizer(&three.opt, &three.model.preset, tk.fingerprint()).unwrap();
+    drop(three);
+
+    let model = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 77).unwrap();
+    let mut resumed = Trainer::new(model, straight.cfg);
+    load_weights(&mut resumed.model, &w, tk.fingerprint()).unwrap();
+    load_optimizer(&mut resumed.opt, &o, &Preset::test(), tk.fingerprint()).unwrap();
+    assert_eq!(resumed.opt.step, 3);
+    for b in &batches[3..5] {
+        resumed.step(b).unwrap();
+    }
+    assert_eq!(resumed.opt.step, 5);
+    for ((name, a), (_, b)) in all_values(&straight.model).iter().zip(all_values(&resumed.model)) {
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "{name} differs by {worst}");
+    }
+}
+
+/// Truncated, corrupted, foreign-preset, foreign-tokenizer, wrong-kind and newer-format blobs are
+/// refused with a specific error, and a refused load leaves the model untouched.
+#[test]
+fn corrupt_and_mismatched_blobs_are_refused() {
+    let (t, batches, tk) = trained(1, 1);
+    let fp = tk.fingerprint();
+    let bytes = save_weights(&t.model, fp, 1, &BTreeMap::new()).unwrap();
+    let mut target = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 5).unwrap();
+    let before = target.embed_images(&batches[0].images, 8);
+
+    let truncated = &bytes[..bytes.len() / 2];
+    assert!(matches!(load_weights(&mut target, truncated, fp), Err(Error::Weights(_))));
+    assert!(matches!(load_weights(&mut target, &bytes[..5], fp), Err(Error::Weights(_))));
+    assert!(matches!(load_weights(&mut target, b"not a safetensors file at all", fp), Err(Error::Weights(_))));
+
+    let mut wrong_fp = bytes.clone();
+    assert!(matches!(
+        load_weights(&mut target, &wrong_fp, "0123456789abcdef"),
+        Err(Error::TokenizerMismatch { .. })
+    ));
+    let newer = replace_once(&wrong_fp, b"\"format_version\":\"1\"", b"\"format_version\":\"9\"");
+    assert!(matches!(load_weights(&mut target, &newer, fp), Err(Error::NewerFormat { found: 9, .. })));
+    wrong_fp.truncate(bytes.len() - 3);
+    assert!(load_weights(&mut target, &wrong_fp, fp).is_err());
+
+    let opt_bytes = save_optimizer(&t.opt, &t.model.preset, fp).unwrap();
+    let err = load_weights(&mut target, &opt_bytes, fp).unwrap_err();
+    assert!(err.to_string().contains("optimizer"), "{err}");
+
+    let mut other = Preset::test();
+    other.name = "other".into();
+    other.mlp = 48;
+    let mut foreign = Plip::<f32, Cpu>::new(&cpu(), &other, 5).unwrap();
+    let err = load_weights(&mut foreign, &bytes, fp).unwrap_err();
+    assert!(matches!(err, Error::PresetMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("preset test"), "{err}");
+    let mut foreign_opt = AdamW::new(&foreign);
+    assert!(load_optimizer(&mut foreign_opt, &opt_bytes, &other, fp).is_err());
+
+    assert_eq!(target.embed_images(&batches[0].images, 8), before, "a refused load changed the model");
+    assert!(weights::read_meta(&bytes).is_ok());
+}
+
+fn replace_once(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let at = hay.windows(from.len()).position(|w| w == from).expect("pattern in header");
+    let mut out = hay.to_vec();
+    out[at..at + from.len()].copy_from_slice(to);
+    out
+}
+
+/// f32 weights load into an f64 model (the gradient check's type) and back without loss.
+#[test]
+fn weights_cross_dtypes() {
+    let (t, batches, tk) = trained(1, 1);
+    let mut m64 = Plip::<f64, Cpu>::new(&cpu(), &Preset::test(), 1).unwrap();
+    plip_model::weights::copy_weights(&t.model, &mut m64);
+    let bytes = save_weights(&m64, tk.fingerprint(), 0, &BTreeMap::new()).unwrap();
+    let mut back = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 2).unwrap();
+    load_weights(&mut back, &bytes, tk.fingerprint()).unwrap();
+    assert_eq!(back.embed_images(&batches[0].images, 8), t.model.embed_images(&batches[0].images, 8));
+}
