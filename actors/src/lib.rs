@@ -1,1 +1,12 @@
+//! `plip-actors`: the running PLIP system and the `plipd` binary.
+//!
+//! For now this crate holds the command line and the training benchmark; the daemon's actors
+//! (ingest, captioning, trainer, checkpointer, ReID server, HTTP listener) arrive with the
+//! pipeline and serving work.
+//!
+//! # Layout
+//! - [`cli`]: the `plipd` command line.
+//! - [`bench`]: `plipd bench train`, the training-step benchmark.
 
+pub mod bench;
+pub mod cli;

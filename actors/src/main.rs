@@ -1,1 +1,5 @@
-fn main(){}
+//! `plipd`: see `plipd --help`.
+
+fn main() -> std::process::ExitCode {
+    plip_actors::cli::main()
+}

@@ -57,7 +57,11 @@ pub struct Batch {
 
 /// The curriculum mask ratio of IAP: 0.2 + 0.6·√(step / ramp_steps), capped at 0.8.
 pub fn mask_ratio(step: u64, ramp_steps: u64) -> f64 {
-    let t = if ramp_steps == 0 { 1.0 } else { (step as f64 / ramp_steps as f64).min(1.0) };
+    let t = if ramp_steps == 0 {
+        1.0
+    } else {
+        (step as f64 / ramp_steps as f64).min(1.0)
+    };
     0.2 + 0.6 * t.sqrt()
 }
 
@@ -131,14 +135,33 @@ impl Batch {
             images: Vec::with_capacity(n * preset.image_len()),
             gray: Vec::with_capacity(n * preset.image_len()),
             tic_target: Vec::with_capacity(n * preset.num_patches() * preset.tic_len()),
-            tokens: TokenBatch { ids: Vec::new(), mask: Vec::new(), batch: n, len },
-            masked: TokenBatch { ids: Vec::new(), mask: Vec::new(), batch: n, len },
+            tokens: TokenBatch {
+                ids: Vec::new(),
+                mask: Vec::new(),
+                batch: n,
+                len,
+            },
+            masked: TokenBatch {
+                ids: Vec::new(),
+                mask: Vec::new(),
+                batch: n,
+                len,
+            },
             iap_positions: Vec::new(),
             iap_labels: Vec::new(),
             identities: Vec::with_capacity(n),
             mask_ratio: ratio,
         };
-        for (row, s) in samples.iter().enumerate() {
+        // Captions are padded only to the longest one in the batch (padding never changes the
+        // result, and the text tower's cost grows with the length).
+        let encoded: Vec<_> = samples
+            .iter()
+            .map(|s| tokenizer.encode(s.caption, len))
+            .collect::<Result<_>>()?;
+        let len = encoded.iter().map(|e| e.real_len()).max().unwrap_or(2);
+        batch.tokens.len = len;
+        batch.masked.len = len;
+        for (row, (s, enc)) in samples.iter().zip(encoded).enumerate() {
             if s.rgb.len() != h * w * 3 {
                 return Err(crate::Error::Shape(format!(
                     "sample {row}: {} bytes of pixels, expected {h}×{w}×3 = {}",
@@ -152,8 +175,7 @@ impl Batch {
             batch.gray.extend(normalize_gray(s.rgb, h, w));
             batch.identities.push(s.identity);
 
-            let enc = tokenizer.encode(s.caption, len)?;
-            let mut masked_ids = enc.ids.clone();
+            let mut masked_ids = enc.ids[..len].to_vec();
             let mut phrases: Vec<Vec<usize>> = s
                 .phrases
                 .iter()
@@ -161,10 +183,8 @@ impl Batch {
                 .filter(|pos| !pos.is_empty())
                 .collect();
             phrases.shuffle(rng);
-            let k = ((phrases.len() as f64 * ratio).round() as usize).clamp(
-                usize::from(!phrases.is_empty()),
-                phrases.len(),
-            );
+            let k = ((phrases.len() as f64 * ratio).round() as usize)
+                .clamp(usize::from(!phrases.is_empty()), phrases.len());
             let mut chosen: Vec<usize> = phrases.into_iter().take(k).flatten().collect();
             chosen.sort_unstable();
             chosen.dedup();
@@ -173,10 +193,10 @@ impl Batch {
                 batch.iap_labels.push(enc.ids[pos]);
                 masked_ids[pos] = tokenizer.mask_id();
             }
-            batch.tokens.ids.extend(enc.ids);
-            batch.tokens.mask.extend(enc.mask.iter().copied());
+            batch.tokens.ids.extend(&enc.ids[..len]);
+            batch.tokens.mask.extend(&enc.mask[..len]);
             batch.masked.ids.extend(masked_ids);
-            batch.masked.mask.extend(enc.mask);
+            batch.masked.mask.extend(&enc.mask[..len]);
         }
         Ok(batch)
     }

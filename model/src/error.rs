@@ -21,7 +21,9 @@ pub enum Error {
     PresetMismatch { expected: String, found: String },
     #[error("weights were trained with tokenizer {found}, this model uses {expected}")]
     TokenizerMismatch { expected: String, found: String },
-    #[error("weights use format version {found}; this build reads up to {supported}: upgrade plipd")]
+    #[error(
+        "weights use format version {found}; this build reads up to {supported}: upgrade plipd"
+    )]
     NewerFormat { found: u32, supported: u32 },
 }
 

@@ -14,12 +14,18 @@ pub struct IapHead<E: Dtype, D: Device<E>> {
     pub ln: LayerNorm<E, D>,
     pub classifier: Linear<E, D>,
 }
-impl_params!(IapHead { blocks, ln, classifier });
+impl_params!(IapHead {
+    blocks,
+    ln,
+    classifier
+});
 
 impl<E: Dtype, D: Device<E>> IapHead<E, D> {
     pub fn new(init: &mut Init<D>, p: &Preset) -> Self {
         IapHead {
-            blocks: (0..p.fusion_layers).map(|_| Block::new(init, p.dim, p.heads, p.mlp)).collect(),
+            blocks: (0..p.fusion_layers)
+                .map(|_| Block::new(init, p.dim, p.heads, p.mlp))
+                .collect(),
             ln: LayerNorm::new(init, p.dim),
             classifier: Linear::new(init, p.dim, p.vocab),
         }
@@ -61,7 +67,13 @@ pub struct TicHead<E: Dtype, D: Device<E>> {
     pub fc1: Linear<E, D>,
     pub fc2: Linear<E, D>,
 }
-impl_params!(TicHead { se1, se2, ln, fc1, fc2 });
+impl_params!(TicHead {
+    se1,
+    se2,
+    ln,
+    fc1,
+    fc2
+});
 
 impl<E: Dtype, D: Device<E>> TicHead<E, D> {
     pub fn new(init: &mut Init<D>, p: &Preset) -> Self {
@@ -76,14 +88,24 @@ impl<E: Dtype, D: Device<E>> TicHead<E, D> {
 
     /// `tokens: (b·n, d)` grayscale patch states, `text: (b, embed)` caption embedding.
     /// Returns predicted pixels `(b·n, 3·(p/r)²)`.
-    pub fn forward<T: Tape<E, D>>(&self, tokens: Mat<E, D, T>, text: Mat<E, D, T>, b: usize, n: usize) -> Mat<E, D, T> {
+    pub fn forward<T: Tape<E, D>>(
+        &self,
+        tokens: Mat<E, D, T>,
+        text: Mat<E, D, T>,
+        b: usize,
+        n: usize,
+    ) -> Mat<E, D, T> {
         let d = tokens.shape().1;
         let (tok, tape) = tokens.split_tape();
         let pooled = crate::layers::mean_tokens(tok.clone().put_tape(tape), b, n);
         let squeezed = (pooled, text).concat_along(Axis::<1>);
-        let gate = self.se2.forward(self.se1.forward(squeezed).relu()).sigmoid();
+        let gate = self
+            .se2
+            .forward(self.se1.forward(squeezed).relu())
+            .sigmoid();
         let (gate, tape) = gate.split_tape();
-        let gated = tok.put_tape(tape).reshape_like(&(b, n, d)) * gate.retaped::<T>().broadcast_like::<_, Axis<1>>(&(b, n, d));
+        let gated = tok.put_tape(tape).reshape_like(&(b, n, d))
+            * gate.retaped::<T>().broadcast_like::<_, Axis<1>>(&(b, n, d));
         let x = self.ln.forward(gated.reshape_like(&(b * n, d)));
         self.fc2.forward(self.fc1.forward(x).fast_gelu())
     }

@@ -5,8 +5,8 @@
 //! matrix product (dfdx runs a 3-D input as one small product per batch row, about 2× slower);
 //! attention reshapes to `(batch, heads, tokens, head_dim)` only around its two batched products.
 
-use crate::params::{Init, Mat, Vector};
 use crate::impl_params;
+use crate::params::{Init, Mat, Vector};
 use dfdx::prelude::*;
 
 /// `y = x·Wᵀ + b`, `W: (out, in)` (PyTorch's layout), `x: (n, in)`, `y: (n, out)`.
@@ -20,7 +20,10 @@ impl_params!(Linear { weight, bias });
 impl<E: Dtype, D: Device<E>> Linear<E, D> {
     /// Weights from N(0, 0.02²) (BERT/ViT practice), zero bias.
     pub fn new(init: &mut Init<D>, input: usize, output: usize) -> Self {
-        Linear { weight: init.normal(output, input, 0.02), bias: init.fill(output, 0.0) }
+        Linear {
+            weight: init.normal(output, input, 0.02),
+            bias: init.fill(output, 0.0),
+        }
     }
     /// Output width.
     pub fn out_dim(&self) -> usize {
@@ -30,8 +33,15 @@ impl<E: Dtype, D: Device<E>> Linear<E, D> {
     pub fn forward<T: Tape<E, D>>(&self, x: Mat<E, D, T>) -> Mat<E, D, T> {
         let n = x.shape().0;
         let out = self.out_dim();
-        let w = self.weight.retaped::<T>().permute::<(usize, usize), Axes2<1, 0>>();
-        x.matmul(w) + self.bias.retaped::<T>().broadcast_like::<_, Axis<0>>(&(n, out))
+        let w = self
+            .weight
+            .retaped::<T>()
+            .permute::<(usize, usize), Axes2<1, 0>>();
+        x.matmul(w)
+            + self
+                .bias
+                .retaped::<T>()
+                .broadcast_like::<_, Axis<0>>(&(n, out))
     }
 }
 
@@ -45,14 +55,23 @@ impl_params!(LayerNorm { weight, bias });
 
 impl<E: Dtype, D: Device<E>> LayerNorm<E, D> {
     pub fn new(init: &mut Init<D>, dim: usize) -> Self {
-        LayerNorm { weight: init.fill(dim, 1.0), bias: init.fill(dim, 0.0) }
+        LayerNorm {
+            weight: init.fill(dim, 1.0),
+            bias: init.fill(dim, 0.0),
+        }
     }
     /// `(n, d) → (n, d)`, ε = 1e-5 as in PyTorch.
     pub fn forward<T: Tape<E, D>>(&self, x: Mat<E, D, T>) -> Mat<E, D, T> {
         let shape = *x.shape();
         x.normalize::<Axis<1>>(1e-5)
-            * self.weight.retaped::<T>().broadcast_like::<_, Axis<0>>(&shape)
-            + self.bias.retaped::<T>().broadcast_like::<_, Axis<0>>(&shape)
+            * self
+                .weight
+                .retaped::<T>()
+                .broadcast_like::<_, Axis<0>>(&shape)
+            + self
+                .bias
+                .retaped::<T>()
+                .broadcast_like::<_, Axis<0>>(&shape)
     }
 }
 
@@ -68,7 +87,10 @@ impl_params!(Mlp { fc1, fc2 });
 
 impl<E: Dtype, D: Device<E>> Mlp<E, D> {
     pub fn new(init: &mut Init<D>, dim: usize, hidden: usize) -> Self {
-        Mlp { fc1: Linear::new(init, dim, hidden), fc2: Linear::new(init, hidden, dim) }
+        Mlp {
+            fc1: Linear::new(init, dim, hidden),
+            fc2: Linear::new(init, hidden, dim),
+        }
     }
     pub fn forward<T: Tape<E, D>>(&self, x: Mat<E, D, T>) -> Mat<E, D, T> {
         self.fc2.forward(self.fc1.forward(x).fast_gelu())
@@ -77,10 +99,21 @@ impl<E: Dtype, D: Device<E>> Mlp<E, D> {
 
 /// Additive attention bias for padded keys: `(batch, tokens)`, 0 where a token is real and a
 /// large negative number where it is padding, so padded keys get exactly zero weight.
-pub fn mask_bias<E: Dtype, D: Device<E>>(dev: &D, mask: &[f32], batch: usize, len: usize) -> Mat<E, D> {
+pub fn mask_bias<E: Dtype, D: Device<E>>(
+    dev: &D,
+    mask: &[f32],
+    batch: usize,
+    len: usize,
+) -> Mat<E, D> {
     let data: Vec<E> = mask
         .iter()
-        .map(|&m| if m > 0.5 { E::default() } else { crate::params::scalar(-1e9) })
+        .map(|&m| {
+            if m > 0.5 {
+                E::default()
+            } else {
+                crate::params::scalar(-1e9)
+            }
+        })
         .collect();
     dev.tensor_from_vec(data, (batch, len))
 }
@@ -153,7 +186,12 @@ pub struct Block<E: Dtype, D: Device<E>> {
     pub ln2: LayerNorm<E, D>,
     pub mlp: Mlp<E, D>,
 }
-impl_params!(Block { ln1, attn, ln2, mlp });
+impl_params!(Block {
+    ln1,
+    attn,
+    ln2,
+    mlp
+});
 
 impl<E: Dtype, D: Device<E>> Block<E, D> {
     pub fn new(init: &mut Init<D>, dim: usize, heads: usize, mlp: usize) -> Self {
@@ -172,7 +210,9 @@ impl<E: Dtype, D: Device<E>> Block<E, D> {
         s: usize,
         bias: Option<&Mat<E, D>>,
     ) -> Mat<E, D, T> {
-        let h = self.attn.forward(self.ln1.forward(x.retaped::<T>()), b, s, bias);
+        let h = self
+            .attn
+            .forward(self.ln1.forward(x.retaped::<T>()), b, s, bias);
         let x = x + h;
         let h = self.mlp.forward(self.ln2.forward(x.retaped::<T>()));
         x + h

@@ -35,7 +35,10 @@ pub fn l2_normalize<E: Dtype, D: Device<E>, T: Tape<E, D>>(x: Mat<E, D, T>) -> M
 
 /// One direction of CMPM: mean over rows i of KL(p_i ‖ q_i) = Σ_j p_ij (log p_ij − log(q_ij + ε)),
 /// p_i = softmax_j(logits_ij); `log_q` holds log(q + ε).
-pub fn kl_rows<E: Dtype, D: Device<E>, T: Tape<E, D>>(logits: Mat<E, D, T>, log_q: &Mat<E, D>) -> Tensor<(), E, D, T> {
+pub fn kl_rows<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    logits: Mat<E, D, T>,
+    log_q: &Mat<E, D>,
+) -> Tensor<(), E, D, T> {
     let n = logits.shape().0;
     let log_p = logits.log_softmax::<Axis<1>>();
     let p = log_p.retaped::<T>().exp();
@@ -61,7 +64,9 @@ pub fn ivlc<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let bcast = |s: Tensor<(), E, D, T>| s.broadcast_like::<_, Axes2<0, 1>>(&(n, n));
     // Two products instead of one transposed: dfdx 0.13's (log_)softmax backward is wrong on a
     // non-contiguous (permuted) input, which the gradient check caught.
-    let i2t_logits = v.retaped::<T>().matmul(t.retaped::<T>().permute::<(usize, usize), Axes2<1, 0>>())
+    let i2t_logits = v
+        .retaped::<T>()
+        .matmul(t.retaped::<T>().permute::<(usize, usize), Axes2<1, 0>>())
         * bcast(scale.retaped::<T>());
     let t2i_logits = t.matmul(v.permute::<(usize, usize), Axes2<1, 0>>()) * bcast(scale);
     let log_q: Vec<E> = q.iter().map(|&x| scalar::<E>((x + 1e-8).ln())).collect();
@@ -73,7 +78,10 @@ pub fn ivlc<E: Dtype, D: Device<E>, T: Tape<E, D>>(
 }
 
 /// Mean cross-entropy of `logits: (m, vocab)` against `labels` (one class per row).
-pub fn cross_entropy<E: Dtype, D: Device<E>, T: Tape<E, D>>(logits: Mat<E, D, T>, labels: &[usize]) -> Tensor<(), E, D, T> {
+pub fn cross_entropy<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    logits: Mat<E, D, T>,
+    labels: &[usize],
+) -> Tensor<(), E, D, T> {
     let m = logits.shape().0;
     let dev = logits.device().clone();
     let idx = dev.tensor_from_vec(labels.to_vec(), (m,));
@@ -82,7 +90,10 @@ pub fn cross_entropy<E: Dtype, D: Device<E>, T: Tape<E, D>>(logits: Mat<E, D, T>
 }
 
 /// Mean squared error against a constant target of the same shape.
-pub fn mse<E: Dtype, D: Device<E>, T: Tape<E, D>>(pred: Mat<E, D, T>, target: Mat<E, D>) -> Tensor<(), E, D, T> {
+pub fn mse<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    pred: Mat<E, D, T>,
+    target: Mat<E, D>,
+) -> Tensor<(), E, D, T> {
     let (r, c) = *pred.shape();
     (pred - target).square().sum::<(), Axes2<0, 1>>() * scalar::<E>(1.0 / (r * c).max(1) as f64)
 }

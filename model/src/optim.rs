@@ -110,11 +110,19 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         for (name, p) in model.params() {
             names.push(name);
             moments.push(match p {
-                ParamRef::Vector(t) => Moments::Vector(t.device().zeros_like(t), t.device().zeros_like(t)),
-                ParamRef::Matrix(t) => Moments::Matrix(t.device().zeros_like(t), t.device().zeros_like(t)),
+                ParamRef::Vector(t) => {
+                    Moments::Vector(t.device().zeros_like(t), t.device().zeros_like(t))
+                }
+                ParamRef::Matrix(t) => {
+                    Moments::Matrix(t.device().zeros_like(t), t.device().zeros_like(t))
+                }
             });
         }
-        AdamW { step: 0, names, moments }
+        AdamW {
+            step: 0,
+            names,
+            moments,
+        }
     }
 
     /// Collects the gradients of `model`'s parameters, in order.
@@ -140,7 +148,11 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
             .map(|x| x.to_f64().unwrap_or(f64::NAN))
             .sum();
         let norm = sq.sqrt();
-        let scale = if clip_norm > 0.0 && norm > clip_norm { clip_norm / (norm + 1e-6) } else { 1.0 };
+        let scale = if clip_norm > 0.0 && norm > clip_norm {
+            clip_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
         GradInfo { norm, scale }
     }
 
@@ -171,14 +183,28 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         let [b1, b2] = cfg.betas;
         let c1 = 1.0 - b1.powi(t);
         let c2 = 1.0 - b2.powi(t);
-        let h = Hyper { b1, b2, c1, c2, lr, eps: cfg.eps, gs: grad_scale };
+        let h = Hyper {
+            b1,
+            b2,
+            c1,
+            c2,
+            lr,
+            eps: cfg.eps,
+            gs: grad_scale,
+        };
         for (((_, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
             match (p, m, g) {
-                (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => adamw_one(p, m, v, g, &h, 0.0),
+                (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => {
+                    adamw_one(p, m, v, g, &h, 0.0)
+                }
                 (ParamMut::Matrix(p), Moments::Matrix(m, v), Grad::Matrix(g)) => {
                     adamw_one(p, m, v, g, &h, cfg.weight_decay)
                 }
-                _ => return Err(crate::Error::Shape("optimiser state does not match the model".into())),
+                _ => {
+                    return Err(crate::Error::Shape(
+                        "optimiser state does not match the model".into(),
+                    ))
+                }
             }
         }
         Ok(())

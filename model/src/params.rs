@@ -208,6 +208,7 @@ impl<D> Init<'_, D> {
     where
         D: Device<E>,
     {
-        self.dev.tensor_from_vec(vec![scalar::<E>(value); len], (len,))
+        self.dev
+            .tensor_from_vec(vec![scalar::<E>(value); len], (len,))
     }
 }

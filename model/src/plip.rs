@@ -33,7 +33,11 @@ pub struct TaskWeights {
 
 impl Default for TaskWeights {
     fn default() -> Self {
-        TaskWeights { ivlc: 1.0, iap: 0.1, tic: 0.02 }
+        TaskWeights {
+            ivlc: 1.0,
+            iap: 0.1,
+            tic: 0.02,
+        }
     }
 }
 
@@ -72,7 +76,13 @@ pub struct Plip<E: Dtype, D: Device<E>> {
     pub preset: Preset,
     pub dev: D,
 }
-impl_params!(Plip { image, text, iap, tic, logit_scale });
+impl_params!(Plip {
+    image,
+    text,
+    iap,
+    tic,
+    logit_scale
+});
 
 impl<E: Dtype, D: Device<E>> Plip<E, D> {
     /// A freshly initialised model; the same seed gives the same weights on every device.
@@ -128,7 +138,9 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         let p = &self.preset;
         let n = batch.n;
         if weights.ivlc <= 0.0 && weights.iap <= 0.0 && weights.tic <= 0.0 {
-            return Err(crate::Error::Config("every pretext task is switched off".into()));
+            return Err(crate::Error::Config(
+                "every pretext task is switched off".into(),
+            ));
         }
         if batch.images.len() != n * p.image_len() || batch.tokens.len > p.text_len {
             return Err(crate::Error::Shape(format!(
@@ -162,7 +174,10 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         // Caption pass: its embedding feeds IVLC and TIC.
         let need_text = weights.ivlc > 0.0 || weights.tic > 0.0;
         let text_emb = if need_text {
-            let (t, tape) = self.text.embed(&self.dev, &batch.tokens, T::default()).split_tape();
+            let (t, tape) = self
+                .text
+                .embed(&self.dev, &batch.tokens, T::default())
+                .split_tape();
             kept = kept.merge(tape);
             Some(t)
         } else {
@@ -196,15 +211,20 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         if let (true, Some(text_emb)) = (weights.tic > 0.0, &text_emb) {
             let gray = self.images_tensor(&batch.gray, n).put_tape(T::default());
             let out = self.image.tokens(gray);
-            let pred = self.tic.forward(out.tokens, text_emb.retaped::<T>(), out.b, out.n);
-            let target = self
-                .dev
-                .tensor_from_vec(Self::to_e(&batch.tic_target), (n * p.num_patches(), p.tic_len()));
+            let pred = self
+                .tic
+                .forward(out.tokens, text_emb.retaped::<T>(), out.b, out.n);
+            let target = self.dev.tensor_from_vec(
+                Self::to_e(&batch.tic_target),
+                (n * p.num_patches(), p.tic_len()),
+            );
             let l = loss::mse(pred, target);
             values.tic = Some(read(&l));
             terms.push(l * scalar::<E>(weights.tic));
         }
-        let mut total = terms.pop().ok_or_else(|| crate::Error::Shape("no loss term".into()))?;
+        let mut total = terms
+            .pop()
+            .ok_or_else(|| crate::Error::Shape("no loss term".into()))?;
         for t in terms {
             total = total + t;
         }
@@ -225,7 +245,11 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             let e = loss::l2_normalize(self.image.embed(self.images_tensor(chunk, n)));
             data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
         }
-        Embeddings { rows, dim: self.preset.embed, data }
+        Embeddings {
+            rows,
+            dim: self.preset.embed,
+            data,
+        }
     }
 
     /// L2-normalised caption embeddings, `batch_size` captions at a time; each chunk is cut to
@@ -237,23 +261,43 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             let rows = bs.min(tokens.batch - start);
             let row = |r: usize| (start + r) * tokens.len..(start + r + 1) * tokens.len;
             let longest = (0..rows)
-                .map(|r| tokens.mask[row(r)].iter().rposition(|&m| m > 0.5).map_or(1, |p| p + 1))
+                .map(|r| {
+                    tokens.mask[row(r)]
+                        .iter()
+                        .rposition(|&m| m > 0.5)
+                        .map_or(1, |p| p + 1)
+                })
                 .max()
                 .unwrap_or(1);
-            let mut chunk = TokenBatch { ids: Vec::new(), mask: Vec::new(), batch: rows, len: longest };
+            let mut chunk = TokenBatch {
+                ids: Vec::new(),
+                mask: Vec::new(),
+                batch: rows,
+                len: longest,
+            };
             for r in 0..rows {
                 let rg = row(r);
                 chunk.ids.extend(&tokens.ids[rg.start..rg.start + longest]);
-                chunk.mask.extend(&tokens.mask[rg.start..rg.start + longest]);
+                chunk
+                    .mask
+                    .extend(&tokens.mask[rg.start..rg.start + longest]);
             }
             let e = loss::l2_normalize(self.text.embed(&self.dev, &chunk, NoneTape));
             data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
         }
-        Embeddings { rows: tokens.batch, dim: self.preset.embed, data }
+        Embeddings {
+            rows: tokens.batch,
+            dim: self.preset.embed,
+            data,
+        }
     }
 
     /// The current logit scale s.
     pub fn logit_scale_value(&self) -> f64 {
-        self.logit_scale.as_vec()[0].to_f64().unwrap_or(f64::NAN).min(MAX_LOGIT_SCALE).exp()
+        self.logit_scale.as_vec()[0]
+            .to_f64()
+            .unwrap_or(f64::NAN)
+            .min(MAX_LOGIT_SCALE)
+            .exp()
     }
 }

@@ -158,7 +158,9 @@ impl Preset {
     /// The first inconsistency found.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::InvalidPreset(format!("{}: {m}", self.name)));
-        if self.patch == 0 || self.image_height % self.patch != 0 || self.image_width % self.patch != 0
+        if self.patch == 0
+            || self.image_height % self.patch != 0
+            || self.image_width % self.patch != 0
         {
             return bad(format!(
                 "image {}x{} is not a whole number of {}-pixel patches",
@@ -166,10 +168,16 @@ impl Preset {
             ));
         }
         if self.heads == 0 || self.dim % self.heads != 0 {
-            return bad(format!("width {} is not divisible by {} heads", self.dim, self.heads));
+            return bad(format!(
+                "width {} is not divisible by {} heads",
+                self.dim, self.heads
+            ));
         }
         if self.tic_reduce == 0 || self.patch % self.tic_reduce != 0 {
-            return bad(format!("patch {} not divisible by tic_reduce {}", self.patch, self.tic_reduce));
+            return bad(format!(
+                "patch {} not divisible by tic_reduce {}",
+                self.patch, self.tic_reduce
+            ));
         }
         if self.text_len < 3 || self.vocab < 8 {
             return bad("text length or vocabulary too small".into());

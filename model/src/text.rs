@@ -28,21 +28,34 @@ pub struct TextEncoder<E: Dtype, D: Device<E>> {
     pub ln: LayerNorm<E, D>,
     pub proj: Linear<E, D>,
 }
-impl_params!(TextEncoder { token_embed, pos, blocks, ln, proj });
+impl_params!(TextEncoder {
+    token_embed,
+    pos,
+    blocks,
+    ln,
+    proj
+});
 
 impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
     pub fn new(init: &mut Init<D>, p: &Preset) -> Self {
         TextEncoder {
             token_embed: init.normal(p.vocab, p.dim, 0.02),
             pos: init.normal(p.text_len, p.dim, 0.02),
-            blocks: (0..p.text_layers).map(|_| Block::new(init, p.dim, p.heads, p.mlp)).collect(),
+            blocks: (0..p.text_layers)
+                .map(|_| Block::new(init, p.dim, p.heads, p.mlp))
+                .collect(),
             ln: LayerNorm::new(init, p.dim),
             proj: Linear::new(init, p.dim, p.embed),
         }
     }
 
     /// Token embeddings plus positions, `(b·s, dim)`; the gradient tape starts at `tape`.
-    pub fn embed_tokens<T: Tape<E, D>>(&self, dev: &D, tokens: &TokenBatch, tape: T) -> Mat<E, D, T> {
+    pub fn embed_tokens<T: Tape<E, D>>(
+        &self,
+        dev: &D,
+        tokens: &TokenBatch,
+        tape: T,
+    ) -> Mat<E, D, T> {
         let (b, s) = (tokens.batch, tokens.len);
         let dim = self.token_embed.shape().1;
         let ids = dev.tensor_from_vec(tokens.ids.clone(), (b * s,));
@@ -57,7 +70,12 @@ impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
 
     /// Runs the blocks over `x` `(b·s, dim)` with the batch's padding mask; returns the final
     /// normalised hidden states `(b·s, dim)`.
-    pub fn encode<T: Tape<E, D>>(&self, dev: &D, x: Mat<E, D, T>, tokens: &TokenBatch) -> Mat<E, D, T> {
+    pub fn encode<T: Tape<E, D>>(
+        &self,
+        dev: &D,
+        x: Mat<E, D, T>,
+        tokens: &TokenBatch,
+    ) -> Mat<E, D, T> {
         let (b, s) = (tokens.batch, tokens.len);
         let bias = padding_bias(dev, tokens);
         let x = run_blocks(&self.blocks, x, b, s, bias.as_ref());
@@ -95,13 +113,21 @@ pub fn masked_mean<E: Dtype, D: Device<E>, T: Tape<E, D>>(
 ) -> Mat<E, D, T> {
     let (b, s) = (tokens.batch, tokens.len);
     let d = h.shape().1;
-    let mask: Vec<E> = tokens.mask.iter().map(|&m| crate::params::scalar(m as f64)).collect();
+    let mask: Vec<E> = tokens
+        .mask
+        .iter()
+        .map(|&m| crate::params::scalar(m as f64))
+        .collect();
     let counts: Vec<E> = tokens
         .mask
         .chunks(s.max(1))
         .map(|row| crate::params::scalar(1.0 / row.iter().sum::<f32>().max(1.0) as f64))
         .collect();
-    let mask = dev.tensor_from_vec(mask, (b, s)).broadcast_like::<_, Axis<2>>(&(b, s, d));
-    let inv = dev.tensor_from_vec(counts, (b,)).broadcast_like::<_, Axis<1>>(&(b, d));
+    let mask = dev
+        .tensor_from_vec(mask, (b, s))
+        .broadcast_like::<_, Axis<2>>(&(b, s, d));
+    let inv = dev
+        .tensor_from_vec(counts, (b,))
+        .broadcast_like::<_, Axis<1>>(&(b, d));
     (h.reshape_like(&(b, s, d)) * mask).sum::<(usize, usize), Axis<1>>() * inv
 }

@@ -34,7 +34,12 @@ impl Encoded {
         self.spans
             .iter()
             .enumerate()
-            .filter(|(i, s)| self.mask[*i] > 0.5 && s.start < s.end && s.start < phrase.end && phrase.start < s.end)
+            .filter(|(i, s)| {
+                self.mask[*i] > 0.5
+                    && s.start < s.end
+                    && s.start < phrase.end
+                    && phrase.start < s.end
+            })
             .map(|(i, _)| i)
             .collect()
     }
@@ -84,18 +89,27 @@ impl Tokenizer {
         S: AsRef<str> + Send,
     {
         if capacity < SPECIAL_TOKENS.len() + 1 {
-            return Err(Error::Tokenizer(format!("vocabulary capacity {capacity} is too small")));
+            return Err(Error::Tokenizer(format!(
+                "vocabulary capacity {capacity} is too small"
+            )));
         }
         let mut tk = tokenizers::Tokenizer::new(ModelWrapper::WordPiece(WordPiece::default()));
-        tk.with_normalizer(Some(NormalizerWrapper::BertNormalizer(BertNormalizer::new(
-            true, true, None, true,
-        ))));
-        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::BertPreTokenizer(BertPreTokenizer)));
+        tk.with_normalizer(Some(NormalizerWrapper::BertNormalizer(
+            BertNormalizer::new(true, true, None, true),
+        )));
+        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::BertPreTokenizer(
+            BertPreTokenizer,
+        )));
         let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
             .vocab_size(capacity)
             .min_frequency(1)
             .show_progress(false)
-            .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+            .special_tokens(
+                SPECIAL_TOKENS
+                    .iter()
+                    .map(|t| AddedToken::from(*t, true))
+                    .collect(),
+            )
             .build()
             .into();
         tk.train(&mut trainer, texts).map_err(tok_err)?;
@@ -131,8 +145,20 @@ impl Tokenizer {
         for (tok, id) in &vocab {
             h.update(format!("{id}\t{tok}\n").as_bytes());
         }
-        let fingerprint = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Ok(Tokenizer { inner, pad, cls, sep, mask, fingerprint })
+        let fingerprint = h
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Tokenizer {
+            inner,
+            pad,
+            cls,
+            sep,
+            mask,
+            fingerprint,
+        })
     }
 
     /// The vocabulary in id order.
@@ -181,7 +207,10 @@ impl Tokenizer {
     /// # Errors
     /// The tokenizer's own failure (not expected for any UTF-8 text).
     pub fn encode(&self, text: &str, len: usize) -> Result<Encoded> {
-        let enc = self.inner.encode_char_offsets(text, false).map_err(tok_err)?;
+        let enc = self
+            .inner
+            .encode_char_offsets(text, false)
+            .map_err(tok_err)?;
         let room = len.saturating_sub(2);
         let mut ids = Vec::with_capacity(len);
         let mut spans = Vec::with_capacity(len);
@@ -212,11 +241,21 @@ impl Tokenizer {
             ids.extend(e.ids);
             mask.extend(e.mask);
         }
-        Ok(TokenBatch { ids, mask, batch: texts.len(), len })
+        Ok(TokenBatch {
+            ids,
+            mask,
+            batch: texts.len(),
+            len,
+        })
     }
 
     /// The word pieces of a text, for inspection.
     pub fn pieces(&self, text: &str) -> Result<Vec<String>> {
-        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_tokens().to_vec())
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_tokens()
+            .to_vec())
     }
 }

@@ -22,7 +22,11 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { optim: OptimConfig::default(), tasks: TaskWeights::default(), ramp_steps: 10_000 }
+        TrainConfig {
+            optim: OptimConfig::default(),
+            tasks: TaskWeights::default(),
+            ramp_steps: 10_000,
+        }
     }
 }
 
@@ -59,7 +63,12 @@ pub struct Trainer<E: Dtype, D: Device<E>> {
 impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     pub fn new(model: Plip<E, D>, cfg: TrainConfig) -> Self {
         let opt = AdamW::new(&model);
-        Trainer { model, opt, cfg, skipped_steps: 0 }
+        Trainer {
+            model,
+            opt,
+            cfg,
+            skipped_steps: 0,
+        }
     }
 
     /// A gradient record with a zeroed slot for every parameter, so parameters a disabled task
@@ -73,7 +82,9 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
             }
             .map_err(|e| crate::Error::Device(format!("{e:?}")))?;
         }
-        let (_, tape) = ZerosTensor::<E>::zeros_like(&self.model.dev, &()).traced(grads).split_tape();
+        let (_, tape) = ZerosTensor::<E>::zeros_like(&self.model.dev, &())
+            .traced(grads)
+            .split_tape();
         Ok(tape)
     }
 
@@ -82,7 +93,9 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     /// # Errors
     /// A batch that does not fit the model.
     pub fn gradients(&self, batch: &Batch) -> Result<(Option<Gradients<E, D>>, LossValues)> {
-        let (total, values) = self.model.losses(batch, &self.cfg.tasks, self.start_tape()?)?;
+        let (total, values) = self
+            .model
+            .losses(batch, &self.cfg.tasks, self.start_tape()?)?;
         if !values.total.is_finite() {
             return Ok((None, values));
         }
@@ -96,7 +109,13 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
         let lr = self.cfg.optim.lr_at(self.opt.step);
         let (grads, losses) = self.gradients(batch)?;
-        let mut report = StepReport { step: self.opt.step, lr, losses, grad_norm: f64::NAN, skipped: true };
+        let mut report = StepReport {
+            step: self.opt.step,
+            lr,
+            losses,
+            grad_norm: f64::NAN,
+            skipped: true,
+        };
         let Some(grads) = grads else {
             self.skipped_steps += 1;
             return Ok(report);
@@ -109,7 +128,8 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
             self.skipped_steps += 1;
             return Ok(report);
         }
-        self.opt.update(&mut self.model, g, info.scale, lr, &self.cfg.optim)?;
+        self.opt
+            .update(&mut self.model, g, info.scale, lr, &self.cfg.optim)?;
         self.clamp_logit_scale();
         report.step = self.opt.step;
         report.skipped = false;
@@ -118,11 +138,16 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
 
     /// Keeps ln s ≤ ln 100 in the stored parameter too (CLIP's practice).
     fn clamp_logit_scale(&mut self) {
-        if let Some((_, ParamMut::Vector(t))) =
-            self.model.params_mut().into_iter().find(|(n, _)| n == "logit_scale")
+        if let Some((_, ParamMut::Vector(t))) = self
+            .model
+            .params_mut()
+            .into_iter()
+            .find(|(n, _)| n == "logit_scale")
         {
             let v = t.as_vec();
-            if v.iter().any(|x| x.to_f64().unwrap_or(0.0) > MAX_LOGIT_SCALE) {
+            if v.iter()
+                .any(|x| x.to_f64().unwrap_or(0.0) > MAX_LOGIT_SCALE)
+            {
                 let clamped: Vec<E> = v
                     .iter()
                     .map(|x| crate::params::scalar(x.to_f64().unwrap_or(0.0).min(MAX_LOGIT_SCALE)))

@@ -24,7 +24,13 @@ pub struct ImageEncoder<E: Dtype, D: Device<E>> {
     pub proj: Linear<E, D>,
     pub patch: usize,
 }
-impl_params!(ImageEncoder { patch_embed, pos, blocks, ln, proj });
+impl_params!(ImageEncoder {
+    patch_embed,
+    pos,
+    blocks,
+    ln,
+    proj
+});
 
 /// What one pass of the image tower yields.
 pub struct ImageOutput<E: Dtype, D: Device<E>, T> {
@@ -40,7 +46,9 @@ impl<E: Dtype, D: Device<E>> ImageEncoder<E, D> {
         ImageEncoder {
             patch_embed: Linear::new(init, p.patch_len(), p.dim),
             pos: init.normal(p.num_patches(), p.dim, 0.02),
-            blocks: (0..p.image_layers).map(|_| Block::new(init, p.dim, p.heads, p.mlp)).collect(),
+            blocks: (0..p.image_layers)
+                .map(|_| Block::new(init, p.dim, p.heads, p.mlp))
+                .collect(),
             ln: LayerNorm::new(init, p.dim),
             proj: Linear::new(init, p.dim, p.embed),
             patch: p.patch,
@@ -60,10 +68,17 @@ impl<E: Dtype, D: Device<E>> ImageEncoder<E, D> {
         let x = self.patch_embed.forward(x);
         let dim = x.shape().1;
         let x = x.reshape_like(&(b, n, dim))
-            + self.pos.retaped::<T>().broadcast_like::<_, Axis<0>>(&(b, n, dim));
+            + self
+                .pos
+                .retaped::<T>()
+                .broadcast_like::<_, Axis<0>>(&(b, n, dim));
         let x = x.reshape_like(&(b * n, dim));
         let x = run_blocks(&self.blocks, x, b, n, None);
-        ImageOutput { tokens: self.ln.forward(x), b, n }
+        ImageOutput {
+            tokens: self.ln.forward(x),
+            b,
+            n,
+        }
     }
 
     /// Mean-pooled global feature `(b, dim)` (before the projection).

@@ -37,10 +37,16 @@ fn werr(e: impl std::fmt::Display) -> Error {
 
 fn to_bytes<E: Dtype>(values: &[E]) -> (StDtype, Vec<u8>) {
     if std::mem::size_of::<E>() == 8 {
-        let b = values.iter().flat_map(|x| x.to_f64().unwrap_or(f64::NAN).to_le_bytes()).collect();
+        let b = values
+            .iter()
+            .flat_map(|x| x.to_f64().unwrap_or(f64::NAN).to_le_bytes())
+            .collect();
         (StDtype::F64, b)
     } else {
-        let b = values.iter().flat_map(|x| x.to_f32().unwrap_or(f32::NAN).to_le_bytes()).collect();
+        let b = values
+            .iter()
+            .flat_map(|x| x.to_f32().unwrap_or(f32::NAN).to_le_bytes())
+            .collect();
         (StDtype::F32, b)
     }
 }
@@ -66,7 +72,11 @@ fn from_view<E: Dtype>(name: &str, view: &TensorView<'_>, dims: &[usize]) -> Res
                 scalar(f64::from_le_bytes(b))
             })
             .collect(),
-        other => return Err(Error::Weights(format!("tensor {name} has unsupported dtype {other:?}"))),
+        other => {
+            return Err(Error::Weights(format!(
+                "tensor {name} has unsupported dtype {other:?}"
+            )))
+        }
     };
     if out.len() != dims.iter().product::<usize>() {
         return Err(Error::Weights(format!("tensor {name} is truncated")));
@@ -87,13 +97,24 @@ fn serialize(
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
     meta.insert("kind".to_string(), kind.to_string());
     meta.insert("preset".to_string(), preset.name.clone());
-    meta.insert("dims".to_string(), serde_json::to_string(preset).map_err(werr)?);
+    meta.insert(
+        "dims".to_string(),
+        serde_json::to_string(preset).map_err(werr)?,
+    );
     meta.insert("tokenizer".to_string(), tokenizer.to_string());
     meta.insert("step".to_string(), step.to_string());
-    meta.insert("extra".to_string(), serde_json::to_string(extra).map_err(werr)?);
+    meta.insert(
+        "extra".to_string(),
+        serde_json::to_string(extra).map_err(werr)?,
+    );
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, dt, shape, data)| Ok((n.clone(), TensorView::new(*dt, shape.clone(), data).map_err(werr)?)))
+        .map(|(n, dt, shape, data)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*dt, shape.clone(), data).map_err(werr)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     safetensors::tensor::serialize(views, &Some(meta)).map_err(werr)
 }
@@ -104,14 +125,23 @@ fn serialize(
 /// Not a plip blob, a truncated header, or a newer format.
 pub fn read_meta(bytes: &[u8]) -> Result<BlobMeta> {
     let (_, md) = SafeTensors::read_metadata(bytes).map_err(werr)?;
-    let m = md.metadata().as_ref().ok_or_else(|| werr("no metadata: not a plip file"))?;
-    let get = |k: &str| m.get(k).ok_or_else(|| Error::Weights(format!("metadata lacks {k:?}")));
+    let m = md
+        .metadata()
+        .as_ref()
+        .ok_or_else(|| werr("no metadata: not a plip file"))?;
+    let get = |k: &str| {
+        m.get(k)
+            .ok_or_else(|| Error::Weights(format!("metadata lacks {k:?}")))
+    };
     if get("format")? != "plip" {
         return Err(werr("not a plip file"));
     }
     let format_version: u32 = get("format_version")?.parse().map_err(werr)?;
     if format_version > FORMAT_VERSION {
-        return Err(Error::NewerFormat { found: format_version, supported: FORMAT_VERSION });
+        return Err(Error::NewerFormat {
+            found: format_version,
+            supported: FORMAT_VERSION,
+        });
     }
     Ok(BlobMeta {
         format_version,
@@ -125,13 +155,22 @@ pub fn read_meta(bytes: &[u8]) -> Result<BlobMeta> {
 
 fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> Result<()> {
     if meta.kind != kind {
-        return Err(Error::Weights(format!("a {} file, expected {kind}", meta.kind)));
+        return Err(Error::Weights(format!(
+            "a {} file, expected {kind}",
+            meta.kind
+        )));
     }
     if meta.preset != *preset {
-        return Err(Error::PresetMismatch { expected: preset.name.clone(), found: meta.preset.name.clone() });
+        return Err(Error::PresetMismatch {
+            expected: preset.name.clone(),
+            found: meta.preset.name.clone(),
+        });
     }
     if meta.tokenizer != tokenizer {
-        return Err(Error::TokenizerMismatch { expected: tokenizer.into(), found: meta.tokenizer.clone() });
+        return Err(Error::TokenizerMismatch {
+            expected: tokenizer.into(),
+            found: meta.tokenizer.clone(),
+        });
     }
     Ok(())
 }
@@ -161,13 +200,19 @@ pub fn save_weights<E: Dtype, D: Device<E>>(
 ///
 /// # Errors
 /// A truncated or corrupt blob, another preset, another tokenizer, a newer format.
-pub fn load_weights<E: Dtype, D: Device<E>>(model: &mut Plip<E, D>, bytes: &[u8], tokenizer: &str) -> Result<BlobMeta> {
+pub fn load_weights<E: Dtype, D: Device<E>>(
+    model: &mut Plip<E, D>,
+    bytes: &[u8],
+    tokenizer: &str,
+) -> Result<BlobMeta> {
     let meta = read_meta(bytes)?;
     check_meta(&meta, "weights", &model.preset, tokenizer)?;
     let st = SafeTensors::deserialize(bytes).map_err(werr)?;
     let mut values = Vec::new();
     for (name, p) in model.params() {
-        let view = st.tensor(&name).map_err(|e| Error::Weights(format!("tensor {name}: {e}")))?;
+        let view = st
+            .tensor(&name)
+            .map_err(|e| Error::Weights(format!("tensor {name}: {e}")))?;
         values.push(from_view::<E>(&name, &view, &p.dims())?);
     }
     for ((_, mut p), v) in model.params_mut().into_iter().zip(values) {
@@ -180,7 +225,11 @@ pub fn load_weights<E: Dtype, D: Device<E>>(model: &mut Plip<E, D>, bytes: &[u8]
 ///
 /// # Errors
 /// Serialisation failure (not expected).
-pub fn save_optimizer<E: Dtype, D: Device<E>>(opt: &AdamW<E, D>, preset: &Preset, tokenizer: &str) -> Result<Vec<u8>> {
+pub fn save_optimizer<E: Dtype, D: Device<E>>(
+    opt: &AdamW<E, D>,
+    preset: &Preset,
+    tokenizer: &str,
+) -> Result<Vec<u8>> {
     let mut tensors = Vec::new();
     for (name, m) in opt.names.iter().zip(&opt.moments) {
         let (m1, m2, dims) = match m {
@@ -192,7 +241,14 @@ pub fn save_optimizer<E: Dtype, D: Device<E>>(opt: &AdamW<E, D>, preset: &Preset
         tensors.push((format!("m.{name}"), dt, dims.clone(), d1));
         tensors.push((format!("v.{name}"), dt, dims, d2));
     }
-    serialize(tensors, "optimizer", preset, tokenizer, opt.step, &BTreeMap::new())
+    serialize(
+        tensors,
+        "optimizer",
+        preset,
+        tokenizer,
+        opt.step,
+        &BTreeMap::new(),
+    )
 }
 
 /// Loads optimiser state saved by [`save_optimizer`] into `opt` (built for the same model).
@@ -215,7 +271,9 @@ pub fn load_optimizer<E: Dtype, D: Device<E>>(
             Moments::Matrix(a, _) => vec![a.shape().0, a.shape().1],
         };
         let get = |k: String| -> Result<Vec<E>> {
-            let view = st.tensor(&k).map_err(|e| Error::Weights(format!("tensor {k}: {e}")))?;
+            let view = st
+                .tensor(&k)
+                .map_err(|e| Error::Weights(format!("tensor {k}: {e}")))?;
             from_view::<E>(&k, &view, &dims)
         };
         values.push((get(format!("m.{name}"))?, get(format!("v.{name}"))?));
@@ -237,9 +295,16 @@ pub fn load_optimizer<E: Dtype, D: Device<E>>(
 }
 
 /// Copies `model`'s weights into `dst` (another device or dtype) through host memory.
-pub fn copy_weights<E: Dtype, D: Device<E>, E2: Dtype, D2: Device<E2>>(src: &Plip<E, D>, dst: &mut Plip<E2, D2>) {
+pub fn copy_weights<E: Dtype, D: Device<E>, E2: Dtype, D2: Device<E2>>(
+    src: &Plip<E, D>,
+    dst: &mut Plip<E2, D2>,
+) {
     for ((_, s), (_, mut d)) in src.params().into_iter().zip(dst.params_mut()) {
-        let v: Vec<E2> = s.to_host().iter().map(|x| scalar(x.to_f64().unwrap_or(f64::NAN))).collect();
+        let v: Vec<E2> = s
+            .to_host()
+            .iter()
+            .map(|x| scalar(x.to_f64().unwrap_or(f64::NAN)))
+            .collect();
         d.copy_from_host(&v);
     }
 }

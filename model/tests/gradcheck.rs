@@ -17,7 +17,11 @@ use plip_model::{Plip, Preset, TaskWeights, TrainConfig, Trainer};
 /// scale: |analytic − numeric| ≤ 1e-7 + 1e-4·max(|analytic|, |numeric|).
 #[test]
 fn gradients_match_finite_differences_in_f64() {
-    check(TaskWeights { ivlc: 1.0, iap: 1.0, tic: 1.0 });
+    check(TaskWeights {
+        ivlc: 1.0,
+        iap: 1.0,
+        tic: 1.0,
+    });
 }
 
 fn check(tasks: TaskWeights) {
@@ -28,7 +32,10 @@ fn check(tasks: TaskWeights) {
     let b = batch(&toys, &p, &tk, 0.5, 9);
     assert!(!b.iap_positions.is_empty());
     let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
-    let cfg = TrainConfig { tasks, ..Default::default() };
+    let cfg = TrainConfig {
+        tasks,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(model, cfg);
     let (grads, _) = trainer.gradients(&b).unwrap();
     let grads = AdamW::gradients(&trainer.model, &grads.unwrap());
@@ -50,13 +57,15 @@ fn check(tasks: TaskWeights) {
         "tic.fc2.weight",
         "logit_scale",
     ];
-    let loss_of = |t: &Trainer<f64, Cpu>| {
-        t.model.losses(&b, &t.cfg.tasks, NoneTape).unwrap().1.total
-    };
+    let loss_of =
+        |t: &Trainer<f64, Cpu>| t.model.losses(&b, &t.cfg.tasks, NoneTape).unwrap().1.total;
     let h = 1e-6;
     let mut worst: f64 = 0.0;
     for name in checked {
-        let idx = names.iter().position(|n| n == name).unwrap_or_else(|| panic!("no parameter {name}"));
+        let idx = names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"));
         let analytic = match &grads[idx] {
             Grad::Vector(g) => g.as_vec(),
             Grad::Matrix(g) => g.as_vec(),
@@ -91,7 +100,10 @@ fn check(tasks: TaskWeights) {
             let err = (a - numeric).abs();
             let tol = 1e-7 + 1e-4 * a.abs().max(numeric.abs());
             worst = worst.max(err / tol);
-            assert!(err <= tol, "{name}[{e}]: analytic {a:e}, numeric {numeric:e}");
+            assert!(
+                err <= tol,
+                "{name}[{e}]: analytic {a:e}, numeric {numeric:e}"
+            );
         }
     }
     eprintln!("worst error / tolerance = {worst:.3}");
@@ -101,7 +113,19 @@ fn check(tasks: TaskWeights) {
 /// others' larger gradients.
 #[test]
 fn each_task_alone_matches_finite_differences() {
-    check(TaskWeights { ivlc: 1.0, iap: 0.0, tic: 0.0 });
-    check(TaskWeights { ivlc: 0.0, iap: 1.0, tic: 0.0 });
-    check(TaskWeights { ivlc: 0.0, iap: 0.0, tic: 1.0 });
+    check(TaskWeights {
+        ivlc: 1.0,
+        iap: 0.0,
+        tic: 0.0,
+    });
+    check(TaskWeights {
+        ivlc: 0.0,
+        iap: 1.0,
+        tic: 0.0,
+    });
+    check(TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 1.0,
+    });
 }

@@ -35,12 +35,23 @@ fn ivlc_matches_hand_computation() {
     let t = dev.tensor_from_vec(vec![1.0f64, 0.0, 1.0, 0.0, 0.0, 1.0], (3, 2));
     let q = loss::identity_targets(&[Some(7), Some(7), Some(9)]);
     assert_eq!(q, vec![0.5, 0.5, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0]);
-    let log_q = dev.tensor_from_vec(q.iter().map(|x| (x + 1e-8f64).ln()).collect::<Vec<_>>(), (3, 3));
-    let cos = v.clone().matmul(t.clone().permute::<(usize, usize), Axes2<1, 0>>());
+    let log_q = dev.tensor_from_vec(
+        q.iter().map(|x| (x + 1e-8f64).ln()).collect::<Vec<_>>(),
+        (3, 3),
+    );
+    let cos = v
+        .clone()
+        .matmul(t.clone().permute::<(usize, usize), Axes2<1, 0>>());
     let i2t = loss::kl_rows(cos.clone() * 2.0, &log_q).as_vec()[0];
     let t2i = loss::kl_rows(cos.permute::<(usize, usize), Axes2<1, 0>>() * 2.0, &log_q).as_vec()[0];
-    assert!((i2t - 6.056_167_752_771_166).abs() < 1e-9, "image→text {i2t}");
-    assert!((t2i - 5.620_083_197_680_111).abs() < 1e-9, "text→image {t2i}");
+    assert!(
+        (i2t - 6.056_167_752_771_166).abs() < 1e-9,
+        "image→text {i2t}"
+    );
+    assert!(
+        (t2i - 5.620_083_197_680_111).abs() < 1e-9,
+        "text→image {t2i}"
+    );
     let scale = dev.tensor(2.0f64);
     let both = loss::ivlc(v, t, scale, &q).as_vec()[0];
     assert!((both - 5.838_125_475_225_638).abs() < 1e-9, "ivlc {both}");
@@ -69,11 +80,18 @@ fn mask_ratio_curriculum() {
 /// Warm-up is linear; cosine ends at the floor; the continuous schedule stays constant.
 #[test]
 fn learning_rate_schedules() {
-    let mut c = OptimConfig { lr: 1.0, warmup_steps: 10, ..Default::default() };
+    let mut c = OptimConfig {
+        lr: 1.0,
+        warmup_steps: 10,
+        ..Default::default()
+    };
     assert!((c.lr_at(0) - 0.1).abs() < 1e-12);
     assert!((c.lr_at(9) - 1.0).abs() < 1e-12);
     assert_eq!(c.lr_at(1_000_000), 1.0);
-    c.schedule = Schedule::Cosine { total_steps: 110, floor: 0.1 };
+    c.schedule = Schedule::Cosine {
+        total_steps: 110,
+        floor: 0.1,
+    };
     assert!((c.lr_at(10) - 1.0).abs() < 1e-12);
     assert!((c.lr_at(60) - 0.55).abs() < 1e-12);
     assert!((c.lr_at(110) - 0.1).abs() < 1e-12);
@@ -86,7 +104,12 @@ fn train_task(weights: TaskWeights, steps: usize) -> Vec<f64> {
     let toys = toy_samples(&p, 8, 2, 1);
     let model = Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap();
     let cfg = TrainConfig {
-        optim: OptimConfig { lr: 2e-3, warmup_steps: 0, weight_decay: 0.0, ..Default::default() },
+        optim: OptimConfig {
+            lr: 2e-3,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
         tasks: weights,
         ramp_steps: 0,
     };
@@ -102,18 +125,45 @@ fn train_task(weights: TaskWeights, steps: usize) -> Vec<f64> {
 fn assert_falls(name: &str, losses: &[f64], factor: f64) {
     let first = losses[0];
     let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
-    assert!(losses.iter().all(|l| l.is_finite()), "{name}: non-finite loss {losses:?}");
-    assert!(last < factor * first, "{name}: loss went from {first} to {last} (wanted < {factor}×)");
+    assert!(
+        losses.iter().all(|l| l.is_finite()),
+        "{name}: non-finite loss {losses:?}"
+    );
+    assert!(
+        last < factor * first,
+        "{name}: loss went from {first} to {last} (wanted < {factor}×)"
+    );
 }
 
 /// Each pretext task alone drives its own loss down on the toy problem.
 #[test]
 fn each_loss_falls_on_a_toy_problem() {
-    let ivlc = train_task(TaskWeights { ivlc: 1.0, iap: 0.0, tic: 0.0 }, 60);
+    let ivlc = train_task(
+        TaskWeights {
+            ivlc: 1.0,
+            iap: 0.0,
+            tic: 0.0,
+        },
+        60,
+    );
     assert_falls("ivlc", &ivlc, 0.5);
-    let iap = train_task(TaskWeights { ivlc: 0.0, iap: 1.0, tic: 0.0 }, 60);
+    let iap = train_task(
+        TaskWeights {
+            ivlc: 0.0,
+            iap: 1.0,
+            tic: 0.0,
+        },
+        60,
+    );
     assert_falls("iap", &iap, 0.5);
-    let tic = train_task(TaskWeights { ivlc: 0.0, iap: 0.0, tic: 1.0 }, 60);
+    let tic = train_task(
+        TaskWeights {
+            ivlc: 0.0,
+            iap: 0.0,
+            tic: 1.0,
+        },
+        60,
+    );
     assert_falls("tic", &tic, 0.5);
     let all = train_task(TaskWeights::default(), 60);
     assert_falls("all", &all, 0.6);
@@ -127,7 +177,17 @@ fn all_tasks_off_is_an_error() {
     let toys = toy_samples(&p, 2, 2, 1);
     let model = Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap();
     let b = batch(&toys, &p, &tk, 0.5, 0);
-    let err = model.losses(&b, &TaskWeights { ivlc: 0.0, iap: 0.0, tic: 0.0 }, NoneTape).unwrap_err();
+    let err = model
+        .losses(
+            &b,
+            &TaskWeights {
+                ivlc: 0.0,
+                iap: 0.0,
+                tic: 0.0,
+            },
+            NoneTape,
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("switched off"), "{err}");
 }
 
@@ -141,11 +201,15 @@ fn non_finite_loss_skips_the_step() {
     let mut trainer = Trainer::new(model, TrainConfig::default());
     let mut b = batch(&toys, &p, &tk, 0.5, 0);
     b.images[5] = f32::NAN;
-    let before = trainer.model.embed_images(&batch(&toys, &p, &tk, 0.5, 0).images, 8);
+    let before = trainer
+        .model
+        .embed_images(&batch(&toys, &p, &tk, 0.5, 0).images, 8);
     let r = trainer.step(&b).unwrap();
     assert!(r.skipped && !r.losses.total.is_finite());
     assert_eq!(trainer.skipped_steps, 1);
     assert_eq!(trainer.opt.step, 0);
-    let after = trainer.model.embed_images(&batch(&toys, &p, &tk, 0.5, 0).images, 8);
+    let after = trainer
+        .model
+        .embed_images(&batch(&toys, &p, &tk, 0.5, 0).images, 8);
     assert_eq!(before, after);
 }

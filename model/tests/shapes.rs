@@ -11,15 +11,28 @@ use plip_model::{Params, Plip, Preset};
 /// captions to unit-length rows of the joint width.
 #[test]
 fn presets_have_documented_sizes_and_shapes() {
-    let documented = [("test", 129_377usize), ("tiny", 9_400_961), ("small", 60_215_745)];
+    let documented = [
+        ("test", 129_377usize),
+        ("tiny", 9_400_961),
+        ("small", 60_215_745),
+    ];
     for (name, count) in documented {
         let p = Preset::by_name(name).unwrap();
         let m = Plip::<f32, Cpu>::new(&cpu(), &p, 1).unwrap();
-        assert_eq!(m.num_params(), count, "{name}: update the table in preset.rs and the README");
+        assert_eq!(
+            m.num_params(),
+            count,
+            "{name}: update the table in preset.rs and the README"
+        );
         let images = vec![0.1f32; 2 * p.image_len()];
         let e = m.embed_images(&images, 2);
         assert_eq!((e.rows, e.dim, e.data.len()), (2, p.embed, 2 * p.embed));
-        let tokens = TokenBatch { ids: vec![2, 9, 3, 0, 2, 3, 0, 0], mask: vec![1., 1., 1., 0., 1., 1., 0., 0.], batch: 2, len: 4 };
+        let tokens = TokenBatch {
+            ids: vec![2, 9, 3, 0, 2, 3, 0, 0],
+            mask: vec![1., 1., 1., 0., 1., 1., 0., 0.],
+            batch: 2,
+            len: 4,
+        };
         let t = m.embed_texts(&tokens, 8);
         assert_eq!((t.rows, t.dim), (2, p.embed));
         for r in 0..2 {
@@ -27,7 +40,10 @@ fn presets_have_documented_sizes_and_shapes() {
             assert!((n - 1.0).abs() < 1e-5, "{name}: norm {n}");
         }
     }
-    assert!(Preset::by_name("huge").unwrap_err().to_string().contains("test, tiny, small"));
+    assert!(Preset::by_name("huge")
+        .unwrap_err()
+        .to_string()
+        .contains("test, tiny, small"));
 }
 
 /// Adding padding to a caption leaves its text embedding unchanged: the same tokens at length
@@ -45,15 +61,32 @@ fn padding_leaves_text_embedding_unchanged() {
     };
     let a = alone(9);
     let b = alone(24);
-    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-5, "padding changed the embedding by {worst}");
     let mixed = tk
-        .encode_batch(&["a person wearing a green shirt and black trousers with a backpack", short], 24)
+        .encode_batch(
+            &[
+                "a person wearing a green shirt and black trousers with a backpack",
+                short,
+            ],
+            24,
+        )
         .unwrap();
     let e = m.text.embed(&dev, &mixed, NoneTape).as_vec();
     let second = &e[p.embed..];
-    let worst = second.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-    assert!(worst < 1e-5, "batch neighbour changed the embedding by {worst}");
+    let worst = second
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "batch neighbour changed the embedding by {worst}"
+    );
     // Sanity: the mask matters — without it the padded version differs.
     let mut unmasked = tk.encode_batch(&[short], 24).unwrap();
     unmasked.mask = vec![1.0; 24];

@@ -11,7 +11,11 @@ use plip_model::{Preset, Tokenizer};
 fn trains_within_capacity_with_special_tokens() {
     let p = Preset::test();
     let tk = tokenizer(&p);
-    assert!(tk.vocab_size() <= p.vocab && tk.vocab_size() > 20, "{}", tk.vocab_size());
+    assert!(
+        tk.vocab_size() <= p.vocab && tk.vocab_size() > 20,
+        "{}",
+        tk.vocab_size()
+    );
     assert_eq!(tk.pad_id(), 0);
     assert_eq!(tk.mask_id(), 4);
     tk.check_capacity(p.vocab).unwrap();
@@ -32,7 +36,11 @@ fn encodes_to_fixed_length_with_mask() {
     assert_eq!(e.ids[real - 1], 3);
     assert!(e.ids[real..].iter().all(|&i| i == tk.pad_id()));
     assert_eq!(e.mask.iter().filter(|&&m| m == 1.0).count(), real);
-    assert_eq!(tk.encode("a person wearing a red shirt", 12).unwrap(), e, "lowercased");
+    assert_eq!(
+        tk.encode("a person wearing a red shirt", 12).unwrap(),
+        e,
+        "lowercased"
+    );
     let long = tk.encode(&"red shirt ".repeat(40), 10).unwrap();
     assert_eq!(long.real_len(), 10);
     assert_eq!(long.ids[9], 3);
@@ -81,7 +89,10 @@ fn fingerprint_is_stable_and_discriminating() {
     assert_eq!(a.fingerprint().len(), 16);
     let loaded = Tokenizer::from_bytes(&a.to_bytes().unwrap()).unwrap();
     assert_eq!(loaded.fingerprint(), a.fingerprint());
-    assert_eq!(loaded.encode("a red shirt", 8).unwrap(), a.encode("a red shirt", 8).unwrap());
+    assert_eq!(
+        loaded.encode("a red shirt", 8).unwrap(),
+        a.encode("a red shirt", 8).unwrap()
+    );
     let other = Tokenizer::train(["a man carrying an umbrella"].iter(), 200).unwrap();
     assert_ne!(other.fingerprint(), a.fingerprint());
     assert!(Tokenizer::from_bytes(b"{not json").is_err());

@@ -10,13 +10,26 @@ use plip_model::weights::{self, load_optimizer, load_weights, save_optimizer, sa
 use plip_model::{Error, Params, Plip, Preset, TrainConfig, Trainer};
 use std::collections::BTreeMap;
 
-fn trained(steps: u64, seed: u64) -> (Trainer<f32, Cpu>, Vec<plip_model::batch::Batch>, plip_model::Tokenizer) {
+fn trained(
+    steps: u64,
+    seed: u64,
+) -> (
+    Trainer<f32, Cpu>,
+    Vec<plip_model::batch::Batch>,
+    plip_model::Tokenizer,
+) {
     let p = Preset::test();
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 4, 2, 3);
-    let batches: Vec<_> = (0..5).map(|i| batch(&toys, &p, &tk, 0.5, 100 + i)).collect();
+    let batches: Vec<_> = (0..5)
+        .map(|i| batch(&toys, &p, &tk, 0.5, 100 + i))
+        .collect();
     let cfg = TrainConfig {
-        optim: OptimConfig { lr: 1e-3, warmup_steps: 2, ..Default::default() },
+        optim: OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 2,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut t = Trainer::new(Plip::new(&cpu(), &p, seed).unwrap(), cfg);
@@ -27,7 +40,10 @@ fn trained(steps: u64, seed: u64) -> (Trainer<f32, Cpu>, Vec<plip_model::batch::
 }
 
 fn all_values(m: &Plip<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
-    m.params().into_iter().map(|(n, p)| (n, p.to_host())).collect()
+    m.params()
+        .into_iter()
+        .map(|(n, p)| (n, p.to_host()))
+        .collect()
 }
 
 /// Saved weights loaded into a differently initialised model give bit-identical embeddings, and
@@ -41,9 +57,18 @@ fn save_then_load_gives_identical_embeddings() {
     let mut fresh = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 999).unwrap();
     assert_ne!(all_values(&fresh), all_values(&t.model));
     let meta = load_weights(&mut fresh, &bytes, tk.fingerprint()).unwrap();
-    assert_eq!((meta.step, meta.extra, meta.preset.name.as_str()), (2, extra, "test"));
-    assert_eq!(fresh.embed_images(&batches[0].images, 3), t.model.embed_images(&batches[0].images, 3));
-    assert_eq!(fresh.embed_texts(&batches[0].tokens, 3), t.model.embed_texts(&batches[0].tokens, 3));
+    assert_eq!(
+        (meta.step, meta.extra, meta.preset.name.as_str()),
+        (2, extra, "test")
+    );
+    assert_eq!(
+        fresh.embed_images(&batches[0].images, 3),
+        t.model.embed_images(&batches[0].images, 3)
+    );
+    assert_eq!(
+        fresh.embed_texts(&batches[0].tokens, 3),
+        t.model.embed_texts(&batches[0].tokens, 3)
+    );
 }
 
 /// Training 3 steps, saving weights and optimiser, loading both into a fresh model and training
@@ -52,7 +77,13 @@ fn save_then_load_gives_identical_embeddings() {
 fn resume_from_bytes_equals_uninterrupted_training() {
     let (straight, batches, tk) = trained(5, 1);
     let (three, _, _) = trained(3, 1);
-    let w = save_weights(&three.model, tk.fingerprint(), three.opt.step, &BTreeMap::new()).unwrap();
+    let w = save_weights(
+        &three.model,
+        tk.fingerprint(),
+        three.opt.step,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let o = save_optimizer(&three.opt, &three.model.preset, tk.fingerprint()).unwrap();
     drop(three);
 
@@ -65,8 +96,15 @@ fn resume_from_bytes_equals_uninterrupted_training() {
         resumed.step(b).unwrap();
     }
     assert_eq!(resumed.opt.step, 5);
-    for ((name, a), (_, b)) in all_values(&straight.model).iter().zip(all_values(&resumed.model)) {
-        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    for ((name, a), (_, b)) in all_values(&straight.model)
+        .iter()
+        .zip(all_values(&resumed.model))
+    {
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst <= 1e-6, "{name} differs by {worst}");
     }
 }
@@ -82,17 +120,33 @@ fn corrupt_and_mismatched_blobs_are_refused() {
     let before = target.embed_images(&batches[0].images, 8);
 
     let truncated = &bytes[..bytes.len() / 2];
-    assert!(matches!(load_weights(&mut target, truncated, fp), Err(Error::Weights(_))));
-    assert!(matches!(load_weights(&mut target, &bytes[..5], fp), Err(Error::Weights(_))));
-    assert!(matches!(load_weights(&mut target, b"not a safetensors file at all", fp), Err(Error::Weights(_))));
+    assert!(matches!(
+        load_weights(&mut target, truncated, fp),
+        Err(Error::Weights(_))
+    ));
+    assert!(matches!(
+        load_weights(&mut target, &bytes[..5], fp),
+        Err(Error::Weights(_))
+    ));
+    assert!(matches!(
+        load_weights(&mut target, b"not a safetensors file at all", fp),
+        Err(Error::Weights(_))
+    ));
 
     let mut wrong_fp = bytes.clone();
     assert!(matches!(
         load_weights(&mut target, &wrong_fp, "0123456789abcdef"),
         Err(Error::TokenizerMismatch { .. })
     ));
-    let newer = replace_once(&wrong_fp, b"\"format_version\":\"1\"", b"\"format_version\":\"9\"");
-    assert!(matches!(load_weights(&mut target, &newer, fp), Err(Error::NewerFormat { found: 9, .. })));
+    let newer = replace_once(
+        &wrong_fp,
+        b"\"format_version\":\"1\"",
+        b"\"format_version\":\"9\"",
+    );
+    assert!(matches!(
+        load_weights(&mut target, &newer, fp),
+        Err(Error::NewerFormat { found: 9, .. })
+    ));
     wrong_fp.truncate(bytes.len() - 3);
     assert!(load_weights(&mut target, &wrong_fp, fp).is_err());
 
@@ -110,12 +164,19 @@ fn corrupt_and_mismatched_blobs_are_refused() {
     let mut foreign_opt = AdamW::new(&foreign);
     assert!(load_optimizer(&mut foreign_opt, &opt_bytes, &other, fp).is_err());
 
-    assert_eq!(target.embed_images(&batches[0].images, 8), before, "a refused load changed the model");
+    assert_eq!(
+        target.embed_images(&batches[0].images, 8),
+        before,
+        "a refused load changed the model"
+    );
     assert!(weights::read_meta(&bytes).is_ok());
 }
 
 fn replace_once(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
-    let at = hay.windows(from.len()).position(|w| w == from).expect("pattern in header");
+    let at = hay
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern in header");
     let mut out = hay.to_vec();
     out[at..at + from.len()].copy_from_slice(to);
     out
@@ -130,5 +191,8 @@ fn weights_cross_dtypes() {
     let bytes = save_weights(&m64, tk.fingerprint(), 0, &BTreeMap::new()).unwrap();
     let mut back = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 2).unwrap();
     load_weights(&mut back, &bytes, tk.fingerprint()).unwrap();
-    assert_eq!(back.embed_images(&batches[0].images, 8), t.model.embed_images(&batches[0].images, 8));
+    assert_eq!(
+        back.embed_images(&batches[0].images, 8),
+        t.model.embed_images(&batches[0].images, 8)
+    );
 }

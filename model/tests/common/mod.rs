@@ -27,7 +27,12 @@ pub struct Toy {
 
 impl Toy {
     pub fn sample(&self) -> Sample<'_> {
-        Sample { rgb: &self.rgb, caption: &self.caption, phrases: &self.phrases, identity: Some(self.identity) }
+        Sample {
+            rgb: &self.rgb,
+            caption: &self.caption,
+            phrases: &self.phrases,
+            identity: Some(self.identity),
+        }
     }
 }
 
@@ -66,7 +71,12 @@ pub fn toy_samples(p: &Preset, identities: usize, per_id: usize, seed: u64) -> V
                     }
                 }
             }
-            out.push(Toy { rgb, caption: caption.clone(), phrases: phrases.clone(), identity: id as u64 });
+            out.push(Toy {
+                rgb,
+                caption: caption.clone(),
+                phrases: phrases.clone(),
+                identity: id as u64,
+            });
         }
     }
     out

@@ -1,0 +1,40 @@
+//! The `plipd` command line.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// plipd — continual PLIP pre-training and person re-identification.
+#[derive(Debug, Parser)]
+#[command(name = "plipd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Median training-step time and images/s on synthetic batches; prints one JSON line.
+    Train(crate::bench::TrainBenchArgs),
+}
+
+/// Parses the command line and runs the command; errors are printed, not panicked.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plipd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The `plipd bench train` command as a user runs it.
+
+use std::process::Command;
+
+/// The benchmark prints exactly one JSON line on stdout with the documented fields, and the
+/// figures are plausible (positive times, images/s consistent with batch and step time).
+#[test]
+fn bench_train_prints_one_json_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args([
+            "bench",
+            "train",
+            "--preset",
+            "test",
+            "--batch",
+            "8",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .expect("plipd runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("json");
+    assert_eq!(v["preset"], "test");
+    assert_eq!(v["batch"], 8);
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["input"], "32x16");
+    let ms = v["median_step_ms"].as_f64().expect("median");
+    let ips = v["images_per_s"].as_f64().expect("images/s");
+    assert!(ms > 0.0);
+    assert!((ips - 8.0 / ms * 1000.0).abs() / ips < 0.05, "{v}");
+    assert!(v["ratio_full_to_ivlc_only"].as_f64().expect("ratio") > 1.0);
+    assert!(v["peak_rss_mib"].as_f64().expect("rss") > 1.0);
+}
+
+/// Bad options fail with a message, not a panic.
+#[test]
+fn bench_rejects_unknown_preset() {
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args(["bench", "train", "--preset", "enormous"])
+        .output()
+        .expect("plipd runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model preset") && err.contains("tiny"),
+        "{err}"
+    );
+}
