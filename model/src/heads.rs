@@ -57,7 +57,7 @@ impl<E: Dtype, D: Device<E>> IapHead<E, D> {
 /// TIC: a multimodal squeeze-excitation gate on the grayscale image's patch states, then a
 /// per-patch head that predicts the patch's RGB pixels.
 ///
-/// gate = sigmoid(W2·relu(W1·[mean(tokens); text] )) `(b, dim)`; pixels = fc2(gelu_tanh(fc1(ln(tokens ⊙
+/// gate = sigmoid(W2·relu(W1·[mean(tokens); text] )) `(b, dim)`; pixels = fc2(gelu(fc1(ln(tokens ⊙
 /// gate)))) `(b·N, 3·(p/r)²)`.
 #[derive(Clone, Debug)]
 pub struct TicHead<E: Dtype, D: Device<E>> {
@@ -107,6 +107,6 @@ impl<E: Dtype, D: Device<E>> TicHead<E, D> {
         let gated = tok.put_tape(tape).reshape_like(&(b, n, d))
             * gate.retaped::<T>().broadcast_like::<_, Axis<1>>(&(b, n, d));
         let x = self.ln.forward(gated.reshape_like(&(b * n, d)));
-        self.fc2.forward(self.fc1.forward(x).fast_gelu())
+        self.fc2.forward(crate::layers::gelu(self.fc1.forward(x)))
     }
 }

@@ -75,9 +75,19 @@ impl<E: Dtype, D: Device<E>> LayerNorm<E, D> {
     }
 }
 
-/// Linear → GELU → Linear. GELU is the tanh approximation (PyTorch `GELU(approximate="tanh")`):
-/// dfdx 0.13's `accurate_gelu` (erf form) has a wrong derivative (x/√π·e^(−x²/2) instead of
-/// x/√(2π)·e^(−x²/2)), which the gradient check caught.
+/// GELU in the sigmoid form CLIP uses ("QuickGELU"): x·σ(1.702·x); in PyTorch
+/// `x * torch.sigmoid(1.702 * x)`.
+///
+/// Why not the others: dfdx 0.13's `accurate_gelu` (erf form) has a wrong derivative
+/// (x/√π·e^(−x²/2) instead of x/√(2π)·e^(−x²/2)), which the gradient check caught, and its
+/// `fast_gelu` (tanh form) spends its time in libm's `tanhf`: 2.3× slower than this one on a
+/// (2560, 768) activation, forward + backward, and about a fifth of a `tiny` training step.
+pub fn gelu<E: Dtype, D: Device<E>, T: Tape<E, D>>(x: Mat<E, D, T>) -> Mat<E, D, T> {
+    let gate = (x.retaped::<T>() * crate::params::scalar::<E>(1.702)).sigmoid();
+    gate * x
+}
+
+/// Linear → GELU ([`gelu`]) → Linear.
 #[derive(Clone, Debug)]
 pub struct Mlp<E: Dtype, D: Device<E>> {
     pub fc1: Linear<E, D>,
@@ -93,7 +103,7 @@ impl<E: Dtype, D: Device<E>> Mlp<E, D> {
         }
     }
     pub fn forward<T: Tape<E, D>>(&self, x: Mat<E, D, T>) -> Mat<E, D, T> {
-        self.fc2.forward(self.fc1.forward(x).fast_gelu())
+        self.fc2.forward(gelu(self.fc1.forward(x)))
     }
 }
 

@@ -83,8 +83,8 @@ fn phrase_spans_map_to_token_positions() {
 #[test]
 fn fingerprint_is_stable_and_discriminating() {
     let p = Preset::test();
-    let a = tokenizer(&p);
-    let b = tokenizer(&p);
+    let a = train_tokenizer(&p);
+    let b = train_tokenizer(&p);
     assert_eq!(a.fingerprint() == b.fingerprint(), a.vocab() == b.vocab());
     assert_eq!(a.fingerprint().len(), 16);
     let loaded = Tokenizer::from_bytes(&a.to_bytes().unwrap()).unwrap();

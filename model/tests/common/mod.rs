@@ -82,10 +82,19 @@ pub fn toy_samples(p: &Preset, identities: usize, per_id: usize, seed: u64) -> V
     out
 }
 
-pub fn tokenizer(p: &Preset) -> Tokenizer {
+/// A fresh tokenizer for the toy captions.
+pub fn train_tokenizer(p: &Preset) -> Tokenizer {
     let mut texts: Vec<String> = (0..36).map(|i| caption_for(i).0).collect();
     texts.push("a woman with long hair carrying a backpack".into());
     Tokenizer::train(texts.into_iter(), p.vocab).expect("tokenizer trains")
+}
+
+/// One tokenizer per test binary: training twice may tie-break merges differently (see
+/// `Tokenizer::train`), and tests that compare runs must tokenize identically.
+pub fn tokenizer(p: &Preset) -> Tokenizer {
+    static SHARED: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+    assert_eq!(p.name, "test", "the shared toy tokenizer is for the test preset");
+    SHARED.get_or_init(|| train_tokenizer(p)).clone()
 }
 
 pub fn batch(toys: &[Toy], p: &Preset, tk: &Tokenizer, ratio: f64, seed: u64) -> Batch {
