@@ -93,7 +93,10 @@ pub fn train_tokenizer(p: &Preset) -> Tokenizer {
 /// `Tokenizer::train`), and tests that compare runs must tokenize identically.
 pub fn tokenizer(p: &Preset) -> Tokenizer {
     static SHARED: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
-    assert_eq!(p.name, "test", "the shared toy tokenizer is for the test preset");
+    assert_eq!(
+        p.name, "test",
+        "the shared toy tokenizer is for the test preset"
+    );
     SHARED.get_or_init(|| train_tokenizer(p)).clone()
 }
 
