@@ -16,6 +16,8 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Retrieval metrics (Market-1501 CMC/mAP/mINP) of a distance matrix; prints JSON.
+    Eval(crate::eval::EvalArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,6 +31,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
+        Command::Eval(args) => crate::eval::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`cli`]: the `plipd` command line.
 //! - [`bench`]: `plipd bench train`, the training-step benchmark.
+//! - [`eval`]: `plipd eval --distmat`, metrics of a distance matrix.
 
 pub mod bench;
 pub mod cli;
+pub mod eval;

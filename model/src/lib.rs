@@ -14,6 +14,7 @@
 //! - [`layers`]: Linear, LayerNorm, masked multi-head attention, the pre-LN block.
 //! - [`vision`], [`text`]: the two towers; [`heads`]: the IAP and TIC heads.
 //! - [`loss`]: IVLC (CMPM), masked cross-entropy, L2.
+//! - [`metrics`]: Market-1501 CMC/mAP/mINP and text→image R@k/mAP.
 //! - [`plip`]: the whole model, the weighted total loss, `embed_images` / `embed_texts`.
 //! - [`batch`]: samples → the host arrays of one step (normalisation, phrase masking).
 //! - [`optim`], [`train`]: AdamW with saveable state, clipping, schedules, the training step.
@@ -26,6 +27,7 @@ mod error;
 pub mod heads;
 pub mod layers;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod plip;
