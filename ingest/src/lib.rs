@@ -1,7 +1,11 @@
 //! `plip-ingest`: everything about samples before they reach a tensor — the wire format of the
 //! messages producers publish, validation, image decoding, caption synthesis, the synthetic
-//! pedestrian generator, and the data-set readers.
+//! pedestrian generator, and the data-set readers. It does not depend on `plip-model`.
 //!
 //! # Layout
-//! Empty so far: the data and pipeline work fills it (see the repository's README for what is
-//! built). It deliberately does not depend on `plip-model`.
+//! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
+//!
+//! Still to come: attribute schema, caption synthesis, synthetic pedestrians, data-set readers,
+//! the AMQP wire format.
+
+pub mod image;

@@ -1,0 +1,164 @@
+//! Image intake shared by every path (queue, data-set readers, queries): the checks every image
+//! passes before it is decoded, the decode itself with explicit `image` crate limits, and the
+//! canonical form samples are stored in.
+//!
+//! Order of checks: byte size → empty → format (JPEG, PNG, WebP only, from the magic bytes) →
+//! declared dimensions from the header alone (zero size, pixel limit: a decompression bomb is
+//! refused before anything is allocated for its pixels) → decode under `max_alloc`.
+
+use image::{ImageFormat, ImageReader, Limits, RgbImage};
+use std::io::Cursor;
+
+/// Width of the canonical stored sample (the largest preset's input).
+pub const CANONICAL_WIDTH: u32 = 128;
+/// Height of the canonical stored sample.
+pub const CANONICAL_HEIGHT: u32 = 256;
+
+/// Limits applied to every incoming image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntakeLimits {
+    /// Largest encoded image accepted, in bytes.
+    pub max_bytes: usize,
+    /// Largest width × height accepted, read from the header before decoding.
+    pub max_pixels: u64,
+}
+
+impl Default for IntakeLimits {
+    fn default() -> Self {
+        IntakeLimits {
+            max_bytes: 16 << 20,
+            max_pixels: 4096 * 4096,
+        }
+    }
+}
+
+/// Why an image was refused. [`ImageError::code`] is the stable code producers see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageError {
+    #[error("the image is empty (0 bytes)")]
+    Empty,
+    #[error("the image is {bytes} bytes, over the limit of {limit}")]
+    TooManyBytes { bytes: usize, limit: usize },
+    #[error("unsupported image format {0}; JPEG, PNG and WebP are accepted")]
+    UnsupportedFormat(String),
+    #[error("the image declares a zero size ({width}×{height})")]
+    ZeroSize { width: u32, height: u32 },
+    #[error("the image declares {width}×{height} pixels, over the limit of {limit}")]
+    TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("the image cannot be decoded: {0}")]
+    Undecodable(String),
+}
+
+impl ImageError {
+    /// Stable snake_case code of the reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImageError::Empty => "image_empty",
+            ImageError::TooManyBytes { .. } => "image_too_many_bytes",
+            ImageError::UnsupportedFormat(_) => "image_unsupported_format",
+            ImageError::ZeroSize { .. } => "image_zero_size",
+            ImageError::TooManyPixels { .. } => "image_too_many_pixels",
+            ImageError::Undecodable(_) => "image_undecodable",
+        }
+    }
+}
+
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
+    let r = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    match r.format() {
+        Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => Ok(r),
+        Some(other) => Err(ImageError::UnsupportedFormat(format!("{other:?}"))),
+        None => Err(ImageError::UnsupportedFormat("(unrecognised bytes)".into())),
+    }
+}
+
+/// Checks the encoded bytes and the header's dimensions without decoding the pixels.
+///
+/// # Errors
+/// The first limit the image breaks.
+pub fn inspect(bytes: &[u8], limits: &IntakeLimits) -> Result<(ImageFormat, u32, u32), ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(ImageError::TooManyBytes {
+            bytes: bytes.len(),
+            limit: limits.max_bytes,
+        });
+    }
+    let r = reader(bytes)?;
+    let format = r.format().unwrap_or(ImageFormat::Png);
+    // PNG decoders refuse a zero dimension as a generic format error; read IHDR directly so the
+    // producer learns the actual reason.
+    if format == ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let width = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+        let height = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+        if width == 0 || height == 0 {
+            return Err(ImageError::ZeroSize { width, height });
+        }
+    }
+    let (width, height) = r
+        .into_dimensions()
+        .map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    if width == 0 || height == 0 {
+        return Err(ImageError::ZeroSize { width, height });
+    }
+    if u64::from(width) * u64::from(height) > limits.max_pixels {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            limit: limits.max_pixels,
+        });
+    }
+    Ok((format, width, height))
+}
+
+/// Decodes an image to RGB after [`inspect`], with the decoder's allocation bounded by the pixel
+/// limit (4 bytes per pixel plus slack) as a second guard.
+///
+/// # Errors
+/// As [`inspect`], or a decoder failure.
+pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageError> {
+    inspect(bytes, limits)?;
+    let mut r = reader(bytes)?;
+    let mut l = Limits::default();
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(4).saturating_add(1 << 20));
+    r.limits(l);
+    let img = r
+        .decode()
+        .map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Resizes to the canonical 256×128 (H×W) sample size (triangle filter).
+pub fn canonical(img: &RgbImage) -> RgbImage {
+    image::imageops::resize(
+        img,
+        CANONICAL_WIDTH,
+        CANONICAL_HEIGHT,
+        image::imageops::FilterType::Triangle,
+    )
+}
+
+/// Resizes RGB pixels to `height × width` and returns them row-major `H×W×3` (the model's input).
+pub fn pixels_at(img: &RgbImage, height: u32, width: u32) -> Vec<u8> {
+    if img.width() == width && img.height() == height {
+        return img.as_raw().clone();
+    }
+    image::imageops::resize(img, width, height, image::imageops::FilterType::Triangle).into_raw()
+}
+
+/// Encodes RGB pixels as JPEG at `quality` (1–100).
+///
+/// # Errors
+/// An encoder failure (not expected for valid RGB images).
+pub fn to_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+    img.write_with_encoder(enc)
+        .map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    Ok(out)
+}

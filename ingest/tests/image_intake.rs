@@ -1,0 +1,108 @@
+//! Image intake limits: every reason an image is refused has its own code, and a decompression
+//! bomb is refused from its header.
+
+use image::{ImageFormat, Rgb, RgbImage};
+use plip_ingest::image::{canonical, decode, inspect, to_jpeg, ImageError, IntakeLimits};
+use std::io::Cursor;
+use std::time::Instant;
+
+fn sample() -> RgbImage {
+    RgbImage::from_fn(40, 90, |x, y| Rgb([(x * 6) as u8, (y * 2) as u8, 100]))
+}
+
+fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, format).expect("encode");
+    out.into_inner()
+}
+
+/// CRC-32 (PNG's) so the tests can forge valid chunk checksums.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A real PNG whose IHDR is rewritten to declare `width × height` (with a valid CRC).
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut png = encode(&sample(), ImageFormat::Png);
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// JPEG, PNG and WebP decode to the same size; the canonical sample is 256×128.
+#[test]
+fn accepted_formats_decode() {
+    let limits = IntakeLimits::default();
+    for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
+        let img = decode(&encode(&sample(), format), &limits)
+            .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        assert_eq!(img.dimensions(), (40, 90), "{format:?}");
+        let c = canonical(&img);
+        assert_eq!(c.dimensions(), (128, 256));
+    }
+    let jpeg = to_jpeg(&sample(), 90).unwrap();
+    assert_eq!(
+        inspect(&jpeg, &limits).unwrap(),
+        (ImageFormat::Jpeg, 40, 90)
+    );
+}
+
+/// Each refusal has its own code.
+#[test]
+fn refusals_have_codes() {
+    let limits = IntakeLimits {
+        max_bytes: 1 << 20,
+        max_pixels: 10_000,
+    };
+    let code = |bytes: &[u8]| decode(bytes, &limits).unwrap_err().code();
+    assert_eq!(code(b""), "image_empty");
+    assert_eq!(
+        code(b"this is not an image at all"),
+        "image_unsupported_format"
+    );
+    assert_eq!(
+        code(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"),
+        "image_unsupported_format"
+    );
+    assert_eq!(code(&vec![0u8; (1 << 20) + 1]), "image_too_many_bytes");
+    let png = encode(&sample(), ImageFormat::Png);
+    assert_eq!(code(&png[..png.len() / 2]), "image_undecodable");
+    assert_eq!(
+        code(&encode(&RgbImage::new(200, 100), ImageFormat::Png)),
+        "image_too_many_pixels"
+    );
+    let zero = decode(&png_declaring(0, 90), &limits).unwrap_err();
+    assert_eq!(zero.code(), "image_zero_size", "{zero}");
+}
+
+/// A 100,000 × 100,000 PNG header (40 GB of pixels) over a few hundred bytes is refused from the
+/// header: quickly, and without the decoder ever allocating for it.
+#[test]
+fn bomb_header_is_refused_without_decoding() {
+    let bomb = png_declaring(100_000, 100_000);
+    assert!(bomb.len() < 20_000);
+    let t = Instant::now();
+    let err = decode(&bomb, &IntakeLimits::default()).unwrap_err();
+    assert_eq!(
+        err,
+        ImageError::TooManyPixels {
+            width: 100_000,
+            height: 100_000,
+            limit: 4096 * 4096
+        }
+    );
+    assert!(t.elapsed().as_millis() < 500, "took {:?}", t.elapsed());
+}
