@@ -3,9 +3,11 @@
 //! pedestrian generator, and the data-set readers. It does not depend on `plip-model`.
 //!
 //! # Layout
+//! - [`attributes`]: the six-group attribute schema with closed vocabularies.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
 //!
-//! Still to come: attribute schema, caption synthesis, synthetic pedestrians, data-set readers,
+//! Still to come: caption synthesis, synthetic pedestrians, data-set readers,
 //! the AMQP wire format.
 
+pub mod attributes;
 pub mod image;
