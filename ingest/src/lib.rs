@@ -4,10 +4,12 @@
 //!
 //! # Layout
 //! - [`attributes`]: the six-group attribute schema with closed vocabularies.
+//! - [`captions`]: caption synthesis with attribute-phrase spans; colour naming from pixels.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
 //!
-//! Still to come: caption synthesis, synthetic pedestrians, data-set readers,
+//! Still to come: synthetic pedestrians, data-set readers,
 //! the AMQP wire format.
 
 pub mod attributes;
+pub mod captions;
 pub mod image;

@@ -1,0 +1,199 @@
+//! Caption synthesis: exactly the given attributes, correct spans, determinism, colour naming.
+
+use image::{Rgb, RgbImage};
+use plip_ingest::attributes::*;
+use plip_ingest::captions::{
+    estimate_colours, name_colour, synthesize, vocabulary_corpus, Caption, Group,
+};
+
+fn full() -> Attributes {
+    Attributes {
+        gender: Some(Gender::Woman),
+        head: Some(Head {
+            hair_length: Some(HairLength::Long),
+            hair_colour: Some(Colour::Brown),
+            hat: Some(false),
+            glasses: Some(true),
+        }),
+        upper: Some(Upper {
+            kind: Some(UpperType::Jacket),
+            colour: Some(Colour::Navy),
+            pattern: Some(Pattern::Striped),
+        }),
+        lower: Some(Lower {
+            kind: Some(LowerType::Skirt),
+            colour: Some(Colour::Grey),
+        }),
+        shoes: Some(Shoes {
+            colour: Some(Colour::White),
+        }),
+        belongings: Some(Belongings {
+            backpack: Some(true),
+            umbrella: Some(true),
+            ..Default::default()
+        }),
+    }
+}
+
+fn phrases_of(c: &Caption, g: Group) -> Vec<String> {
+    (0..c.phrases.len())
+        .filter(|&i| c.phrases[i].group == g)
+        .map(|i| c.phrase_text(i))
+        .collect()
+}
+
+fn check_spans(c: &Caption) {
+    let mut last = 0;
+    for (i, p) in c.phrases.iter().enumerate() {
+        assert!(p.span.start >= last && p.span.end > p.span.start, "{c:?}");
+        last = p.span.end;
+        let t = c.phrase_text(i);
+        assert_eq!(t.trim(), t, "phrase with surrounding spaces: {t:?}");
+        assert!(c.text.contains(&t));
+    }
+}
+
+/// Every known attribute appears in a phrase of its own group in all three captions.
+#[test]
+fn captions_contain_every_given_attribute_in_its_phrase() {
+    let a = full();
+    for seed in 0..20 {
+        let set = synthesize(&a, seed);
+        for c in set.captions.iter().chain(std::iter::once(&set.prompt)) {
+            check_spans(c);
+            let has = |g: Group, w: &str| phrases_of(c, g).iter().any(|p| p.contains(w));
+            assert!(has(Group::Gender, "woman"), "{}", c.text);
+            assert!(has(Group::Head, "long brown hair"), "{}", c.text);
+            assert!(has(Group::Upper, "navy striped jacket"), "{}", c.text);
+            assert!(has(Group::Lower, "grey skirt"), "{}", c.text);
+            assert!(has(Group::Shoes, "white shoes"), "{}", c.text);
+            assert!(
+                has(Group::Belongings, "backpack") && has(Group::Belongings, "umbrella"),
+                "{}",
+                c.text
+            );
+            assert!(!c.text.contains("hat"), "hat is known absent: {}", c.text);
+        }
+    }
+}
+
+/// Only what is known is said: with just an upper-body colour, no other colour, garment,
+/// hair, shoe, gender or belonging word appears.
+#[test]
+fn unknown_attributes_are_left_out() {
+    let a = Attributes {
+        upper: Some(Upper {
+            colour: Some(Colour::Red),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for seed in 0..20 {
+        let set = synthesize(&a, seed);
+        for c in set.captions.iter().chain(std::iter::once(&set.prompt)) {
+            check_spans(c);
+            let t = c.text.to_lowercase();
+            assert!(
+                phrases_of(c, Group::Upper)
+                    .iter()
+                    .any(|p| p.contains("red")),
+                "{t}"
+            );
+            for col in Colour::ALL.iter().filter(|&&c| c != Colour::Red) {
+                assert!(!t.contains(col.words()), "{t} mentions {}", col.words());
+            }
+            for w in [
+                "hair", "shoes", "woman", " man", "backpack", "bag", "jacket", "jeans", "trousers",
+                "glasses",
+            ] {
+                assert!(!t.contains(w), "{t} mentions {w}");
+            }
+            assert_eq!(c.phrases.len(), 1, "{t}");
+        }
+    }
+    let none = synthesize(&Attributes::default(), 3);
+    assert!(none.captions.iter().all(|c| c.phrases.is_empty()));
+}
+
+/// Same seed, same captions; different seeds, varied captions; two distinct styles.
+#[test]
+fn deterministic_for_a_seed_and_varied_across_seeds() {
+    let a = full();
+    assert_eq!(synthesize(&a, 5), synthesize(&a, 5));
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..10 {
+        let set = synthesize(&a, seed);
+        assert_ne!(set.captions[0].text, set.captions[1].text);
+        seen.insert(set.captions[0].text.clone());
+        seen.insert(set.captions[1].text.clone());
+    }
+    assert!(
+        seen.len() >= 8,
+        "only {} distinct captions over 10 seeds",
+        seen.len()
+    );
+}
+
+/// The tokenizer corpus covers every vocabulary word.
+#[test]
+fn vocabulary_corpus_covers_every_word() {
+    let corpus = vocabulary_corpus().join(" ");
+    for c in Colour::ALL {
+        assert!(corpus.contains(c.words()), "{}", c.words());
+    }
+    for u in UpperType::ALL {
+        assert!(corpus.contains(u.words()), "{}", u.words());
+    }
+    for w in [
+        "suitcase",
+        "umbrella",
+        "shoulder bag",
+        "handbag",
+        "glasses",
+        "hat",
+        "bald",
+    ] {
+        assert!(corpus.contains(w), "{w}");
+    }
+}
+
+/// Colour naming of pixels, and of the regions of an upright crop; a region without a dominant
+/// colour is left unknown.
+#[test]
+fn colours_are_estimated_from_pixels() {
+    assert_eq!(name_colour([10, 10, 12]), Colour::Black);
+    assert_eq!(name_colour([240, 240, 238]), Colour::White);
+    assert_eq!(name_colour([128, 128, 130]), Colour::Grey);
+    assert_eq!(name_colour([200, 20, 25]), Colour::Red);
+    assert_eq!(name_colour([20, 30, 90]), Colour::Navy);
+    assert_eq!(name_colour([30, 150, 40]), Colour::Green);
+    assert_eq!(name_colour([230, 210, 30]), Colour::Yellow);
+    let img = RgbImage::from_fn(64, 128, |x, y| {
+        let edge = !(16..48).contains(&x);
+        let c = match y {
+            _ if edge => [30, 150, 40],
+            0..=14 => [15, 15, 15],
+            15..=27 => [200, 160, 130],
+            28..=69 => [200, 20, 25],
+            70..=113 => [20, 30, 90],
+            114..=116 => [128, 128, 128],
+            _ => [240, 240, 240],
+        };
+        Rgb(c)
+    });
+    let a = estimate_colours(&img);
+    assert_eq!(a.head.unwrap().hair_colour, Some(Colour::Black));
+    assert_eq!(a.upper.unwrap().colour, Some(Colour::Red));
+    assert_eq!(a.lower.unwrap().colour, Some(Colour::Navy));
+    assert_eq!(a.shoes.unwrap().colour, Some(Colour::White));
+    assert!(a.gender.is_none() && a.upper.unwrap().kind.is_none());
+    let noise = RgbImage::from_fn(64, 128, |x, y| {
+        Rgb([
+            ((x * 37 + y * 91) % 256) as u8,
+            ((x * 53) % 256) as u8,
+            ((y * 29) % 256) as u8,
+        ])
+    });
+    let n = estimate_colours(&noise);
+    assert!(n.upper.is_none() && n.lower.is_none(), "{n:?}");
+}
