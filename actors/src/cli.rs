@@ -18,6 +18,8 @@ pub enum Command {
     Bench(BenchCommand),
     /// Retrieval metrics (Market-1501 CMC/mAP/mINP) of a distance matrix; prints JSON.
     Eval(crate::eval::EvalArgs),
+    /// Writes a synthetic pedestrian data set (Market-1501 layout + SYNTH-PEDES-style JSON).
+    Synth(crate::synth::SynthArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +34,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
         Command::Eval(args) => crate::eval::run(&args),
+        Command::Synth(args) => crate::synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,11 @@
 //! - [`cli`]: the `plipd` command line.
 //! - [`bench`]: `plipd bench train`, the training-step benchmark.
 //! - [`eval`]: `plipd eval --distmat`, metrics of a distance matrix.
+//! - [`synth`]: `plipd synth`, the synthetic data set.
+//! - [`progress`]: progress bars.
 
 pub mod bench;
 pub mod cli;
 pub mod eval;
+pub mod progress;
+pub mod synth;

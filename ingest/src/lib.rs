@@ -6,10 +6,12 @@
 //! - [`attributes`]: the six-group attribute schema with closed vocabularies.
 //! - [`captions`]: caption synthesis with attribute-phrase spans; colour naming from pixels.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
+//! - [`synth`]: the synthetic pedestrian generator (`plipd synth`).
 //!
-//! Still to come: synthetic pedestrians, data-set readers,
+//! Still to come: data-set readers,
 //! the AMQP wire format.
 
 pub mod attributes;
 pub mod captions;
 pub mod image;
+pub mod synth;
