@@ -5,13 +5,15 @@
 //! # Layout
 //! - [`attributes`]: the six-group attribute schema with closed vocabularies.
 //! - [`captions`]: caption synthesis with attribute-phrase spans; colour naming from pixels.
+//! - [`datasets`]: readers for SYNTH-PEDES, CUHK-PEDES and Market-1501.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
 //! - [`synth`]: the synthetic pedestrian generator (`plipd synth`).
 //!
-//! Still to come: data-set readers,
+//! Still to come:
 //! the AMQP wire format.
 
 pub mod attributes;
 pub mod captions;
+pub mod datasets;
 pub mod image;
 pub mod synth;

@@ -197,3 +197,42 @@ fn colours_are_estimated_from_pixels() {
     let n = estimate_colours(&noise);
     assert!(n.upper.is_none() && n.lower.is_none(), "{n:?}");
 }
+
+/// Phrases are found in captions that come without spans, with their modifiers.
+#[test]
+fn phrases_are_found_in_free_text() {
+    let text = "A woman with long black hair wears a navy striped jacket, blue jeans and white sneakers. She carries a red bag.";
+    let found: Vec<(Group, String)> = plip_ingest::captions::find_phrases(text)
+        .into_iter()
+        .map(|p| {
+            (
+                p.group,
+                text.chars().skip(p.span.start).take(p.span.len()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (Group::Gender, "woman".to_string()),
+            (Group::Head, "long black hair".to_string()),
+            (Group::Upper, "navy striped jacket".to_string()),
+            (Group::Lower, "blue jeans".to_string()),
+            (Group::Shoes, "white sneakers".to_string()),
+            (Group::Belongings, "red bag".to_string()),
+        ]
+    );
+    // The synthesizer's own phrases are found again in its captions.
+    let set = synthesize(&full(), 1);
+    let again = plip_ingest::captions::find_phrases(&set.captions[0].text);
+    for p in &set.captions[0].phrases {
+        // Same phrase end (the noun); the synthesizer's span may also cover the article.
+        assert!(
+            again.iter().any(|q| q.span.end == p.span.end
+                && q.span.start >= p.span.start
+                && q.group == p.group),
+            "{p:?} in {}",
+            set.captions[0].text
+        );
+    }
+}
