@@ -20,6 +20,19 @@ pub enum Command {
     Eval(crate::eval::EvalArgs),
     /// Writes a synthetic pedestrian data set (Market-1501 layout + SYNTH-PEDES-style JSON).
     Synth(crate::synth::SynthArgs),
+    /// Trains the model offline from a data-set folder into a state folder.
+    Train(crate::train::TrainArgs),
+    /// The caption tokenizer.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Writes a checkpoint's weights (with its tokenizer) as a .safetensors file.
+    Export(crate::export::ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Trains a WordPiece vocabulary from the caption synthesizer's vocabulary and optional texts.
+    Train(crate::train::TokenizerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,6 +48,9 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
         Command::Eval(args) => crate::eval::run(&args),
         Command::Synth(args) => crate::synth::run(&args),
+        Command::Train(args) => crate::train::run(&args),
+        Command::Tokenizer(TokenizerCommand::Train(args)) => crate::train::run_tokenizer(&args),
+        Command::Export(args) => crate::export::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,14 @@
-//! `plipd eval`: retrieval metrics. `--distmat FILE.json` evaluates a distance matrix in the
-//! reference fixture format (`distmat`, `q_pids`, `g_pids`, `q_camids`, `g_camids`, optional
-//! `max_rank`; any `expected` field is ignored) with the Market-1501 protocol, so the
-//! implementation can be checked against other tools.
+//! `plipd eval`: retrieval metrics.
+//!
+//! - `--data DIR --state DIR [--version V]` or `--data DIR --weights FILE`: a trained model on
+//!   the data set's query/gallery split — image ReID (Market-1501 protocol: Rank-1/5/10, mAP,
+//!   mINP) and text→image retrieval with the query images' captions (R@1/5/10, mAP) — JSON on
+//!   stdout and a CMC-curve PNG in `--report`.
+//! - `--data DIR --baseline color-histogram`: the same image ReID metrics for the
+//!   colour-histogram descriptor, the floor.
+//! - `--distmat FILE.json`: a distance matrix in the reference fixture format (`distmat`,
+//!   `q_pids`, `g_pids`, `q_camids`, `g_camids`, optional `max_rank`; any `expected` field is
+//!   ignored), so the implementation can be checked against other tools.
 
 use plip_model::metrics::market1501;
 use serde::Deserialize;
@@ -13,9 +20,30 @@ pub struct EvalArgs {
     /// A distance-matrix JSON file (rows = queries, columns = gallery; smaller = closer).
     #[arg(long, value_name = "FILE.json")]
     pub distmat: Option<PathBuf>,
-    /// Ranks of the CMC curve to report (overrides the file's `max_rank`).
+    /// Ranks of the CMC curve to report (overrides the file's `max_rank`; default 50).
     #[arg(long)]
     pub max_rank: Option<usize>,
+    /// Data-set folder with query and gallery images.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// State folder whose checkpoint to evaluate.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Checkpoint version (default: the latest valid one).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// An exported weights file (with its tokenizer inside) instead of a state folder.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Evaluate a baseline instead of a model: `color-histogram`.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// Folder for the CMC-curve PNG.
+    #[arg(long, default_value = "reports")]
+    pub report: PathBuf,
+    /// CPU threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// Pids and camera ids may be numbers or strings in the file.
@@ -41,8 +69,11 @@ struct DistmatFile {
 /// # Errors
 /// No mode given, an unreadable or malformed file, inconsistent sizes.
 pub fn run(args: &EvalArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(data) = &args.data {
+        return crate::evaluate::run(args, data);
+    }
     let Some(path) = &args.distmat else {
-        return Err("nothing to evaluate: give --distmat FILE.json".into());
+        return Err("nothing to evaluate: give --data DIR with --state, --weights or --baseline, or --distmat FILE.json".into());
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

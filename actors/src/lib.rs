@@ -9,10 +9,20 @@
 //! - [`bench`]: `plipd bench train`, the training-step benchmark.
 //! - [`eval`]: `plipd eval --distmat`, metrics of a distance matrix.
 //! - [`synth`]: `plipd synth`, the synthetic data set.
-//! - [`progress`]: progress bars.
+//! - [`progress`]: progress bars; [`plots`]: loss and CMC PNGs.
+//! - [`data`]: data-set items → pixels and captions.
+//! - [`train`]: `plipd tokenizer train`, `plipd train`.
+//! - [`evaluate`]: `plipd eval --data` (model or baseline); [`export`]: `plipd export`.
+//! - [`state`]: the sled state folder (tokenizer, checkpoints).
 
 pub mod bench;
 pub mod cli;
+pub mod data;
 pub mod eval;
+pub mod evaluate;
+pub mod export;
+pub mod plots;
 pub mod progress;
+pub mod state;
 pub mod synth;
+pub mod train;

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`attributes`]: the six-group attribute schema with closed vocabularies.
+//! - [`baseline`]: the colour-histogram ReID baseline.
 //! - [`captions`]: caption synthesis with attribute-phrase spans; colour naming from pixels.
 //! - [`datasets`]: readers for SYNTH-PEDES, CUHK-PEDES and Market-1501.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
@@ -13,6 +14,7 @@
 //! the AMQP wire format.
 
 pub mod attributes;
+pub mod baseline;
 pub mod captions;
 pub mod datasets;
 pub mod image;

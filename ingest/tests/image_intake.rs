@@ -106,3 +106,19 @@ fn bomb_header_is_refused_without_decoding() {
     );
     assert!(t.elapsed().as_millis() < 500, "took {:?}", t.elapsed());
 }
+
+/// The colour-histogram descriptor: 6 stripes × 72 bins, each stripe summing to 1; identical
+/// images are at distance 0, differently coloured ones far apart.
+#[test]
+fn colour_histogram_baseline() {
+    use plip_ingest::baseline::{cosine_distance, descriptor, BINS, STRIPES};
+    let red = RgbImage::from_pixel(16, 36, Rgb([200, 20, 20]));
+    let blue = RgbImage::from_pixel(16, 36, Rgb([20, 20, 200]));
+    let d = descriptor(&red);
+    assert_eq!(d.len(), BINS * STRIPES);
+    for s in d.chunks(BINS) {
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+    assert!(cosine_distance(&d, &descriptor(&red)) < 1e-9);
+    assert!(cosine_distance(&d, &descriptor(&blue)) > 0.99);
+}

@@ -1,0 +1,206 @@
+//! Evaluation of a model (or the colour-histogram baseline) on a data set's query/gallery split;
+//! see [`crate::eval`] for the command line.
+
+use crate::data::{load, report_skipped, Loaded};
+use crate::eval::EvalArgs;
+use crate::state::State;
+use plip_ingest::baseline;
+use plip_ingest::synth::Split;
+use plip_model::batch::normalize_rgb;
+use plip_model::dfdx::prelude::Cpu;
+use plip_model::metrics::{
+    cosine_matrix, market1501, text_to_image, ReidMetrics, RetrievalMetrics,
+};
+use plip_model::weights::{load_weights, read_meta};
+use plip_model::{Plip, Preset, Tokenizer};
+use std::path::Path;
+
+type Error = Box<dyn std::error::Error>;
+
+/// A model ready to embed, with where it came from.
+pub struct LoadedModel {
+    pub model: Plip<f32, Cpu>,
+    pub tokenizer: Tokenizer,
+    pub source: serde_json::Value,
+}
+
+/// Loads a checkpoint from a state folder (`version` or the latest valid one).
+pub fn from_state(dir: &Path, version: Option<u64>) -> Result<LoadedModel, Error> {
+    let state = State::open(dir)?;
+    let tokenizer = state
+        .tokenizer()?
+        .ok_or("the state folder has no tokenizer (train first)")?;
+    let ck = match version {
+        Some(v) => state.checkpoint(v)?,
+        None => state
+            .latest_valid(|e| eprintln!("plipd: {e}; skipped"))?
+            .ok_or("the state folder has no valid checkpoint")?,
+    };
+    let preset = Preset::by_name(&ck.meta.preset)?;
+    let mut model = Plip::<f32, Cpu>::new(&Cpu::default(), &preset, 0)?;
+    load_weights(&mut model, &ck.weights, tokenizer.fingerprint())?;
+    let source = serde_json::json!({"state": dir, "version": ck.meta.version, "step": ck.meta.step, "images_seen": ck.meta.images_seen, "preset": preset.name});
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source,
+    })
+}
+
+/// Loads an exported weights file (its tokenizer travels in the metadata).
+pub fn from_weights(path: &Path) -> Result<LoadedModel, Error> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = read_meta(&bytes)?;
+    let tk_json = meta
+        .extra
+        .get("tokenizer_json")
+        .ok_or("the weights file carries no tokenizer (export it with plipd export)")?;
+    let tokenizer = Tokenizer::from_bytes(tk_json.as_bytes())?;
+    let mut model = Plip::<f32, Cpu>::new(&Cpu::default(), &meta.preset, 0)?;
+    load_weights(&mut model, &bytes, tokenizer.fingerprint())?;
+    let source =
+        serde_json::json!({"weights": path, "step": meta.step, "preset": meta.preset.name});
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source,
+    })
+}
+
+fn split(items: Vec<plip_ingest::datasets::Item>, s: Split) -> Vec<plip_ingest::datasets::Item> {
+    items.into_iter().filter(|i| i.split == Some(s)).collect()
+}
+
+fn labels(l: &[Loaded]) -> (Vec<String>, Vec<String>) {
+    (
+        l.iter()
+            .map(|x| x.person.clone().unwrap_or_default())
+            .collect(),
+        l.iter()
+            .map(|x| x.camera.clone().unwrap_or_default())
+            .collect(),
+    )
+}
+
+fn reid_json(m: &ReidMetrics) -> serde_json::Value {
+    serde_json::json!({"rank1": m.cmc[0], "rank5": m.cmc.get(4), "rank10": m.cmc.get(9), "mAP": m.map, "mINP": m.minp, "valid_queries": m.valid_queries})
+}
+
+fn text_json(m: &RetrievalMetrics) -> serde_json::Value {
+    serde_json::json!({"r1": m.r1, "r5": m.r5, "r10": m.r10, "mAP": m.map, "valid_queries": m.valid_queries})
+}
+
+/// Image ReID and text→image metrics of `lm` on the query/gallery images.
+pub fn evaluate_model(
+    lm: &LoadedModel,
+    query: &[Loaded],
+    gallery: &[Loaded],
+    max_rank: usize,
+) -> plip_model::Result<(ReidMetrics, RetrievalMetrics)> {
+    let p = &lm.model.preset;
+    let norm = |l: &[Loaded]| -> Vec<f32> {
+        l.iter()
+            .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
+            .collect()
+    };
+    let qe = lm.model.embed_images(&norm(query), 64);
+    let ge = lm.model.embed_images(&norm(gallery), 64);
+    let dist: Vec<f64> = cosine_matrix(&qe, &ge)
+        .into_iter()
+        .map(|s| 1.0 - s)
+        .collect();
+    let (qp, qc) = labels(query);
+    let (gp, gc) = labels(gallery);
+    let reid = market1501(&dist, &qp, &gp, &qc, &gc, max_rank)?;
+    let mut texts = Vec::new();
+    let mut tp = Vec::new();
+    for q in query {
+        for c in &q.captions {
+            texts.push(c.text.clone());
+            tp.push(q.person.clone().unwrap_or_default());
+        }
+    }
+    let tokens = lm.tokenizer.encode_batch(&texts, p.text_len)?;
+    let te = lm.model.embed_texts(&tokens, 128);
+    let text = text_to_image(&cosine_matrix(&te, &ge), &tp, &gp)?;
+    Ok((reid, text))
+}
+
+/// `plipd eval --data DIR …`.
+pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
+    plip_model::runtime::tune_allocator();
+    let ds = plip_ingest::datasets::open(data)?;
+    report_skipped("record", &ds.skipped);
+    let query_items = split(ds.items.clone(), Split::Query);
+    let gallery_items = split(ds.items, Split::Gallery);
+    if query_items.is_empty() || gallery_items.is_empty() {
+        return Err(format!(
+            "{} has no query/gallery split (Market-1501 query/ and bounding_box_test/)",
+            data.display()
+        )
+        .into());
+    }
+    let pool = plip_model::runtime::thread_pool(args.threads)?;
+    std::fs::create_dir_all(&args.report)
+        .map_err(|e| format!("cannot create {}: {e}", args.report.display()))?;
+    let max_rank = args.max_rank.unwrap_or(50).min(gallery_items.len());
+    if let Some(b) = &args.baseline {
+        if b != "color-histogram" {
+            return Err(format!("unknown baseline {b:?}; known: color-histogram").into());
+        }
+        let canon = Preset {
+            image_height: 256,
+            image_width: 128,
+            ..Preset::test()
+        };
+        let (q, bq) = load(&query_items, &canon, &Default::default(), 0);
+        let (g, bg) = load(&gallery_items, &canon, &Default::default(), 0);
+        report_skipped("image", &[bq, bg].concat());
+        let desc = |l: &[Loaded]| -> Vec<Vec<f32>> {
+            l.iter()
+                .map(|x| {
+                    image::RgbImage::from_raw(128, 256, x.rgb.clone())
+                        .map(|i| baseline::descriptor(&i))
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        let (qd, gd) = (desc(&q), desc(&g));
+        let dist: Vec<f64> = qd
+            .iter()
+            .flat_map(|a| gd.iter().map(move |b| baseline::cosine_distance(a, b)))
+            .collect();
+        let (qp, qc) = labels(&q);
+        let (gp, gc) = labels(&g);
+        let reid = market1501(&dist, &qp, &gp, &qc, &gc, max_rank)?;
+        let png = args.report.join("cmc-color-histogram.png");
+        crate::plots::cmc_curve(&[("colour histogram", &reid.cmc)], &png)?;
+        println!(
+            "{}",
+            serde_json::json!({"method": "color-histogram", "queries": q.len(), "gallery": g.len(), "image": reid_json(&reid), "cmc_png": png})
+        );
+        return Ok(());
+    }
+    let lm = match (&args.state, &args.weights) {
+        (Some(s), None) => from_state(s, args.version)?,
+        (None, Some(w)) => from_weights(w)?,
+        _ => {
+            return Err(
+                "give exactly one of --state DIR, --weights FILE or --baseline color-histogram"
+                    .into(),
+            )
+        }
+    };
+    let (q, bq) = load(&query_items, &lm.model.preset, &Default::default(), 0);
+    let (g, bg) = load(&gallery_items, &lm.model.preset, &Default::default(), 0);
+    report_skipped("image", &[bq, bg].concat());
+    let (reid, text) = pool.install(|| evaluate_model(&lm, &q, &g, max_rank))?;
+    let png = args.report.join("cmc.png");
+    crate::plots::cmc_curve(&[("PLIP image ReID", &reid.cmc)], &png)?;
+    println!(
+        "{}",
+        serde_json::json!({"method": "plip", "model": lm.source, "queries": q.len(), "gallery": g.len(),
+            "image": reid_json(&reid), "text_to_image": text_json(&text), "cmc_png": png})
+    );
+    Ok(())
+}

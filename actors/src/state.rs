@@ -1,0 +1,324 @@
+//! The state folder: one sled database shared by the daemon and the offline commands.
+//!
+//! Trees: `meta` (`format_version`, `latest` checkpoint version), `tokenizer` (`current` → the
+//! tokenizer's JSON), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
+//! blob is `PLIPCKP1`, the metadata JSON, the weights (safetensors), the optimiser state
+//! (safetensors), each length-prefixed, then a SHA-256 of everything before it: a corrupt
+//! checkpoint is detected, reported and skipped, never loaded. Writing a checkpoint and moving
+//! `latest` happen in one transaction, flushed before the call returns.
+
+use plip_model::Tokenizer;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Layout version of the state folder written by this build.
+pub const STATE_FORMAT: u32 = 1;
+const MAGIC: &[u8; 8] = b"PLIPCKP1";
+
+/// Why the state folder could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot open the state folder {path}: {source} (is another plipd using it?)")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("state folder: {0}")]
+    Db(#[from] sled::Error),
+    #[error("the state folder {path} has format {found}; this plipd reads up to {supported}: upgrade plipd")]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("checkpoint {version} is corrupt: {reason}")]
+    Corrupt { version: u64, reason: String },
+    #[error("no checkpoint {0} in the state folder")]
+    Missing(u64),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a checkpoint says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub version: u64,
+    pub step: u64,
+    pub preset: String,
+    pub tokenizer: String,
+    pub images_seen: u64,
+    pub created_unix: u64,
+    /// Loss values and evaluation results, by name.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A checkpoint: metadata, weights and optimiser state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub weights: Vec<u8>,
+    pub optimizer: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// The blob stored in the `checkpoints` tree.
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        let meta = serde_json::to_vec(&self.meta).map_err(|e| StateError::Other(e.to_string()))?;
+        let mut out =
+            Vec::with_capacity(meta.len() + self.weights.len() + self.optimizer.len() + 64);
+        out.extend_from_slice(MAGIC);
+        for part in [&meta, &self.weights, &self.optimizer] {
+            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        Ok(out)
+    }
+
+    /// Parses and verifies a blob.
+    pub fn decode(version: u64, blob: &[u8]) -> Result<Self, StateError> {
+        let bad = |reason: &str| StateError::Corrupt {
+            version,
+            reason: reason.to_string(),
+        };
+        if blob.len() < MAGIC.len() + 32 || &blob[..8] != MAGIC {
+            return Err(bad("not a checkpoint blob"));
+        }
+        let (body, sum) = blob.split_at(blob.len() - 32);
+        if Sha256::digest(body).as_slice() != sum {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut rest = &body[8..];
+        let mut parts = Vec::new();
+        for _ in 0..3 {
+            if rest.len() < 8 {
+                return Err(bad("truncated"));
+            }
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&rest[..8]);
+            let len = u64::from_le_bytes(len) as usize;
+            if rest.len() < 8 + len {
+                return Err(bad("truncated"));
+            }
+            parts.push(rest[8..8 + len].to_vec());
+            rest = &rest[8 + len..];
+        }
+        let meta: CheckpointMeta =
+            serde_json::from_slice(&parts[0]).map_err(|e| bad(&format!("metadata: {e}")))?;
+        let optimizer = parts.pop().unwrap_or_default();
+        let weights = parts.pop().unwrap_or_default();
+        Ok(Checkpoint {
+            meta,
+            weights,
+            optimizer,
+        })
+    }
+}
+
+/// An open state folder.
+pub struct State {
+    db: sled::Db,
+    meta: sled::Tree,
+    tokenizer: sled::Tree,
+    checkpoints: sled::Tree,
+    path: PathBuf,
+}
+
+impl State {
+    /// Opens (or creates) the state folder.
+    ///
+    /// # Errors
+    /// A folder another process holds, a database error, or a newer format.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|source| StateError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("format_version")? {
+            Some(v) => {
+                let found = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u32::MAX);
+                if found > STATE_FORMAT {
+                    return Err(StateError::NewerFormat {
+                        path: path.to_path_buf(),
+                        found,
+                        supported: STATE_FORMAT,
+                    });
+                }
+            }
+            None => {
+                meta.insert("format_version", STATE_FORMAT.to_string().as_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(State {
+            tokenizer: db.open_tree("tokenizer")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            meta,
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored tokenizer, if any.
+    ///
+    /// # Errors
+    /// A database error or unreadable tokenizer bytes.
+    pub fn tokenizer(&self) -> Result<Option<Tokenizer>, StateError> {
+        match self.tokenizer.get("current")? {
+            Some(bytes) => {
+                Ok(Some(Tokenizer::from_bytes(&bytes).map_err(|e| {
+                    StateError::Other(format!("stored tokenizer: {e}"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stores the tokenizer (flushed).
+    ///
+    /// # Errors
+    /// Checkpoints made with another tokenizer exist, or a database error.
+    pub fn set_tokenizer(&self, tk: &Tokenizer) -> Result<(), StateError> {
+        if let Some(old) = self.tokenizer()? {
+            if old.fingerprint() != tk.fingerprint() && !self.checkpoints.is_empty() {
+                return Err(StateError::Other(format!(
+                    "the state folder holds checkpoints made with tokenizer {}; weights are never used with another tokenizer (use a new state folder)",
+                    old.fingerprint()
+                )));
+            }
+        }
+        let bytes = tk
+            .to_bytes()
+            .map_err(|e| StateError::Other(e.to_string()))?;
+        self.tokenizer.insert("current", bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The newest checkpoint version, if any.
+    pub fn latest_version(&self) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .meta
+            .get("latest")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Stores a checkpoint under the next version and moves `latest` to it, in one flushed
+    /// transaction. Returns the version.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn save_checkpoint(&self, mut ck: Checkpoint) -> Result<u64, StateError> {
+        use sled::Transactional;
+        let version = self.checkpoints.last()?.map_or(0, |(k, _)| key_version(&k)) + 1;
+        ck.meta.version = version;
+        let blob = ck.encode()?;
+        (&self.meta, &self.checkpoints)
+            .transaction(|(meta, ckpts)| {
+                ckpts.insert(&version.to_be_bytes(), blob.as_slice())?;
+                meta.insert("latest", &version.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                StateError::Other(format!("checkpoint transaction: {e:?}"))
+            })?;
+        self.db.flush()?;
+        Ok(version)
+    }
+
+    /// Loads and verifies one checkpoint.
+    ///
+    /// # Errors
+    /// A missing or corrupt checkpoint.
+    pub fn checkpoint(&self, version: u64) -> Result<Checkpoint, StateError> {
+        let blob = self
+            .checkpoints
+            .get(version.to_be_bytes())?
+            .ok_or(StateError::Missing(version))?;
+        Checkpoint::decode(version, &blob)
+    }
+
+    /// The newest checkpoint that verifies, walking back from `latest`; corrupt ones are
+    /// reported through `report` and skipped.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn latest_valid(
+        &self,
+        mut report: impl FnMut(&StateError),
+    ) -> Result<Option<Checkpoint>, StateError> {
+        for entry in self.checkpoints.iter().rev() {
+            let (k, blob) = entry?;
+            match Checkpoint::decode(key_version(&k), &blob) {
+                Ok(ck) => return Ok(Some(ck)),
+                Err(e) => report(&e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Metadata of every checkpoint, oldest first (corrupt ones are listed with an error).
+    pub fn list(&self) -> Result<Vec<Result<CheckpointMeta, StateError>>, StateError> {
+        let mut out = Vec::new();
+        for entry in self.checkpoints.iter() {
+            let (k, blob) = entry?;
+            out.push(Checkpoint::decode(key_version(&k), &blob).map(|c| c.meta));
+        }
+        Ok(out)
+    }
+
+    /// Deletes all but the newest `keep` checkpoints, never those in `protect`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn prune(&self, keep: usize, protect: &[u64]) -> Result<usize, StateError> {
+        let versions: Vec<u64> = self
+            .checkpoints
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| key_version(&k))
+            .collect();
+        let mut removed = 0;
+        for v in versions.iter().rev().skip(keep) {
+            if !protect.contains(v) {
+                self.checkpoints.remove(v.to_be_bytes())?;
+                removed += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    /// Raw access for tests of corruption handling.
+    #[doc(hidden)]
+    pub fn overwrite_blob(&self, version: u64, blob: &[u8]) -> Result<(), StateError> {
+        self.checkpoints.insert(version.to_be_bytes(), blob)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn key_version(k: &[u8]) -> u64 {
+    k.try_into().map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

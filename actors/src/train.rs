@@ -1,0 +1,389 @@
+//! `plipd tokenizer train` and `plipd train`: offline training from a data-set folder into a
+//! state folder — identity-balanced batches, the three pretext tasks, warm-up + cosine schedule,
+//! periodic checkpoints, resumption from the latest valid checkpoint, a JSON line of losses
+//! every N steps, and a loss curve at the end.
+
+use crate::data::{load, report_skipped, Loaded};
+use crate::state::{now_unix, Checkpoint, CheckpointMeta, State};
+use plip_ingest::synth::Split;
+use plip_model::batch::{Batch, Sample};
+use plip_model::dfdx::prelude::Cpu;
+use plip_model::optim::{OptimConfig, Schedule};
+use plip_model::weights::{load_optimizer, load_weights, save_optimizer, save_weights};
+use plip_model::{Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+type Error = Box<dyn std::error::Error>;
+
+/// Options of `plipd tokenizer train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenizerArgs {
+    /// Store the tokenizer in this state folder.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Or write it to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Preset whose vocabulary capacity bounds the vocabulary.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Extra text files (one caption per line) to learn from.
+    #[arg(long = "text")]
+    pub texts: Vec<PathBuf>,
+}
+
+/// Trains a tokenizer from the caption synthesizer's vocabulary plus `extra` texts.
+pub fn train_tokenizer(preset: &Preset, extra: &[String]) -> Result<Tokenizer, Error> {
+    let mut corpus = plip_ingest::captions::vocabulary_corpus();
+    corpus.extend(extra.iter().cloned());
+    Ok(Tokenizer::train(corpus.iter(), preset.vocab)?)
+}
+
+/// Runs `plipd tokenizer train`.
+pub fn run_tokenizer(args: &TokenizerArgs) -> Result<(), Error> {
+    if args.state.is_none() && args.out.is_none() {
+        return Err("give --state DIR or --out FILE".into());
+    }
+    let preset = Preset::by_name(&args.preset)?;
+    let mut extra = Vec::new();
+    for f in &args.texts {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        extra.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    let tk = train_tokenizer(&preset, &extra)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, tk.to_bytes()?)
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    }
+    if let Some(dir) = &args.state {
+        State::open(dir)?.set_tokenizer(&tk)?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"vocab_size": tk.vocab_size(), "capacity": preset.vocab, "fingerprint": tk.fingerprint(), "extra_lines": extra.len()})
+    );
+    Ok(())
+}
+
+/// Options of `plipd train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Data-set folder (synthpedes.json, reid_raw.json or Market-1501 folders).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// State folder (created if absent; training resumes from its latest checkpoint).
+    #[arg(long)]
+    pub state: PathBuf,
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Samples per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Images of each identity in a batch (identity-balanced sampling).
+    #[arg(long, default_value_t = 4)]
+    pub images_per_id: usize,
+    /// Total optimisation steps (the schedule's length).
+    #[arg(long, default_value_t = 1000)]
+    pub steps: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: u64,
+    /// Task weights; 0 turns a task off.
+    #[arg(long, default_value_t = 1.0)]
+    pub w_ivlc: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub w_iap: f64,
+    #[arg(long, default_value_t = 0.02)]
+    pub w_tic: f64,
+    /// Steps over which the IAP mask ratio rises from 0.2 to 0.8.
+    #[arg(long, default_value_t = 500)]
+    pub ramp_steps: u64,
+    /// Print a JSON line of losses every N steps.
+    #[arg(long, default_value_t = 20)]
+    pub log_every: u64,
+    /// Write a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    #[arg(long, default_value_t = 5)]
+    pub keep: usize,
+    /// CPU threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the loss curve goes.
+    #[arg(long, default_value = "reports")]
+    pub report: PathBuf,
+}
+
+/// Identity-balanced batches: P persons × K images, persons drawn without replacement.
+struct Sampler {
+    groups: Vec<Vec<usize>>,
+    rng: StdRng,
+    per_id: usize,
+}
+
+impl Sampler {
+    fn new(items: &[Loaded], per_id: usize, seed: u64) -> Self {
+        let mut by: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut groups = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            match &it.person {
+                Some(p) => by.entry(p.clone()).or_default().push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        let mut keyed: Vec<_> = by.into_iter().collect();
+        keyed.sort();
+        groups.extend(keyed.into_iter().map(|(_, v)| v));
+        Sampler {
+            groups,
+            rng: StdRng::seed_from_u64(seed),
+            per_id: per_id.max(1),
+        }
+    }
+
+    fn next(&mut self, batch: usize) -> Vec<(usize, u64)> {
+        let p = (batch / self.per_id).clamp(1, self.groups.len());
+        let chosen: Vec<usize> =
+            rand::seq::index::sample(&mut self.rng, self.groups.len(), p).into_vec();
+        let mut out = Vec::with_capacity(batch);
+        for g in chosen {
+            let members = &self.groups[g];
+            let mut pick: Vec<usize> = members.clone();
+            pick.shuffle(&mut self.rng);
+            for k in 0..self.per_id {
+                let i = if k < pick.len() {
+                    pick[k]
+                } else {
+                    members[self.rng.gen_range(0..members.len())]
+                };
+                out.push((i, g as u64));
+            }
+        }
+        out.truncate(batch);
+        out
+    }
+}
+
+/// The training configuration of these options.
+pub fn train_config(args: &TrainArgs) -> TrainConfig {
+    TrainConfig {
+        optim: OptimConfig {
+            lr: args.lr,
+            warmup_steps: args.warmup,
+            schedule: Schedule::Cosine {
+                total_steps: args.steps,
+                floor: 0.05,
+            },
+            ..Default::default()
+        },
+        tasks: TaskWeights {
+            ivlc: args.w_ivlc,
+            iap: args.w_iap,
+            tic: args.w_tic,
+        },
+        ramp_steps: args.ramp_steps,
+    }
+}
+
+/// Runs `plipd train`.
+pub fn run(args: &TrainArgs) -> Result<(), Error> {
+    plip_model::runtime::tune_allocator();
+    let preset = Preset::by_name(&args.preset)?;
+    if args.batch < 2 || args.steps == 0 {
+        return Err("--batch must be at least 2 and --steps at least 1".into());
+    }
+    let ds = plip_ingest::datasets::open(&args.data)?;
+    report_skipped("record", &ds.skipped);
+    let items: Vec<_> = ds
+        .items
+        .into_iter()
+        .filter(|i| matches!(i.split, None | Some(Split::Train)))
+        .collect();
+    if items.is_empty() {
+        return Err(format!("{} has no training images", args.data.display()).into());
+    }
+    let state = State::open(&args.state)?;
+    let tokenizer = match state.tokenizer()? {
+        Some(t) => t,
+        None => {
+            let captions: Vec<String> = items
+                .iter()
+                .flat_map(|i| i.captions.iter().map(|c| c.text.clone()))
+                .collect();
+            let t = train_tokenizer(&preset, &captions)?;
+            state.set_tokenizer(&t)?;
+            t
+        }
+    };
+    tokenizer.check_capacity(preset.vocab)?;
+    eprintln!(
+        "plipd: loading {} training images ({} format)…",
+        items.len(),
+        ds.format
+    );
+    let (loaded, bad) = load(&items, &preset, &Default::default(), args.seed);
+    report_skipped("image", &bad);
+    if loaded.is_empty() {
+        return Err("no training image could be decoded".into());
+    }
+    let cfg = train_config(args);
+    let pool = plip_model::runtime::thread_pool(args.threads)?;
+    let model = Plip::<f32, Cpu>::new(&Cpu::default(), &preset, args.seed)?;
+    let mut trainer = Trainer::new(model, cfg);
+    let mut images_seen = 0u64;
+    let resumed = state.latest_valid(|e| eprintln!("plipd: {e}; skipped"))?;
+    if let Some(ck) = resumed {
+        if ck.meta.preset != preset.name {
+            return Err(format!(
+                "the state folder holds {} checkpoints; train with --preset {} or use another state folder",
+                ck.meta.preset, ck.meta.preset
+            )
+            .into());
+        }
+        load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())?;
+        load_optimizer(
+            &mut trainer.opt,
+            &ck.optimizer,
+            &preset,
+            tokenizer.fingerprint(),
+        )?;
+        images_seen = ck.meta.images_seen;
+        eprintln!(
+            "plipd: resuming from checkpoint {} at step {}",
+            ck.meta.version, ck.meta.step
+        );
+    }
+    let start = trainer.opt.step;
+    if start >= args.steps {
+        eprintln!(
+            "plipd: already trained {start} of {} steps; nothing to do",
+            args.steps
+        );
+        return Ok(());
+    }
+    let mut sampler = Sampler::new(&loaded, args.images_per_id, args.seed ^ start);
+    let mut rng = StdRng::seed_from_u64(args.seed ^ start.wrapping_mul(31));
+    let bar = crate::progress::bar(args.steps, "training");
+    bar.set_position(start);
+    let mut history: Vec<(u64, f64)> = Vec::new();
+    let t0 = Instant::now();
+    let mut window = (Instant::now(), 0u64);
+    let mut last = None;
+    let save = |trainer: &Trainer<f32, Cpu>, images_seen: u64, loss: f64| -> Result<u64, Error> {
+        let mut metrics = BTreeMap::new();
+        metrics.insert("loss".to_string(), loss);
+        let meta = CheckpointMeta {
+            version: 0,
+            step: trainer.opt.step,
+            preset: preset.name.clone(),
+            tokenizer: tokenizer.fingerprint().to_string(),
+            images_seen,
+            created_unix: now_unix(),
+            metrics,
+        };
+        let weights = save_weights(
+            &trainer.model,
+            tokenizer.fingerprint(),
+            trainer.opt.step,
+            &BTreeMap::new(),
+        )?;
+        let optimizer = save_optimizer(&trainer.opt, &preset, tokenizer.fingerprint())?;
+        let v = state.save_checkpoint(Checkpoint {
+            meta,
+            weights,
+            optimizer,
+        })?;
+        state.prune(args.keep, &[])?;
+        Ok(v)
+    };
+    while trainer.opt.step < args.steps {
+        let picks = sampler.next(args.batch);
+        let chosen: Vec<(usize, u64, usize)> = picks
+            .iter()
+            .map(|&(i, g)| (i, g, rng.gen_range(0..loaded[i].captions.len())))
+            .collect();
+        let spans: Vec<Vec<std::ops::Range<usize>>> = chosen
+            .iter()
+            .map(|&(i, _, c)| {
+                loaded[i].captions[c]
+                    .phrases
+                    .iter()
+                    .map(|p| p.span.clone())
+                    .collect()
+            })
+            .collect();
+        let samples: Vec<Sample<'_>> = chosen
+            .iter()
+            .zip(&spans)
+            .map(|(&(i, g, c), sp)| Sample {
+                rgb: &loaded[i].rgb,
+                caption: &loaded[i].captions[c].text,
+                phrases: sp,
+                identity: Some(g),
+            })
+            .collect();
+        let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
+        let batch = Batch::build(&samples, &preset, &tokenizer, ratio, &mut rng)?;
+        let report = pool.install(|| trainer.step(&batch))?;
+        images_seen += samples.len() as u64;
+        window.1 += 1;
+        bar.set_position(trainer.opt.step);
+        if report.skipped {
+            eprintln!(
+                "plipd: step skipped (non-finite loss or gradient); {} skipped so far",
+                trainer.skipped_steps
+            );
+            continue;
+        }
+        history.push((trainer.opt.step, report.losses.total));
+        last = Some(report);
+        if trainer.opt.step % args.log_every == 0 || trainer.opt.step == args.steps {
+            let secs = window.0.elapsed().as_secs_f64();
+            let l = report.losses;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
+                    "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
+                })
+            );
+            window = (Instant::now(), 0);
+        }
+        if trainer.opt.step % args.checkpoint_every == 0 && trainer.opt.step < args.steps {
+            save(&trainer, images_seen, report.losses.total)?;
+        }
+    }
+    bar.finish_and_clear();
+    let loss = last.map_or(f64::NAN, |r| r.losses.total);
+    let v = save(&trainer, images_seen, loss)?;
+    std::fs::create_dir_all(&args.report)
+        .map_err(|e| format!("cannot create {}: {e}", args.report.display()))?;
+    let png = args.report.join("loss.png");
+    crate::plots::loss_curve(&history, &png)?;
+    eprintln!(
+        "plipd: trained to step {} ({} images, {:.0} s); checkpoint {v}; loss curve {}",
+        trainer.opt.step,
+        images_seen,
+        t0.elapsed().as_secs_f64(),
+        png.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The offline workflow a newcomer runs, end to end on the `test` preset:
+//! synth → tokenizer train → train → eval → export → eval --weights.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn plipd(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args(args)
+        .output()
+        .expect("plipd runs");
+    assert!(
+        out.status.success(),
+        "plipd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("plipd-offline-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The outputs exist, the loss fell, and the exported file's tensors are the state's.
+#[test]
+fn synth_tokenizer_train_eval_export() {
+    let data = tmp("data");
+    let state = tmp("state");
+    let report = tmp("report");
+    plipd(&[
+        "synth",
+        "--out",
+        s(&data),
+        "--train-ids",
+        "12",
+        "--test-ids",
+        "6",
+        "--images-per-id",
+        "4",
+        "--cameras",
+        "3",
+        "--queries-per-id",
+        "1",
+    ]);
+    let tk = json_lines(&plipd(&[
+        "tokenizer",
+        "train",
+        "--state",
+        s(&state),
+        "--preset",
+        "test",
+    ]));
+    assert!(tk[0]["vocab_size"].as_u64().unwrap() <= 1024);
+
+    let train = plipd(&[
+        "train",
+        "--data",
+        s(&data),
+        "--state",
+        s(&state),
+        "--preset",
+        "test",
+        "--batch",
+        "16",
+        "--steps",
+        "60",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "5",
+        "--log-every",
+        "10",
+        "--checkpoint-every",
+        "30",
+        "--report",
+        s(&report),
+    ]);
+    let lines = json_lines(&train);
+    assert_eq!(lines.len(), 6);
+    let first = lines[0]["loss"].as_f64().unwrap();
+    let last = lines[5]["loss"].as_f64().unwrap();
+    assert!(last < first, "loss did not fall: {first} → {last}");
+    assert_eq!(lines[5]["step"], 60);
+    assert!(report.join("loss.png").is_file());
+
+    let eval = json_lines(&plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--state",
+        s(&state),
+        "--report",
+        s(&report),
+    ]));
+    let e = &eval[0];
+    assert_eq!(e["queries"], 6);
+    for k in ["rank1", "mAP", "mINP"] {
+        let v = e["image"][k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert!(e["text_to_image"]["r1"].as_f64().is_some());
+    assert!(report.join("cmc.png").is_file());
+
+    let file = report.join("model.safetensors");
+    let ex = json_lines(&plipd(&["export", "--state", s(&state), "--out", s(&file)]));
+    assert_eq!(ex[0]["step"], 60);
+    let again = json_lines(&plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--weights",
+        s(&file),
+        "--report",
+        s(&report),
+    ]));
+    assert_eq!(
+        again[0]["image"], e["image"],
+        "exported weights evaluate differently from the state's"
+    );
+    assert_eq!(again[0]["text_to_image"], e["text_to_image"]);
+
+    let base = json_lines(&plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--baseline",
+        "color-histogram",
+        "--report",
+        s(&report),
+    ]));
+    assert!(base[0]["image"]["rank1"].as_f64().is_some());
+
+    // Resuming a finished run does nothing; a longer schedule resumes from step 60.
+    let more = plipd(&[
+        "train",
+        "--data",
+        s(&data),
+        "--state",
+        s(&state),
+        "--preset",
+        "test",
+        "--batch",
+        "16",
+        "--steps",
+        "70",
+        "--log-every",
+        "10",
+        "--report",
+        s(&report),
+    ]);
+    assert!(String::from_utf8_lossy(&more.stderr).contains("resuming from checkpoint"));
+    assert_eq!(json_lines(&more).last().unwrap()["step"], 70);
+    for d in [data, state, report] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
