@@ -128,6 +128,10 @@ pub struct TrainArgs {
     /// Where the loss curve goes.
     #[arg(long, default_value = "reports")]
     pub report: PathBuf,
+    /// Evaluate on the data set's query/gallery split every N steps and at the end (0 = never);
+    /// the metrics go into the JSON log and the checkpoint.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
 }
 
 /// Identity-balanced batches: P persons × K images, persons drawn without replacement.
@@ -242,6 +246,29 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     if loaded.is_empty() {
         return Err("no training image could be decoded".into());
     }
+    let eval_split = if args.eval_every > 0 {
+        let ds = plip_ingest::datasets::open(&args.data)?;
+        let q: Vec<_> = ds
+            .items
+            .iter()
+            .filter(|i| i.split == Some(Split::Query))
+            .cloned()
+            .collect();
+        let g: Vec<_> = ds
+            .items
+            .iter()
+            .filter(|i| i.split == Some(Split::Gallery))
+            .cloned()
+            .collect();
+        if q.is_empty() || g.is_empty() {
+            return Err("--eval-every needs a query/gallery split in the data set".into());
+        }
+        let (q, _) = load(&q, &preset, &Default::default(), 0);
+        let (g, _) = load(&g, &preset, &Default::default(), 0);
+        Some((q, g))
+    } else {
+        None
+    };
     let cfg = train_config(args);
     let pool = plip_model::runtime::thread_pool(args.threads)?;
     let model = Plip::<f32, Cpu>::new(&Cpu::default(), &preset, args.seed)?;
@@ -285,8 +312,34 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     let t0 = Instant::now();
     let mut window = (Instant::now(), 0u64);
     let mut last = None;
-    let save = |trainer: &Trainer<f32, Cpu>, images_seen: u64, loss: f64| -> Result<u64, Error> {
-        let mut metrics = BTreeMap::new();
+    let evaluate = |trainer: &Trainer<f32, Cpu>,
+                    images_seen: u64|
+     -> Result<BTreeMap<String, f64>, Error> {
+        let mut m = BTreeMap::new();
+        if let Some((q, g)) = &eval_split {
+            let lm = crate::evaluate::LoadedModel {
+                model: trainer.model.clone(),
+                tokenizer: tokenizer.clone(),
+                source: serde_json::Value::Null,
+            };
+            let (reid, text) = pool.install(|| crate::evaluate::evaluate_model(&lm, q, g, 10))?;
+            m.insert("rank1".to_string(), reid.cmc[0]);
+            m.insert("mAP".to_string(), reid.map);
+            m.insert("text_r1".to_string(), text.r1);
+            m.insert("text_mAP".to_string(), text.map);
+            println!(
+                "{}",
+                serde_json::json!({"eval": m, "step": trainer.opt.step, "images_seen": images_seen, "logit_scale": trainer.model.logit_scale_value()})
+            );
+        }
+        Ok(m)
+    };
+    let save = |trainer: &Trainer<f32, Cpu>,
+                images_seen: u64,
+                loss: f64,
+                evaluated: BTreeMap<String, f64>|
+     -> Result<u64, Error> {
+        let mut metrics = evaluated;
         metrics.insert("loss".to_string(), loss);
         let meta = CheckpointMeta {
             version: 0,
@@ -363,17 +416,31 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
                     "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
+                    "logit_scale": trainer.model.logit_scale_value(),
                 })
             );
             window = (Instant::now(), 0);
         }
+        let eval_now = args.eval_every > 0
+            && trainer.opt.step % args.eval_every == 0
+            && trainer.opt.step < args.steps;
+        let evaluated = if eval_now {
+            evaluate(&trainer, images_seen)?
+        } else {
+            BTreeMap::new()
+        };
         if trainer.opt.step % args.checkpoint_every == 0 && trainer.opt.step < args.steps {
-            save(&trainer, images_seen, report.losses.total)?;
+            save(&trainer, images_seen, report.losses.total, evaluated)?;
         }
     }
     bar.finish_and_clear();
     let loss = last.map_or(f64::NAN, |r| r.losses.total);
-    let v = save(&trainer, images_seen, loss)?;
+    let evaluated = if args.eval_every > 0 {
+        evaluate(&trainer, images_seen)?
+    } else {
+        BTreeMap::new()
+    };
+    let v = save(&trainer, images_seen, loss, evaluated)?;
     std::fs::create_dir_all(&args.report)
         .map_err(|e| format!("cannot create {}: {e}", args.report.display()))?;
     let png = args.report.join("loss.png");
