@@ -9,9 +9,9 @@
 //! - [`datasets`]: readers for SYNTH-PEDES, CUHK-PEDES and Market-1501.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
 //! - [`synth`]: the synthetic pedestrian generator (`plipd synth`).
+//! - [`wire`]: the ingest wire format, decoding and validation, stable error codes.
 //!
-//! Still to come:
-//! the AMQP wire format.
+//! Still to come: AMQP topology and publish/consume helpers.
 
 pub mod attributes;
 pub mod baseline;
@@ -19,3 +19,4 @@ pub mod captions;
 pub mod datasets;
 pub mod image;
 pub mod synth;
+pub mod wire;

@@ -1,0 +1,539 @@
+//! The ingest wire format: what producers publish on `plip.ingest`, how it is decoded and
+//! validated, and the stable error codes of everything that can be refused.
+//!
+//! A message is either a **batch** — content type `application/json` (images as base64 strings)
+//! or `application/msgpack` (a map with the same field names, images as raw bytes), schema
+//! [`IngestBatch`] — or a **single image**
+//! — content type `image/jpeg`, `image/png` or `image/webp`, the body being the image, with the
+//! headers `x-image-id` (required), `x-person-id`, `x-camera-id`, `x-caption`, `x-purpose`.
+//!
+//! Decoding never panics and never fails without a code: a message-level problem refuses the
+//! whole message ([`Refusal`]); an image-level problem refuses only that image, and the good
+//! images of the batch are kept ([`Decoded::rejected`]).
+
+use crate::attributes::Attributes;
+use crate::image::{decode, ImageError, IntakeLimits};
+use base64::Engine;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+/// Protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Stable error codes (snake_case on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// The content type is none of the accepted ones.
+    UnsupportedContentType,
+    /// The body is neither JSON nor MessagePack (as its content type says).
+    MalformedBody,
+    /// The body parses but breaks the schema (missing or unknown field, wrong type, unknown
+    /// attribute value, invalid `purpose`).
+    SchemaViolation,
+    /// A protocol version newer than this daemon speaks.
+    UnsupportedVersion,
+    /// Missing, empty, too long or ill-formed image id.
+    InvalidId,
+    /// More images in one batch than allowed.
+    TooManyImages,
+    /// The message is larger than allowed.
+    MessageTooLarge,
+    /// An image field that is not valid base64 (JSON bodies).
+    InvalidBase64,
+    /// A caption that is not UTF-8, empty, or too long; or too many captions.
+    InvalidCaption,
+    /// A person or camera id that is too long or has control characters.
+    InvalidLabel,
+    /// Image intake: see [`ImageError::code`].
+    ImageEmpty,
+    ImageTooManyBytes,
+    ImageUnsupportedFormat,
+    ImageZeroSize,
+    ImageTooManyPixels,
+    ImageUndecodable,
+    /// The same id twice in one batch.
+    DuplicateId,
+}
+
+impl Code {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::UnsupportedContentType => "unsupported_content_type",
+            Code::MalformedBody => "malformed_body",
+            Code::SchemaViolation => "schema_violation",
+            Code::UnsupportedVersion => "unsupported_version",
+            Code::InvalidId => "invalid_id",
+            Code::TooManyImages => "too_many_images",
+            Code::MessageTooLarge => "message_too_large",
+            Code::InvalidBase64 => "invalid_base64",
+            Code::InvalidCaption => "invalid_caption",
+            Code::InvalidLabel => "invalid_label",
+            Code::ImageEmpty => "image_empty",
+            Code::ImageTooManyBytes => "image_too_many_bytes",
+            Code::ImageUnsupportedFormat => "image_unsupported_format",
+            Code::ImageZeroSize => "image_zero_size",
+            Code::ImageTooManyPixels => "image_too_many_pixels",
+            Code::ImageUndecodable => "image_undecodable",
+            Code::DuplicateId => "duplicate_id",
+        }
+    }
+
+    /// Every code, for documentation and tests.
+    pub const ALL: [Code; 17] = [
+        Code::UnsupportedContentType,
+        Code::MalformedBody,
+        Code::SchemaViolation,
+        Code::UnsupportedVersion,
+        Code::InvalidId,
+        Code::TooManyImages,
+        Code::MessageTooLarge,
+        Code::InvalidBase64,
+        Code::InvalidCaption,
+        Code::InvalidLabel,
+        Code::ImageEmpty,
+        Code::ImageTooManyBytes,
+        Code::ImageUnsupportedFormat,
+        Code::ImageZeroSize,
+        Code::ImageTooManyPixels,
+        Code::ImageUndecodable,
+        Code::DuplicateId,
+    ];
+}
+
+impl From<&ImageError> for Code {
+    fn from(e: &ImageError) -> Self {
+        match e {
+            ImageError::Empty => Code::ImageEmpty,
+            ImageError::TooManyBytes { .. } => Code::ImageTooManyBytes,
+            ImageError::UnsupportedFormat(_) => Code::ImageUnsupportedFormat,
+            ImageError::ZeroSize { .. } => Code::ImageZeroSize,
+            ImageError::TooManyPixels { .. } => Code::ImageTooManyPixels,
+            ImageError::Undecodable(_) => Code::ImageUndecodable,
+        }
+    }
+}
+
+/// `{code, message}`: the error object everywhere on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Stable snake_case code.
+    pub code: Code,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// What a sample is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// Training data (the default).
+    #[default]
+    Train,
+    /// A gallery entry for ReID queries, not trained on.
+    Gallery,
+    /// Both.
+    Both,
+}
+
+/// The image field: a base64 string in JSON, raw bytes in MessagePack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ImageField {
+    Base64(String),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+/// A caption as received: text, or (MessagePack only) bytes that are not valid UTF-8, kept so
+/// that they are refused with `invalid_caption` instead of failing the whole message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CaptionField {
+    Text(String),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl From<&str> for CaptionField {
+    fn from(s: &str) -> Self {
+        CaptionField::Text(s.to_string())
+    }
+}
+
+/// One image of an ingest batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestImage {
+    /// Idempotency key, `[A-Za-z0-9._:-]{1,128}`: a re-sent id is stored and trained once.
+    pub id: String,
+    /// Opaque person id (e.g. "0002"); absent for an unlabelled sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person_id: Option<String>,
+    /// Opaque camera id (e.g. "c1").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub camera_id: Option<String>,
+    /// Captions (UTF-8); when absent the daemon synthesizes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captions: Option<Vec<CaptionField>>,
+    /// Attributes (see [`Attributes`]); used to synthesize captions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<Attributes>,
+    /// `train` (default), `gallery` or `both`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<Purpose>,
+    /// JPEG, PNG or WebP bytes (base64 in JSON).
+    pub image: ImageField,
+}
+
+/// An ingest batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestBatch {
+    /// Protocol version; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+    /// Echoed in the ingest outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// The images.
+    pub images: Vec<IngestImage>,
+}
+
+/// The answer to a producer that set `reply_to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestOutcome {
+    /// The batch's `batch_id`, if it had one.
+    pub batch_id: Option<String>,
+    /// Ids stored durably.
+    pub accepted: Vec<String>,
+    /// Ids refused, each with its reason.
+    pub rejected: Vec<RejectedImage>,
+}
+
+/// One refused image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedImage {
+    /// The image's id as sent (possibly invalid itself).
+    pub id: String,
+    /// Stable code.
+    pub code: Code,
+    /// Explanation.
+    pub message: String,
+}
+
+/// Limits applied while decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireLimits {
+    /// Largest message body, bytes.
+    pub max_message_bytes: usize,
+    /// Most images per batch.
+    pub max_images: usize,
+    /// Most captions per image.
+    pub max_captions: usize,
+    /// Longest caption, characters.
+    pub max_caption_chars: usize,
+    /// Image intake limits.
+    pub image: IntakeLimits,
+}
+
+impl Default for WireLimits {
+    fn default() -> Self {
+        WireLimits {
+            max_message_bytes: 64 << 20,
+            max_images: 256,
+            max_captions: 8,
+            max_caption_chars: 1000,
+            image: IntakeLimits::default(),
+        }
+    }
+}
+
+/// A validated image, ready to store.
+#[derive(Debug, Clone)]
+pub struct ValidImage {
+    pub id: String,
+    pub person_id: Option<String>,
+    pub camera_id: Option<String>,
+    pub captions: Vec<String>,
+    pub attributes: Option<Attributes>,
+    pub purpose: Purpose,
+    /// Decoded pixels (any size; the store resizes to the canonical 256×128).
+    pub pixels: RgbImage,
+}
+
+/// A message refused as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub WireError);
+
+impl Refusal {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal(WireError {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+/// The result of decoding one message.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub batch_id: Option<String>,
+    pub accepted: Vec<ValidImage>,
+    pub rejected: Vec<RejectedImage>,
+}
+
+/// Message headers the single-image form reads (AMQP header table values as strings; a
+/// non-string value is passed as `None`… and refused where required).
+pub trait Headers {
+    fn get_str(&self, name: &str) -> Option<Result<String, ()>>;
+}
+
+impl Headers for std::collections::HashMap<String, String> {
+    fn get_str(&self, name: &str) -> Option<Result<String, ()>> {
+        self.get(name).map(|v| Ok(v.clone()))
+    }
+}
+
+/// True for a valid idempotency key: `[A-Za-z0-9._:-]{1,128}`.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+fn valid_label(s: &str) -> bool {
+    (1..=128).contains(&s.chars().count()) && !s.chars().any(char::is_control)
+}
+
+/// Decodes and validates one delivery.
+///
+/// # Errors
+/// A [`Refusal`] when the whole message is unusable.
+pub fn decode_message(
+    content_type: Option<&str>,
+    headers: &dyn Headers,
+    body: &[u8],
+    limits: &WireLimits,
+) -> Result<Decoded, Refusal> {
+    if body.len() > limits.max_message_bytes {
+        return Err(Refusal::new(
+            Code::MessageTooLarge,
+            format!(
+                "message of {} bytes exceeds the limit of {}",
+                body.len(),
+                limits.max_message_bytes
+            ),
+        ));
+    }
+    let ct = content_type
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let batch: IngestBatch = match ct.as_str() {
+        "application/json" => parse(serde_json::from_slice::<serde_json::Value>(body).map_err(|e| e.to_string()), |v| {
+            serde_json::from_value::<IngestBatch>(v).map_err(|e| e.to_string())
+        })?,
+        "application/msgpack" | "application/x-msgpack" => {
+            let value = rmp_serde::from_slice::<rmpv_value::Value>(body).map_err(|e| e.to_string());
+            parse(value, |_| rmp_serde::from_slice::<IngestBatch>(body).map_err(|e| e.to_string()))?
+        }
+        "image/jpeg" | "image/png" | "image/webp" => single(headers, body)?,
+        "" => return Err(Refusal::new(Code::UnsupportedContentType, "no content type; use application/json, application/msgpack or image/jpeg|png|webp")),
+        other => {
+            return Err(Refusal::new(
+                Code::UnsupportedContentType,
+                format!("content type {other:?} is not accepted; use application/json, application/msgpack or image/jpeg|png|webp"),
+            ))
+        }
+    };
+    validate(batch, limits)
+}
+
+/// Two-stage parse: syntax (→ `malformed_body`), then schema (→ `schema_violation`).
+fn parse<V>(
+    syntax: Result<V, String>,
+    schema: impl FnOnce(V) -> Result<IngestBatch, String>,
+) -> Result<IngestBatch, Refusal> {
+    let v = syntax
+        .map_err(|e| Refusal::new(Code::MalformedBody, format!("the body does not parse: {e}")))?;
+    schema(v).map_err(|e| Refusal::new(Code::SchemaViolation, e))
+}
+
+/// A generic MessagePack value, to tell a syntax error from a schema error.
+mod rmpv_value {
+    use serde::Deserialize;
+    /// Any MessagePack value (only its well-formedness matters).
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    pub struct Value(#[allow(dead_code)] serde::de::IgnoredAny);
+}
+
+fn single(headers: &dyn Headers, body: &[u8]) -> Result<IngestBatch, Refusal> {
+    let text = |name: &str| -> Result<Option<String>, Refusal> {
+        match headers.get_str(name) {
+            None => Ok(None),
+            Some(Ok(s)) => Ok(Some(s)),
+            Some(Err(())) if name == "x-caption" => Err(Refusal::new(
+                Code::InvalidCaption,
+                "header x-caption must be UTF-8 text",
+            )),
+            Some(Err(())) => Err(Refusal::new(
+                Code::SchemaViolation,
+                format!("header {name} must be a UTF-8 string"),
+            )),
+        }
+    };
+    let id = text("x-image-id")?.ok_or_else(|| {
+        Refusal::new(
+            Code::InvalidId,
+            "a single-image message needs the header x-image-id",
+        )
+    })?;
+    let purpose = match text("x-purpose")?.as_deref() {
+        None => None,
+        Some("train") => Some(Purpose::Train),
+        Some("gallery") => Some(Purpose::Gallery),
+        Some("both") => Some(Purpose::Both),
+        Some(other) => {
+            return Err(Refusal::new(
+                Code::SchemaViolation,
+                format!("x-purpose {other:?}: expected train, gallery or both"),
+            ))
+        }
+    };
+    Ok(IngestBatch {
+        v: None,
+        batch_id: None,
+        images: vec![IngestImage {
+            id,
+            person_id: text("x-person-id")?,
+            camera_id: text("x-camera-id")?,
+            captions: text("x-caption")?.map(|c| vec![CaptionField::Text(c)]),
+            attributes: None,
+            purpose,
+            image: ImageField::Bytes(body.to_vec()),
+        }],
+    })
+}
+
+fn validate(batch: IngestBatch, limits: &WireLimits) -> Result<Decoded, Refusal> {
+    let v = batch.v.unwrap_or(PROTOCOL_VERSION);
+    if v > PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            Code::UnsupportedVersion,
+            format!("protocol version {v}; this daemon speaks up to {PROTOCOL_VERSION}"),
+        ));
+    }
+    if batch.images.is_empty() {
+        return Err(Refusal::new(
+            Code::SchemaViolation,
+            "a batch needs at least one image",
+        ));
+    }
+    if batch.images.len() > limits.max_images {
+        return Err(Refusal::new(
+            Code::TooManyImages,
+            format!(
+                "{} images in one batch; at most {}",
+                batch.images.len(),
+                limits.max_images
+            ),
+        ));
+    }
+    let mut out = Decoded {
+        batch_id: batch.batch_id,
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+    };
+    let mut seen = std::collections::HashSet::new();
+    for img in batch.images {
+        let id = img.id.clone();
+        match validate_image(img, limits) {
+            Ok(ok) if !seen.insert(ok.id.clone()) => out.rejected.push(RejectedImage {
+                id,
+                code: Code::DuplicateId,
+                message: "the same id appears twice in this batch".into(),
+            }),
+            Ok(ok) => out.accepted.push(ok),
+            Err(e) => out.rejected.push(RejectedImage {
+                id,
+                code: e.code,
+                message: e.message,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+fn validate_image(img: IngestImage, limits: &WireLimits) -> Result<ValidImage, WireError> {
+    let err = |code: Code, message: String| WireError { code, message };
+    if !valid_id(&img.id) {
+        return Err(err(
+            Code::InvalidId,
+            "id must match [A-Za-z0-9._:-]{1,128}".into(),
+        ));
+    }
+    for (name, label) in [("person_id", &img.person_id), ("camera_id", &img.camera_id)] {
+        if let Some(l) = label {
+            if !valid_label(l) {
+                return Err(err(
+                    Code::InvalidLabel,
+                    format!("{name} must be 1–128 characters without control characters"),
+                ));
+            }
+        }
+    }
+    let raw = img.captions.unwrap_or_default();
+    if raw.len() > limits.max_captions {
+        return Err(err(
+            Code::InvalidCaption,
+            format!("{} captions; at most {}", raw.len(), limits.max_captions),
+        ));
+    }
+    let mut captions = Vec::with_capacity(raw.len());
+    for c in raw {
+        captions.push(match c {
+            CaptionField::Text(t) => t,
+            CaptionField::Bytes(b) => String::from_utf8(b)
+                .map_err(|_| err(Code::InvalidCaption, "a caption is not UTF-8".into()))?,
+        });
+    }
+    for c in &captions {
+        let n = c.chars().count();
+        if n == 0 || n > limits.max_caption_chars {
+            return Err(err(
+                Code::InvalidCaption,
+                format!(
+                    "a caption of {n} characters; 1 to {} allowed",
+                    limits.max_caption_chars
+                ),
+            ));
+        }
+    }
+    let bytes = match img.image {
+        ImageField::Bytes(b) => b,
+        ImageField::Base64(s) => base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .map_err(|e| {
+                err(
+                    Code::InvalidBase64,
+                    format!("image is not valid base64: {e}"),
+                )
+            })?,
+    };
+    let pixels = decode(&bytes, &limits.image).map_err(|e| err(Code::from(&e), e.to_string()))?;
+    Ok(ValidImage {
+        id: img.id,
+        person_id: img.person_id,
+        camera_id: img.camera_id,
+        captions,
+        attributes: img.attributes,
+        purpose: img.purpose.unwrap_or_default(),
+        pixels,
+    })
+}
