@@ -13,7 +13,7 @@
 //! - [`data`]: data-set items → pixels and captions.
 //! - [`train`]: `plipd tokenizer train`, `plipd train`.
 //! - [`evaluate`]: `plipd eval --data` (model or baseline); [`export`]: `plipd export`.
-//! - [`state`]: the sled state folder (tokenizer, checkpoints).
+//! - [`state`]: the sled state folder (tokenizer, checkpoints); [`store`]: the sample store.
 
 pub mod bench;
 pub mod cli;
@@ -24,5 +24,6 @@ pub mod export;
 pub mod plots;
 pub mod progress;
 pub mod state;
+pub mod store;
 pub mod synth;
 pub mod train;

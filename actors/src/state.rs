@@ -1,7 +1,7 @@
 //! The state folder: one sled database shared by the daemon and the offline commands.
 //!
 //! Trees: `meta` (`format_version`, `latest` checkpoint version), `tokenizer` (`current` → the
-//! tokenizer's JSON), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
+//! tokenizer's JSON), `samples` and `arrivals` (see [`crate::store`]), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
 //! blob is `PLIPCKP1`, the metadata JSON, the weights (safetensors), the optimiser state
 //! (safetensors), each length-prefixed, then a SHA-256 of everything before it: a corrupt
 //! checkpoint is detected, reported and skipped, never loaded. Writing a checkpoint and moving
@@ -164,6 +164,14 @@ impl State {
             db,
             path: path.to_path_buf(),
         })
+    }
+
+    /// The sample store in this state folder.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn samples(&self, probe_percent: u32) -> Result<crate::store::SampleStore, StateError> {
+        Ok(crate::store::SampleStore::open(&self.db, probe_percent)?)
     }
 
     /// The folder.

@@ -1,0 +1,237 @@
+//! The sample store: the `samples` tree of the state folder (id → metadata + canonical JPEG) and
+//! the `arrivals` tree (arrival sequence → id) that lets the trainer mix recent and older
+//! samples and lets retention evict the oldest training samples first.
+//!
+//! Storing is idempotent by the producer's id: a redelivered or re-sent id is stored once (and
+//! so trained once). [`SampleStore::put_batch`] returns only after the writes are flushed, so a
+//! delivery acknowledged afterwards never loses what it carried.
+
+use plip_ingest::captions::{find_phrases, Caption};
+use plip_ingest::image::{canonical, to_jpeg};
+use plip_ingest::wire::{Purpose, ValidImage};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+
+/// JPEG quality of stored samples.
+pub const JPEG_QUALITY: u8 = 92;
+
+/// What is kept about a sample besides its pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleMeta {
+    pub id: String,
+    pub person_id: Option<String>,
+    pub camera_id: Option<String>,
+    /// Captions with their attribute phrases (empty until captioned).
+    pub captions: Vec<Caption>,
+    pub attributes: Option<plip_ingest::attributes::Attributes>,
+    pub purpose: Purpose,
+    /// Set aside for evaluating checkpoints, never trained on (decided by a hash of the person
+    /// id, or of the sample id when there is none).
+    pub probe: bool,
+    /// Arrival order.
+    pub seq: u64,
+}
+
+/// A stored sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSample {
+    pub meta: SampleMeta,
+    /// Canonical 256×128 JPEG.
+    pub jpeg: Vec<u8>,
+}
+
+fn encode(s: &StoredSample) -> Result<Vec<u8>, String> {
+    let meta = serde_json::to_vec(&s.meta).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(8 + meta.len() + s.jpeg.len());
+    out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&s.jpeg);
+    Ok(out)
+}
+
+fn decode(bytes: &[u8]) -> Option<StoredSample> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let meta = serde_json::from_slice(bytes.get(8..8 + len)?).ok()?;
+    Some(StoredSample {
+        meta,
+        jpeg: bytes.get(8 + len..)?.to_vec(),
+    })
+}
+
+/// FNV-1a, stable across builds and platforms (std's hasher is not).
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Whether a sample belongs to the probe split (`percent` of the person ids).
+pub fn is_probe(person_id: Option<&str>, id: &str, percent: u32) -> bool {
+    stable_hash(person_id.unwrap_or(id)) % 100 < u64::from(percent)
+}
+
+/// Counts by purpose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub train: u64,
+    pub gallery: u64,
+    pub both: u64,
+    pub probe: u64,
+}
+
+/// The store over a state folder's database.
+#[derive(Clone)]
+pub struct SampleStore {
+    db: sled::Db,
+    samples: sled::Tree,
+    arrivals: sled::Tree,
+    probe_percent: u32,
+}
+
+impl SampleStore {
+    /// Opens the trees in `db`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn open(db: &sled::Db, probe_percent: u32) -> Result<Self, sled::Error> {
+        Ok(SampleStore {
+            samples: db.open_tree("samples")?,
+            arrivals: db.open_tree("arrivals")?,
+            db: db.clone(),
+            probe_percent,
+        })
+    }
+
+    /// Stores validated images (new ids only) and flushes. Returns, per image, whether it was
+    /// new. Captions given by the producer keep their phrases found in the text; images without
+    /// captions are stored uncaptioned (the caption workers fill them in).
+    ///
+    /// # Errors
+    /// A failed write or flush: nothing of this batch may be acknowledged.
+    pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>, String> {
+        let mut fresh = Vec::with_capacity(images.len());
+        for img in images {
+            let seq = self.db.generate_id().map_err(|e| e.to_string())?;
+            let jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
+            let meta = SampleMeta {
+                id: img.id.clone(),
+                person_id: img.person_id.clone(),
+                camera_id: img.camera_id.clone(),
+                captions: img
+                    .captions
+                    .iter()
+                    .map(|t| Caption {
+                        text: t.clone(),
+                        phrases: find_phrases(t),
+                    })
+                    .collect(),
+                attributes: img.attributes,
+                purpose: img.purpose,
+                probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
+                seq,
+            };
+            let value = encode(&StoredSample { meta, jpeg })?;
+            // The sample and its arrival entry are written together or not at all.
+            let inserted = (&self.samples, &self.arrivals)
+                .transaction(|(samples, arrivals)| {
+                    if samples.get(img.id.as_bytes())?.is_some() {
+                        return Ok(false);
+                    }
+                    samples.insert(img.id.as_bytes(), value.as_slice())?;
+                    arrivals.insert(&seq.to_be_bytes(), img.id.as_bytes())?;
+                    Ok(true)
+                })
+                .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+            fresh.push(inserted);
+        }
+        self.db.flush().map_err(|e| e.to_string())?;
+        Ok(fresh)
+    }
+
+    /// One sample by id.
+    pub fn get(&self, id: &str) -> Result<Option<StoredSample>, String> {
+        Ok(self
+            .samples
+            .get(id.as_bytes())
+            .map_err(|e| e.to_string())?
+            .and_then(|v| decode(&v)))
+    }
+
+    /// Replaces a sample's captions (from the caption workers).
+    pub fn set_captions(&self, id: &str, captions: Vec<Caption>) -> Result<(), String> {
+        let Some(mut s) = self.get(id)? else {
+            return Ok(());
+        };
+        s.meta.captions = captions;
+        self.samples
+            .insert(id.as_bytes(), encode(&s)?)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Number of stored samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Counts by purpose and probe.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for s in self
+            .samples
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .filter_map(|v| decode(&v))
+        {
+            match s.meta.purpose {
+                Purpose::Train => c.train += 1,
+                Purpose::Gallery => c.gallery += 1,
+                Purpose::Both => c.both += 1,
+            }
+            if s.meta.probe {
+                c.probe += 1;
+            }
+        }
+        c
+    }
+
+    /// Ids in arrival order, oldest first.
+    pub fn ids_by_arrival(&self) -> Vec<String> {
+        self.arrivals
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .collect()
+    }
+
+    /// Evicts the oldest training-only, non-probe samples until at most `cap` of them remain.
+    /// Gallery and probe samples are never evicted. Returns how many were removed (flushed).
+    pub fn evict_training(&self, cap: usize) -> Result<usize, String> {
+        let trainable: Vec<(sled::IVec, String)> = self
+            .arrivals
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(k, v)| {
+                let id = String::from_utf8_lossy(&v).into_owned();
+                let s = self.get(&id).ok().flatten()?;
+                (s.meta.purpose == Purpose::Train && !s.meta.probe).then_some((k, id))
+            })
+            .collect();
+        let excess = trainable.len().saturating_sub(cap);
+        for (k, id) in trainable.iter().take(excess) {
+            self.samples
+                .remove(id.as_bytes())
+                .map_err(|e| e.to_string())?;
+            self.arrivals.remove(k).map_err(|e| e.to_string())?;
+        }
+        self.db.flush().map_err(|e| e.to_string())?;
+        Ok(excess)
+    }
+}
