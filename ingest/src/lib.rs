@@ -3,6 +3,7 @@
 //! pedestrian generator, and the data-set readers. It does not depend on `plip-model`.
 //!
 //! # Layout
+//! - [`amqp`]: the RabbitMQ topology (exchanges, queues, arguments) and connecting.
 //! - [`attributes`]: the six-group attribute schema with closed vocabularies.
 //! - [`baseline`]: the colour-histogram ReID baseline.
 //! - [`captions`]: caption synthesis with attribute-phrase spans; colour naming from pixels.
@@ -11,8 +12,9 @@
 //! - [`synth`]: the synthetic pedestrian generator (`plipd synth`).
 //! - [`wire`]: the ingest wire format, decoding and validation, stable error codes.
 //!
-//! Still to come: AMQP topology and publish/consume helpers.
+//! Still to come: publish/consume helpers.
 
+pub mod amqp;
 pub mod attributes;
 pub mod baseline;
 pub mod captions;

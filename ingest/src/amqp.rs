@@ -1,0 +1,186 @@
+//! AMQP topology (RabbitMQ): the exchanges and queues the daemon declares at start, durable,
+//! with the arguments of DESIGN.md section 4. A declaration that conflicts with an existing
+//! object (RabbitMQ answers `PRECONDITION_FAILED`) is reported naming the object.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::{Deserialize, Serialize};
+
+/// Queue implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// Names and queue arguments; defaults are the documented names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    /// Fanout exchange producers publish image batches to.
+    pub ingest_exchange: String,
+    /// Queue the daemon consumes image batches from.
+    pub ingest_queue: String,
+    /// Fanout exchange of ReID requests.
+    pub reid_exchange: String,
+    /// Queue of ReID requests.
+    pub reid_queue: String,
+    /// Fanout exchange for replies to requests without `reply_to`.
+    pub results_exchange: String,
+    /// Fanout exchange announcing promoted model versions.
+    pub models_exchange: String,
+    /// Dead-letter exchange.
+    pub dlx_exchange: String,
+    /// Queue holding dead-lettered messages.
+    pub dead_queue: String,
+    /// `x-queue-type` of the queues.
+    pub queue_type: QueueType,
+    /// `x-delivery-limit` (quorum queues only): the broker's poison-message guard.
+    pub delivery_limit: Option<u32>,
+    /// Optional `x-max-length` of the ingest and request queues.
+    pub max_length: Option<u32>,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            ingest_exchange: "plip.ingest".into(),
+            ingest_queue: "plip.ingest".into(),
+            reid_exchange: "plip.reid".into(),
+            reid_queue: "plip.reid.requests".into(),
+            results_exchange: "plip.results".into(),
+            models_exchange: "plip.models".into(),
+            dlx_exchange: "plip.dlx".into(),
+            dead_queue: "plip.dead".into(),
+            queue_type: QueueType::Classic,
+            delivery_limit: Some(20),
+            max_length: None,
+        }
+    }
+}
+
+/// A topology problem.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot declare {object}: it exists with other settings ({detail}); delete it or change the configuration")]
+    Mismatch { object: String, detail: String },
+    #[error("cannot declare {object}: {source}")]
+    Broker {
+        object: String,
+        source: lapin::Error,
+    },
+    #[error("cannot connect to the broker: {0}")]
+    Connect(lapin::Error),
+}
+
+/// Connects with the tokio runtime of the caller.
+///
+/// # Errors
+/// The broker cannot be reached or refuses the credentials.
+pub async fn connect(url: &str) -> Result<Connection, TopologyError> {
+    Connection::connect_with_runtime(
+        url,
+        ConnectionProperties::default(),
+        async_rs::Runtime::tokio_current(),
+    )
+    .await
+    .map_err(TopologyError::Connect)
+}
+
+fn classify(object: String, e: lapin::Error) -> TopologyError {
+    let text = e.to_string();
+    if text.contains("PRECONDITION") || text.contains("inequivalent") {
+        TopologyError::Mismatch {
+            object,
+            detail: text,
+        }
+    } else {
+        TopologyError::Broker { object, source: e }
+    }
+}
+
+impl Topology {
+    fn queue_args(&self, dead_letter: bool) -> FieldTable {
+        let mut t = FieldTable::default();
+        let kind = match self.queue_type {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        };
+        t.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        if dead_letter {
+            t.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.dlx_exchange.as_str().into()),
+            );
+            if let Some(n) = self.max_length {
+                t.insert("x-max-length".into(), AMQPValue::LongLongInt(i64::from(n)));
+            }
+            if let (QueueType::Quorum, Some(n)) = (self.queue_type, self.delivery_limit) {
+                t.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(i64::from(n)),
+                );
+            }
+        }
+        t
+    }
+
+    /// Declares every exchange, queue and binding (idempotent when nothing conflicts).
+    ///
+    /// # Errors
+    /// The first object that conflicts with an existing one, named.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for ex in [
+            &self.ingest_exchange,
+            &self.reid_exchange,
+            &self.results_exchange,
+            &self.models_exchange,
+            &self.dlx_exchange,
+        ] {
+            channel
+                .exchange_declare(
+                    ex.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| classify(format!("exchange {ex}"), e))?;
+        }
+        let queues = [
+            (&self.ingest_queue, &self.ingest_exchange, true),
+            (&self.reid_queue, &self.reid_exchange, true),
+            (&self.dead_queue, &self.dlx_exchange, false),
+        ];
+        for (q, ex, dead_letter) in queues {
+            channel
+                .queue_declare(
+                    q.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    self.queue_args(dead_letter),
+                )
+                .await
+                .map_err(|e| classify(format!("queue {q}"), e))?;
+            channel
+                .queue_bind(
+                    q.as_str().into(),
+                    ex.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| classify(format!("binding {ex} → {q}"), e))?;
+        }
+        Ok(())
+    }
+}
