@@ -22,6 +22,8 @@ pub struct LoadedModel {
     pub model: Plip<f32, Cpu>,
     pub tokenizer: Tokenizer,
     pub source: serde_json::Value,
+    /// The checkpoint's metadata, when it came from a state folder.
+    pub checkpoint: Option<crate::state::CheckpointMeta>,
 }
 
 /// Loads a checkpoint from a state folder (`version` or the latest valid one).
@@ -44,6 +46,7 @@ pub fn from_state(dir: &Path, version: Option<u64>) -> Result<LoadedModel, Error
         model,
         tokenizer,
         source,
+        checkpoint: Some(ck.meta),
     })
 }
 
@@ -64,6 +67,7 @@ pub fn from_weights(path: &Path) -> Result<LoadedModel, Error> {
         model,
         tokenizer,
         source,
+        checkpoint: None,
     })
 }
 

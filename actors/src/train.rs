@@ -321,6 +321,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
                 model: trainer.model.clone(),
                 tokenizer: tokenizer.clone(),
                 source: serde_json::Value::Null,
+                checkpoint: None,
             };
             let (reid, text) = pool.install(|| crate::evaluate::evaluate_model(&lm, q, g, 10))?;
             m.insert("rank1".to_string(), reid.cmc[0]);

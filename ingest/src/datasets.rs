@@ -117,66 +117,83 @@ fn id_string(v: &serde_json::Value) -> Option<String> {
 /// # Errors
 /// An unreadable or non-JSON index file.
 pub fn read_synthpedes(json: &Path, root: &Path) -> Result<Dataset, DatasetError> {
+    read_records(
+        json,
+        "SYNTH-PEDES JSON (a list of records)",
+        "synthpedes",
+        |rec: SynthPedesRecord| {
+            let path = existing(root, &rec.file_path)?;
+            let mut captions: Vec<Caption> = rec
+                .captions
+                .iter()
+                .enumerate()
+                .map(|(k, t)| caption(t, rec.caption_phrases.as_ref().and_then(|p| p.get(k))))
+                .collect();
+            if let Some(p) = &rec.prompt_caption {
+                captions.push(caption(p, None));
+            }
+            let attributes = match rec.attributes {
+                Some(AttributeField::Object(a)) => Some(a),
+                // The six-item string form carries no closed values we can trust: the captions'
+                // phrases carry that information instead.
+                Some(AttributeField::Text(_)) | None => None,
+            };
+            Ok(Item {
+                path,
+                person: id_string(&rec.id),
+                camera: rec.camera.as_ref().and_then(id_string).map(|c| {
+                    if c.starts_with('c') {
+                        c
+                    } else {
+                        format!("c{c}")
+                    }
+                }),
+                captions,
+                attributes,
+                split: rec.split,
+            })
+        },
+    )
+}
+
+/// The path of an image that must exist.
+fn existing(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let path = root.join(rel);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("missing file {}", path.display()))
+    }
+}
+
+/// Reads a JSON list of records of type `R`; each becomes an item or a reported bad record.
+fn read_records<R: serde::de::DeserializeOwned>(
+    json: &Path,
+    what: &'static str,
+    format: &'static str,
+    mut item: impl FnMut(R) -> Result<Item, String>,
+) -> Result<Dataset, DatasetError> {
     let bytes = read(json)?;
     let raw: Vec<serde_json::Value> =
         serde_json::from_slice(&bytes).map_err(|e| DatasetError::Format {
             path: json.to_path_buf(),
-            what: "SYNTH-PEDES JSON (a list of records)",
+            what,
             message: e.to_string(),
         })?;
     let mut ds = Dataset {
-        format: "synthpedes",
+        format,
         ..Default::default()
     };
     for (i, entry) in raw.into_iter().enumerate() {
-        let shown = || format!("record {i}: {}", truncate(&entry.to_string()));
-        let rec: SynthPedesRecord = match serde_json::from_value(entry.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                ds.skipped.push(BadRecord {
-                    record: shown(),
-                    reason: format!("malformed record: {e}"),
-                });
-                continue;
-            }
-        };
-        let path = root.join(&rec.file_path);
-        if !path.is_file() {
-            ds.skipped.push(BadRecord {
-                record: shown(),
-                reason: format!("missing file {}", path.display()),
-            });
-            continue;
-        }
-        let mut captions: Vec<Caption> = rec
-            .captions
-            .iter()
-            .enumerate()
-            .map(|(k, t)| caption(t, rec.caption_phrases.as_ref().and_then(|p| p.get(k))))
-            .collect();
-        if let Some(p) = &rec.prompt_caption {
-            captions.push(caption(p, None));
-        }
-        let attributes = match rec.attributes {
-            Some(AttributeField::Object(a)) => Some(a),
-            // The six-item string form carries no closed values we can trust: keep the text in
-            // the captions' phrases instead.
-            Some(AttributeField::Text(_)) | None => None,
-        };
-        ds.items.push(Item {
-            path,
-            person: id_string(&rec.id),
-            camera: rec.camera.as_ref().and_then(id_string).map(|c| {
-                if c.starts_with('c') {
-                    c
-                } else {
-                    format!("c{c}")
-                }
+        let parsed = serde_json::from_value::<R>(entry.clone())
+            .map_err(|e| format!("malformed record: {e}"));
+        match parsed.and_then(&mut item) {
+            Ok(it) => ds.items.push(it),
+            Err(reason) => ds.skipped.push(BadRecord {
+                record: format!("record {i}: {}", truncate(&entry.to_string())),
+                reason,
             }),
-            captions,
-            attributes,
-            split: rec.split,
-        });
+        }
     }
     Ok(ds)
 }
@@ -205,51 +222,26 @@ struct CuhkRecord {
 /// # Errors
 /// An unreadable or non-JSON index file.
 pub fn read_cuhk_pedes(json: &Path, root: &Path) -> Result<Dataset, DatasetError> {
-    let bytes = read(json)?;
-    let raw: Vec<serde_json::Value> =
-        serde_json::from_slice(&bytes).map_err(|e| DatasetError::Format {
-            path: json.to_path_buf(),
-            what: "CUHK-PEDES reid_raw.json",
-            message: e.to_string(),
-        })?;
-    let mut ds = Dataset {
-        format: "cuhk-pedes",
-        ..Default::default()
-    };
-    for (i, entry) in raw.into_iter().enumerate() {
-        let shown = || format!("record {i}: {}", truncate(&entry.to_string()));
-        let rec: CuhkRecord = match serde_json::from_value(entry.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                ds.skipped.push(BadRecord {
-                    record: shown(),
-                    reason: format!("malformed record: {e}"),
-                });
-                continue;
-            }
-        };
-        let path = root.join(&rec.file_path);
-        if !path.is_file() {
-            ds.skipped.push(BadRecord {
-                record: shown(),
-                reason: format!("missing file {}", path.display()),
-            });
-            continue;
-        }
-        let split = match rec.split.as_deref() {
-            Some("train") | None => Some(Split::Train),
-            Some(_) => Some(Split::Gallery),
-        };
-        ds.items.push(Item {
-            path,
-            person: id_string(&rec.id),
-            camera: None,
-            captions: rec.captions.iter().map(|t| caption(t, None)).collect(),
-            attributes: None,
-            split,
-        });
-    }
-    Ok(ds)
+    read_records(
+        json,
+        "CUHK-PEDES reid_raw.json",
+        "cuhk-pedes",
+        |rec: CuhkRecord| {
+            let path = existing(root, &rec.file_path)?;
+            let split = match rec.split.as_deref() {
+                Some("train") | None => Some(Split::Train),
+                Some(_) => Some(Split::Gallery),
+            };
+            Ok(Item {
+                path,
+                person: id_string(&rec.id),
+                camera: None,
+                captions: rec.captions.iter().map(|t| caption(t, None)).collect(),
+                attributes: None,
+                split,
+            })
+        },
+    )
 }
 
 /// Person id and camera of a Market-1501 file name (`0002_c1s1_000451_03.jpg` → ("0002", "c1");
