@@ -214,11 +214,11 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     }
     let ds = plip_ingest::datasets::open(&args.data)?;
     report_skipped("record", &ds.skipped);
-    let items: Vec<_> = ds
+    // One read of the data set: training items, and the query/gallery split for --eval-every.
+    let (items, held_out): (Vec<_>, Vec<_>) = ds
         .items
         .into_iter()
-        .filter(|i| matches!(i.split, None | Some(Split::Train)))
-        .collect();
+        .partition(|i| matches!(i.split, None | Some(Split::Train)));
     if items.is_empty() {
         return Err(format!("{} has no training images", args.data.display()).into());
     }
@@ -247,15 +247,12 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         return Err("no training image could be decoded".into());
     }
     let eval_split = if args.eval_every > 0 {
-        let ds = plip_ingest::datasets::open(&args.data)?;
-        let q: Vec<_> = ds
-            .items
+        let q: Vec<_> = held_out
             .iter()
             .filter(|i| i.split == Some(Split::Query))
             .cloned()
             .collect();
-        let g: Vec<_> = ds
-            .items
+        let g: Vec<_> = held_out
             .iter()
             .filter(|i| i.split == Some(Split::Gallery))
             .cloned()

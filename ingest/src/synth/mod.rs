@@ -129,7 +129,7 @@ fn render(id: &Identity, cam: &Camera, cfg: &SynthConfig, rng: &mut StdRng) -> V
         ground,
         w as f32,
         h as f32,
-        raster_shade(cam.backdrop, 0.7),
+        raster::shade(cam.backdrop, 0.7),
     );
     let clutter = (rng.gen_range(0.0..6.0) * d).round() as usize;
     for _ in 0..clutter {
@@ -196,10 +196,6 @@ fn render(id: &Identity, cam: &Camera, cfg: &SynthConfig, rng: &mut StdRng) -> V
     c.blur((rng.gen_range(0.0..2.2) * d) as usize);
     c.camera(gain, brightness, rng.gen_range(0.0..0.05) * d, rng);
     c.to_bytes()
-}
-
-fn raster_shade(c: [f32; 3], f: f32) -> [f32; 3] {
-    raster::shade(c, f)
 }
 
 /// The identities of a data set, train first: `(person id, identity)`.

@@ -29,7 +29,7 @@ impl Canvas {
         }
     }
 
-    /// Axis-aligned rectangle, shaded by `shade(y_fraction)` (1 = flat).
+    /// Filled axis-aligned rectangle.
     pub fn rect(&mut self, x0: f32, y0: f32, x1: f32, y1: f32, c: Rgb) {
         for y in y0.round() as i64..y1.round() as i64 {
             for x in x0.round() as i64..x1.round() as i64 {
