@@ -27,6 +27,35 @@ pub enum Command {
     Tokenizer(TokenizerCommand),
     /// Writes a checkpoint's weights (with its tokenizer) as a .safetensors file.
     Export(crate::export::ExportArgs),
+    /// Runs the daemon: ingest from RabbitMQ, caption, train continuously, checkpoint.
+    Run(RunArgs),
+    /// Publishes a data set onto the ingest exchange (a producer), with publisher confirms.
+    Publish(crate::publish::PublishArgs),
+    /// Status of a running daemon (through its HTTP listener), or of a state folder.
+    Status(AdminArgs),
+    /// Checkpoints of a running daemon, or of a state folder.
+    Checkpoints(AdminArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML; see configs/default.toml). `PLIP__SECTION__KEY` environment
+    /// variables override it.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Configuration file (for the listener address and the state folder).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Address of a running daemon's HTTP listener (default: the configuration's).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// State folder to open directly when no daemon answers (default: the configuration's).
+    #[arg(long)]
+    pub state: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +80,12 @@ pub fn main() -> ExitCode {
         Command::Train(args) => crate::train::run(&args),
         Command::Tokenizer(TokenizerCommand::Train(args)) => crate::train::run_tokenizer(&args),
         Command::Export(args) => crate::export::run(&args),
+        Command::Run(args) => crate::config::Config::load(args.config.as_deref())
+            .and_then(crate::daemon::run)
+            .map_err(Into::into),
+        Command::Publish(args) => crate::publish::run(&args),
+        Command::Status(args) => admin(&args, "/status"),
+        Command::Checkpoints(args) => admin(&args, "/checkpoints"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,4 +94,40 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `plipd status` / `plipd checkpoints`: asks the running daemon, or reads the state folder
+/// when none answers (sled allows one process per folder, so a running daemon is only reachable
+/// through its listener).
+fn admin(args: &AdminArgs, path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = crate::config::Config::load(args.config.as_deref())?;
+    let addr = args.http.clone().unwrap_or(cfg.http.listen.clone());
+    if let Some(answer) = crate::daemon::http::get(&addr, path) {
+        println!("{}", serde_json::to_string_pretty(&answer?)?);
+        return Ok(());
+    }
+    let dir = args.state.clone().unwrap_or(cfg.state.dir.clone());
+    if !dir.exists() {
+        return Err(format!(
+            "no daemon answers at {addr} and there is no state folder at {}",
+            dir.display()
+        )
+        .into());
+    }
+    let state = crate::state::State::open(&dir).map_err(|e| {
+        format!("no daemon answers at {addr}, and the state folder cannot be opened: {e}")
+    })?;
+    let doc = if path == "/status" {
+        let store = state.samples(cfg.state.probe_percent)?;
+        serde_json::json!({
+            "daemon": null,
+            "state_dir": dir,
+            "samples": {"total": store.len(), "by_purpose": store.counts(), "uncaptioned": store.uncaptioned_len()},
+            "latest_checkpoint": state.latest_version()?,
+        })
+    } else {
+        crate::daemon::http::list_checkpoints(&state)?
+    };
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
 }

@@ -38,7 +38,8 @@ pub fn from_state(dir: &Path, version: Option<u64>) -> Result<LoadedModel, Error
             .latest_valid(|e| eprintln!("plipd: {e}; skipped"))?
             .ok_or("the state folder has no valid checkpoint")?,
     };
-    let preset = Preset::by_name(&ck.meta.preset)?;
+    // The blob carries the full dimensions (a preset may have been trained with overrides).
+    let preset = read_meta(&ck.weights)?.preset;
     let mut model = Plip::<f32, Cpu>::new(&Cpu::default(), &preset, 0)?;
     load_weights(&mut model, &ck.weights, tokenizer.fingerprint())?;
     let source = serde_json::json!({"state": dir, "version": ck.meta.version, "step": ck.meta.step, "images_seen": ck.meta.images_seen, "preset": preset.name});

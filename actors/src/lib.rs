@@ -17,12 +17,15 @@
 
 pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod data;
 pub mod eval;
 pub mod evaluate;
 pub mod export;
 pub mod plots;
 pub mod progress;
+pub mod publish;
 pub mod state;
 pub mod store;
 pub mod synth;

@@ -174,6 +174,15 @@ impl State {
         Ok(crate::store::SampleStore::open(&self.db, probe_percent)?)
     }
 
+    /// Flushes every tree to disk.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The folder.
     pub fn path(&self) -> &Path {
         &self.path

@@ -58,6 +58,11 @@ fn decode(bytes: &[u8]) -> Option<StoredSample> {
     })
 }
 
+fn decode_meta(bytes: &[u8]) -> Option<SampleMeta> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    serde_json::from_slice(bytes.get(8..8 + len)?).ok()
+}
+
 /// FNV-1a, stable across builds and platforms (std's hasher is not).
 fn stable_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -85,7 +90,22 @@ pub struct SampleStore {
     db: sled::Db,
     samples: sled::Tree,
     arrivals: sled::Tree,
+    /// Ids of samples stored without captions, waiting for the caption workers.
+    uncaptioned: sled::Tree,
     probe_percent: u32,
+}
+
+/// Environment variable naming a file whose existence makes every write fail as a full disk
+/// would: the fault-injection hook of the storage-failure tests (unset in production).
+pub const FAULT_FILE_ENV: &str = "PLIP_FAULT_FAIL_WRITES_FILE";
+
+fn injected_fault() -> Result<(), String> {
+    match std::env::var_os(FAULT_FILE_ENV) {
+        Some(f) if std::path::Path::new(&f).exists() => {
+            Err("injected write failure (No space left on device)".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 impl SampleStore {
@@ -97,6 +117,7 @@ impl SampleStore {
         Ok(SampleStore {
             samples: db.open_tree("samples")?,
             arrivals: db.open_tree("arrivals")?,
+            uncaptioned: db.open_tree("uncaptioned")?,
             db: db.clone(),
             probe_percent,
         })
@@ -109,6 +130,7 @@ impl SampleStore {
     /// # Errors
     /// A failed write or flush: nothing of this batch may be acknowledged.
     pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>, String> {
+        injected_fault()?;
         let mut fresh = Vec::with_capacity(images.len());
         for img in images {
             let seq = self.db.generate_id().map_err(|e| e.to_string())?;
@@ -130,15 +152,20 @@ impl SampleStore {
                 probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
                 seq,
             };
+            let needs_captions = meta.captions.is_empty();
             let value = encode(&StoredSample { meta, jpeg })?;
-            // The sample and its arrival entry are written together or not at all.
-            let inserted = (&self.samples, &self.arrivals)
-                .transaction(|(samples, arrivals)| {
+            // The sample, its arrival entry and its captioning ticket are written together or
+            // not at all.
+            let inserted = (&self.samples, &self.arrivals, &self.uncaptioned)
+                .transaction(|(samples, arrivals, uncaptioned)| {
                     if samples.get(img.id.as_bytes())?.is_some() {
                         return Ok(false);
                     }
                     samples.insert(img.id.as_bytes(), value.as_slice())?;
                     arrivals.insert(&seq.to_be_bytes(), img.id.as_bytes())?;
+                    if needs_captions {
+                        uncaptioned.insert(img.id.as_bytes(), &[])?;
+                    }
                     Ok(true)
                 })
                 .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
@@ -157,16 +184,83 @@ impl SampleStore {
             .and_then(|v| decode(&v)))
     }
 
-    /// Replaces a sample's captions (from the caption workers).
+    /// Replaces a sample's captions (from the caption workers) and clears its captioning
+    /// ticket, in one transaction.
     pub fn set_captions(&self, id: &str, captions: Vec<Caption>) -> Result<(), String> {
+        injected_fault()?;
         let Some(mut s) = self.get(id)? else {
+            self.uncaptioned
+                .remove(id.as_bytes())
+                .map_err(|e| e.to_string())?;
             return Ok(());
         };
         s.meta.captions = captions;
-        self.samples
-            .insert(id.as_bytes(), encode(&s)?)
-            .map_err(|e| e.to_string())?;
+        let value = encode(&s)?;
+        (&self.samples, &self.uncaptioned)
+            .transaction(|(samples, uncaptioned)| {
+                samples.insert(id.as_bytes(), value.as_slice())?;
+                uncaptioned.remove(id.as_bytes())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
         Ok(())
+    }
+
+    /// Up to `n` ids waiting for captions whose stable hash falls in `shard` of `shards`.
+    pub fn uncaptioned(&self, n: usize, shard: usize, shards: usize) -> Vec<String> {
+        self.uncaptioned
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .filter(|id| stable_hash(id) as usize % shards.max(1) == shard)
+            .take(n)
+            .collect()
+    }
+
+    /// Samples waiting for captions.
+    pub fn uncaptioned_len(&self) -> usize {
+        self.uncaptioned.len()
+    }
+
+    /// The newest arrival sequence number (0 when empty).
+    pub fn last_seq(&self) -> u64 {
+        self.arrivals
+            .last()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0)
+    }
+
+    /// Metadata of every sample, in arrival order (pixels not read).
+    pub fn metas(&self) -> Vec<SampleMeta> {
+        self.arrivals
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .filter_map(|id| self.samples.get(&id).ok().flatten())
+            .filter_map(|v| decode_meta(&v))
+            .collect()
+    }
+
+    /// Checks that storage accepts writes again (after a failure): writes, flushes and removes a
+    /// probe key.
+    ///
+    /// # Errors
+    /// The write or flush still fails.
+    pub fn probe_write(&self) -> Result<(), String> {
+        injected_fault()?;
+        self.db
+            .insert("probe_write", &[])
+            .map_err(|e| e.to_string())?;
+        self.db.remove("probe_write").map_err(|e| e.to_string())?;
+        self.db.flush().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Flushes everything written so far.
+    pub fn flush(&self) -> Result<(), String> {
+        self.db.flush().map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// Number of stored samples.
@@ -182,19 +276,19 @@ impl SampleStore {
     /// Counts by purpose and probe.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
-        for s in self
+        for m in self
             .samples
             .iter()
             .values()
             .filter_map(|v| v.ok())
-            .filter_map(|v| decode(&v))
+            .filter_map(|v| decode_meta(&v))
         {
-            match s.meta.purpose {
+            match m.purpose {
                 Purpose::Train => c.train += 1,
                 Purpose::Gallery => c.gallery += 1,
                 Purpose::Both => c.both += 1,
             }
-            if s.meta.probe {
+            if m.probe {
                 c.probe += 1;
             }
         }
@@ -220,8 +314,8 @@ impl SampleStore {
             .filter_map(|r| r.ok())
             .filter_map(|(k, v)| {
                 let id = String::from_utf8_lossy(&v).into_owned();
-                let s = self.get(&id).ok().flatten()?;
-                (s.meta.purpose == Purpose::Train && !s.meta.probe).then_some((k, id))
+                let m = decode_meta(&self.samples.get(&v).ok().flatten()?)?;
+                (m.purpose == Purpose::Train && !m.probe).then_some((k, id))
             })
             .collect();
         let excess = trainable.len().saturating_sub(cap);
@@ -230,6 +324,9 @@ impl SampleStore {
                 .remove(id.as_bytes())
                 .map_err(|e| e.to_string())?;
             self.arrivals.remove(k).map_err(|e| e.to_string())?;
+            self.uncaptioned
+                .remove(id.as_bytes())
+                .map_err(|e| e.to_string())?;
         }
         self.db.flush().map_err(|e| e.to_string())?;
         Ok(excess)

@@ -86,6 +86,9 @@ pub struct TrainArgs {
     pub state: PathBuf,
     #[arg(long, default_value = "tiny")]
     pub preset: String,
+    /// Override the preset's image stem (`linear` or `hmlp`).
+    #[arg(long)]
+    pub stem: Option<String>,
     /// Samples per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -208,7 +211,11 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
 /// Runs `plipd train`.
 pub fn run(args: &TrainArgs) -> Result<(), Error> {
     plip_model::runtime::tune_allocator();
-    let preset = Preset::by_name(&args.preset)?;
+    let mut preset = Preset::by_name(&args.preset)?;
+    if let Some(stem) = &args.stem {
+        preset.stem = plip_model::Stem::by_name(stem)?;
+        preset.validate()?;
+    }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
     }

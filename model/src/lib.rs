@@ -43,6 +43,6 @@ pub use dfdx;
 pub use error::{Error, Result};
 pub use params::Params;
 pub use plip::{Embeddings, LossValues, Plip, TaskWeights};
-pub use preset::Preset;
+pub use preset::{Preset, Stem};
 pub use tokenizer::Tokenizer;
 pub use train::{StepReport, TrainConfig, Trainer};

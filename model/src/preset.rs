@@ -41,6 +41,40 @@ pub struct Preset {
     pub embed: usize,
     /// The colorization head predicts each patch at `patch / tic_reduce` pixels per side.
     pub tic_reduce: usize,
+    /// How pixels become patch tokens.
+    #[serde(default)]
+    pub stem: Stem,
+}
+
+/// The image tower's patch embedding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stem {
+    /// One linear map of each flattened `patch × patch` square (the original ViT).
+    #[default]
+    Linear,
+    /// Hierarchical MLP stem (Touvron et al. 2022, "three things about ViTs"): 4×4-pixel
+    /// squares → Linear → LayerNorm → GELU, then two 2×2 merges (Linear → LayerNorm → GELU,
+    /// then Linear to the width). Equivalent to a stride-equals-kernel convolutional stem: it
+    /// gives the tower locality without overlapping convolutions (which dfdx compiles out on
+    /// stable Rust). Needs 16-pixel patches.
+    Hmlp,
+}
+
+impl Stem {
+    /// Parses `linear` or `hmlp`.
+    ///
+    /// # Errors
+    /// Any other name.
+    pub fn by_name(name: &str) -> crate::Result<Self> {
+        match name {
+            "linear" => Ok(Stem::Linear),
+            "hmlp" => Ok(Stem::Hmlp),
+            other => Err(crate::Error::InvalidPreset(format!(
+                "unknown stem {other:?}; known stems: linear, hmlp"
+            ))),
+        }
+    }
 }
 
 impl Preset {
@@ -61,6 +95,7 @@ impl Preset {
             vocab: 1024,
             embed: 32,
             tic_reduce: 1,
+            stem: Stem::Linear,
         }
     }
 
@@ -81,6 +116,7 @@ impl Preset {
             vocab: 8192,
             embed: 256,
             tic_reduce: 2,
+            stem: Stem::Hmlp,
         }
     }
 
@@ -101,6 +137,7 @@ impl Preset {
             vocab: 16384,
             embed: 512,
             tic_reduce: 2,
+            stem: Stem::Hmlp,
         }
     }
 
@@ -177,6 +214,12 @@ impl Preset {
             return bad(format!(
                 "patch {} not divisible by tic_reduce {}",
                 self.patch, self.tic_reduce
+            ));
+        }
+        if self.stem == Stem::Hmlp && self.patch != 16 {
+            return bad(format!(
+                "the hmlp stem needs 16-pixel patches, not {}",
+                self.patch
             ));
         }
         if self.text_len < 3 || self.vocab < 8 {

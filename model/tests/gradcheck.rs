@@ -6,7 +6,7 @@ use common::*;
 use plip_model::dfdx::prelude::*;
 use plip_model::optim::{AdamW, Grad};
 use plip_model::params::{ParamMut, Params};
-use plip_model::{Plip, Preset, TaskWeights, TrainConfig, Trainer};
+use plip_model::{Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer};
 
 // Before this check existed, two dfdx 0.13 backward bugs went unnoticed: `accurate_gelu`'s
 // derivative (off by √2 in one term) and `log_softmax` on a permuted input. Both produced
@@ -25,8 +25,31 @@ fn gradients_match_finite_differences_in_f64() {
 }
 
 fn check(tasks: TaskWeights) {
+    check_preset(tasks, Preset::test());
+}
+
+/// The hierarchical-MLP stem (`tiny` and `small` use it) on `test` dimensions with 16-pixel
+/// patches: its reshapes and merges must carry gradients to every stage.
+#[test]
+fn hmlp_stem_gradients_match_finite_differences() {
+    let p = Preset {
+        patch: 16,
+        stem: Stem::Hmlp,
+        ..Preset::test()
+    };
+    p.validate().unwrap();
+    check_preset(
+        TaskWeights {
+            ivlc: 1.0,
+            iap: 1.0,
+            tic: 1.0,
+        },
+        p,
+    );
+}
+
+fn check_preset(tasks: TaskWeights, p: Preset) {
     let all_on = tasks.ivlc > 0.0 && tasks.iap > 0.0 && tasks.tic > 0.0;
-    let p = Preset::test();
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 5);
     let b = batch(&toys, &p, &tk, 0.5, 9);
@@ -41,8 +64,16 @@ fn check(tasks: TaskWeights) {
     let grads = AdamW::gradients(&trainer.model, &grads.unwrap());
     let names: Vec<String> = trainer.model.params().into_iter().map(|(n, _)| n).collect();
 
+    let stem: &[&str] = match p.stem {
+        Stem::Linear => &["image.patch_embed.weight"],
+        Stem::Hmlp => &[
+            "image.hmlp.embed.weight",
+            "image.hmlp.norm1.weight",
+            "image.hmlp.merge1.weight",
+            "image.hmlp.merge2.bias",
+        ],
+    };
     let checked = [
-        "image.patch_embed.weight",
         "image.pos",
         "image.blocks.0.attn.q.weight",
         "image.blocks.1.mlp.fc1.weight",
@@ -57,6 +88,7 @@ fn check(tasks: TaskWeights) {
         "tic.fc2.weight",
         "logit_scale",
     ];
+    let checked = stem.iter().copied().chain(checked);
     let loss_of =
         |t: &Trainer<f64, Cpu>| t.model.losses(&b, &t.cfg.tasks, NoneTape).unwrap().1.total;
     let h = 1e-6;

@@ -1,0 +1,257 @@
+//! The daemon's configuration: a TOML file (`configs/default.toml` documents every key) merged
+//! with `PLIP__SECTION__KEY` environment variables; unknown keys and invalid values are refused
+//! at start, naming the key.
+
+use plip_ingest::amqp::Topology;
+use plip_ingest::wire::WireLimits;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything `plipd run` reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub topology: Topology,
+    pub limits: WireLimits,
+    pub state: StateConfig,
+    pub captions: CaptionConfig,
+    pub trainer: TrainerConfig,
+    pub http: HttpConfig,
+}
+
+/// The RabbitMQ connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `amqp://user:password@host:port/vhost` (or `amqps://` for TLS).
+    pub url: String,
+    /// Unacknowledged ingest deliveries in flight (AMQP prefetch); the rest waits in the broker.
+    pub prefetch: u16,
+    /// First reconnect delay after the broker is lost, milliseconds (doubles up to the maximum).
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefetch: 8,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+/// The state folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The sled folder (created if absent).
+    pub dir: PathBuf,
+    /// Percentage of person ids set aside as the probe split (never trained on).
+    pub probe_percent: u32,
+    /// Most training samples kept; the oldest are evicted first (0 = no cap).
+    pub max_training_samples: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("state"),
+            probe_percent: 10,
+            max_training_samples: 500_000,
+        }
+    }
+}
+
+/// The caption workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptionConfig {
+    /// Worker threads writing captions for samples that arrive without any.
+    pub workers: usize,
+}
+
+impl Default for CaptionConfig {
+    fn default() -> Self {
+        CaptionConfig { workers: 1 }
+    }
+}
+
+/// The continuous trainer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// Train at all (a serving-only daemon sets false).
+    pub enabled: bool,
+    /// Model preset: `test`, `tiny` or `small`.
+    pub preset: String,
+    /// Device: `cpu` (a build with the `cuda` feature also takes `cuda` / `cuda:N`).
+    pub device: String,
+    /// Samples per step.
+    pub batch: usize,
+    /// Images of one identity per batch (P identities × this).
+    pub images_per_id: usize,
+    /// Peak learning rate (after the warm-up it stays constant).
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup_steps: u64,
+    /// Steps over which the IAP mask ratio rises from 0.2 to 0.8.
+    pub ramp_steps: u64,
+    /// Task weights (0 turns a task off).
+    pub w_ivlc: f64,
+    pub w_iap: f64,
+    pub w_tic: f64,
+    /// Captioned training samples needed before the first step.
+    pub min_samples: usize,
+    /// Share of each batch's identities drawn from the most recent arrivals (the rest uniformly
+    /// from everything stored, so the model does not forget).
+    pub recent_fraction: f64,
+    /// How many of the newest training samples count as recent.
+    pub recent_window: usize,
+    /// Pause when no new sample has arrived for this many seconds (0 = never pause).
+    pub idle_after_s: u64,
+    /// Checkpoint every N steps …
+    pub checkpoint_every_steps: u64,
+    /// … or every T seconds, whichever comes first.
+    pub checkpoint_every_s: u64,
+    /// Checkpoints kept (newest first).
+    pub keep_checkpoints: usize,
+    /// CPU threads of the training step (0 = one per core).
+    pub threads: usize,
+    /// Seed of the initial weights and the sampler.
+    pub seed: u64,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig {
+            enabled: true,
+            preset: "tiny".into(),
+            device: "cpu".into(),
+            batch: 64,
+            images_per_id: 4,
+            lr: 3e-4,
+            warmup_steps: 100,
+            ramp_steps: 10_000,
+            w_ivlc: 1.0,
+            w_iap: 0.1,
+            w_tic: 0.02,
+            min_samples: 256,
+            recent_fraction: 0.5,
+            recent_window: 2048,
+            idle_after_s: 3600,
+            checkpoint_every_steps: 200,
+            checkpoint_every_s: 600,
+            keep_checkpoints: 5,
+            threads: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// The HTTP listener (status and admin).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on; localhost by default (the admin endpoints have no authentication).
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:7878".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `file` (when given) and the `PLIP__…` environment variables over the defaults.
+    ///
+    /// # Errors
+    /// An unreadable file, an unknown key or an invalid value, naming it.
+    pub fn load(file: Option<&Path>) -> Result<Config, String> {
+        Self::load_with_env(file, None)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, String> {
+        let mut b = config::Config::builder();
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(format!("configuration file {} does not exist", f.display()));
+            }
+            b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        let envsrc = config::Environment::with_prefix("PLIP")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let raw = b
+            .add_source(envsrc)
+            .build()
+            .map_err(|e| format!("configuration: {e}"))?;
+        let cfg: Config = raw
+            .try_deserialize()
+            .map_err(|e| format!("configuration: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot.
+    ///
+    /// # Errors
+    /// The first invalid value, naming its key.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.trainer;
+        plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
+        if t.device != "cpu" {
+            return Err(format!(
+                "trainer.device = {:?}: this build trains on the CPU only (build with --features cuda for a GPU)",
+                t.device
+            ));
+        }
+        if t.batch < 2 {
+            return Err("trainer.batch must be at least 2".into());
+        }
+        if t.images_per_id == 0 || t.images_per_id > t.batch {
+            return Err("trainer.images_per_id must be between 1 and trainer.batch".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err("trainer.lr must be a positive number".into());
+        }
+        if !(0.0..=1.0).contains(&t.recent_fraction) {
+            return Err("trainer.recent_fraction must be between 0 and 1".into());
+        }
+        if t.checkpoint_every_steps == 0 && t.checkpoint_every_s == 0 {
+            return Err(
+                "trainer.checkpoint_every_steps and trainer.checkpoint_every_s cannot both be 0"
+                    .into(),
+            );
+        }
+        if t.keep_checkpoints == 0 {
+            return Err("trainer.keep_checkpoints must be at least 1".into());
+        }
+        if self.broker.prefetch == 0 {
+            return Err("broker.prefetch must be at least 1".into());
+        }
+        if self.state.probe_percent > 50 {
+            return Err("state.probe_percent must be at most 50".into());
+        }
+        if self.captions.workers == 0 {
+            return Err("captions.workers must be at least 1".into());
+        }
+        Ok(())
+    }
+}

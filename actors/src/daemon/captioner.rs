@@ -1,0 +1,83 @@
+//! Caption workers: OS threads that write captions for samples stored without any.
+//!
+//! Ingest never waits for them: a sample without captions is stored with a ticket in the
+//! `uncaptioned` tree (same transaction), and each worker takes the tickets of its shard,
+//! captions the sample — from the producer's attributes when given, otherwise from the colours
+//! estimated in its pixels (unknown attributes are left out) — and clears the ticket together
+//! with the captions. A crash loses nothing: tickets survive in sled.
+//!
+//! Worker 0 also applies the training-sample cap (`state.max_training_samples`).
+
+use super::{log, Shared};
+use plip_ingest::captions::{estimate_colours, synthesize};
+use plip_ingest::image::{decode, IntakeLimits};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Captions samples of shard `shard` of `shards` until shutdown.
+///
+/// # Errors
+/// Never for a bad sample (it is captioned as "a person" or skipped with a log line); a
+/// storage failure is retried after a pause.
+pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), String> {
+    let mut last_evict = Instant::now();
+    while !shared.stopping() {
+        if shard == 0 && last_evict.elapsed() > Duration::from_secs(10) {
+            last_evict = Instant::now();
+            let cap = shared.cfg.state.max_training_samples;
+            if cap > 0 {
+                match shared.store.evict_training(cap) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        shared.stats().evicted += n as u64;
+                        log("evicted", serde_json::json!({"samples": n, "cap": cap}));
+                    }
+                    Err(e) => log("evict_failed", serde_json::json!({"error": e})),
+                }
+            }
+        }
+        let ids = shared.store.uncaptioned(64, shard, shards);
+        if ids.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        for id in ids {
+            if shared.stopping() {
+                break;
+            }
+            let sample = match shared.store.get(&id) {
+                Ok(s) => s,
+                Err(e) => {
+                    log("caption_failed", serde_json::json!({"id": id, "error": e}));
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let captions = match &sample {
+                None => vec![],
+                Some(s) => {
+                    let attrs = match s.meta.attributes {
+                        Some(a) => a,
+                        None => match decode(&s.jpeg, &IntakeLimits::default()) {
+                            Ok(img) => estimate_colours(&img),
+                            Err(_) => Default::default(),
+                        },
+                    };
+                    let seed = s.meta.seq ^ 0x9e37_79b9_7f4a_7c15;
+                    let set = synthesize(&attrs, seed);
+                    let mut c = set.captions;
+                    c.push(set.prompt);
+                    c
+                }
+            };
+            match shared.store.set_captions(&id, captions) {
+                Ok(()) => shared.stats().captioned += 1,
+                Err(e) => {
+                    log("caption_failed", serde_json::json!({"id": id, "error": e}));
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    Ok(())
+}

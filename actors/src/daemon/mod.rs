@@ -1,0 +1,254 @@
+//! The daemon (`plipd run`): one ractor supervisor owning the ingest consumer (with its broker
+//! connection), the caption workers, the continuous trainer, the checkpointer and the HTTP
+//! listener, all sharing the state folder.
+//!
+//! Data flow: deliveries on `plip.ingest` → decode/validate → samples flushed into sled → ack;
+//! refused messages → a copy on `plip.dlx` with `x-plip-error` → ack; samples without captions
+//! → caption workers (a ticket tree in sled, so nothing waits in memory) → trainer thread
+//! (identity-balanced batches from the store) → checkpointer (sled `checkpoints` tree).
+
+pub mod captioner;
+pub mod http;
+pub mod ingest;
+pub mod supervisor;
+pub mod trainer;
+
+use crate::config::Config;
+use crate::state::State;
+use crate::store::SampleStore;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What every part of the daemon shares.
+pub struct Shared {
+    pub cfg: Config,
+    pub state: State,
+    pub store: SampleStore,
+    stats: Mutex<Stats>,
+    /// Set once on SIGTERM/SIGINT: every loop winds down.
+    pub shutdown: AtomicBool,
+    /// Wakes waiters when `shutdown` is set.
+    pub shutdown_notify: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Opens the state folder of `cfg`.
+    ///
+    /// # Errors
+    /// The state folder cannot be opened (another process holds it, newer format, I/O).
+    pub fn open(cfg: Config) -> Result<Arc<Shared>, String> {
+        let state = State::open(&cfg.state.dir).map_err(|e| e.to_string())?;
+        let store = state
+            .samples(cfg.state.probe_percent)
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Shared {
+            cfg,
+            state,
+            store,
+            stats: Mutex::new(Stats::default()),
+            shutdown: AtomicBool::new(false),
+            shutdown_notify: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The live counters (a poisoned lock still yields them: counters cannot be half-written).
+    pub fn stats(&self) -> MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True once shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Begins shutdown.
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.shutdown_notify.notify_waiters();
+    }
+
+    /// Resolves once shutdown has begun (never misses a `stop` that races with it).
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.shutdown_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopping() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Sleeps `d` or until shutdown begins; true when shutting down.
+    pub async fn sleep_or_stop(&self, d: std::time::Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.stopped() => {}
+        }
+        self.stopping()
+    }
+}
+
+/// Counters and states the status endpoint reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Connected to the broker and consuming.
+    pub consuming: bool,
+    /// Why ingest is paused, when it is (broker lost, storage failing).
+    pub ingest_paused: Option<String>,
+    /// Storage failure that stopped consumption, if any.
+    pub storage_error: Option<String>,
+    /// Broker connections made (1 + reconnects).
+    pub connections: u64,
+    /// Deliveries handled (acked).
+    pub deliveries: u64,
+    /// Images stored for the first time.
+    pub stored: u64,
+    /// Images whose id was already stored (redeliveries, re-sends).
+    pub duplicates: u64,
+    /// Images refused, by code.
+    pub rejected: BTreeMap<String, u64>,
+    /// Messages dead-lettered (copy on the dead-letter exchange), by code.
+    pub dead_lettered: BTreeMap<String, u64>,
+    /// Ingest outcomes sent to producers.
+    pub replies: u64,
+    /// Samples captioned by the caption workers.
+    pub captioned: u64,
+    /// Samples evicted by the training-sample cap.
+    pub evicted: u64,
+    /// The trainer.
+    pub trainer: TrainerStats,
+    /// Child restarts by the supervisor, by child.
+    pub restarts: BTreeMap<String, u64>,
+}
+
+/// The trainer's live numbers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrainerStats {
+    /// `disabled`, `starting`, `waiting_for_samples`, `training`, `idle`, `stopped`, `failed`.
+    pub state: String,
+    pub step: u64,
+    pub images_seen: u64,
+    pub loss: Option<f64>,
+    pub ivlc: Option<f64>,
+    pub iap: Option<f64>,
+    pub tic: Option<f64>,
+    pub lr: Option<f64>,
+    pub steps_per_s: Option<f64>,
+    pub images_per_s: Option<f64>,
+    /// Trainable (captioned, non-probe) samples the sampler draws from.
+    pub trainable_samples: usize,
+    pub checkpoints_written: u64,
+    pub last_checkpoint: Option<u64>,
+    pub last_checkpoint_step: Option<u64>,
+    pub resumed_from: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Logs one event as a JSON line on stderr (the journal keeps it).
+pub fn log(event: &str, fields: serde_json::Value) {
+    let mut obj = serde_json::Map::new();
+    obj.insert("event".into(), event.into());
+    obj.insert(
+        "unix_ms".into(),
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0))
+        .into(),
+    );
+    if let serde_json::Value::Object(m) = fields {
+        obj.extend(m);
+    }
+    eprintln!("{}", serde_json::Value::Object(obj));
+}
+
+/// Runs the daemon until SIGTERM/SIGINT; returns after a clean shutdown.
+///
+/// # Errors
+/// A start-up failure (state folder, HTTP address, runtime).
+pub fn run(cfg: Config) -> Result<(), String> {
+    plip_model::runtime::tune_allocator();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("plipd-io")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.block_on(async move {
+        let shared = Shared::open(cfg)?;
+        let listener = http::bind(&shared.cfg.http.listen).await?;
+        log(
+            "started",
+            serde_json::json!({"state": shared.cfg.state.dir, "http": listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "broker": redact(&shared.cfg.broker.url), "samples": shared.store.len()}),
+        );
+        let running = supervisor::start(shared.clone(), listener).await?;
+        let stop_signal = wait_for_signal();
+        tokio::pin!(stop_signal);
+        tokio::select! {
+            sig = &mut stop_signal => log("signal", serde_json::json!({"signal": sig})),
+            _ = shared.stopped() => {}
+        }
+        shared.stop();
+        supervisor::shutdown(running).await;
+        shared.state.flush().map_err(|e| e.to_string())?;
+        log("stopped", serde_json::json!({}));
+        Ok(())
+    })
+}
+
+/// The broker URL with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_the_password_only() {
+        assert_eq!(
+            super::redact("amqps://user:secret@host:5671/vh"),
+            "amqps://user:***@host:5671/vh"
+        );
+        assert_eq!(super::redact("amqp://host"), "amqp://host");
+    }
+}

@@ -1,0 +1,337 @@
+//! The ractor supervision tree: one supervisor, one child actor per worker (ingest, each
+//! caption worker, trainer, checkpointer, HTTP listener).
+//!
+//! A child actor starts its worker (an async task, or an OS thread for CPU-bound work) in
+//! `pre_start` and fails when the worker returns an error or panics. The supervisor overrides
+//! ractor's default (which stops the supervisor when a child exits): a failed child is
+//! restarted after an exponential backoff (0.5 s doubling to 30 s; reset after a minute of
+//! health), and the restart is counted in the status. Nothing is buffered in a mailbox: workers
+//! pull from sled or the broker, and the trainer hands the checkpointer one checkpoint at a time.
+
+use super::{log, trainer, Shared};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// The supervised children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Child {
+    Ingest,
+    Captions(usize),
+    Trainer,
+    Checkpointer,
+    Http,
+}
+
+impl Child {
+    fn name(self) -> String {
+        match self {
+            Child::Ingest => "ingest".into(),
+            Child::Captions(i) => format!("captions-{i}"),
+            Child::Trainer => "trainer".into(),
+            Child::Checkpointer => "checkpointer".into(),
+            Child::Http => "http".into(),
+        }
+    }
+}
+
+/// What the children share besides [`Shared`].
+#[derive(Clone)]
+pub struct Wiring {
+    pub shared: Arc<Shared>,
+    pub listener: Arc<TcpListener>,
+    pub jobs_tx: mpsc::Sender<trainer::Job>,
+    pub jobs_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<trainer::Job>>>,
+    /// Workers currently running.
+    pub running: Arc<AtomicUsize>,
+}
+
+/// A worker's end, reported to its actor.
+pub enum WorkerMsg {
+    Exited(Result<(), String>),
+}
+
+/// The actor wrapping one worker.
+pub struct Worker;
+
+impl Actor for Worker {
+    type Msg = WorkerMsg;
+    type State = Child;
+    type Arguments = (Child, Wiring);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        (child, w): (Child, Wiring),
+    ) -> Result<Child, ActorProcessingErr> {
+        w.running.fetch_add(1, Ordering::SeqCst);
+        let shared = w.shared.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        // OS-thread workers report through the oneshot (a panic drops the sender).
+        let thread = |name: String, f: Box<dyn FnOnce() -> Result<(), String> + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let r = f();
+                    let _ = tx.send(r);
+                })
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let task: Option<tokio::task::JoinHandle<Result<(), String>>> = match child {
+            Child::Ingest => Some(tokio::spawn(async move {
+                super::ingest::run(shared).await;
+                Ok(())
+            })),
+            Child::Http => {
+                let l = w.listener.clone();
+                Some(tokio::spawn(super::http::serve(shared, l)))
+            }
+            Child::Checkpointer => {
+                let rx = w.jobs_rx.clone();
+                Some(tokio::spawn(trainer::checkpointer(shared, rx)))
+            }
+            Child::Captions(i) => {
+                let n = shared.cfg.captions.workers;
+                thread(
+                    child.name(),
+                    Box::new(move || super::captioner::run(shared, i, n)),
+                )?;
+                None
+            }
+            Child::Trainer => {
+                let jobs = w.jobs_tx.clone();
+                thread(
+                    child.name(),
+                    Box::new(move || {
+                        let r = trainer::run(shared.clone(), jobs);
+                        if let Err(e) = &r {
+                            let mut st = shared.stats();
+                            st.trainer.state = "failed".into();
+                            st.trainer.error = Some(e.clone());
+                        }
+                        r
+                    }),
+                )?;
+                None
+            }
+        };
+        let me = myself.clone();
+        let running = w.running.clone();
+        let shared_for_exit = w.shared.clone();
+        tokio::spawn(async move {
+            let r = match task {
+                Some(t) => t
+                    .await
+                    .unwrap_or_else(|e| Err(format!("worker panicked: {e}"))),
+                None => rx
+                    .await
+                    .unwrap_or_else(|_| Err("worker thread panicked".into())),
+            };
+            if child == Child::Trainer && r.is_err() {
+                shared_for_exit.stats().trainer.state = "failed".into();
+            }
+            running.fetch_sub(1, Ordering::SeqCst);
+            let _ = me.cast(WorkerMsg::Exited(r));
+        });
+        Ok(child)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        child: &mut Child,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::Exited(Ok(())) => {
+                myself.stop(None);
+                Ok(())
+            }
+            WorkerMsg::Exited(Err(e)) => Err(format!("{}: {e}", child.name()).into()),
+        }
+    }
+}
+
+/// Supervisor messages.
+pub enum SupMsg {
+    Start(Child),
+}
+
+/// The supervisor.
+pub struct Supervisor;
+
+/// The supervisor's state.
+pub struct SupState {
+    wiring: Wiring,
+    children: HashMap<ractor::ActorId, Child>,
+    backoff: HashMap<Child, (Duration, Instant)>,
+}
+
+impl Supervisor {
+    async fn spawn(myself: &ActorRef<SupMsg>, st: &mut SupState, child: Child) {
+        match Actor::spawn_linked(None, Worker, (child, st.wiring.clone()), myself.get_cell()).await
+        {
+            Ok((r, _)) => {
+                st.children.insert(r.get_id(), child);
+            }
+            Err(e) => {
+                log(
+                    "child_start_failed",
+                    serde_json::json!({"child": child.name(), "error": e.to_string()}),
+                );
+                Self::restart_later(myself, st, child);
+            }
+        }
+    }
+
+    fn restart_later(myself: &ActorRef<SupMsg>, st: &mut SupState, child: Child) {
+        if st.wiring.shared.stopping() {
+            return;
+        }
+        let now = Instant::now();
+        let entry = st
+            .backoff
+            .entry(child)
+            .or_insert((Duration::from_millis(250), now));
+        // A child that stayed up for a minute starts again from the shortest delay.
+        if now.duration_since(entry.1) > Duration::from_secs(60) {
+            entry.0 = Duration::from_millis(250);
+        }
+        entry.0 = (entry.0 * 2).min(Duration::from_secs(30));
+        entry.1 = now;
+        let delay = entry.0;
+        *st.wiring
+            .shared
+            .stats()
+            .restarts
+            .entry(child.name())
+            .or_default() += 1;
+        log(
+            "child_restart",
+            serde_json::json!({"child": child.name(), "in_ms": delay.as_millis() as u64}),
+        );
+        ractor::time::send_after(delay, myself.get_cell(), move || SupMsg::Start(child));
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupMsg;
+    type State = SupState;
+    type Arguments = Wiring;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupMsg>,
+        wiring: Wiring,
+    ) -> Result<SupState, ActorProcessingErr> {
+        let mut st = SupState {
+            wiring,
+            children: HashMap::new(),
+            backoff: HashMap::new(),
+        };
+        let cfg = &st.wiring.shared.cfg;
+        let mut kids = vec![Child::Http, Child::Checkpointer, Child::Ingest];
+        kids.extend((0..cfg.captions.workers).map(Child::Captions));
+        if cfg.trainer.enabled {
+            kids.push(Child::Trainer);
+        } else {
+            st.wiring.shared.stats().trainer.state = "disabled".into();
+        }
+        for k in kids {
+            Self::spawn(&myself, &mut st, k).await;
+        }
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupMsg>,
+        msg: SupMsg,
+        st: &mut SupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupMsg::Start(child) => {
+                if !st.wiring.shared.stopping() {
+                    Self::spawn(&myself, st, child).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupMsg>,
+        evt: SupervisionEvent,
+        st: &mut SupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if let Some(child) = st.children.remove(&cell.get_id()) {
+                    log(
+                        "child_failed",
+                        serde_json::json!({"child": child.name(), "error": err.to_string()}),
+                    );
+                    Self::restart_later(&myself, st, child);
+                }
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(child) = st.children.remove(&cell.get_id()) {
+                    // A worker only ends cleanly at shutdown; otherwise bring it back.
+                    if !st.wiring.shared.stopping() {
+                        Self::restart_later(&myself, st, child);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The running supervisor.
+pub struct Running {
+    pub sup: ActorRef<SupMsg>,
+    handle: tokio::task::JoinHandle<()>,
+    workers: Arc<AtomicUsize>,
+}
+
+/// Starts the supervisor and its children.
+///
+/// # Errors
+/// The supervisor cannot be spawned.
+pub async fn start(shared: Arc<Shared>, listener: TcpListener) -> Result<Running, String> {
+    let (jobs_tx, jobs_rx) = mpsc::channel(1);
+    let wiring = Wiring {
+        shared,
+        listener: Arc::new(listener),
+        jobs_tx,
+        jobs_rx: Arc::new(tokio::sync::Mutex::new(jobs_rx)),
+        running: Arc::new(AtomicUsize::new(0)),
+    };
+    let workers = wiring.running.clone();
+    let (sup, handle) = Actor::spawn(Some("plipd".into()), Supervisor, wiring)
+        .await
+        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    Ok(Running {
+        sup,
+        handle,
+        workers,
+    })
+}
+
+/// Waits (up to two minutes: the trainer may be mid-step and writes a last checkpoint) for the
+/// workers to wind down after [`Shared::stop`], then stops the supervisor.
+pub async fn shutdown(running: Running) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while running.workers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.sup.stop(None);
+    let _ = running.handle.await;
+}

@@ -1,0 +1,420 @@
+//! The continuous trainer (its own OS thread, never the async runtime) and the checkpointer
+//! (an async task writing what the trainer hands it into sled).
+//!
+//! The trainer resumes from the latest valid checkpoint (weights and optimiser state; a corrupt
+//! checkpoint is reported and skipped), waits until `trainer.min_samples` captioned training
+//! samples exist, then steps forever with the warm-up + constant schedule on identity-balanced
+//! batches: P identities × `images_per_id`, a `recent_fraction` of the identities drawn from the
+//! newest `recent_window` samples and the rest from everything stored, so new data is learnt
+//! without forgetting the old. With no new sample for `idle_after_s` it pauses. Every
+//! `checkpoint_every_steps` steps or `checkpoint_every_s` seconds — and at shutdown — it hands a
+//! checkpoint (weights + optimiser + step + metrics) to the checkpointer and waits for the
+//! flushed write, so at most one checkpoint is ever in memory.
+
+use super::{log, Shared};
+use crate::state::{now_unix, Checkpoint, CheckpointMeta};
+use plip_ingest::captions::Caption;
+use plip_ingest::image::{decode, pixels_at, IntakeLimits};
+use plip_ingest::wire::Purpose;
+use plip_model::batch::{Batch, Sample};
+use plip_model::dfdx::prelude::Cpu;
+use plip_model::optim::{OptimConfig, Schedule};
+use plip_model::weights::{load_optimizer, load_weights, read_meta, save_optimizer, save_weights};
+use plip_model::{Plip, Preset, TaskWeights, TrainConfig, Trainer};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// A checkpoint to write, and where to say it is durable.
+pub struct Job {
+    pub checkpoint: Checkpoint,
+    pub done: oneshot::Sender<Result<u64, String>>,
+}
+
+/// The checkpointer: writes each job (flushed transaction) and prunes old versions.
+pub async fn checkpointer(
+    shared: Arc<Shared>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+) -> Result<(), String> {
+    let mut rx = jobs.lock().await;
+    loop {
+        let job = tokio::select! {
+            j = rx.recv() => j,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)), if shared.stopping() => {
+                // The trainer writes a last checkpoint at shutdown: serve until it has ended.
+                let state = shared.stats().trainer.state.clone();
+                if matches!(state.as_str(), "" | "stopped" | "failed" | "disabled") {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let Some(job) = job else { return Ok(()) };
+        let s = shared.clone();
+        let keep = shared.cfg.trainer.keep_checkpoints;
+        let result = tokio::task::spawn_blocking(move || {
+            let v = s
+                .state
+                .save_checkpoint(job.checkpoint)
+                .map_err(|e| e.to_string())?;
+            s.state.prune(keep, &[v]).map_err(|e| e.to_string())?;
+            Ok::<u64, String>(v)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let _ = job.done.send(result);
+    }
+}
+
+/// A trainable sample as the sampler sees it.
+struct Entry {
+    id: String,
+    seq: u64,
+}
+
+/// Identity groups of trainable samples.
+struct Index {
+    entries: Vec<Entry>,
+    groups: Vec<Vec<usize>>,
+    /// Groups with a member among the newest `recent_window` entries.
+    recent: Vec<usize>,
+    last_seq: u64,
+}
+
+impl Index {
+    fn build(shared: &Shared) -> Index {
+        let window = shared.cfg.trainer.recent_window;
+        let metas = shared.store.metas();
+        let last_seq = metas.last().map_or(0, |m| m.seq);
+        let mut entries = Vec::new();
+        let mut by: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for m in metas {
+            let trainable = !m.probe
+                && !m.captions.is_empty()
+                && matches!(m.purpose, Purpose::Train | Purpose::Both);
+            if !trainable {
+                continue;
+            }
+            let i = entries.len();
+            match &m.person_id {
+                Some(p) => by.entry(p.clone()).or_default().push(i),
+                None => groups.push(vec![i]),
+            }
+            entries.push(Entry {
+                id: m.id,
+                seq: m.seq,
+            });
+        }
+        let mut keyed: Vec<_> = by.into_iter().collect();
+        keyed.sort();
+        groups.extend(keyed.into_iter().map(|(_, v)| v));
+        let cutoff = entries.len().saturating_sub(window);
+        let mut newest: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        newest.sort_unstable();
+        let threshold = newest.get(cutoff).copied().unwrap_or(u64::MAX);
+        let recent = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.iter().any(|&i| entries[i].seq >= threshold))
+            .map(|(gi, _)| gi)
+            .collect();
+        Index {
+            entries,
+            groups,
+            recent,
+            last_seq,
+        }
+    }
+
+    /// P groups (recent ones first, then uniform, no repeats) × K members each.
+    fn draw(
+        &self,
+        batch: usize,
+        per_id: usize,
+        recent_fraction: f64,
+        rng: &mut StdRng,
+    ) -> Vec<(usize, u64)> {
+        let p = (batch / per_id.max(1)).clamp(1, self.groups.len().max(1));
+        let want_recent = ((p as f64) * recent_fraction).round() as usize;
+        let mut chosen: Vec<usize> = Vec::with_capacity(p);
+        let mut recent = self.recent.clone();
+        recent.shuffle(rng);
+        chosen.extend(recent.into_iter().take(want_recent.min(p)));
+        let mut all: Vec<usize> = (0..self.groups.len()).collect();
+        all.shuffle(rng);
+        for g in all {
+            if chosen.len() >= p {
+                break;
+            }
+            if !chosen.contains(&g) {
+                chosen.push(g);
+            }
+        }
+        let mut out = Vec::with_capacity(batch);
+        for g in chosen {
+            let members = &self.groups[g];
+            let mut pick = members.clone();
+            pick.shuffle(rng);
+            for k in 0..per_id {
+                let i = if k < pick.len() {
+                    pick[k]
+                } else {
+                    members[rng.gen_range(0..members.len())]
+                };
+                out.push((i, g as u64));
+            }
+        }
+        out.truncate(batch);
+        out
+    }
+}
+
+fn set_state(shared: &Shared, state: &str) {
+    shared.stats().trainer.state = state.to_string();
+}
+
+/// The trainer thread's body. Returns when shutdown begins (after the final checkpoint).
+///
+/// # Errors
+/// A model, tokenizer or storage failure (the supervisor restarts the trainer).
+pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
+    let tc = shared.cfg.trainer.clone();
+    set_state(&shared, "starting");
+    let preset = Preset::by_name(&tc.preset).map_err(|e| e.to_string())?;
+    let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
+        Some(t) => t,
+        None => {
+            let t = crate::train::train_tokenizer(&preset, &[]).map_err(|e| e.to_string())?;
+            shared.state.set_tokenizer(&t).map_err(|e| e.to_string())?;
+            log(
+                "tokenizer_trained",
+                serde_json::json!({"vocab": t.vocab_size(), "fingerprint": t.fingerprint()}),
+            );
+            t
+        }
+    };
+    tokenizer
+        .check_capacity(preset.vocab)
+        .map_err(|e| e.to_string())?;
+    let cfg = TrainConfig {
+        optim: OptimConfig {
+            lr: tc.lr,
+            warmup_steps: tc.warmup_steps,
+            schedule: Schedule::Constant,
+            ..Default::default()
+        },
+        tasks: TaskWeights {
+            ivlc: tc.w_ivlc,
+            iap: tc.w_iap,
+            tic: tc.w_tic,
+        },
+        ramp_steps: tc.ramp_steps,
+    };
+    let pool = plip_model::runtime::thread_pool(tc.threads).map_err(|e| e.to_string())?;
+    let model =
+        Plip::<f32, Cpu>::new(&Cpu::default(), &preset, tc.seed).map_err(|e| e.to_string())?;
+    let mut trainer = Trainer::new(model, cfg);
+    let mut images_seen = 0u64;
+    let resumed = shared
+        .state
+        .latest_valid(|e| {
+            log(
+                "checkpoint_skipped",
+                serde_json::json!({"error": e.to_string()}),
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    if let Some(ck) = resumed {
+        let stored = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
+        if stored != preset {
+            return Err(format!(
+                "the state folder's checkpoints are of preset {}; set trainer.preset = {:?} or use another state folder",
+                stored.name, stored.name
+            ));
+        }
+        load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())
+            .map_err(|e| e.to_string())?;
+        load_optimizer(
+            &mut trainer.opt,
+            &ck.optimizer,
+            &preset,
+            tokenizer.fingerprint(),
+        )
+        .map_err(|e| e.to_string())?;
+        images_seen = ck.meta.images_seen;
+        let mut st = shared.stats();
+        st.trainer.resumed_from = Some(ck.meta.version);
+        st.trainer.step = ck.meta.step;
+        st.trainer.images_seen = images_seen;
+        st.trainer.last_checkpoint = Some(ck.meta.version);
+        st.trainer.last_checkpoint_step = Some(ck.meta.step);
+        drop(st);
+        log(
+            "resumed",
+            serde_json::json!({"version": ck.meta.version, "step": ck.meta.step}),
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(tc.seed ^ trainer.opt.step.wrapping_mul(0x9e37));
+    let mut index = Index::build(&shared);
+    let mut last_new = Instant::now();
+    let mut last_ckpt = (Instant::now(), trainer.opt.step);
+    let mut window = (Instant::now(), 0u64);
+    let mut last_loss = f64::NAN;
+    let checkpoint = |trainer: &Trainer<f32, Cpu>,
+                      images_seen: u64,
+                      loss: f64|
+     -> Result<u64, String> {
+        let weights = save_weights(
+            &trainer.model,
+            tokenizer.fingerprint(),
+            trainer.opt.step,
+            &BTreeMap::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let optimizer = save_optimizer(&trainer.opt, &preset, tokenizer.fingerprint())
+            .map_err(|e| e.to_string())?;
+        let mut metrics = BTreeMap::new();
+        if loss.is_finite() {
+            metrics.insert("loss".to_string(), loss);
+        }
+        let (done, wait) = oneshot::channel();
+        let job = Job {
+            checkpoint: Checkpoint {
+                meta: CheckpointMeta {
+                    version: 0,
+                    step: trainer.opt.step,
+                    preset: preset.name.clone(),
+                    tokenizer: tokenizer.fingerprint().to_string(),
+                    images_seen,
+                    created_unix: now_unix(),
+                    metrics,
+                },
+                weights,
+                optimizer,
+            },
+            done,
+        };
+        jobs.blocking_send(job)
+            .map_err(|_| "the checkpointer is gone".to_string())?;
+        let v = wait
+            .blocking_recv()
+            .map_err(|_| "the checkpointer dropped a checkpoint".to_string())??;
+        let mut st = shared.stats();
+        st.trainer.checkpoints_written += 1;
+        st.trainer.last_checkpoint = Some(v);
+        st.trainer.last_checkpoint_step = Some(trainer.opt.step);
+        drop(st);
+        log(
+            "checkpoint",
+            serde_json::json!({"version": v, "step": trainer.opt.step, "images_seen": images_seen, "loss": loss}),
+        );
+        Ok(v)
+    };
+    while !shared.stopping() {
+        let seq = shared.store.last_seq();
+        if seq != index.last_seq || trainer.opt.step % 50 == 0 {
+            if seq != index.last_seq {
+                last_new = Instant::now();
+            }
+            index = Index::build(&shared);
+            shared.stats().trainer.trainable_samples = index.entries.len();
+        }
+        if index.entries.len() < tc.min_samples.max(1) || index.groups.is_empty() {
+            set_state(&shared, "waiting_for_samples");
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        if tc.idle_after_s > 0 && last_new.elapsed() > Duration::from_secs(tc.idle_after_s) {
+            set_state(&shared, "idle");
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        set_state(&shared, "training");
+        let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
+        let mut loaded: Vec<(Vec<u8>, Caption, u64)> = Vec::with_capacity(picks.len());
+        for (i, g) in picks {
+            let Some(s) = shared.store.get(&index.entries[i].id)? else {
+                continue; // evicted or forgotten since the index was built
+            };
+            let Ok(img) = decode(&s.jpeg, &IntakeLimits::default()) else {
+                continue;
+            };
+            if s.meta.captions.is_empty() {
+                continue;
+            }
+            let c = s.meta.captions[rng.gen_range(0..s.meta.captions.len())].clone();
+            loaded.push((
+                pixels_at(&img, preset.image_height as u32, preset.image_width as u32),
+                c,
+                g,
+            ));
+        }
+        if loaded.len() < 2 {
+            index = Index::build(&shared);
+            continue;
+        }
+        let spans: Vec<Vec<std::ops::Range<usize>>> = loaded
+            .iter()
+            .map(|(_, c, _)| c.phrases.iter().map(|p| p.span.clone()).collect())
+            .collect();
+        let samples: Vec<Sample<'_>> = loaded
+            .iter()
+            .zip(&spans)
+            .map(|((rgb, c, g), sp)| Sample {
+                rgb,
+                caption: &c.text,
+                phrases: sp,
+                identity: Some(*g),
+            })
+            .collect();
+        let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
+        let batch = Batch::build(&samples, &preset, &tokenizer, ratio, &mut rng)
+            .map_err(|e| e.to_string())?;
+        let report = pool
+            .install(|| trainer.step(&batch))
+            .map_err(|e| e.to_string())?;
+        images_seen += samples.len() as u64;
+        window.1 += 1;
+        if !report.skipped {
+            last_loss = report.losses.total;
+        }
+        {
+            let secs = window.0.elapsed().as_secs_f64();
+            let mut st = shared.stats();
+            let t = &mut st.trainer;
+            t.step = trainer.opt.step;
+            t.images_seen = images_seen;
+            if !report.skipped {
+                t.loss = Some(report.losses.total);
+                t.ivlc = report.losses.ivlc;
+                t.iap = report.losses.iap;
+                t.tic = report.losses.tic;
+                t.lr = Some(report.lr);
+            }
+            if secs >= 5.0 || t.steps_per_s.is_none() {
+                t.steps_per_s = Some(window.1 as f64 / secs);
+                t.images_per_s = Some(window.1 as f64 * samples.len() as f64 / secs);
+                window = (Instant::now(), 0);
+            }
+        }
+        let due_steps = tc.checkpoint_every_steps > 0
+            && trainer.opt.step >= last_ckpt.1 + tc.checkpoint_every_steps;
+        let due_time = tc.checkpoint_every_s > 0
+            && last_ckpt.0.elapsed() >= Duration::from_secs(tc.checkpoint_every_s);
+        if (due_steps || due_time) && trainer.opt.step > last_ckpt.1 {
+            checkpoint(&trainer, images_seen, last_loss)?;
+            last_ckpt = (Instant::now(), trainer.opt.step);
+        }
+    }
+    if trainer.opt.step > last_ckpt.1 {
+        checkpoint(&trainer, images_seen, last_loss)?;
+    }
+    set_state(&shared, "stopped");
+    Ok(())
+}
