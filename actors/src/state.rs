@@ -339,3 +339,34 @@ pub fn now_unix() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// SHA-256 over a model's parameters (names and `f32` values, in order) and over the
+/// optimiser's step and moments: equal digests mean equal training state. The daemon reports
+/// both when it resumes, so a test can check them against the checkpoint it resumed from.
+pub fn training_digest(
+    model: &plip_model::Plip<f32, plip_model::dfdx::prelude::Cpu>,
+    opt: &plip_model::optim::AdamW<f32, plip_model::dfdx::prelude::Cpu>,
+) -> (String, String) {
+    use plip_model::optim::Moments;
+    use plip_model::Params;
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut w = Sha256::new();
+    for (name, p) in model.params() {
+        w.update(name.as_bytes());
+        for x in p.to_host() {
+            w.update(x.to_le_bytes());
+        }
+    }
+    let mut o = Sha256::new();
+    o.update(opt.step.to_le_bytes());
+    for m in &opt.moments {
+        let (a, b) = match m {
+            Moments::Vector(a, b) => (a.as_vec(), b.as_vec()),
+            Moments::Matrix(a, b) => (a.as_vec(), b.as_vec()),
+        };
+        for x in a.into_iter().chain(b) {
+            o.update(x.to_le_bytes());
+        }
+    }
+    (hex(&w.finalize()), hex(&o.finalize()))
+}

@@ -16,7 +16,7 @@ pub const CANONICAL_HEIGHT: u32 = 256;
 
 /// Limits applied to every incoming image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct IntakeLimits {
     /// Largest encoded image accepted, in bytes.
     pub max_bytes: usize,
@@ -122,7 +122,13 @@ pub fn inspect(bytes: &[u8], limits: &IntakeLimits) -> Result<(ImageFormat, u32,
 /// # Errors
 /// As [`inspect`], or a decoder failure.
 pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageError> {
-    inspect(bytes, limits)?;
+    let (format, _, _) = inspect(bytes, limits)?;
+    if format == ImageFormat::Jpeg && !jpeg_complete(bytes) {
+        // The JPEG decoder pads a truncated scan with grey instead of failing.
+        return Err(ImageError::Undecodable(
+            "truncated JPEG: no end-of-image marker after the scan data".into(),
+        ));
+    }
     let mut r = reader(bytes)?;
     let mut l = Limits::default();
     l.max_alloc = Some(limits.max_pixels.saturating_mul(4).saturating_add(1 << 20));
@@ -131,6 +137,16 @@ pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageErro
         .decode()
         .map_err(|e| ImageError::Undecodable(e.to_string()))?;
     Ok(img.to_rgb8())
+}
+
+/// True when a JPEG has an end-of-image marker (FF D9) after its first start-of-scan (FF DA).
+/// Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so an
+/// FF D9 there can only be the real end of the image.
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    let Some(sos) = bytes.windows(2).position(|w| w == [0xff, 0xda]) else {
+        return false;
+    };
+    bytes[sos..].windows(2).any(|w| w == [0xff, 0xd9])
 }
 
 /// Resizes to the canonical 256×128 (H×W) sample size (triangle filter).

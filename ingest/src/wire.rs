@@ -223,7 +223,7 @@ pub struct RejectedImage {
 
 /// Limits applied while decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct WireLimits {
     /// Largest message body, bytes.
     pub max_message_bytes: usize,

@@ -80,6 +80,10 @@ fn refusals_have_codes() {
     assert_eq!(code(&vec![0u8; (1 << 20) + 1]), "image_too_many_bytes");
     let png = encode(&sample(), ImageFormat::Png);
     assert_eq!(code(&png[..png.len() / 2]), "image_undecodable");
+    // The JPEG decoder pads a truncated scan with grey; intake refuses it.
+    let jpeg = encode(&sample(), ImageFormat::Jpeg);
+    assert!(decode(&jpeg, &limits).is_ok());
+    assert_eq!(code(&jpeg[..jpeg.len() * 2 / 3]), "image_undecodable");
     assert_eq!(
         code(&encode(&RgbImage::new(200, 100), ImageFormat::Png)),
         "image_too_many_pixels"

@@ -145,6 +145,8 @@ pub struct TrainerStats {
     pub last_checkpoint: Option<u64>,
     pub last_checkpoint_step: Option<u64>,
     pub resumed_from: Option<u64>,
+    /// SHA-256 of the weights and of the optimiser state right after resuming.
+    pub resumed_digest: Option<(String, String)>,
     pub error: Option<String>,
 }
 

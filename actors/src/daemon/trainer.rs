@@ -41,16 +41,24 @@ pub async fn checkpointer(
     jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
 ) -> Result<(), String> {
     let mut rx = jobs.lock().await;
+    let trainer_done = |shared: &Shared| {
+        let state = shared.stats().trainer.state.clone();
+        matches!(state.as_str(), "" | "stopped" | "failed" | "disabled")
+    };
     loop {
-        let job = tokio::select! {
-            j = rx.recv() => j,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)), if shared.stopping() => {
-                // The trainer writes a last checkpoint at shutdown: serve until it has ended.
-                let state = shared.stats().trainer.state.clone();
-                if matches!(state.as_str(), "" | "stopped" | "failed" | "disabled") {
-                    return Ok(());
-                }
-                continue;
+        let job = if shared.stopping() {
+            // The trainer writes a last checkpoint at shutdown: serve until it has ended.
+            if trainer_done(&shared) {
+                return Ok(());
+            }
+            match tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await {
+                Ok(j) => j,
+                Err(_) => continue,
+            }
+        } else {
+            tokio::select! {
+                j = rx.recv() => j,
+                _ = shared.stopped() => continue,
             }
         };
         let Some(job) = job else { return Ok(()) };
@@ -248,7 +256,9 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
         images_seen = ck.meta.images_seen;
+        let (wd, od) = crate::state::training_digest(&trainer.model, &trainer.opt);
         let mut st = shared.stats();
+        st.trainer.resumed_digest = Some((wd.clone(), od.clone()));
         st.trainer.resumed_from = Some(ck.meta.version);
         st.trainer.step = ck.meta.step;
         st.trainer.images_seen = images_seen;
@@ -257,7 +267,7 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
         drop(st);
         log(
             "resumed",
-            serde_json::json!({"version": ck.meta.version, "step": ck.meta.step}),
+            serde_json::json!({"version": ck.meta.version, "step": ck.meta.step, "weights_sha256": wd, "optimizer_sha256": od}),
         );
     }
     let mut rng = StdRng::seed_from_u64(tc.seed ^ trainer.opt.step.wrapping_mul(0x9e37));

@@ -1,0 +1,753 @@
+//! `plipd run` end to end against the real RabbitMQ on 127.0.0.1:5672 (`PLIP_AMQP_URL`
+//! overrides): the daemon binary runs as a child process on a temporary state folder, with
+//! exchange and queue names unique to each test.
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use plip_ingest::amqp::{connect, Topology};
+use plip_ingest::image::to_jpeg;
+use plip_ingest::synth::{render_all, SynthConfig};
+use plip_ingest::wire::{CaptionField, ImageField, IngestBatch, IngestImage};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn url() -> String {
+    std::env::var("PLIP_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn tag() -> String {
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn topology(tag: &str) -> Topology {
+    let d = Topology::default();
+    Topology {
+        ingest_exchange: format!("{}.{tag}", d.ingest_exchange),
+        ingest_queue: format!("{}.{tag}", d.ingest_queue),
+        reid_exchange: format!("{}.{tag}", d.reid_exchange),
+        reid_queue: format!("{}.{tag}", d.reid_queue),
+        results_exchange: format!("{}.{tag}", d.results_exchange),
+        models_exchange: format!("{}.{tag}", d.models_exchange),
+        dlx_exchange: format!("{}.{tag}", d.dlx_exchange),
+        dead_queue: format!("{}.{tag}", d.dead_queue),
+        ..d
+    }
+}
+
+/// The daemon tests run one at a time: one of them makes the broker drop every connection.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A daemon child process.
+struct Daemon {
+    child: Option<Child>,
+    http: String,
+    dir: PathBuf,
+    topo: Topology,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Writes the configuration (the `test` preset, quick checkpoints) and starts the daemon.
+    fn start(dir: &Path, trainer: &str, env: &[(&str, String)]) -> Daemon {
+        let t = topology(&tag());
+        let http = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("plipd.toml");
+        let toml = format!(
+            r#"
+[broker]
+url = "{url}"
+prefetch = 4
+reconnect_min_ms = 100
+reconnect_max_ms = 1000
+
+[topology]
+ingest_exchange = "{ie}"
+ingest_queue = "{iq}"
+reid_exchange = "{re}"
+reid_queue = "{rq}"
+results_exchange = "{res}"
+models_exchange = "{me}"
+dlx_exchange = "{dx}"
+dead_queue = "{dq}"
+
+[limits]
+max_message_bytes = 2000000
+max_images = 40
+max_captions = 4
+max_caption_chars = 300
+
+[state]
+dir = "{state}"
+
+[http]
+listen = "{http}"
+
+[trainer]
+{trainer}
+"#,
+            url = url(),
+            ie = t.ingest_exchange,
+            iq = t.ingest_queue,
+            re = t.reid_exchange,
+            rq = t.reid_queue,
+            res = t.results_exchange,
+            me = t.models_exchange,
+            dx = t.dlx_exchange,
+            dq = t.dead_queue,
+            state = dir.join("state").display(),
+        );
+        std::fs::write(&config, toml).unwrap();
+        let mut d = Daemon {
+            child: None,
+            http,
+            dir: dir.to_path_buf(),
+            topo: t,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            log: dir.join("plipd.log"),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_plipd"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_for("the daemon to consume", Duration::from_secs(60), |s| {
+            s["ingest"]["consuming"] == true
+        });
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        plip_actors::daemon::http::get(&self.http, "/status").and_then(Result::ok)
+    }
+
+    /// Polls the status until `pred` holds; panics with the last status and the log otherwise.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t = Instant::now();
+        let mut last = serde_json::Value::Null;
+        while t.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!(
+                        "plipd exited ({st}) while waiting for {what}; log:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            if let Some(s) = self.status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out waiting for {what}; last status {last:#}\nlog:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let t = Instant::now();
+            loop {
+                if let Some(st) = c.try_wait().unwrap() {
+                    assert!(
+                        st.success(),
+                        "plipd exited with {st}; log:\n{}",
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
+                    return;
+                }
+                assert!(t.elapsed() < Duration::from_secs(90), "plipd did not stop");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let t = self.topo.clone();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            if let Ok(conn) = connect(&url()).await {
+                if let Ok(ch) = conn.create_channel().await {
+                    for q in [&t.ingest_queue, &t.reid_queue, &t.dead_queue] {
+                        let _ = ch
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    for ex in [
+                        &t.ingest_exchange,
+                        &t.reid_exchange,
+                        &t.results_exchange,
+                        &t.models_exchange,
+                        &t.dlx_exchange,
+                    ] {
+                        let _ = ch
+                            .exchange_delete(ex.as_str().into(), Default::default())
+                            .await;
+                    }
+                }
+            }
+        });
+        let _ = &self.dir;
+    }
+}
+
+/// `n_ids` synthetic persons × `per_id` JPEGs: (id, person, camera, jpeg).
+fn images(n_ids: usize, per_id: usize, seed: u64) -> Vec<(String, String, String, Vec<u8>)> {
+    let cfg = SynthConfig {
+        seed,
+        train_ids: n_ids,
+        test_ids: 0,
+        images_per_id: per_id,
+        ..Default::default()
+    };
+    render_all(&cfg)
+        .into_iter()
+        .map(|(r, _)| {
+            let img = image::RgbImage::from_raw(128, 256, r.rgb).unwrap();
+            let small =
+                image::imageops::resize(&img, 64, 128, image::imageops::FilterType::Triangle);
+            (
+                format!("s{seed}-p{}-f{}", r.person, r.frame),
+                format!("{:04}", r.person),
+                format!("c{}", r.camera),
+                to_jpeg(&small, 90).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn batch_json(imgs: &[(String, String, String, Vec<u8>)]) -> Vec<u8> {
+    let list: Vec<serde_json::Value> = imgs
+        .iter()
+        .map(|(id, p, c, jpeg)| serde_json::json!({"id": id, "person_id": p, "camera_id": c, "image": b64(jpeg)}))
+        .collect();
+    serde_json::json!({ "images": list })
+        .to_string()
+        .into_bytes()
+}
+
+async fn channel() -> (Connection, Channel) {
+    let conn = connect(&url()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (conn, ch)
+}
+
+async fn publish(ch: &Channel, exchange: &str, body: &[u8], props: BasicProperties) {
+    ch.basic_publish(
+        exchange.into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+fn json_props() -> BasicProperties {
+    BasicProperties::default().with_content_type(ShortString::from("application/json"))
+}
+
+/// CRC-32 (PNG's), to forge valid chunk checksums.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A real PNG whose header declares `width × height`.
+fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9]));
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// The codes of everything in the dead-letter queue (from `x-plip-error`).
+async fn dead_codes(ch: &Channel, queue: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let code = match headers.inner().get("x-plip-error") {
+            Some(AMQPValue::FieldTable(t)) => match t.inner().get("code") {
+                Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into(),
+                other => panic!("x-plip-error code is {other:?}"),
+            },
+            other => panic!("dead-lettered message without x-plip-error: {other:?}"),
+        };
+        out.push(code);
+        m.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    out
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("plipd-{name}-{}", tag()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const NO_TRAINING: &str = "enabled = false";
+
+/// Good images are stored exactly once (re-publishing stores nothing new); every bad kind of
+/// message is dead-lettered with its code; a batch with bad images keeps its good ones and
+/// answers the producer; the daemon keeps consuming throughout.
+#[test]
+fn ingest_stores_once_and_dead_letters_every_bad_kind() {
+    let _serial = serial();
+    let dir = tempdir("ingest");
+    let mut d = Daemon::start(&dir, NO_TRAINING, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let good = images(20, 10, 1);
+    assert_eq!(good.len(), 200);
+    let t = d.topo.clone();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in good.chunks(20) {
+            publish(&ch, &t.ingest_exchange, &batch_json(chunk), json_props()).await;
+        }
+        let png = &good[0].3;
+        let img = |id: &str, bytes: &[u8]| serde_json::json!({"id": id, "image": b64(bytes)});
+        let bad: Vec<(&str, Vec<u8>, BasicProperties)> = vec![
+            ("malformed_body", b"{not json".to_vec(), json_props()),
+            (
+                "malformed_body",
+                vec![0xc1, 0xc1, 0xc1],
+                BasicProperties::default().with_content_type("application/msgpack".into()),
+            ),
+            (
+                "unsupported_content_type",
+                b"hello".to_vec(),
+                BasicProperties::default().with_content_type("text/plain".into()),
+            ),
+            (
+                "schema_violation",
+                serde_json::json!({"images": [{"image": b64(png)}]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            (
+                "schema_violation",
+                serde_json::json!({"images": [{"id": "a1", "image": b64(png), "attributes": {"upper": {"colour": "teal"}}}]})
+                    .to_string()
+                    .into_bytes(),
+                json_props(),
+            ),
+            (
+                "invalid_id",
+                serde_json::json!({"images": [img("bad id!", png)]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            (
+                "invalid_id",
+                serde_json::json!({"images": [img(&"x".repeat(200), png)]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            (
+                "too_many_images",
+                serde_json::json!({"images": (0..41).map(|i| img(&format!("m{i}"), png)).collect::<Vec<_>>()})
+                    .to_string()
+                    .into_bytes(),
+                json_props(),
+            ),
+            (
+                "invalid_base64",
+                serde_json::json!({"images": [{"id": "b1", "image": "@@@not base64@@@"}]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            (
+                "image_undecodable",
+                serde_json::json!({"images": [img("u1", &png[..png.len() / 3])]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            (
+                "image_too_many_pixels",
+                serde_json::json!({"images": [img("p1", &png_declaring(100_000, 100_000))]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            (
+                "image_zero_size",
+                serde_json::json!({"images": [img("z1", &png_declaring(0, 16))]}).to_string().into_bytes(),
+                json_props(),
+            ),
+            ("message_too_large", vec![b' '; 2_100_000], json_props()),
+            (
+                "invalid_caption",
+                serde_json::json!({"images": [{"id": "c1", "image": b64(png), "captions": ["y".repeat(400)]}]})
+                    .to_string()
+                    .into_bytes(),
+                json_props(),
+            ),
+            (
+                "invalid_caption",
+                // MessagePack: a caption that is binary, not UTF-8 text.
+                rmp_serde::to_vec_named(&IngestBatch {
+                    v: None,
+                    batch_id: None,
+                    images: vec![IngestImage {
+                        id: "c2".into(),
+                        person_id: None,
+                        camera_id: None,
+                        captions: Some(vec![CaptionField::Bytes(vec![0xff, 0xfe, 0x80])]),
+                        attributes: None,
+                        purpose: None,
+                        image: ImageField::Bytes(png.clone()),
+                    }],
+                })
+                .unwrap(),
+                BasicProperties::default().with_content_type("application/msgpack".into()),
+            ),
+            (
+                "invalid_id",
+                png.clone(),
+                BasicProperties::default().with_content_type("image/jpeg".into()),
+            ),
+        ];
+        for (_, body, props) in &bad {
+            publish(&ch, &t.ingest_exchange, body, props.clone()).await;
+        }
+        // A batch with good and bad images, asking for the outcome.
+        let reply_q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mixed = serde_json::json!({"batch_id": "mixed-1", "images": [
+            img("mixed-good", png),
+            img("mixed-bad", b"GIF89a not really"),
+        ]});
+        publish(
+            &ch,
+            &t.ingest_exchange,
+            mixed.to_string().as_bytes(),
+            json_props()
+                .with_reply_to(reply_q.name().clone())
+                .with_correlation_id("corr-7".into()),
+        )
+        .await;
+        let expected_deliveries = 10 + bad.len() as u64 + 1;
+        let s = d.wait_for("every delivery", Duration::from_secs(90), |s| {
+            s["ingest"]["deliveries"].as_u64() == Some(expected_deliveries)
+        });
+        let mut got = dead_codes(&ch, &t.dead_queue).await;
+        got.sort();
+        assert_eq!(s["ingest"]["stored"], 201, "{s:#} {got:?}");
+        assert_eq!(s["samples"]["total"], 201);
+        assert_eq!(s["ingest"]["consuming"], true);
+        // The producer's answer.
+        let reply = loop {
+            if let Some(m) = ch
+                .basic_get(reply_q.name().clone(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            reply.delivery.properties.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("corr-7")
+        );
+        let outcome: serde_json::Value = serde_json::from_slice(&reply.delivery.data).unwrap();
+        assert_eq!(outcome["batch_id"], "mixed-1");
+        assert_eq!(outcome["accepted"], serde_json::json!(["mixed-good"]));
+        assert_eq!(outcome["rejected"][0]["id"], "mixed-bad");
+        assert_eq!(outcome["rejected"][0]["code"], "image_unsupported_format");
+        // Every bad message (and the mixed batch) is in the dead-letter queue with its code.
+        let mut want: Vec<String> = bad.iter().map(|(c, _, _)| c.to_string()).collect();
+        want.push("image_unsupported_format".into());
+        want.sort();
+        assert_eq!(got, want);
+        // Re-publishing the same ids stores nothing new.
+        for chunk in good.chunks(20) {
+            publish(&ch, &t.ingest_exchange, &batch_json(chunk), json_props()).await;
+        }
+        let s = d.wait_for("the re-sent batches", Duration::from_secs(60), |s| {
+            s["ingest"]["deliveries"].as_u64() == Some(expected_deliveries + 10)
+        });
+        assert_eq!(s["ingest"]["stored"], 201);
+        assert_eq!(s["ingest"]["duplicates"], 200);
+        assert_eq!(s["samples"]["total"], 201);
+        // Samples arrived without captions: the caption workers write them.
+        d.wait_for("captions", Duration::from_secs(60), |s| {
+            s["samples"]["uncaptioned"] == 0
+        });
+    });
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn trainer_toml(every: u64) -> String {
+    format!(
+        "preset = \"test\"\nbatch = 16\nimages_per_id = 4\nmin_samples = 32\nwarmup_steps = 5\ncheckpoint_every_steps = {every}\ncheckpoint_every_s = 0\nkeep_checkpoints = 3\nthreads = 1\nidle_after_s = 0\n"
+    )
+}
+
+/// The trainer steps and checkpoints; after a restart its weights and optimiser state equal
+/// the checkpoint's and the step count continues from it.
+#[test]
+fn trainer_checkpoints_and_resumes_exactly() {
+    let _serial = serial();
+    let dir = tempdir("trainer");
+    let mut d = Daemon::start(&dir, &trainer_toml(10), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = d.topo.clone();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in images(16, 6, 2).chunks(16) {
+            publish(&ch, &t.ingest_exchange, &batch_json(chunk), json_props()).await;
+        }
+    });
+    let s = d.wait_for("two checkpoints", Duration::from_secs(120), |s| {
+        s["trainer"]["checkpoints_written"].as_u64() >= Some(2)
+    });
+    assert!(s["trainer"]["loss"].as_f64().unwrap().is_finite());
+    d.stop();
+    // The state folder, read directly once the daemon is gone.
+    let (version, step, wd, od) = {
+        let state = plip_actors::state::State::open(&dir.join("state")).unwrap();
+        let ck = state.latest_valid(|_| {}).unwrap().unwrap();
+        let tk = state.tokenizer().unwrap().unwrap();
+        let preset = plip_model::Preset::test();
+        let mut model = plip_model::Plip::<f32, plip_model::dfdx::prelude::Cpu>::new(
+            &Default::default(),
+            &preset,
+            0,
+        )
+        .unwrap();
+        plip_model::weights::load_weights(&mut model, &ck.weights, tk.fingerprint()).unwrap();
+        let mut trainer = plip_model::Trainer::new(model, Default::default());
+        plip_model::weights::load_optimizer(
+            &mut trainer.opt,
+            &ck.optimizer,
+            &preset,
+            tk.fingerprint(),
+        )
+        .unwrap();
+        let (wd, od) = plip_actors::state::training_digest(&trainer.model, &trainer.opt);
+        (ck.meta.version, ck.meta.step, wd, od)
+    };
+    assert!(step >= 20, "latest checkpoint at step {step}");
+    d.spawn();
+    let s = d.wait_for("the resumed trainer", Duration::from_secs(60), |s| {
+        s["trainer"]["resumed_from"].as_u64() == Some(version)
+            && s["trainer"]["step"].as_u64() > Some(step)
+    });
+    assert_eq!(s["trainer"]["resumed_digest"][0], wd.as_str());
+    assert_eq!(s["trainer"]["resumed_digest"][1], od.as_str());
+    d.stop();
+    assert!(d.log_text().contains("\"event\":\"resumed\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The broker drops every connection mid-stream (`rabbitmqctl close_all_connections`): the
+/// daemon reconnects, and every id published is stored exactly once.
+#[test]
+fn survives_closed_connections_without_losing_samples() {
+    let _serial = serial();
+    let ctl = Command::new("rabbitmqctl").arg("status").output();
+    assert!(
+        ctl.map(|o| o.status.success()).unwrap_or(false),
+        "rabbitmqctl must work for this test (run it where the broker runs)"
+    );
+    let dir = tempdir("reconnect");
+    let mut d = Daemon::start(&dir, NO_TRAINING, &[]);
+    let good = images(30, 10, 3);
+    let t = d.topo.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut conn = channel().await;
+        for (k, chunk) in good.chunks(10).enumerate() {
+            if k == 10 || k == 20 {
+                let out = Command::new("rabbitmqctl")
+                    .args(["close_all_connections", "test: broker drops connections"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+            }
+            // Publish with retry: the test's own connection is dropped too.
+            loop {
+                let r = async {
+                    conn.1
+                        .basic_publish(
+                            t.ingest_exchange.as_str().into(),
+                            "".into(),
+                            BasicPublishOptions::default(),
+                            &batch_json(chunk),
+                            json_props().with_delivery_mode(2),
+                        )
+                        .await?
+                        .await
+                }
+                .await;
+                match r {
+                    Ok(c) if c.is_ack() => break,
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        conn = channel().await;
+                    }
+                }
+            }
+        }
+    });
+    let s = d.wait_for("every sample", Duration::from_secs(120), |s| {
+        s["samples"]["total"].as_u64() == Some(300)
+    });
+    assert!(s["ingest"]["connections"].as_u64() >= Some(2), "{s:#}");
+    assert_eq!(s["ingest"]["stored"], 300);
+    assert_eq!(s["ingest"]["consuming"], true);
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// While writes fail (an injected "No space left on device"), nothing is acknowledged and
+/// consumption stops; once writes work again every message is stored, none lost.
+#[test]
+fn storage_failure_acks_nothing_unstored() {
+    let _serial = serial();
+    let dir = tempdir("diskfull");
+    let fault = dir.join("disk-full");
+    std::fs::write(&fault, b"").unwrap();
+    let mut d = Daemon::start(
+        &dir,
+        NO_TRAINING,
+        &[(
+            plip_actors::store::FAULT_FILE_ENV,
+            fault.display().to_string(),
+        )],
+    );
+    let good = images(6, 10, 4);
+    let t = d.topo.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in good.chunks(10) {
+            publish(&ch, &t.ingest_exchange, &batch_json(chunk), json_props()).await;
+        }
+    });
+    let s = d.wait_for("the storage failure", Duration::from_secs(60), |s| {
+        s["ingest"]["storage_error"].is_string()
+    });
+    assert_eq!(s["ingest"]["stored"], 0);
+    assert_eq!(s["ingest"]["deliveries"], 0, "nothing may be acked: {s:#}");
+    // Consumption stays off while the disk is full.
+    std::thread::sleep(Duration::from_secs(2));
+    let s = d.status().unwrap();
+    assert_eq!(s["ingest"]["consuming"], false);
+    assert_eq!(s["samples"]["total"], 0);
+    // The messages wait in the broker.
+    std::fs::remove_file(&fault).unwrap();
+    let s = d.wait_for("recovery", Duration::from_secs(60), |s| {
+        s["samples"]["total"].as_u64() == Some(60)
+    });
+    assert!(s["ingest"]["storage_error"].is_null());
+    d.wait_for("consumption to resume", Duration::from_secs(30), |s| {
+        s["ingest"]["consuming"] == true
+    });
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
