@@ -641,6 +641,34 @@ fn trainer_checkpoints_and_resumes_exactly() {
     assert_eq!(s["trainer"]["resumed_digest"][1], od.as_str());
     d.stop();
     assert!(d.log_text().contains("\"event\":\"resumed\""));
+    // With no daemon running, `plipd checkpoints` reads the state folder itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args(["checkpoints", "--http", "127.0.0.1:1", "--state"])
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = list["checkpoints"].as_array().unwrap().len();
+    assert!(
+        (1..=3).contains(&n),
+        "keep_checkpoints = 3, found {n}: {list:#}"
+    );
+    assert!(list["latest"].as_u64() > Some(version));
+    // A trainer that cannot start (the state holds `test` checkpoints, the configuration asks
+    // for `tiny`) fails, is restarted with backoff by the supervisor, and ingest goes on.
+    d.env.push(("PLIP__TRAINER__PRESET".into(), "tiny".into()));
+    d.spawn();
+    let s = d.wait_for("trainer restarts", Duration::from_secs(60), |s| {
+        s["restarts"]["trainer"].as_u64() >= Some(2)
+    });
+    assert_eq!(s["trainer"]["state"], "failed", "{s:#}");
+    assert!(s["trainer"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("preset test"));
+    assert_eq!(s["ingest"]["consuming"], true);
+    d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -747,6 +775,68 @@ fn storage_failure_acks_nothing_unstored() {
     assert!(s["ingest"]["storage_error"].is_null());
     d.wait_for("consumption to resume", Duration::from_secs(30), |s| {
         s["ingest"]["consuming"] == true
+    });
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `plipd publish` (a producer) feeds a `plipd synth` data set to the daemon with publisher
+/// confirms; the daemon captions the samples that came without captions.
+#[test]
+fn publish_cli_feeds_the_daemon() {
+    let _serial = serial();
+    let dir = tempdir("publish");
+    let data = dir.join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args([
+            "synth",
+            "--train-ids",
+            "6",
+            "--test-ids",
+            "2",
+            "--images-per-id",
+            "5",
+            "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut d = Daemon::start(&dir, NO_TRAINING, &[]);
+    let exchange = d.topo.ingest_exchange.clone();
+    let publish = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+            .args([
+                "publish",
+                "--url",
+                &url(),
+                "--exchange",
+                &exchange,
+                "--batch",
+                "8",
+                "--data",
+            ])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let summary = publish(&["--split", "train", "--format", "msgpack", "--no-captions"]);
+    assert_eq!(summary["images"], 30, "{summary:#}");
+    assert_eq!(summary["images_confirmed"], 30);
+    assert_eq!(summary["messages"], 4);
+    let s = d.wait_for("30 samples captioned", Duration::from_secs(60), |s| {
+        s["samples"]["total"] == 30 && s["samples"]["uncaptioned"] == 0
+    });
+    assert_eq!(s["samples"]["by_purpose"]["train"], 30);
+    // The rest of the split goes to the gallery, captions included.
+    let summary = publish(&["--split", "gallery"]);
+    let gallery = summary["images"].as_u64().unwrap();
+    assert!(gallery > 0);
+    d.wait_for("the gallery samples", Duration::from_secs(60), |s| {
+        s["samples"]["by_purpose"]["gallery"].as_u64() == Some(gallery)
     });
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -270,6 +270,7 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
             serde_json::json!({"version": ck.meta.version, "step": ck.meta.step, "weights_sha256": wd, "optimizer_sha256": od}),
         );
     }
+    shared.stats().trainer.error = None;
     let mut rng = StdRng::seed_from_u64(tc.seed ^ trainer.opt.step.wrapping_mul(0x9e37));
     let mut index = Index::build(&shared);
     let mut last_new = Instant::now();
