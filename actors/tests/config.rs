@@ -1,0 +1,63 @@
+//! The daemon configuration: the documented file equals the code's defaults; environment
+//! variables override; unknown keys and invalid values are refused naming the key.
+
+use plip_actors::config::Config;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn default_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml")
+}
+
+fn no_env() -> Option<HashMap<String, String>> {
+    Some(HashMap::new())
+}
+
+#[test]
+fn default_toml_matches_the_code() {
+    let from_file = Config::load_with_env(Some(&default_file()), no_env()).unwrap();
+    assert_eq!(from_file, Config::default());
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let env: HashMap<String, String> = [
+        ("PLIP__TRAINER__PRESET", "test"),
+        ("PLIP__TRAINER__BATCH", "32"),
+        ("PLIP__BROKER__URL", "amqps://u:p@broker.example:5671/vh"),
+        ("PLIP__LIMITS__IMAGE__MAX_PIXELS", "1000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let c = Config::load_with_env(Some(&default_file()), Some(env)).unwrap();
+    assert_eq!(c.trainer.preset, "test");
+    assert_eq!(c.trainer.batch, 32);
+    assert_eq!(c.broker.url, "amqps://u:p@broker.example:5671/vh");
+    assert_eq!(c.limits.image.max_pixels, 1000);
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_the_key() {
+    let dir = std::env::temp_dir().join(format!("plip-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let err = |p: PathBuf| Config::load_with_env(Some(&p), no_env()).unwrap_err();
+    let e = err(write("a.toml", "[trainer]\nbatchsize = 3\n"));
+    assert!(e.contains("batchsize"), "{e}");
+    let e = err(write("b.toml", "[trainer]\nbatch = \"many\"\n"));
+    assert!(e.contains("batch"), "{e}");
+    let e = err(write("c.toml", "[trainer]\npreset = \"huge\"\n"));
+    assert!(e.contains("trainer.preset"), "{e}");
+    let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
+    assert!(e.contains("broker.prefetch"), "{e}");
+    let e = err(write("e.toml", "[trainer]\ndevice = \"cuda\"\n"));
+    assert!(e.contains("trainer.device"), "{e}");
+    let e = Config::load_with_env(Some(&dir.join("missing.toml")), no_env()).unwrap_err();
+    assert!(e.contains("does not exist"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
