@@ -68,6 +68,9 @@ pub enum TokenizerCommand {
 pub enum BenchCommand {
     /// Median training-step time and images/s on synthetic batches; prints one JSON line.
     Train(crate::bench::TrainBenchArgs),
+    /// Ingest throughput (broker → durable samples) next to a bare consume + ack loop, and
+    /// the daemon's peak RSS; prints one JSON line.
+    Ingest(crate::bench_ingest::IngestBenchArgs),
 }
 
 /// Parses the command line and runs the command; errors are printed, not panicked.
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
+        Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::run(&args),
         Command::Eval(args) => crate::eval::run(&args),
         Command::Synth(args) => crate::synth::run(&args),
         Command::Train(args) => crate::train::run(&args),

@@ -1,0 +1,318 @@
+//! `plipd bench ingest`: images per second from the broker into durable storage, next to the
+//! broker's own ceiling for the same messages on the same machine (a bare lapin consume + ack
+//! loop, measured in the same run), and the daemon's peak RSS while it drains the backlog.
+//!
+//! Both sides drain a backlog published beforehand (so publishing speed is not measured): the
+//! peer from a plain queue, the daemon (`plipd run`, trainer off, a temporary state folder and
+//! topology) from its ingest queue, timed from the first delivery to the last sample flushed.
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use plip_ingest::amqp::{connect, Topology};
+use plip_ingest::synth::{render_all, SynthConfig};
+use plip_ingest::wire::{ImageField, IngestBatch, IngestImage};
+use std::time::{Duration, Instant};
+
+type Error = Box<dyn std::error::Error>;
+
+/// Options of `plipd bench ingest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestBenchArgs {
+    /// Broker URL.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub url: String,
+    /// Images in the backlog (rounded up to whole batches).
+    #[arg(long, default_value_t = 3200)]
+    pub images: usize,
+    /// Images per message.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// JPEG size as HEIGHTxWIDTH: 128x64 or 256x128.
+    #[arg(long, default_value = "128x64")]
+    pub size: String,
+    /// Prefetch of both consumers.
+    #[arg(long, default_value_t = 8)]
+    pub prefetch: u16,
+    /// Skip the bare consume + ack peer.
+    #[arg(long)]
+    pub no_peer: bool,
+}
+
+fn tag() -> String {
+    format!(
+        "bench{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+/// The backlog's message bodies (MessagePack, raw JPEG bytes; ids unique per run).
+fn messages(args: &IngestBenchArgs, run: &str) -> Result<(Vec<Vec<u8>>, usize), Error> {
+    let (h, w) = args
+        .size
+        .split_once('x')
+        .and_then(|(h, w)| Some((h.parse::<u32>().ok()?, w.parse::<u32>().ok()?)))
+        .ok_or("--size must look like 128x64")?;
+    let cfg = SynthConfig {
+        train_ids: 16,
+        test_ids: 0,
+        images_per_id: 4,
+        ..Default::default()
+    };
+    let pool: Vec<(String, String, Vec<u8>)> = render_all(&cfg)
+        .into_iter()
+        .map(|(r, _)| {
+            let img = image::RgbImage::from_raw(128, 256, r.rgb).ok_or("render size")?;
+            let img = if (h, w) == (256, 128) {
+                img
+            } else {
+                image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle)
+            };
+            Ok((
+                format!("{:04}", r.person),
+                format!("c{}", r.camera),
+                plip_ingest::image::to_jpeg(&img, 90)?,
+            ))
+        })
+        .collect::<Result<_, Error>>()?;
+    let n_msgs = args.images.div_ceil(args.batch.max(1));
+    let mut bodies = Vec::with_capacity(n_msgs);
+    let mut k = 0usize;
+    for m in 0..n_msgs {
+        let images = (0..args.batch)
+            .map(|_| {
+                let (p, c, jpeg) = &pool[k % pool.len()];
+                k += 1;
+                IngestImage {
+                    id: format!("{run}-{k}"),
+                    person_id: Some(p.clone()),
+                    camera_id: Some(c.clone()),
+                    captions: None,
+                    attributes: None,
+                    purpose: None,
+                    image: ImageField::Bytes(jpeg.clone()),
+                }
+            })
+            .collect();
+        let batch = IngestBatch {
+            v: None,
+            batch_id: Some(format!("{run}-b{m}")),
+            images,
+        };
+        bodies.push(rmp_serde::to_vec_named(&batch).map_err(|e| e.to_string())?);
+    }
+    Ok((bodies, k))
+}
+
+async fn publish_all(ch: &Channel, exchange: &str, queue: &str, bodies: &[Vec<u8>]) -> Result<(), Error> {
+    let props = BasicProperties::default()
+        .with_content_type(ShortString::from("application/msgpack"))
+        .with_delivery_mode(2);
+    let mut pending = std::collections::VecDeque::new();
+    for b in bodies {
+        pending.push_back(
+            ch.basic_publish(
+                exchange.into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b,
+                props.clone(),
+            )
+            .await?,
+        );
+        while pending.len() > 256 {
+            if let Some(c) = pending.pop_front() {
+                c.await?;
+            }
+        }
+    }
+    for c in pending {
+        c.await?;
+    }
+    Ok(())
+}
+
+/// The bare consumer: images/s of consume + ack alone.
+async fn peer(args: &IngestBenchArgs, bodies: &[Vec<u8>], images: usize) -> Result<f64, Error> {
+    let conn = connect(&args.url).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let q = format!("plip.bench.peer.{}", tag());
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    publish_all(&ch, "", &q, bodies).await?;
+    let cch = conn.create_channel().await?;
+    cch.basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = cch
+        .basic_consume(
+            q.as_str().into(),
+            "bench-peer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut t0 = None;
+    let mut n = 0;
+    while n < bodies.len() {
+        let d = consumer.next().await.ok_or("consumer ended")??;
+        t0.get_or_insert_with(Instant::now);
+        d.acker.ack(BasicAckOptions::default()).await?;
+        n += 1;
+    }
+    let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(images as f64 / secs)
+}
+
+fn rss_peak_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `plipd bench ingest`.
+pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
+    let run = tag();
+    let (bodies, images) = messages(args, &run)?;
+    let bytes: usize = bodies.iter().map(Vec::len).sum();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let peer_ips = if args.no_peer {
+        None
+    } else {
+        Some(rt.block_on(peer(args, &bodies, images))?)
+    };
+    // The daemon: its topology and backlog first, then the process.
+    let dir = std::env::temp_dir().join(format!("plipd-{run}"));
+    std::fs::create_dir_all(&dir)?;
+    let d = Topology::default();
+    let topo = Topology {
+        ingest_exchange: format!("{}.{run}", d.ingest_exchange),
+        ingest_queue: format!("{}.{run}", d.ingest_queue),
+        reid_exchange: format!("{}.{run}", d.reid_exchange),
+        reid_queue: format!("{}.{run}", d.reid_queue),
+        results_exchange: format!("{}.{run}", d.results_exchange),
+        models_exchange: format!("{}.{run}", d.models_exchange),
+        dlx_exchange: format!("{}.{run}", d.dlx_exchange),
+        dead_queue: format!("{}.{run}", d.dead_queue),
+        ..d
+    };
+    rt.block_on(async {
+        let conn = connect(&args.url).await?;
+        let ch = conn.create_channel().await?;
+        topo.declare(&ch).await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        publish_all(&ch, &topo.ingest_exchange, "", &bodies).await?;
+        let _ = conn.close(200, "published".into()).await;
+        Ok::<_, Error>(())
+    })?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let http = format!("127.0.0.1:{port}");
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .arg("run")
+        .env("PLIP__BROKER__URL", &args.url)
+        .env("PLIP__BROKER__PREFETCH", args.prefetch.to_string())
+        .env("PLIP__STATE__DIR", dir.join("state"))
+        .env("PLIP__HTTP__LISTEN", &http)
+        .env("PLIP__TRAINER__ENABLED", "false")
+        .env("PLIP__TOPOLOGY__INGEST_EXCHANGE", &topo.ingest_exchange)
+        .env("PLIP__TOPOLOGY__INGEST_QUEUE", &topo.ingest_queue)
+        .env("PLIP__TOPOLOGY__REID_EXCHANGE", &topo.reid_exchange)
+        .env("PLIP__TOPOLOGY__REID_QUEUE", &topo.reid_queue)
+        .env("PLIP__TOPOLOGY__RESULTS_EXCHANGE", &topo.results_exchange)
+        .env("PLIP__TOPOLOGY__MODELS_EXCHANGE", &topo.models_exchange)
+        .env("PLIP__TOPOLOGY__DLX_EXCHANGE", &topo.dlx_exchange)
+        .env("PLIP__TOPOLOGY__DEAD_QUEUE", &topo.dead_queue)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut t0 = None;
+    let mut stored = 0u64;
+    while Instant::now() < deadline {
+        if let Some(Ok(s)) = crate::daemon::http::get(&http, "/status") {
+            let deliveries = s["ingest"]["deliveries"].as_u64().unwrap_or(0);
+            stored = s["ingest"]["stored"].as_u64().unwrap_or(0);
+            if deliveries > 0 {
+                t0.get_or_insert_with(Instant::now);
+            }
+            if stored >= images as u64 {
+                break;
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("plipd exited early ({st})").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    let rss = rss_peak_kib(pid);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    rt.block_on(async {
+        if let Ok(conn) = connect(&args.url).await {
+            if let Ok(ch) = conn.create_channel().await {
+                for q in [&topo.ingest_queue, &topo.reid_queue, &topo.dead_queue] {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for ex in [
+                    &topo.ingest_exchange,
+                    &topo.reid_exchange,
+                    &topo.results_exchange,
+                    &topo.models_exchange,
+                    &topo.dlx_exchange,
+                ] {
+                    let _ = ch
+                        .exchange_delete(ex.as_str().into(), Default::default())
+                        .await;
+                }
+            }
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    if stored < images as u64 {
+        return Err(format!("only {stored} of {images} images were stored in time").into());
+    }
+    let ips = images as f64 / secs;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "ingest", "size": args.size, "batch": args.batch, "images": images,
+            "messages": bodies.len(), "backlog_bytes": bytes, "prefetch": args.prefetch,
+            "daemon_images_per_s": ips, "daemon_seconds": secs,
+            "peer_images_per_s": peer_ips, "ratio": peer_ips.map(|p| ips / p),
+            "daemon_peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
+        })
+    );
+    Ok(())
+}
