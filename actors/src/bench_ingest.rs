@@ -112,7 +112,12 @@ fn messages(args: &IngestBenchArgs, run: &str) -> Result<(Vec<Vec<u8>>, usize), 
     Ok((bodies, k))
 }
 
-async fn publish_all(ch: &Channel, exchange: &str, queue: &str, bodies: &[Vec<u8>]) -> Result<(), Error> {
+async fn publish_all(
+    ch: &Channel,
+    exchange: &str,
+    queue: &str,
+    bodies: &[Vec<u8>],
+) -> Result<(), Error> {
     let props = BasicProperties::default()
         .with_content_type(ShortString::from("application/msgpack"))
         .with_delivery_mode(2);
@@ -230,7 +235,9 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
         let _ = conn.close(200, "published".into()).await;
         Ok::<_, Error>(())
     })?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let http = format!("127.0.0.1:{port}");
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
