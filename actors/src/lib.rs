@@ -24,6 +24,7 @@ pub mod data;
 pub mod eval;
 pub mod evaluate;
 pub mod export;
+pub mod index;
 pub mod plots;
 pub mod progress;
 pub mod publish;

@@ -115,6 +115,9 @@ impl Checkpoint {
     }
 }
 
+/// sled page-cache size of a state folder.
+pub const SLED_CACHE_BYTES: u64 = 64 << 20;
+
 /// An open state folder.
 pub struct State {
     db: sled::Db,
@@ -130,8 +133,11 @@ impl State {
     /// # Errors
     /// A folder another process holds, a database error, or a newer format.
     pub fn open(path: &Path) -> Result<Self, StateError> {
+        // sled's page cache defaults to 1 GiB and the process grows towards it as the sample
+        // store grows; the samples are read sequentially by the trainer, so a small cache does.
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
             .open()
             .map_err(|source| StateError::Open {
                 path: path.to_path_buf(),

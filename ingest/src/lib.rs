@@ -20,5 +20,6 @@ pub mod baseline;
 pub mod captions;
 pub mod datasets;
 pub mod image;
+pub mod reid;
 pub mod synth;
 pub mod wire;

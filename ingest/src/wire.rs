@@ -54,6 +54,20 @@ pub enum Code {
     ImageUndecodable,
     /// The same id twice in one batch.
     DuplicateId,
+    /// ReID requests: neither or both of image and text.
+    InvalidQuery,
+    /// ReID requests: an empty text query.
+    EmptyText,
+    /// ReID requests: a text query over the character or token limit.
+    TextTooLong,
+    /// ReID requests: `top_k` outside 1…maximum.
+    TopKOutOfRange,
+    /// ReID requests: the deadline passed before the request could be served.
+    DeadlinePassed,
+    /// ReID requests: the gallery is empty.
+    EmptyGallery,
+    /// ReID requests: no encoder is serving yet.
+    NoModel,
 }
 
 impl Code {
@@ -77,11 +91,18 @@ impl Code {
             Code::ImageTooManyPixels => "image_too_many_pixels",
             Code::ImageUndecodable => "image_undecodable",
             Code::DuplicateId => "duplicate_id",
+            Code::InvalidQuery => "invalid_query",
+            Code::EmptyText => "empty_text",
+            Code::TextTooLong => "text_too_long",
+            Code::TopKOutOfRange => "top_k_out_of_range",
+            Code::DeadlinePassed => "deadline_passed",
+            Code::EmptyGallery => "empty_gallery",
+            Code::NoModel => "no_model",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [Code; 17] = [
+    pub const ALL: [Code; 24] = [
         Code::UnsupportedContentType,
         Code::MalformedBody,
         Code::SchemaViolation,
@@ -99,6 +120,13 @@ impl Code {
         Code::ImageTooManyPixels,
         Code::ImageUndecodable,
         Code::DuplicateId,
+        Code::InvalidQuery,
+        Code::EmptyText,
+        Code::TextTooLong,
+        Code::TopKOutOfRange,
+        Code::DeadlinePassed,
+        Code::EmptyGallery,
+        Code::NoModel,
     ];
 }
 
