@@ -17,7 +17,40 @@ pub struct Config {
     pub state: StateConfig,
     pub captions: CaptionConfig,
     pub trainer: TrainerConfig,
+    pub serving: ServingConfig,
     pub http: HttpConfig,
+}
+
+/// The ReID server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServingConfig {
+    /// Serve ReID queries at all.
+    pub enabled: bool,
+    /// Requests in flight (AMQP prefetch of the request queue).
+    pub prefetch: u16,
+    /// How often to look for a new checkpoint or new gallery samples, milliseconds.
+    pub poll_ms: u64,
+    /// Metric that gates a promotion: `mAP`, `rank1` or `text_r1` (probe split).
+    pub gate_metric: String,
+    /// A candidate is promoted unless its gate metric is worse than the serving version's by
+    /// more than this.
+    pub gate_margin: f64,
+    /// Request limits.
+    pub limits: plip_ingest::reid::ReidLimits,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig {
+            enabled: true,
+            prefetch: 16,
+            poll_ms: 2000,
+            gate_metric: "mAP".into(),
+            gate_margin: 0.02,
+            limits: plip_ingest::reid::ReidLimits::default(),
+        }
+    }
 }
 
 /// The RabbitMQ connection.
@@ -248,6 +281,12 @@ impl Config {
         }
         if self.state.probe_percent > 50 {
             return Err("state.probe_percent must be at most 50".into());
+        }
+        if !["mAP", "rank1", "text_r1"].contains(&self.serving.gate_metric.as_str()) {
+            return Err("serving.gate_metric must be mAP, rank1 or text_r1".into());
+        }
+        if self.serving.prefetch == 0 {
+            return Err("serving.prefetch must be at least 1".into());
         }
         if self.captions.workers == 0 {
             return Err("captions.workers must be at least 1".into());

@@ -180,6 +180,96 @@ impl State {
         Ok(crate::store::SampleStore::open(&self.db, probe_percent)?)
     }
 
+    /// The version the ReID server promoted last, if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn serving_version(&self) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .meta
+            .get("serving")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Records the promoted version together with the gallery embeddings computed with it
+    /// (`(sample id, embedding)`), replacing the previous gallery, in one flushed transaction.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn set_serving(
+        &self,
+        version: u64,
+        gallery: &[(String, Vec<f32>)],
+    ) -> Result<(), StateError> {
+        use sled::Transactional;
+        let tree = self.db.open_tree("gallery")?;
+        let old: Vec<sled::IVec> = tree.iter().keys().filter_map(|k| k.ok()).collect();
+        (&self.meta, &tree)
+            .transaction(|(meta, g)| {
+                for k in &old {
+                    g.remove(k)?;
+                }
+                for (id, e) in gallery {
+                    let mut v = Vec::with_capacity(8 + 4 * e.len());
+                    v.extend_from_slice(&version.to_be_bytes());
+                    for x in e {
+                        v.extend_from_slice(&x.to_le_bytes());
+                    }
+                    g.insert(id.as_bytes(), v)?;
+                }
+                meta.insert("serving", &version.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                StateError::Other(format!("serving transaction: {e:?}"))
+            })?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Adds gallery embeddings computed with `version` (new gallery samples).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn add_gallery(
+        &self,
+        version: u64,
+        gallery: &[(String, Vec<f32>)],
+    ) -> Result<(), StateError> {
+        let tree = self.db.open_tree("gallery")?;
+        for (id, e) in gallery {
+            let mut v = Vec::with_capacity(8 + 4 * e.len());
+            v.extend_from_slice(&version.to_be_bytes());
+            for x in e {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            tree.insert(id.as_bytes(), v)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The stored gallery embeddings of `version`: `(sample id, embedding)`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn gallery(&self, version: u64) -> Result<Vec<(String, Vec<f32>)>, StateError> {
+        let tree = self.db.open_tree("gallery")?;
+        let mut out = Vec::new();
+        for entry in tree.iter() {
+            let (k, v) = entry?;
+            if v.len() < 8 || v[..8] != version.to_be_bytes() {
+                continue;
+            }
+            let e = v[8..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            out.push((String::from_utf8_lossy(&k).into_owned(), e));
+        }
+        Ok(out)
+    }
+
     /// Flushes every tree to disk.
     ///
     /// # Errors

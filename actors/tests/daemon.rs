@@ -841,3 +841,169 @@ fn publish_cli_feeds_the_daemon() {
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn batch_json_purpose(imgs: &[(String, String, String, Vec<u8>)], purpose: &str) -> Vec<u8> {
+    let list: Vec<serde_json::Value> = imgs
+        .iter()
+        .map(|(id, p, c, jpeg)| serde_json::json!({"id": id, "person_id": p, "camera_id": c, "image": b64(jpeg), "purpose": purpose}))
+        .collect();
+    serde_json::json!({ "images": list })
+        .to_string()
+        .into_bytes()
+}
+
+/// Sends one request and waits for its answer on an exclusive reply queue.
+async fn ask(
+    ch: &Channel,
+    exchange: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> serde_json::Value {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let corr = tag();
+    publish(
+        ch,
+        exchange,
+        body,
+        props
+            .with_reply_to(q.name().clone())
+            .with_correlation_id(corr.as_str().into()),
+    )
+    .await;
+    let t = Instant::now();
+    loop {
+        if let Some(m) = ch
+            .basic_get(q.name().clone(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            assert_eq!(v["request_id"], corr.as_str());
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no answer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After training, the first checkpoint is promoted, the gallery embedded, and image and text
+/// queries are answered with ranked matches naming the serving version; every bad request gets
+/// an error reply with its code; a request without `reply_to` is answered on `plip.results`.
+#[test]
+fn serves_queries_and_answers_every_bad_request() {
+    let _serial = serial();
+    let dir = tempdir("serving");
+    let mut d = Daemon::start(
+        &dir,
+        &trainer_toml(10),
+        &[("PLIP__SERVING__POLL_MS", "200".into())],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = d.topo.clone();
+    let all = images(16, 6, 5);
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in all.chunks(16) {
+            publish(
+                &ch,
+                &t.ingest_exchange,
+                &batch_json_purpose(chunk, "both"),
+                json_props(),
+            )
+            .await;
+        }
+    });
+    let s = d.wait_for(
+        "a serving version with its gallery",
+        Duration::from_secs(120),
+        |s| s["serving"]["version"].is_u64() && s["serving"]["gallery_size"] == 96,
+    );
+    let version = s["serving"]["version"].as_u64().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let text = serde_json::json!({"query": {"text": "a man wearing a black jacket and grey trousers"}, "top_k": 5});
+        let r = ask(&ch, &t.reid_exchange, text.to_string().as_bytes(), json_props()).await;
+        assert!(r["error"].is_null(), "{r:#}");
+        assert!(r["model_version"].as_u64() >= Some(version));
+        let m = r["matches"].as_array().unwrap();
+        assert_eq!(m.len(), 5);
+        let scores: Vec<f64> = m.iter().map(|x| x["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+        let (_, _, cam, jpeg) = &all[0];
+        let img = serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 100, "exclude_camera": cam});
+        let r = ask(&ch, &t.reid_exchange, img.to_string().as_bytes(), json_props()).await;
+        let m = r["matches"].as_array().unwrap();
+        assert!(!m.is_empty() && m.len() <= 96);
+        assert!(m.iter().all(|x| x["camera_id"] != cam.as_str()), "exclude_camera");
+        // Every bad request kind: an error reply with its code.
+        let old = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_timestamp(1);
+        let cases: Vec<(&str, Vec<u8>, BasicProperties)> = vec![
+            ("malformed_body", b"{oops".to_vec(), json_props()),
+            ("unsupported_content_type", b"hi".to_vec(), BasicProperties::default().with_content_type("text/plain".into())),
+            ("schema_violation", serde_json::json!({"query": {"text": "x"}, "colour": 1}).to_string().into_bytes(), json_props()),
+            ("invalid_query", serde_json::json!({"query": {}}).to_string().into_bytes(), json_props()),
+            ("empty_text", serde_json::json!({"query": {"text": " "}}).to_string().into_bytes(), json_props()),
+            ("text_too_long", serde_json::json!({"query": {"text": "word ".repeat(100)}}).to_string().into_bytes(), json_props()),
+            ("top_k_out_of_range", serde_json::json!({"query": {"text": "x"}, "top_k": 101}).to_string().into_bytes(), json_props()),
+            ("deadline_passed", serde_json::json!({"query": {"text": "x"}, "deadline_ms": 1000}).to_string().into_bytes(), old),
+            ("invalid_base64", serde_json::json!({"query": {"image": "@@"}}).to_string().into_bytes(), json_props()),
+            ("image_undecodable", serde_json::json!({"query": {"image": b64(&jpeg[..jpeg.len() / 2])}}).to_string().into_bytes(), json_props()),
+        ];
+        for (code, body, props) in cases {
+            let r = ask(&ch, &t.reid_exchange, &body, props).await;
+            assert_eq!(r["error"]["code"], code, "{r:#}");
+            assert!(r["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        // No reply_to: the answer goes to plip.results.
+        let q = ch
+            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_bind(q.name().clone(), t.results_exchange.as_str().into(), "".into(), Default::default(), FieldTable::default())
+            .await
+            .unwrap();
+        publish(&ch, &t.reid_exchange, text.to_string().as_bytes(), json_props().with_correlation_id("no-reply-to".into())).await;
+        let t0 = Instant::now();
+        let m = loop {
+            if let Some(m) = ch.basic_get(q.name().clone(), BasicGetOptions::default()).await.unwrap() {
+                break m;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        assert_eq!(v["request_id"], "no-reply-to");
+        assert_eq!(v["matches"].as_array().unwrap().len(), 5);
+    });
+    let s = d.status().unwrap();
+    assert!(s["serving"]["answered"].as_u64() >= Some(3));
+    assert_eq!(
+        s["serving"]["errors"].as_object().unwrap().len(),
+        10,
+        "{s:#}"
+    );
+    // A restart keeps the serving version and its gallery without re-embedding.
+    d.stop();
+    d.spawn();
+    let s = d.wait_for(
+        "the restored serving version",
+        Duration::from_secs(60),
+        |s| s["serving"]["version"].is_u64() && s["serving"]["gallery_size"] == 96,
+    );
+    assert!(s["serving"]["version"].as_u64() >= Some(version));
+    assert!(d.log_text().contains("\"event\":\"serving_restored\""));
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

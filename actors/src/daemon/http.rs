@@ -145,6 +145,17 @@ pub fn status(shared: &Shared) -> Result<serde_json::Value, String> {
             "evicted": stats.evicted,
         },
         "trainer": stats.trainer,
+        "serving": {
+            "version": shared.serving_snapshot().map(|s| s.version),
+            "step": shared.serving_snapshot().map(|s| s.step),
+            "gallery_version": shared.serving_snapshot().map(|s| s.gallery_version),
+            "gallery_size": shared.serving_snapshot().map_or(0, |s| s.rows.len()),
+            "metrics": shared.serving_snapshot().map(|s| s.metrics.clone()),
+            "promotions": stats.serving.promotions,
+            "refused": stats.serving.refused,
+            "answered": stats.serving.answered,
+            "errors": stats.serving.errors,
+        },
         "latest_checkpoint": latest,
         "restarts": stats.restarts,
     }))

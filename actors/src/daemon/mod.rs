@@ -10,6 +10,7 @@
 pub mod captioner;
 pub mod http;
 pub mod ingest;
+pub mod serving;
 pub mod supervisor;
 pub mod trainer;
 
@@ -31,6 +32,8 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Wakes waiters when `shutdown` is set.
     pub shutdown_notify: tokio::sync::Notify,
+    /// The serving encoder and gallery (swapped whole).
+    pub serving: std::sync::RwLock<Option<Arc<serving::Serving>>>,
 }
 
 impl Shared {
@@ -50,12 +53,26 @@ impl Shared {
             stats: Mutex::new(Stats::default()),
             shutdown: AtomicBool::new(false),
             shutdown_notify: tokio::sync::Notify::new(),
+            serving: std::sync::RwLock::new(None),
         }))
     }
 
     /// The live counters (a poisoned lock still yields them: counters cannot be half-written).
     pub fn stats(&self) -> MutexGuard<'_, Stats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The serving version now (a request keeps this `Arc` until it is answered).
+    pub fn serving_snapshot(&self) -> Option<Arc<serving::Serving>> {
+        self.serving
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The checkpoint version serving now.
+    pub fn serving_version(&self) -> Option<u64> {
+        self.serving_snapshot().map(|s| s.version)
     }
 
     /// True once shutdown has begun.
@@ -121,8 +138,20 @@ pub struct Stats {
     pub evicted: u64,
     /// The trainer.
     pub trainer: TrainerStats,
+    /// The ReID server.
+    pub serving: ServingStats,
     /// Child restarts by the supervisor, by child.
     pub restarts: BTreeMap<String, u64>,
+}
+
+/// The ReID server's counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServingStats {
+    pub promotions: u64,
+    pub refused: u64,
+    pub answered: u64,
+    /// Error replies by code.
+    pub errors: BTreeMap<String, u64>,
 }
 
 /// The trainer's live numbers.

@@ -25,6 +25,8 @@ pub enum Child {
     Trainer,
     Checkpointer,
     Http,
+    Swapper,
+    Requests,
 }
 
 impl Child {
@@ -35,6 +37,8 @@ impl Child {
             Child::Trainer => "trainer".into(),
             Child::Checkpointer => "checkpointer".into(),
             Child::Http => "http".into(),
+            Child::Swapper => "swapper".into(),
+            Child::Requests => "reid-requests".into(),
         }
     }
 }
@@ -91,6 +95,8 @@ impl Actor for Worker {
                 let l = w.listener.clone();
                 Some(tokio::spawn(super::http::serve(shared, l)))
             }
+            Child::Swapper => Some(tokio::spawn(super::serving::swapper(shared))),
+            Child::Requests => Some(tokio::spawn(super::serving::requests(shared))),
             Child::Checkpointer => {
                 let rx = w.jobs_rx.clone();
                 Some(tokio::spawn(trainer::checkpointer(shared, rx)))
@@ -237,6 +243,10 @@ impl Actor for Supervisor {
         let cfg = &st.wiring.shared.cfg;
         let mut kids = vec![Child::Http, Child::Checkpointer, Child::Ingest];
         kids.extend((0..cfg.captions.workers).map(Child::Captions));
+        if cfg.serving.enabled {
+            kids.push(Child::Swapper);
+            kids.push(Child::Requests);
+        }
         if cfg.trainer.enabled {
             kids.push(Child::Trainer);
         } else {
