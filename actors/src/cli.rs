@@ -33,8 +33,34 @@ pub enum Command {
     Publish(crate::publish::PublishArgs),
     /// Status of a running daemon (through its HTTP listener), or of a state folder.
     Status(AdminArgs),
-    /// Checkpoints of a running daemon, or of a state folder.
+    /// Checkpoints of a running daemon, or of a state folder (gate metrics, serving, pinned).
     Checkpoints(AdminArgs),
+    /// Pins a checkpoint version: the daemon serves it until `plipd unpin`.
+    Rollback(RollbackArgs),
+    /// Returns to automatic promotion of new checkpoints.
+    Unpin(AdminArgs),
+    /// Deletes a person's samples and gallery entries (trained weights cannot unlearn).
+    Forget(ForgetArgs),
+    /// Sends a ReID query (image or text) over the broker and prints the ranked matches.
+    Query(crate::query::QueryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// The checkpoint version to serve.
+    #[arg(long)]
+    pub version: u64,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ForgetArgs {
+    /// The person id whose samples are deleted.
+    #[arg(long)]
+    pub person: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +116,10 @@ pub fn main() -> ExitCode {
         Command::Publish(args) => crate::publish::run(&args),
         Command::Status(args) => admin(&args, "/status"),
         Command::Checkpoints(args) => admin(&args, "/checkpoints"),
+        Command::Rollback(a) => admin_post(&a.admin, Action::Rollback(a.version)),
+        Command::Unpin(a) => admin_post(&a, Action::Unpin),
+        Command::Forget(a) => admin_post(&a.admin, Action::Forget(a.person.clone())),
+        Command::Query(a) => crate::query::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +161,65 @@ fn admin(args: &AdminArgs, path: &str) -> Result<(), Box<dyn std::error::Error>>
         })
     } else {
         crate::daemon::http::list_checkpoints(&state)?
+    };
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+/// Percent-encodes a query value.
+fn escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// An admin change.
+enum Action {
+    Rollback(u64),
+    Unpin,
+    Forget(String),
+}
+
+/// `plipd rollback` / `unpin` / `forget`: through the running daemon, or on the state folder
+/// when none answers.
+fn admin_post(args: &AdminArgs, action: Action) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = crate::config::Config::load(args.config.as_deref())?;
+    let addr = args.http.clone().unwrap_or(cfg.http.listen.clone());
+    let path = match &action {
+        Action::Rollback(v) => format!("/rollback?version={v}"),
+        Action::Unpin => "/unpin".to_string(),
+        Action::Forget(p) => format!("/forget?person={}", escape(p)),
+    };
+    if let Some(answer) = crate::daemon::http::request(&addr, "POST", &path) {
+        let v: serde_json::Value = serde_json::from_slice(&answer?)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let dir = args.state.clone().unwrap_or(cfg.state.dir.clone());
+    let state = crate::state::State::open(&dir).map_err(|e| {
+        format!("no daemon answers at {addr}, and the state folder cannot be opened: {e}")
+    })?;
+    let doc = match action {
+        Action::Rollback(v) => {
+            state.set_pinned(Some(v))?;
+            serde_json::json!({"pinned": v})
+        }
+        Action::Unpin => {
+            state.set_pinned(None)?;
+            serde_json::json!({"pinned": null})
+        }
+        Action::Forget(person) => {
+            let store = state.samples(cfg.state.probe_percent)?;
+            let ids = store.forget_person(&person)?;
+            state.remove_gallery(&ids)?;
+            serde_json::json!({"person": person, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted; trained weights cannot unlearn"})
+        }
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())

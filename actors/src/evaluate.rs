@@ -29,6 +29,12 @@ pub struct LoadedModel {
 /// Loads a checkpoint from a state folder (`version` or the latest valid one).
 pub fn from_state(dir: &Path, version: Option<u64>) -> Result<LoadedModel, Error> {
     let state = State::open(dir)?;
+    from_open_state(&state, version)
+}
+
+/// As [`from_state`], on a state folder already open (the daemon's).
+pub fn from_open_state(state: &State, version: Option<u64>) -> Result<LoadedModel, Error> {
+    let dir = state.path();
     let tokenizer = state
         .tokenizer()?
         .ok_or("the state folder has no tokenizer (train first)")?;

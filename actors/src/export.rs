@@ -18,11 +18,49 @@ pub struct ExportArgs {
     /// Output file.
     #[arg(long)]
     pub out: PathBuf,
+    /// A running daemon's HTTP listener, used when it holds the state folder.
+    #[arg(long)]
+    pub http: Option<String>,
 }
 
-/// Runs `plipd export`.
+/// Runs `plipd export`: from the state folder, or — when a daemon holds it — through the
+/// daemon's HTTP listener (`--http`, default the configuration's).
 pub fn run(args: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let lm = crate::evaluate::from_state(&args.state, args.version)?;
+    let (bytes, summary) = match crate::state::State::open(&args.state) {
+        Ok(state) => export_bytes(&state, args.version)?,
+        Err(crate::state::StateError::Open { .. }) => {
+            let cfg = crate::config::Config::load(None)?;
+            let addr = args.http.clone().unwrap_or(cfg.http.listen);
+            let path = match args.version {
+                Some(v) => format!("/export?version={v}"),
+                None => "/export".to_string(),
+            };
+            let bytes = crate::daemon::http::request(&addr, "GET", &path).ok_or_else(|| {
+                format!("the state folder is in use and no daemon answers at {addr}")
+            })??;
+            let meta = plip_model::weights::read_meta(&bytes)?;
+            let summary = serde_json::json!({"version": meta.extra.get("checkpoint_version"), "step": meta.step, "preset": meta.preset.name, "bytes": bytes.len(), "via": addr});
+            (bytes, summary)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    std::fs::write(&args.out, &bytes)
+        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
+    let mut summary = summary;
+    summary["out"] = serde_json::json!(args.out);
+    println!("{summary}");
+    Ok(())
+}
+
+/// The export file of `version` (default the latest valid) and a summary.
+///
+/// # Errors
+/// A missing or corrupt checkpoint.
+pub fn export_bytes(
+    state: &crate::state::State,
+    version: Option<u64>,
+) -> Result<(Vec<u8>, serde_json::Value), Box<dyn std::error::Error>> {
+    let lm = crate::evaluate::from_open_state(state, version)?;
     let (model, tokenizer) = (&lm.model, &lm.tokenizer);
     let ck = lm.checkpoint.as_ref().ok_or("no checkpoint metadata")?;
     let preset = &model.preset;
@@ -35,11 +73,6 @@ pub fn run(args: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
     extra.insert("images_seen".to_string(), ck.images_seen.to_string());
     extra.insert("metrics".to_string(), serde_json::to_string(&ck.metrics)?);
     let bytes = save_weights(model, tokenizer.fingerprint(), ck.step, &extra)?;
-    std::fs::write(&args.out, &bytes)
-        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
-    println!(
-        "{}",
-        serde_json::json!({"out": args.out, "version": ck.version, "step": ck.step, "preset": preset.name, "bytes": bytes.len(), "tokenizer": tokenizer.fingerprint()})
-    );
-    Ok(())
+    let summary = serde_json::json!({"version": ck.version, "step": ck.step, "preset": preset.name, "bytes": bytes.len(), "tokenizer": tokenizer.fingerprint()});
+    Ok((bytes, summary))
 }

@@ -28,6 +28,7 @@ pub mod index;
 pub mod plots;
 pub mod progress;
 pub mod publish;
+pub mod query;
 pub mod state;
 pub mod store;
 pub mod synth;

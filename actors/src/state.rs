@@ -180,6 +180,72 @@ impl State {
         Ok(crate::store::SampleStore::open(&self.db, probe_percent)?)
     }
 
+    /// Records the probe evaluation of a version (metrics and whether it was promoted).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn record_evaluation(
+        &self,
+        version: u64,
+        doc: &serde_json::Value,
+    ) -> Result<(), StateError> {
+        let tree = self.db.open_tree("evaluations")?;
+        tree.insert(version.to_be_bytes(), doc.to_string().as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The recorded probe evaluation of a version.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn evaluation(&self, version: u64) -> Result<Option<serde_json::Value>, StateError> {
+        let tree = self.db.open_tree("evaluations")?;
+        Ok(tree
+            .get(version.to_be_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// The pinned version (rollback), if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn pinned(&self) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .meta
+            .get("pinned")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Pins `version` (it must exist and verify) or, with `None`, unpins.
+    ///
+    /// # Errors
+    /// A missing or corrupt version, or a database error.
+    pub fn set_pinned(&self, version: Option<u64>) -> Result<(), StateError> {
+        match version {
+            Some(v) => {
+                self.checkpoint(v)?;
+                self.meta.insert("pinned", &v.to_be_bytes())?;
+            }
+            None => {
+                self.meta.remove("pinned")?;
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Versions retention must keep: the serving and the pinned one.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn protected_versions(&self) -> Result<Vec<u64>, StateError> {
+        Ok([self.serving_version()?, self.pinned()?]
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
     /// The version the ReID server promoted last, if any.
     ///
     /// # Errors
@@ -244,6 +310,19 @@ impl State {
                 v.extend_from_slice(&x.to_le_bytes());
             }
             tree.insert(id.as_bytes(), v)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Deletes gallery embeddings by sample id (forgetting a person), flushed.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn remove_gallery(&self, ids: &[String]) -> Result<(), StateError> {
+        let tree = self.db.open_tree("gallery")?;
+        for id in ids {
+            tree.remove(id.as_bytes())?;
         }
         self.db.flush()?;
         Ok(())

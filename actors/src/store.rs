@@ -258,6 +258,31 @@ impl SampleStore {
         self.db.flush().map(|_| ()).map_err(|e| e.to_string())
     }
 
+    /// Deletes every sample of `person` (samples, arrival entries, captioning tickets), flushed.
+    /// Returns the ids removed.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn forget_person(&self, person: &str) -> Result<Vec<String>, String> {
+        let doomed: Vec<SampleMeta> = self
+            .metas()
+            .into_iter()
+            .filter(|m| m.person_id.as_deref() == Some(person))
+            .collect();
+        for m in &doomed {
+            (&self.samples, &self.arrivals, &self.uncaptioned)
+                .transaction(|(samples, arrivals, uncaptioned)| {
+                    samples.remove(m.id.as_bytes())?;
+                    arrivals.remove(&m.seq.to_be_bytes())?;
+                    uncaptioned.remove(m.id.as_bytes())?;
+                    Ok(())
+                })
+                .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+        }
+        self.db.flush().map_err(|e| e.to_string())?;
+        Ok(doomed.into_iter().map(|m| m.id).collect())
+    }
+
     /// Flushes everything written so far.
     pub fn flush(&self) -> Result<(), String> {
         self.db.flush().map(|_| ()).map_err(|e| e.to_string())

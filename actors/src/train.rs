@@ -367,7 +367,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
             weights,
             optimizer,
         })?;
-        state.prune(args.keep, &[])?;
+        state.prune(args.keep, &state.protected_versions()?)?;
         Ok(v)
     };
     while trainer.opt.step < args.steps {

@@ -47,6 +47,119 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<()
     }
 }
 
+/// A response body.
+enum Body {
+    Json(u16, serde_json::Value),
+    Bytes(Vec<u8>),
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Percent-decoding of a query value (`+` is a space).
+fn unescape(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
+    let ok = |v: Result<serde_json::Value, String>| match v {
+        Ok(v) => Body::Json(200, v),
+        Err(e) => Body::Json(500, error(&e)),
+    };
+    let bad = |m: &str| Body::Json(400, error(m));
+    let version = query_param(query, "version").map(|v| v.parse::<u64>());
+    match (method, path) {
+        ("GET", "/healthz") => Body::Json(200, serde_json::json!({"ok": true})),
+        ("GET", "/status") => ok(status(shared)),
+        ("GET", "/checkpoints") => ok(checkpoints(shared)),
+        ("GET", "/export") => {
+            let v = match version {
+                Some(Ok(v)) => Some(v),
+                Some(Err(_)) => return bad("version must be a number"),
+                None => None,
+            };
+            match crate::export::export_bytes(&shared.state, v) {
+                Ok((bytes, _)) => Body::Bytes(bytes),
+                Err(e) => Body::Json(404, error(&e.to_string())),
+            }
+        }
+        ("POST", "/rollback") => match version {
+            Some(Ok(v)) => match shared.state.set_pinned(Some(v)) {
+                Ok(()) => {
+                    super::log("pinned", serde_json::json!({"version": v}));
+                    Body::Json(200, serde_json::json!({"pinned": v}))
+                }
+                Err(e) => Body::Json(404, error(&e.to_string())),
+            },
+            _ => bad("POST /rollback?version=V"),
+        },
+        ("POST", "/unpin") => match shared.state.set_pinned(None) {
+            Ok(()) => {
+                super::log("unpinned", serde_json::json!({}));
+                Body::Json(200, serde_json::json!({"pinned": null}))
+            }
+            Err(e) => Body::Json(500, error(&e.to_string())),
+        },
+        ("POST", "/forget") => match query_param(query, "person").map(unescape) {
+            Some(p) if !p.is_empty() => {
+                let r = shared.store.forget_person(&p).and_then(|ids| {
+                    shared
+                        .state
+                        .remove_gallery(&ids)
+                        .map_err(|e| e.to_string())?;
+                    Ok(ids)
+                });
+                match r {
+                    Ok(ids) => {
+                        super::log(
+                            "forgot",
+                            serde_json::json!({"person": p, "samples": ids.len()}),
+                        );
+                        Body::Json(
+                            200,
+                            serde_json::json!({"person": p, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted; trained weights cannot unlearn"}),
+                        )
+                    }
+                    Err(e) => Body::Json(500, error(&e)),
+                }
+            }
+            _ => bad("POST /forget?person=PERSON_ID"),
+        },
+        (
+            _,
+            "/healthz" | "/status" | "/checkpoints" | "/export" | "/rollback" | "/unpin"
+            | "/forget",
+        ) => Body::Json(405, error("method not allowed")),
+        _ => Body::Json(404, error("no such endpoint")),
+    }
+}
+
 async fn connection(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -57,61 +170,50 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Resu
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > 16 * 1024 {
-            return respond(&mut stream, 431, &error("request headers too large")).await;
+            return respond(
+                &mut stream,
+                Body::Json(431, error("request headers too large")),
+            )
+            .await;
         }
     }
-    let head = String::from_utf8_lossy(&buf);
+    let head = String::from_utf8_lossy(&buf).into_owned();
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" {
-        return respond(&mut stream, 405, &error("only GET is supported")).await;
-    }
-    let body = match path {
-        "/healthz" => Ok(serde_json::json!({"ok": true})),
-        "/status" => {
-            let s = shared.clone();
-            tokio::task::spawn_blocking(move || status(&s))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()))
-        }
-        "/checkpoints" => {
-            let s = shared.clone();
-            tokio::task::spawn_blocking(move || checkpoints(&s))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()))
-        }
-        _ => return respond(&mut stream, 404, &error("no such endpoint")).await,
-    };
-    match body {
-        Ok(v) => respond(&mut stream, 200, &v).await,
-        Err(e) => respond(&mut stream, 500, &error(&e)).await,
-    }
+    let (method, target) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let (path, query) = (path.to_string(), query.to_string());
+    let body = tokio::task::spawn_blocking(move || route(&shared, &method, &path, &query))
+        .await
+        .unwrap_or_else(|e| Body::Json(500, error(&e.to_string())));
+    respond(&mut stream, body).await
 }
 
 fn error(message: &str) -> serde_json::Value {
     serde_json::json!({"error": {"code": "http", "message": message}})
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    code: u16,
-    body: &serde_json::Value,
-) -> std::io::Result<()> {
+async fn respond(stream: &mut TcpStream, body: Body) -> std::io::Result<()> {
+    let (code, ctype, bytes) = match body {
+        Body::Json(code, v) => (code, "application/json", format!("{v}\n").into_bytes()),
+        Body::Bytes(b) => (200, "application/octet-stream", b),
+    };
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
         _ => "Internal Server Error",
     };
-    let body = format!("{body}\n");
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        bytes.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(&bytes).await?;
     stream.shutdown().await
 }
 
@@ -174,33 +276,69 @@ pub fn checkpoints(shared: &Shared) -> Result<serde_json::Value, String> {
 /// # Errors
 /// A storage error.
 pub fn list_checkpoints(state: &crate::state::State) -> Result<serde_json::Value, String> {
-    let latest = state.latest_version().map_err(|e| e.to_string())?;
+    let e = |x: crate::state::StateError| x.to_string();
+    let latest = state.latest_version().map_err(e)?;
+    let serving = state.serving_version().map_err(e)?;
+    let pinned = state.pinned().map_err(e)?;
     let list: Vec<serde_json::Value> = state
         .list()
-        .map_err(|e| e.to_string())?
+        .map_err(e)?
         .into_iter()
         .map(|r| match r {
-            Ok(m) => serde_json::json!({"version": m.version, "step": m.step, "preset": m.preset, "images_seen": m.images_seen, "created_unix": m.created_unix, "metrics": m.metrics}),
+            Ok(m) => {
+                let evaluation = state.evaluation(m.version).ok().flatten();
+                serde_json::json!({"version": m.version, "step": m.step, "preset": m.preset, "images_seen": m.images_seen, "created_unix": m.created_unix, "metrics": m.metrics, "probe": evaluation, "serving": serving == Some(m.version), "pinned": pinned == Some(m.version)})
+            }
             Err(e) => serde_json::json!({"error": e.to_string()}),
         })
         .collect();
-    Ok(serde_json::json!({"latest": latest, "checkpoints": list}))
+    Ok(
+        serde_json::json!({"latest": latest, "serving": serving, "pinned": pinned, "checkpoints": list}),
+    )
 }
 
-/// A `GET` to a running daemon's listener; `None` when nothing listens there.
-pub fn get(addr: &str, path: &str) -> Option<Result<serde_json::Value, String>> {
+/// A request to a running daemon's listener: the body of a 200 answer, the error message of
+/// any other; `None` when nothing listens there.
+pub fn request(addr: &str, method: &str, path: &str) -> Option<Result<Vec<u8>, String>> {
     use std::io::{Read, Write};
     let sock: std::net::SocketAddr = addr.parse().ok()?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).ok()?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
     if let Err(e) = s.write_all(req.as_bytes()) {
         return Some(Err(e.to_string()));
     }
-    let mut out = String::new();
-    if let Err(e) = s.read_to_string(&mut out) {
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
         return Some(Err(e.to_string()));
     }
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Some(serde_json::from_str(body).map_err(|e| format!("bad answer from {addr}: {e}")))
+    let Some(split) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Some(Err(format!("bad answer from {addr}")));
+    };
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let body = out[split + 4..].to_vec();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(0);
+    if code == 200 {
+        return Some(Ok(body));
+    }
+    let msg = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    Some(Err(format!("{addr}{path}: {code}: {msg}")))
+}
+
+/// A `GET` of a JSON document from a running daemon; `None` when nothing listens there.
+pub fn get(addr: &str, path: &str) -> Option<Result<serde_json::Value, String>> {
+    request(addr, "GET", path).map(|r| {
+        r.and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| format!("bad answer from {addr}: {e}"))
+        })
+    })
 }

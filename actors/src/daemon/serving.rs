@@ -216,7 +216,7 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
             gallery_seen = v.rows.iter().map(|r| r.id.clone()).collect();
             log(
                 "serving_restored",
-                serde_json::json!({"version": v.version, "gallery": v.rows.len()}),
+                serde_json::json!({"version": v.version, "gallery": v.rows.len(), "metrics": v.metrics}),
             );
             *shared.serving.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
         }
@@ -276,6 +276,8 @@ fn restore(shared: &Shared) -> Result<Option<Serving>, String> {
         .into_iter()
         .map(|m| (m.id.clone(), m))
         .collect();
+    // The gate compares candidates with the serving version's probe metrics: measure them.
+    let metrics = probe_metrics(shared, &model, &tokenizer);
     Ok(Some(build(
         version,
         step,
@@ -284,15 +286,28 @@ fn restore(shared: &Shared) -> Result<Option<Serving>, String> {
         Arc::new(tokenizer),
         embeddings,
         &metas,
-        BTreeMap::new(),
+        metrics,
     )))
 }
 
 fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Result<Step, String> {
     let current = shared.serving_snapshot();
     let latest = shared.state.latest_version().map_err(|e| e.to_string())?;
-    let candidate =
-        latest.filter(|v| !refused.contains(v) && current.as_ref().is_none_or(|c| *v > c.version));
+    let pinned = shared.state.pinned().map_err(|e| e.to_string())?;
+    // A pinned version (rollback) is served as is; otherwise the newest checkpoint is a
+    // candidate, gated on the probe metrics.
+    let (candidate, gated) = match pinned {
+        Some(p) => (
+            Some(p).filter(|p| current.as_ref().is_none_or(|c| c.version != *p)),
+            false,
+        ),
+        None => (
+            latest.filter(|v| {
+                !refused.contains(v) && current.as_ref().is_none_or(|c| *v > c.version)
+            }),
+            true,
+        ),
+    };
     let metas: HashMap<String, crate::store::SampleMeta> = shared
         .store
         .metas()
@@ -304,14 +319,13 @@ fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Resu
         let (model, tokenizer, step) = load_version(shared, v)?;
         let metrics = probe_metrics(shared, &model, &tokenizer);
         let gate = &shared.cfg.serving.gate_metric;
-        if let Some(cur) = &current {
+        if let (Some(cur), true) = (&current, gated) {
             let (new, old) = (metrics.get(gate), cur.metrics.get(gate));
             if let (Some(new), Some(old)) = (new, old) {
                 if *new < old - shared.cfg.serving.gate_margin {
-                    log(
-                        "refused",
-                        serde_json::json!({"version": v, "gate": gate, "candidate": new, "serving": old, "serving_version": cur.version}),
-                    );
+                    let doc = serde_json::json!({"version": v, "gate": gate, "candidate": new, "serving": old, "serving_version": cur.version});
+                    let _ = shared.state.record_evaluation(v, &serde_json::json!({"metrics": metrics, "promoted": false, "against": cur.version}));
+                    log("refused", doc);
                     shared.stats().serving.refused += 1;
                     return Ok(Step::Refused(v));
                 }

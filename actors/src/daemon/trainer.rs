@@ -69,7 +69,10 @@ pub async fn checkpointer(
                 .state
                 .save_checkpoint(job.checkpoint)
                 .map_err(|e| e.to_string())?;
-            s.state.prune(keep, &[v]).map_err(|e| e.to_string())?;
+            // Never the new one, the serving one or a pinned one.
+            let mut protect = s.state.protected_versions().map_err(|e| e.to_string())?;
+            protect.push(v);
+            s.state.prune(keep, &protect).map_err(|e| e.to_string())?;
             Ok::<u64, String>(v)
         })
         .await

@@ -1,0 +1,159 @@
+//! `plipd query`: a ReID client. Sends one image or text query over the broker (RPC: an
+//! exclusive reply queue, a correlation id) and prints the ranked matches.
+
+use futures_lite::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::BasicProperties;
+use std::path::PathBuf;
+use std::time::Duration;
+
+type Error = Box<dyn std::error::Error>;
+
+#[derive(Debug, clap::Args)]
+pub struct QueryArgs {
+    /// A person image (JPEG, PNG or WebP).
+    #[arg(long, conflicts_with = "text", required_unless_present = "text")]
+    pub image: Option<PathBuf>,
+    /// A description of the person.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Matches wanted.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: u32,
+    /// Leave out gallery images of this camera.
+    #[arg(long)]
+    pub exclude_camera: Option<String>,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Broker URL.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub url: String,
+    /// Exchange of ReID requests.
+    #[arg(long, default_value = "plip.reid")]
+    pub exchange: String,
+    /// Seconds to wait for the answer (also sent as the request's deadline).
+    #[arg(long, default_value_t = 30)]
+    pub timeout_s: u64,
+}
+
+/// Runs `plipd query`.
+pub fn run(args: &QueryArgs) -> Result<(), Error> {
+    use base64::Engine;
+    let query = match (&args.image, &args.text) {
+        (Some(p), _) => {
+            let bytes =
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            serde_json::json!({"image": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        }
+        (None, Some(t)) => serde_json::json!({"text": t}),
+        (None, None) => return Err("give --image FILE or --text \"…\"".into()),
+    };
+    let mut req = serde_json::json!({"v": 1, "query": query, "top_k": args.top_k, "deadline_ms": args.timeout_s * 1000});
+    if let Some(c) = &args.exclude_camera {
+        req["exclude_camera"] = serde_json::json!(c);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply: serde_json::Value = rt.block_on(async {
+        let conn = plip_ingest::amqp::connect(&args.url).await?;
+        let ch = conn.create_channel().await?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "plipd-query".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let corr = format!("query-{}-{}", std::process::id(), crate::state::now_unix());
+        let now = crate::state::now_unix();
+        ch.basic_publish(
+            args.exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            req.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_reply_to(q.name().clone())
+                .with_correlation_id(corr.as_str().into())
+                .with_timestamp(now),
+        )
+        .await?;
+        let wait = async {
+            while let Some(d) = consumer.next().await {
+                let d = d?;
+                if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(&corr) {
+                    return Ok::<_, Error>(serde_json::from_slice(&d.data)?);
+                }
+            }
+            Err("the reply queue closed".into())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(args.timeout_s), wait)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer within {} s (is plipd run consuming {}?)",
+                    args.timeout_s, args.exchange
+                )
+            })??;
+        let _ = conn.close(200, "done".into()).await;
+        Ok::<_, Error>(r)
+    })?;
+    if args.json {
+        println!("{reply}");
+    } else if let Some(e) = reply.get("error").filter(|e| !e.is_null()) {
+        return Err(format!(
+            "{}: {}",
+            e["code"].as_str().unwrap_or("?"),
+            e["message"].as_str().unwrap_or("")
+        )
+        .into());
+    } else {
+        println!(
+            "model version {}, gallery version {}, {:.1} ms",
+            reply["model_version"],
+            reply["gallery_version"],
+            reply["took_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:>4}  {:>7}  {:<10} {:<8} id",
+            "rank", "score", "person", "camera"
+        );
+        for (i, m) in reply["matches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            println!(
+                "{:>4}  {:>7.4}  {:<10} {:<8} {}",
+                i + 1,
+                m["score"].as_f64().unwrap_or(0.0),
+                m["person_id"].as_str().unwrap_or("-"),
+                m["camera_id"].as_str().unwrap_or("-"),
+                m["id"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if reply.get("error").is_some_and(|e| !e.is_null()) {
+        return Err("the daemon answered with an error".into());
+    }
+    Ok(())
+}
