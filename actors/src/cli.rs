@@ -97,6 +97,8 @@ pub enum BenchCommand {
     /// Ingest throughput (broker → durable samples) next to a bare consume + ack loop, and
     /// the daemon's peak RSS; prints one JSON line.
     Ingest(crate::bench_ingest::IngestBenchArgs),
+    /// Top-k queries per second of the ReID index, single and batched; prints one JSON line.
+    Search(crate::bench_search::SearchBenchArgs),
 }
 
 /// Parses the command line and runs the command; errors are printed, not panicked.
@@ -105,6 +107,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::run(&args),
+        Command::Bench(BenchCommand::Search(args)) => crate::bench_search::run(&args),
         Command::Eval(args) => crate::eval::run(&args),
         Command::Synth(args) => crate::synth::run(&args),
         Command::Train(args) => crate::train::run(&args),
