@@ -650,11 +650,22 @@ fn trainer_checkpoints_and_resumes_exactly() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let n = list["checkpoints"].as_array().unwrap().len();
+    // The newest `keep_checkpoints` (3), plus the serving version, which retention keeps.
+    let cks = list["checkpoints"].as_array().unwrap();
+    let unprotected = cks
+        .iter()
+        .filter(|c| c["serving"] != true && c["pinned"] != true)
+        .count();
     assert!(
-        (1..=3).contains(&n),
-        "keep_checkpoints = 3, found {n}: {list:#}"
+        (1..=3).contains(&unprotected),
+        "keep_checkpoints = 3: {list:#}"
     );
+    if let Some(v) = list["serving"].as_u64() {
+        assert!(
+            cks.iter().any(|c| c["version"] == v),
+            "the serving version was pruned"
+        );
+    }
     assert!(list["latest"].as_u64() > Some(version));
     // A trainer that cannot start (the state holds `test` checkpoints, the configuration asks
     // for `tiny`) fails, is restarted with backoff by the supervisor, and ingest goes on.

@@ -244,7 +244,7 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
                 let promoted = v.version;
                 let announce = serde_json::json!({"version": v.version, "step": v.step, "metrics": v.metrics, "promoted_at": crate::state::now_unix(), "gallery_version": v.gallery_version, "gallery": v.rows.len()});
                 let changed_model = shared.serving_version() != Some(promoted);
-                *shared.serving.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
+                *shared.serving.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(v));
                 if changed_model {
                     shared.stats().serving.promotions += 1;
                     log("promoted", announce.clone());
@@ -261,7 +261,7 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
 enum Step {
     Idle,
     Refused(u64),
-    Swapped(Serving),
+    Swapped(Box<Serving>),
 }
 
 fn restore(shared: &Shared) -> Result<Option<Serving>, String> {
@@ -344,7 +344,7 @@ fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Resu
         let gv = current.as_ref().map_or(1, |c| c.gallery_version + 1);
         let mut metrics = metrics;
         metrics.insert("swap_seconds".into(), t.elapsed().as_secs_f64());
-        return Ok(Step::Swapped(build(
+        return Ok(Step::Swapped(Box::new(build(
             v,
             step,
             gv,
@@ -353,7 +353,7 @@ fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Resu
             embeddings,
             &metas,
             metrics,
-        )));
+        ))));
     }
     // New gallery samples: embed them with the serving encoder and publish a new gallery.
     let Some(cur) = current else {
@@ -380,7 +380,7 @@ fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Resu
         .map(|i| (cur.rows[i].id.clone(), cur.index.row(i).to_vec()))
         .collect();
     all.extend(added);
-    Ok(Step::Swapped(build(
+    Ok(Step::Swapped(Box::new(build(
         cur.version,
         cur.step,
         cur.gallery_version + 1,
@@ -389,7 +389,7 @@ fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Resu
         all,
         &metas,
         cur.metrics.clone(),
-    )))
+    ))))
 }
 
 async fn announce_model(shared: &Shared, body: &serde_json::Value) -> Result<(), String> {
