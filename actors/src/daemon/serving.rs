@@ -471,6 +471,10 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
         )
         .await
         .map_err(|e| e.to_string())?;
+    let (btx, brx) =
+        tokio::sync::mpsc::channel::<Pending>(usize::from(shared.cfg.serving.prefetch).max(1));
+    let batch_task = tokio::spawn(batcher(shared.clone(), brx));
+    let _abort_batcher = AbortOnDrop(batch_task);
     let mut inflight = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -478,7 +482,8 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
                 Some(Ok(d)) => {
                     let shared = shared.clone();
                     let ch = ch.clone();
-                    inflight.spawn(async move { answer(&shared, &ch, d).await });
+                    let btx = btx.clone();
+                    inflight.spawn(async move { answer(&shared, &ch, &btx, d).await });
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 None => return Err("the request consumer was cancelled".into()),
@@ -496,6 +501,187 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A validated request waiting for the batcher, and where its result goes.
+type Pending = (
+    plip_ingest::reid::ValidRequest,
+    tokio::sync::oneshot::Sender<Answer>,
+);
+
+/// What a request gets: the version that answered and the matches, or an error.
+type Answer = Result<(u64, u64, Vec<Match>), WireError>;
+
+/// Collects the requests that arrive together (up to 64, waiting at most 2 ms after the first)
+/// and answers them as one batch: one serving version, one embedding pass per kind, one search.
+async fn batcher(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + Duration::from_millis(2);
+        while batch.len() < 64 {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                _ => break,
+            }
+        }
+        let (reqs, txs): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let s = shared.clone();
+        let answers = tokio::task::spawn_blocking(move || answer_batch(&s, reqs))
+            .await
+            .unwrap_or_else(|e| {
+                vec![
+                    Err(WireError {
+                        code: Code::NoModel,
+                        message: format!("the search failed: {e}")
+                    });
+                    txs.len()
+                ]
+            });
+        for (tx, a) in txs.into_iter().zip(answers) {
+            let _ = tx.send(a);
+        }
+    }
+}
+
+fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> Vec<Answer> {
+    let n = reqs.len();
+    let Some(s) = shared.serving_snapshot() else {
+        let e = WireError {
+            code: Code::NoModel,
+            message: "no encoder is serving yet (the first checkpoint has not been promoted)"
+                .into(),
+        };
+        return vec![Err(e); n];
+    };
+    if s.index.is_empty() {
+        let e = WireError {
+            code: Code::EmptyGallery,
+            message: "the gallery is empty: publish samples with purpose gallery or both".into(),
+        };
+        return vec![Err(e); n];
+    }
+    let p = &s.model.preset;
+    let dim = p.embed;
+    let mut out: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
+    let mut emb: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
+    // Images: one pass.
+    let images: Vec<usize> = (0..n)
+        .filter(|&i| matches!(reqs[i].query, QueryKind::Image(_)))
+        .collect();
+    if !images.is_empty() {
+        let flat: Vec<f32> = images
+            .iter()
+            .flat_map(|&i| match &reqs[i].query {
+                QueryKind::Image(img) => {
+                    let rgb =
+                        pixels_at(&canonical(img), p.image_height as u32, p.image_width as u32);
+                    normalize_rgb(&rgb, p.image_height, p.image_width)
+                }
+                QueryKind::Text(_) => Vec::new(),
+            })
+            .collect();
+        let e = s.model.embed_images(&flat, 64);
+        for (r, &i) in images.iter().enumerate() {
+            emb[i] = Some(e.row(r).to_vec());
+        }
+    }
+    // Texts: token limit per request, then one pass.
+    let mut texts = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        if let QueryKind::Text(t) = &r.query {
+            match s.tokenizer.pieces(t) {
+                Ok(pieces) if pieces.len() <= p.text_len.saturating_sub(2) => {
+                    texts.push((i, t.clone()))
+                }
+                Ok(pieces) => {
+                    out[i] = Some(Err(WireError {
+                        code: Code::TextTooLong,
+                        message: format!(
+                            "the text is {} tokens; at most {}",
+                            pieces.len(),
+                            p.text_len - 2
+                        ),
+                    }))
+                }
+                Err(e) => {
+                    out[i] = Some(Err(WireError {
+                        code: Code::TextTooLong,
+                        message: e.to_string(),
+                    }))
+                }
+            }
+        }
+    }
+    if !texts.is_empty() {
+        let strs: Vec<&str> = texts.iter().map(|(_, t)| t.as_str()).collect();
+        match s.tokenizer.encode_batch(&strs, p.text_len) {
+            Ok(tokens) => {
+                let e = s.model.embed_texts(&tokens, 64);
+                for (r, (i, _)) in texts.iter().enumerate() {
+                    emb[*i] = Some(e.row(r).to_vec());
+                }
+            }
+            Err(e) => {
+                for (i, _) in &texts {
+                    out[*i] = Some(Err(WireError {
+                        code: Code::TextTooLong,
+                        message: e.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+    // One search for every embedded query, at the largest top_k; each keeps its own.
+    let live: Vec<usize> = (0..n)
+        .filter(|&i| out[i].is_none() && emb[i].is_some())
+        .collect();
+    if !live.is_empty() {
+        let k = live.iter().map(|&i| reqs[i].top_k).max().unwrap_or(1);
+        let mut q = Vec::with_capacity(live.len() * dim);
+        let mut exclude = Vec::with_capacity(live.len());
+        for &i in &live {
+            q.extend_from_slice(emb[i].as_deref().unwrap_or(&[]));
+            exclude.push(
+                reqs[i]
+                    .exclude_camera
+                    .as_deref()
+                    .map(|c| s.camera_number(c).unwrap_or(u32::MAX)),
+            );
+        }
+        let hits = s.index.search(&q, &exclude, k);
+        for (j, &i) in live.iter().enumerate() {
+            let matches = hits[j]
+                .iter()
+                .take(reqs[i].top_k)
+                .map(|h| Match {
+                    id: s.rows[h.row].id.clone(),
+                    person_id: s.rows[h.row].person_id.clone(),
+                    camera_id: s.rows[h.row].camera_id.clone(),
+                    score: h.score,
+                })
+                .collect();
+            out[i] = Some(Ok((s.version, s.gallery_version, matches)));
+        }
+    }
+    out.into_iter()
+        .map(|a| {
+            a.unwrap_or_else(|| {
+                Err(WireError {
+                    code: Code::NoModel,
+                    message: "not answered".into(),
+                })
+            })
+        })
+        .collect()
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -507,6 +693,7 @@ fn now_ms() -> u64 {
 async fn answer(
     shared: &Arc<Shared>,
     ch: &Channel,
+    batcher: &tokio::sync::mpsc::Sender<Pending>,
     d: lapin::message::Delivery,
 ) -> Result<(), String> {
     let t0 = Instant::now();
@@ -544,71 +731,21 @@ async fn answer(
                 });
             }
         }
-        let Some(s) = shared2.serving_snapshot() else {
-            return Err(WireError {
-                code: Code::NoModel,
-                message: "no encoder is serving yet (the first checkpoint has not been promoted)"
-                    .into(),
-            });
-        };
-        if s.index.is_empty() {
-            return Err(WireError {
-                code: Code::EmptyGallery,
-                message: "the gallery is empty: publish samples with purpose gallery or both"
-                    .into(),
-            });
-        }
-        let p = &s.model.preset;
-        let q: Vec<f32> = match &req.query {
-            QueryKind::Image(img) => {
-                let rgb = pixels_at(&canonical(img), p.image_height as u32, p.image_width as u32);
-                s.model
-                    .embed_images(&normalize_rgb(&rgb, p.image_height, p.image_width), 1)
-                    .data
-            }
-            QueryKind::Text(t) => {
-                let pieces = s.tokenizer.pieces(t).map_err(|e| WireError {
-                    code: Code::TextTooLong,
-                    message: e.to_string(),
-                })?;
-                if pieces.len() > p.text_len.saturating_sub(2) {
-                    return Err(WireError {
-                        code: Code::TextTooLong,
-                        message: format!(
-                            "the text is {} tokens; at most {}",
-                            pieces.len(),
-                            p.text_len - 2
-                        ),
-                    });
-                }
-                let tokens = s
-                    .tokenizer
-                    .encode_batch(&[t.as_str()], p.text_len)
-                    .map_err(|e| WireError {
-                        code: Code::TextTooLong,
-                        message: e.to_string(),
-                    })?;
-                s.model.embed_texts(&tokens, 1).data
-            }
-        };
-        let exclude = req
-            .exclude_camera
-            .as_deref()
-            .map(|c| s.camera_number(c).unwrap_or(u32::MAX));
-        let hits = s.index.search(&q, &[exclude], req.top_k);
-        let matches: Vec<Match> = hits[0]
-            .iter()
-            .map(|h| Match {
-                id: s.rows[h.row].id.clone(),
-                person_id: s.rows[h.row].person_id.clone(),
-                camera_id: s.rows[h.row].camera_id.clone(),
-                score: h.score,
-            })
-            .collect();
-        Ok((s.version, s.gallery_version, matches))
+        Ok(req)
     })
     .await
     .map_err(|e| e.to_string())?;
+    let result = match result {
+        Ok(req) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if batcher.send((req, tx)).await.is_err() {
+                return Err("the query batcher is gone".into());
+            }
+            rx.await
+                .map_err(|_| "the query batcher dropped a request".to_string())?
+        }
+        Err(e) => Err(e),
+    };
     let took_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let body = match &result {
         Ok((model_version, gallery_version, matches)) => serde_json::to_vec(&ReidReply {
