@@ -99,6 +99,8 @@ pub enum BenchCommand {
     Ingest(crate::bench_ingest::IngestBenchArgs),
     /// Top-k queries per second of the ReID index, single and batched; prints one JSON line.
     Search(crate::bench_search::SearchBenchArgs),
+    /// ReID over the broker: latency, throughput and a hot swap at a 10k gallery; prints JSON.
+    Reid(crate::bench_reid::ReidBenchArgs),
 }
 
 /// Parses the command line and runs the command; errors are printed, not panicked.
@@ -108,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::run(&args),
         Command::Bench(BenchCommand::Search(args)) => crate::bench_search::run(&args),
+        Command::Bench(BenchCommand::Reid(args)) => crate::bench_reid::run(&args),
         Command::Eval(args) => crate::eval::run(&args),
         Command::Synth(args) => crate::synth::run(&args),
         Command::Train(args) => crate::train::run(&args),

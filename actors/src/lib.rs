@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod bench_ingest;
+pub mod bench_reid;
 pub mod bench_search;
 pub mod cli;
 pub mod config;
