@@ -214,18 +214,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     // The daemon: its topology and backlog first, then the process.
     let dir = std::env::temp_dir().join(format!("plipd-{run}"));
     std::fs::create_dir_all(&dir)?;
-    let d = Topology::default();
-    let topo = Topology {
-        ingest_exchange: format!("{}.{run}", d.ingest_exchange),
-        ingest_queue: format!("{}.{run}", d.ingest_queue),
-        reid_exchange: format!("{}.{run}", d.reid_exchange),
-        reid_queue: format!("{}.{run}", d.reid_queue),
-        results_exchange: format!("{}.{run}", d.results_exchange),
-        models_exchange: format!("{}.{run}", d.models_exchange),
-        dlx_exchange: format!("{}.{run}", d.dlx_exchange),
-        dead_queue: format!("{}.{run}", d.dead_queue),
-        ..d
-    };
+    let topo = Topology::with_suffix(&run);
     rt.block_on(async {
         let conn = connect(&args.url).await?;
         let ch = conn.create_channel().await?;
@@ -247,14 +236,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
         .env("PLIP__STATE__DIR", dir.join("state"))
         .env("PLIP__HTTP__LISTEN", &http)
         .env("PLIP__TRAINER__ENABLED", "false")
-        .env("PLIP__TOPOLOGY__INGEST_EXCHANGE", &topo.ingest_exchange)
-        .env("PLIP__TOPOLOGY__INGEST_QUEUE", &topo.ingest_queue)
-        .env("PLIP__TOPOLOGY__REID_EXCHANGE", &topo.reid_exchange)
-        .env("PLIP__TOPOLOGY__REID_QUEUE", &topo.reid_queue)
-        .env("PLIP__TOPOLOGY__RESULTS_EXCHANGE", &topo.results_exchange)
-        .env("PLIP__TOPOLOGY__MODELS_EXCHANGE", &topo.models_exchange)
-        .env("PLIP__TOPOLOGY__DLX_EXCHANGE", &topo.dlx_exchange)
-        .env("PLIP__TOPOLOGY__DEAD_QUEUE", &topo.dead_queue)
+        .envs(topo.env())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -287,22 +269,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     rt.block_on(async {
         if let Ok(conn) = connect(&args.url).await {
             if let Ok(ch) = conn.create_channel().await {
-                for q in [&topo.ingest_queue, &topo.reid_queue, &topo.dead_queue] {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for ex in [
-                    &topo.ingest_exchange,
-                    &topo.reid_exchange,
-                    &topo.results_exchange,
-                    &topo.models_exchange,
-                    &topo.dlx_exchange,
-                ] {
-                    let _ = ch
-                        .exchange_delete(ex.as_str().into(), Default::default())
-                        .await;
-                }
+                topo.delete(&ch).await;
             }
         }
     });

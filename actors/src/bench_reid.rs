@@ -8,7 +8,9 @@
 
 use crate::state::{now_unix, Checkpoint, CheckpointMeta, State};
 use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use plip_ingest::amqp::{connect, Topology};
@@ -48,7 +50,10 @@ fn checkpoint(state: &State, seed: u64) -> Result<u64, Error> {
             t
         }
     };
-    let trainer = Trainer::new(Plip::<f32, Cpu>::new(&Cpu::default(), &preset, seed)?, Default::default());
+    let trainer = Trainer::new(
+        Plip::<f32, Cpu>::new(&Cpu::default(), &preset, seed)?,
+        Default::default(),
+    );
     let weights = save_weights(&trainer.model, tk.fingerprint(), seed, &Default::default())?;
     let optimizer = save_optimizer(&trainer.opt, &preset, tk.fingerprint())?;
     Ok(state.save_checkpoint(Checkpoint {
@@ -70,7 +75,12 @@ fn status(http: &str) -> Option<serde_json::Value> {
     crate::daemon::http::get(http, "/status").and_then(Result::ok)
 }
 
-fn wait(http: &str, what: &str, limit: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> Result<Instant, Error> {
+fn wait(
+    http: &str,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Result<Instant, Error> {
     let t = Instant::now();
     while t.elapsed() < limit {
         if let Some(s) = status(http) {
@@ -92,14 +102,7 @@ fn spawn(dir: &Path, http: &str, url: &str, topo: &Topology) -> Result<std::proc
         .env("PLIP__TRAINER__ENABLED", "false")
         .env("PLIP__SERVING__POLL_MS", "200")
         .env("PLIP__SERVING__GATE_MARGIN", "1.0")
-        .env("PLIP__TOPOLOGY__INGEST_EXCHANGE", &topo.ingest_exchange)
-        .env("PLIP__TOPOLOGY__INGEST_QUEUE", &topo.ingest_queue)
-        .env("PLIP__TOPOLOGY__REID_EXCHANGE", &topo.reid_exchange)
-        .env("PLIP__TOPOLOGY__REID_QUEUE", &topo.reid_queue)
-        .env("PLIP__TOPOLOGY__RESULTS_EXCHANGE", &topo.results_exchange)
-        .env("PLIP__TOPOLOGY__MODELS_EXCHANGE", &topo.models_exchange)
-        .env("PLIP__TOPOLOGY__DLX_EXCHANGE", &topo.dlx_exchange)
-        .env("PLIP__TOPOLOGY__DEAD_QUEUE", &topo.dead_queue)
+        .envs(topo.env())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?)
@@ -127,13 +130,34 @@ impl Client {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let q = ch
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await?;
         let consumer = ch
-            .basic_consume(q.name().clone(), "bench".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                q.name().clone(),
+                "bench".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await?;
         std::mem::forget(conn);
-        Ok(Client { reply: q.name().clone(), ch, consumer, exchange: exchange.to_string(), n: 0 })
+        Ok(Client {
+            reply: q.name().clone(),
+            ch,
+            consumer,
+            exchange: exchange.to_string(),
+            n: 0,
+        })
     }
 
     async fn send(&mut self, body: &[u8]) -> Result<String, Error> {
@@ -156,7 +180,12 @@ impl Client {
 
     async fn recv(&mut self) -> Result<(String, serde_json::Value), Error> {
         let d = self.consumer.next().await.ok_or("reply queue closed")??;
-        let corr = d.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default();
+        let corr = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
         Ok((corr, serde_json::from_slice(&d.data)?))
     }
 
@@ -181,7 +210,12 @@ impl Client {
     }
 
     /// `total` requests with `inflight` outstanding: (requests per second, latencies).
-    async fn concurrent(&mut self, bodies: &[Vec<u8>], total: usize, inflight: usize) -> Result<(f64, Vec<f64>), Error> {
+    async fn concurrent(
+        &mut self,
+        bodies: &[Vec<u8>],
+        total: usize,
+        inflight: usize,
+    ) -> Result<(f64, Vec<f64>), Error> {
         let t0 = Instant::now();
         let mut sent: HashMap<String, Instant> = HashMap::new();
         let mut lat = Vec::new();
@@ -218,34 +252,34 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
     let tag = format!("benchreid{}-{}", std::process::id(), now_unix());
     let dir = std::env::temp_dir().join(format!("plipd-{tag}"));
     std::fs::create_dir_all(&dir)?;
-    let d = Topology::default();
-    let topo = Topology {
-        ingest_exchange: format!("{}.{tag}", d.ingest_exchange),
-        ingest_queue: format!("{}.{tag}", d.ingest_queue),
-        reid_exchange: format!("{}.{tag}", d.reid_exchange),
-        reid_queue: format!("{}.{tag}", d.reid_queue),
-        results_exchange: format!("{}.{tag}", d.results_exchange),
-        models_exchange: format!("{}.{tag}", d.models_exchange),
-        dlx_exchange: format!("{}.{tag}", d.dlx_exchange),
-        dead_queue: format!("{}.{tag}", d.dead_queue),
-        ..d
-    };
+    let topo = Topology::with_suffix(&tag);
     {
         let state = State::open(&dir.join("state"))?;
         checkpoint(&state, 1)?;
     }
-    let pool: Vec<Vec<u8>> = render_all(&SynthConfig { train_ids: 64, test_ids: 0, images_per_id: 8, ..Default::default() })
-        .into_iter()
-        .map(|(r, _)| {
-            let img = image::RgbImage::from_raw(128, 256, r.rgb).ok_or("render size")?;
-            Ok(plip_ingest::image::to_jpeg(&img, 90)?)
-        })
-        .collect::<Result<_, Error>>()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let pool: Vec<Vec<u8>> = render_all(&SynthConfig {
+        train_ids: 64,
+        test_ids: 0,
+        images_per_id: 8,
+        ..Default::default()
+    })
+    .into_iter()
+    .map(|(r, _)| {
+        let img = image::RgbImage::from_raw(128, 256, r.rgb).ok_or("render size")?;
+        Ok(plip_ingest::image::to_jpeg(&img, 90)?)
+    })
+    .collect::<Result<_, Error>>()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let http = format!("127.0.0.1:{port}");
     let child = spawn(&dir, &http, &args.url, &topo)?;
-    wait(&http, "the daemon", Duration::from_secs(60), |s| s["ingest"]["consuming"] == true)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    wait(&http, "the daemon", Duration::from_secs(60), |s| {
+        s["ingest"]["consuming"] == true
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     // The gallery.
     let t_gallery = Instant::now();
     rt.block_on(async {
@@ -275,29 +309,43 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         Ok::<_, Error>(())
     })?;
     let n = args.gallery as u64;
-    wait(&http, "the gallery embedded", Duration::from_secs(3600), |s| s["serving"]["gallery_size"].as_u64() == Some(n))?;
+    wait(
+        &http,
+        "the gallery embedded",
+        Duration::from_secs(3600),
+        |s| s["serving"]["gallery_size"].as_u64() == Some(n),
+    )?;
     let gallery_s = t_gallery.elapsed().as_secs_f64();
     use base64::Engine;
-    let texts: Vec<Vec<u8>> = ["a man in a black jacket and blue jeans", "a woman with long hair in a red coat carrying a handbag", "a person in a white t-shirt and grey trousers with a backpack"]
-        .iter()
-        .map(|t| serde_json::json!({"query": {"text": t}, "top_k": 10}).to_string().into_bytes())
-        .collect();
+    let texts: Vec<Vec<u8>> = [
+        "a man in a black jacket and blue jeans",
+        "a woman with long hair in a red coat carrying a handbag",
+        "a person in a white t-shirt and grey trousers with a backpack",
+    ]
+    .iter()
+    .map(|t| {
+        serde_json::json!({"query": {"text": t}, "top_k": 10})
+            .to_string()
+            .into_bytes()
+    })
+    .collect();
     let images: Vec<Vec<u8>> = pool
         .iter()
         .take(32)
         .map(|j| serde_json::json!({"query": {"image": base64::engine::general_purpose::STANDARD.encode(j)}, "top_k": 10, "exclude_camera": "c1"}).to_string().into_bytes())
         .collect();
     let q = args.queries;
-    let (text_lat, image_lat, (text_qps, text_conc), (image_qps, image_conc)) = rt.block_on(async {
-        let mut c = Client::new(&args.url, &topo.reid_exchange).await?;
-        let tb: Vec<Vec<u8>> = (0..q).map(|i| texts[i % texts.len()].clone()).collect();
-        let ib: Vec<Vec<u8>> = (0..q).map(|i| images[i % images.len()].clone()).collect();
-        let tl = c.sequential(&tb).await?;
-        let il = c.sequential(&ib).await?;
-        let tc = c.concurrent(&texts, q * 2, args.concurrency).await?;
-        let ic = c.concurrent(&images, q * 2, args.concurrency).await?;
-        Ok::<_, Error>((tl, il, tc, ic))
-    })?;
+    let (text_lat, image_lat, (text_qps, text_conc), (image_qps, image_conc)) =
+        rt.block_on(async {
+            let mut c = Client::new(&args.url, &topo.reid_exchange).await?;
+            let tb: Vec<Vec<u8>> = (0..q).map(|i| texts[i % texts.len()].clone()).collect();
+            let ib: Vec<Vec<u8>> = (0..q).map(|i| images[i % images.len()].clone()).collect();
+            let tl = c.sequential(&tb).await?;
+            let il = c.sequential(&ib).await?;
+            let tc = c.concurrent(&texts, q * 2, args.concurrency).await?;
+            let ic = c.concurrent(&images, q * 2, args.concurrency).await?;
+            Ok::<_, Error>((tl, il, tc, ic))
+        })?;
     // The swap: a new checkpoint, written while the daemon is stopped; at restart version 1 is
     // restored with its stored gallery, then version 2 is evaluated, the gallery re-embedded
     // and swapped in, while image queries keep coming.
@@ -307,7 +355,9 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         checkpoint(&state, 2)?;
     }
     let child = spawn(&dir, &http, &args.url, &topo)?;
-    let restored = wait(&http, "version 1 restored", Duration::from_secs(600), |s| s["serving"]["version"] == 1 && s["serving"]["gallery_size"].as_u64() == Some(n))?;
+    let restored = wait(&http, "version 1 restored", Duration::from_secs(600), |s| {
+        s["serving"]["version"] == 1 && s["serving"]["gallery_size"].as_u64() == Some(n)
+    })?;
     let (during, swapped_at) = rt.block_on(async {
         let mut c = Client::new(&args.url, &topo.reid_exchange).await?;
         let mut lat = Vec::new();
@@ -322,8 +372,16 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         }
     })?;
     let swap_s = swapped_at.duration_since(restored).as_secs_f64();
-    let daemon_swap_s = status(&http).and_then(|s| s["serving"]["metrics"]["swap_seconds"].as_f64());
+    let daemon_swap_s =
+        status(&http).and_then(|s| s["serving"]["metrics"]["swap_seconds"].as_f64());
     stop(child);
+    rt.block_on(async {
+        if let Ok(conn) = connect(&args.url).await {
+            if let Ok(ch) = conn.create_channel().await {
+                topo.delete(&ch).await;
+            }
+        }
+    });
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "{}",

@@ -4,7 +4,7 @@
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -34,18 +34,7 @@ fn tag() -> String {
 }
 
 fn topology(tag: &str) -> Topology {
-    let d = Topology::default();
-    Topology {
-        ingest_exchange: format!("{}.{tag}", d.ingest_exchange),
-        ingest_queue: format!("{}.{tag}", d.ingest_queue),
-        reid_exchange: format!("{}.{tag}", d.reid_exchange),
-        reid_queue: format!("{}.{tag}", d.reid_queue),
-        results_exchange: format!("{}.{tag}", d.results_exchange),
-        models_exchange: format!("{}.{tag}", d.models_exchange),
-        dlx_exchange: format!("{}.{tag}", d.dlx_exchange),
-        dead_queue: format!("{}.{tag}", d.dead_queue),
-        ..d
-    }
+    Topology::with_suffix(tag)
 }
 
 /// The daemon tests run one at a time: one of them makes the broker drop every connection.
@@ -235,22 +224,7 @@ impl Drop for Daemon {
         rt.block_on(async {
             if let Ok(conn) = connect(&url()).await {
                 if let Ok(ch) = conn.create_channel().await {
-                    for q in [&t.ingest_queue, &t.reid_queue, &t.dead_queue] {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    for ex in [
-                        &t.ingest_exchange,
-                        &t.reid_exchange,
-                        &t.results_exchange,
-                        &t.models_exchange,
-                        &t.dlx_exchange,
-                    ] {
-                        let _ = ch
-                            .exchange_delete(ex.as_str().into(), Default::default())
-                            .await;
-                    }
+                    t.delete(&ch).await;
                 }
             }
         });
@@ -319,6 +293,20 @@ async fn publish(ch: &Channel, exchange: &str, body: &[u8], props: BasicProperti
     .unwrap()
     .await
     .unwrap();
+}
+
+/// A server-named exclusive queue (replies, announcements).
+async fn exclusive_queue(ch: &Channel) -> lapin::Queue {
+    ch.queue_declare(
+        "".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
 }
 
 fn json_props() -> BasicProperties {
@@ -505,17 +493,7 @@ fn ingest_stores_once_and_dead_letters_every_bad_kind() {
             publish(&ch, &t.ingest_exchange, body, props.clone()).await;
         }
         // A batch with good and bad images, asking for the outcome.
-        let reply_q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let reply_q = exclusive_queue(&ch).await;
         let mixed = serde_json::json!({"batch_id": "mixed-1", "images": [
             img("mixed-good", png),
             img("mixed-bad", b"GIF89a not really"),
@@ -871,17 +849,7 @@ async fn ask(
     body: &[u8],
     props: BasicProperties,
 ) -> serde_json::Value {
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let q = exclusive_queue(ch).await;
     let corr = tag();
     publish(
         ch,
@@ -923,6 +891,21 @@ fn serves_queries_and_answers_every_bad_request() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t = d.topo.clone();
     let all = images(16, 6, 5);
+    // Listen to the model announcements before anything is trained.
+    let (_models_conn, models_ch, models_q) = rt.block_on(async {
+        let (c, ch) = channel().await;
+        let q = exclusive_queue(&ch).await;
+        ch.queue_bind(
+            q.name().clone(),
+            t.models_exchange.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        (c, ch, q.name().clone())
+    });
     rt.block_on(async {
         let (_c, ch) = channel().await;
         for chunk in all.chunks(16) {
@@ -941,6 +924,30 @@ fn serves_queries_and_answers_every_bad_request() {
         |s| s["serving"]["version"].is_u64() && s["serving"]["gallery_size"] == 96,
     );
     let version = s["serving"]["version"].as_u64().unwrap();
+    // Each promotion was announced on plip.models.
+    let announced = rt.block_on(async {
+        let t0 = Instant::now();
+        loop {
+            if let Some(m) = models_ch
+                .basic_get(models_q.clone(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                break serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no model announcement"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert!(
+        announced["version"].as_u64() <= Some(version),
+        "{announced:#}"
+    );
+    assert!(announced["step"].is_u64() && announced["promoted_at"].is_u64());
+    assert!(announced["metrics"].is_object());
     rt.block_on(async {
         let (_c, ch) = channel().await;
         let text = serde_json::json!({"query": {"text": "a man wearing a black jacket and grey trousers"}, "top_k": 5});
@@ -979,10 +986,7 @@ fn serves_queries_and_answers_every_bad_request() {
             assert!(r["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
         // No reply_to: the answer goes to plip.results.
-        let q = ch
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-            .await
-            .unwrap();
+        let q = exclusive_queue(&ch).await;
         ch.queue_bind(q.name().clone(), t.results_exchange.as_str().into(), "".into(), Default::default(), FieldTable::default())
             .await
             .unwrap();

@@ -102,6 +102,61 @@ fn classify(object: String, e: lapin::Error) -> TopologyError {
 }
 
 impl Topology {
+    /// The default names with `.suffix` appended to every exchange and queue: a private
+    /// topology on a shared broker (tests, benchmarks).
+    pub fn with_suffix(suffix: &str) -> Self {
+        let d = Topology::default();
+        Topology {
+            ingest_exchange: format!("{}.{suffix}", d.ingest_exchange),
+            ingest_queue: format!("{}.{suffix}", d.ingest_queue),
+            reid_exchange: format!("{}.{suffix}", d.reid_exchange),
+            reid_queue: format!("{}.{suffix}", d.reid_queue),
+            results_exchange: format!("{}.{suffix}", d.results_exchange),
+            models_exchange: format!("{}.{suffix}", d.models_exchange),
+            dlx_exchange: format!("{}.{suffix}", d.dlx_exchange),
+            dead_queue: format!("{}.{suffix}", d.dead_queue),
+            ..d
+        }
+    }
+
+    /// `PLIP__TOPOLOGY__…` environment variables that give a daemon these names.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("INGEST_EXCHANGE", &self.ingest_exchange),
+            ("INGEST_QUEUE", &self.ingest_queue),
+            ("REID_EXCHANGE", &self.reid_exchange),
+            ("REID_QUEUE", &self.reid_queue),
+            ("RESULTS_EXCHANGE", &self.results_exchange),
+            ("MODELS_EXCHANGE", &self.models_exchange),
+            ("DLX_EXCHANGE", &self.dlx_exchange),
+            ("DEAD_QUEUE", &self.dead_queue),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("PLIP__TOPOLOGY__{k}"), v.clone()))
+        .collect()
+    }
+
+    /// Deletes every queue and exchange of this topology (errors ignored: best effort).
+    pub async fn delete(&self, channel: &Channel) {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        for q in [&self.ingest_queue, &self.reid_queue, &self.dead_queue] {
+            let _ = channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for ex in [
+            &self.ingest_exchange,
+            &self.reid_exchange,
+            &self.results_exchange,
+            &self.models_exchange,
+            &self.dlx_exchange,
+        ] {
+            let _ = channel
+                .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+
     fn queue_args(&self, dead_letter: bool) -> FieldTable {
         let mut t = FieldTable::default();
         let kind = match self.queue_type {

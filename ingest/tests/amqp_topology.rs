@@ -1,6 +1,5 @@
 //! The topology against the real RabbitMQ on 127.0.0.1:5672 (`PLIP_AMQP_URL` overrides).
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use plip_ingest::amqp::{connect, QueueType, Topology, TopologyError};
 
 fn url() -> String {
@@ -9,47 +8,20 @@ fn url() -> String {
 }
 
 fn unique() -> Topology {
-    let tag = format!(
+    Topology::with_suffix(&format!(
         "t{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
-    );
-    let d = Topology::default();
-    Topology {
-        ingest_exchange: format!("{}.{tag}", d.ingest_exchange),
-        ingest_queue: format!("{}.{tag}", d.ingest_queue),
-        reid_exchange: format!("{}.{tag}", d.reid_exchange),
-        reid_queue: format!("{}.{tag}", d.reid_queue),
-        results_exchange: format!("{}.{tag}", d.results_exchange),
-        models_exchange: format!("{}.{tag}", d.models_exchange),
-        dlx_exchange: format!("{}.{tag}", d.dlx_exchange),
-        dead_queue: format!("{}.{tag}", d.dead_queue),
-        ..d
-    }
+    ))
 }
 
 async fn cleanup(t: &Topology) {
     let conn = connect(&url()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    for q in [&t.ingest_queue, &t.reid_queue, &t.dead_queue] {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for e in [
-        &t.ingest_exchange,
-        &t.reid_exchange,
-        &t.results_exchange,
-        &t.models_exchange,
-        &t.dlx_exchange,
-    ] {
-        let _ = ch
-            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    t.delete(&ch).await;
 }
 
 /// Declaring twice is fine; declaring the ingest queue as another type is refused with a
