@@ -136,6 +136,17 @@ impl Topology {
         .collect()
     }
 
+    /// The five exchanges.
+    pub fn exchanges(&self) -> [&String; 5] {
+        [
+            &self.ingest_exchange,
+            &self.reid_exchange,
+            &self.results_exchange,
+            &self.models_exchange,
+            &self.dlx_exchange,
+        ]
+    }
+
     /// Deletes every queue and exchange of this topology (errors ignored: best effort).
     pub async fn delete(&self, channel: &Channel) {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -144,13 +155,7 @@ impl Topology {
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for ex in [
-            &self.ingest_exchange,
-            &self.reid_exchange,
-            &self.results_exchange,
-            &self.models_exchange,
-            &self.dlx_exchange,
-        ] {
+        for ex in self.exchanges() {
             let _ = channel
                 .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
@@ -191,13 +196,7 @@ impl Topology {
             durable: true,
             ..Default::default()
         };
-        for ex in [
-            &self.ingest_exchange,
-            &self.reid_exchange,
-            &self.results_exchange,
-            &self.models_exchange,
-            &self.dlx_exchange,
-        ] {
+        for ex in self.exchanges() {
             channel
                 .exchange_declare(
                     ex.as_str().into(),
