@@ -752,6 +752,9 @@ fn storage_failure_acks_nothing_unstored() {
     });
     assert_eq!(s["ingest"]["stored"], 0);
     assert_eq!(s["ingest"]["deliveries"], 0, "nothing may be acked: {s:#}");
+    // Not ready while storage fails (503 with the reason).
+    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
     // Consumption stays off while the disk is full.
     std::thread::sleep(Duration::from_secs(2));
     let s = d.status().unwrap();
@@ -1010,6 +1013,39 @@ fn serves_queries_and_answers_every_bad_request() {
         10,
         "{s:#}"
     );
+    // Prometheus metrics and readiness.
+    let text = String::from_utf8(
+        plip_actors::daemon::http::request(&d.http, "GET", "/metrics")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+    };
+    assert!(value("plip_reid_answered_total ") >= 3.0);
+    assert_eq!(
+        value("plip_reid_errors_total{code=\"deadline_passed\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("plip_reid_request_seconds_count "),
+        value("plip_reid_request_seconds_bucket{le=\"+Inf\"}")
+    );
+    assert!(value("plip_reid_request_seconds_count ") >= 13.0);
+    assert_eq!(value("plip_gallery_size "), 96.0);
+    assert!(value("plip_serving_version ") >= version as f64);
+    assert_eq!(value("plip_samples{purpose=\"both\"}"), 96.0);
+    assert!(value("plip_train_step ") > 0.0);
+    assert_eq!(value("plip_broker_connected "), 1.0);
+    let ready = plip_actors::daemon::http::get(&d.http, "/readyz")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready["ready"], true, "{ready:#}");
     // A restart keeps the serving version and its gallery without re-embedding.
     d.stop();
     d.spawn();

@@ -51,6 +51,7 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<()
 enum Body {
     Json(u16, serde_json::Value),
     Bytes(Vec<u8>),
+    Text(String),
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
@@ -96,6 +97,14 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
     let version = query_param(query, "version").map(|v| v.parse::<u64>());
     match (method, path) {
         ("GET", "/healthz") => Body::Json(200, serde_json::json!({"ok": true})),
+        ("GET", "/readyz") => {
+            let (ready, reasons) = readiness(shared);
+            Body::Json(
+                if ready { 200 } else { 503 },
+                serde_json::json!({"ready": ready, "reasons": reasons}),
+            )
+        }
+        ("GET", "/metrics") => Body::Text(metrics(shared)),
         ("GET", "/status") => ok(status(shared)),
         ("GET", "/checkpoints") => ok(checkpoints(shared)),
         ("GET", "/export") => {
@@ -199,6 +208,7 @@ async fn respond(stream: &mut TcpStream, body: Body) -> std::io::Result<()> {
     let (code, ctype, bytes) = match body {
         Body::Json(code, v) => (code, "application/json", format!("{v}\n").into_bytes()),
         Body::Bytes(b) => (200, "application/octet-stream", b),
+        Body::Text(t) => (200, "text/plain; version=0.0.4", t.into_bytes()),
     };
     let reason = match code {
         200 => "OK",
@@ -206,6 +216,7 @@ async fn respond(stream: &mut TcpStream, body: Body) -> std::io::Result<()> {
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
     let head = format!(
@@ -215,6 +226,227 @@ async fn respond(stream: &mut TcpStream, body: Body) -> std::io::Result<()> {
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(&bytes).await?;
     stream.shutdown().await
+}
+
+/// Ready = consuming from the broker, storage writable, and (when serving) a model serving.
+pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
+    let st = shared.stats().clone();
+    let mut reasons = Vec::new();
+    if !st.consuming {
+        reasons.push(
+            st.ingest_paused
+                .clone()
+                .unwrap_or_else(|| "not connected to the broker".into()),
+        );
+    }
+    if let Some(e) = &st.storage_error {
+        reasons.push(format!("storage: {e}"));
+    }
+    if shared.cfg.serving.enabled && shared.serving_snapshot().is_none() {
+        reasons.push("no model serving yet".into());
+    }
+    (reasons.is_empty(), reasons)
+}
+
+/// Prometheus text exposition of the daemon's counters (names prefixed `plip_`).
+pub fn metrics(shared: &Shared) -> String {
+    use std::fmt::Write;
+    let st = shared.stats().clone();
+    let counts = shared.store.counts();
+    let serving = shared.serving_snapshot();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+    let by = |label: &str, m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, v)| (format!("{{{label}=\"{k}\"}}"), *v as f64))
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "plip_broker_connected",
+        "gauge",
+        "1 while consuming from the broker.",
+        one(f64::from(u8::from(st.consuming))),
+    );
+    metric(
+        "plip_broker_connections_total",
+        "counter",
+        "Broker connections made (1 + reconnects).",
+        one(st.connections as f64),
+    );
+    metric(
+        "plip_ingest_deliveries_total",
+        "counter",
+        "Ingest deliveries handled and acked.",
+        one(st.deliveries as f64),
+    );
+    metric(
+        "plip_ingest_stored_total",
+        "counter",
+        "Images stored for the first time.",
+        one(st.stored as f64),
+    );
+    metric(
+        "plip_ingest_duplicates_total",
+        "counter",
+        "Images whose id was already stored.",
+        one(st.duplicates as f64),
+    );
+    metric(
+        "plip_ingest_rejected_total",
+        "counter",
+        "Images or messages refused, by code.",
+        by("code", &st.rejected),
+    );
+    metric(
+        "plip_dead_lettered_total",
+        "counter",
+        "Messages dead-lettered with a reason, by code.",
+        by("code", &st.dead_lettered),
+    );
+    metric(
+        "plip_storage_failing",
+        "gauge",
+        "1 while writes to the state folder fail.",
+        one(f64::from(u8::from(st.storage_error.is_some()))),
+    );
+    metric(
+        "plip_samples",
+        "gauge",
+        "Stored samples by purpose (probe: set aside for evaluation).",
+        vec![
+            ("{purpose=\"train\"}".into(), counts.train as f64),
+            ("{purpose=\"gallery\"}".into(), counts.gallery as f64),
+            ("{purpose=\"both\"}".into(), counts.both as f64),
+            ("{purpose=\"probe\"}".into(), counts.probe as f64),
+        ],
+    );
+    metric(
+        "plip_samples_uncaptioned",
+        "gauge",
+        "Samples waiting for captions.",
+        one(shared.store.uncaptioned_len() as f64),
+    );
+    metric(
+        "plip_captioned_total",
+        "counter",
+        "Samples captioned by the caption workers.",
+        one(st.captioned as f64),
+    );
+    let t = &st.trainer;
+    metric(
+        "plip_train_step",
+        "gauge",
+        "Optimiser steps taken.",
+        one(t.step as f64),
+    );
+    metric(
+        "plip_train_images_seen",
+        "gauge",
+        "Images trained on.",
+        one(t.images_seen as f64),
+    );
+    let mut losses = Vec::new();
+    for (task, v) in [
+        ("total", t.loss),
+        ("ivlc", t.ivlc),
+        ("iap", t.iap),
+        ("tic", t.tic),
+    ] {
+        if let Some(v) = v {
+            losses.push((format!("{{task=\"{task}\"}}"), v));
+        }
+    }
+    metric(
+        "plip_train_loss",
+        "gauge",
+        "Loss of the last step, by task.",
+        losses,
+    );
+    metric(
+        "plip_train_steps_per_second",
+        "gauge",
+        "Training steps per second (recent).",
+        one(t.steps_per_s.unwrap_or(0.0)),
+    );
+    metric(
+        "plip_train_images_per_second",
+        "gauge",
+        "Training images per second (recent).",
+        one(t.images_per_s.unwrap_or(0.0)),
+    );
+    metric(
+        "plip_checkpoints_written_total",
+        "counter",
+        "Checkpoints written.",
+        one(t.checkpoints_written as f64),
+    );
+    metric(
+        "plip_promotions_total",
+        "counter",
+        "Checkpoints promoted to serving.",
+        one(st.serving.promotions as f64),
+    );
+    metric(
+        "plip_promotions_refused_total",
+        "counter",
+        "Checkpoints refused by the gate.",
+        one(st.serving.refused as f64),
+    );
+    metric(
+        "plip_serving_version",
+        "gauge",
+        "Checkpoint version serving (0: none).",
+        one(serving.as_ref().map_or(0.0, |s| s.version as f64)),
+    );
+    metric(
+        "plip_gallery_size",
+        "gauge",
+        "Gallery images searchable.",
+        one(serving.as_ref().map_or(0.0, |s| s.rows.len() as f64)),
+    );
+    metric(
+        "plip_reid_answered_total",
+        "counter",
+        "ReID requests answered with matches.",
+        one(st.serving.answered as f64),
+    );
+    metric(
+        "plip_reid_errors_total",
+        "counter",
+        "ReID requests answered with an error, by code.",
+        by("code", &st.serving.errors),
+    );
+    let mut hist = Vec::new();
+    let mut cum = 0u64;
+    for (i, b) in super::LATENCY_BUCKETS.iter().enumerate() {
+        cum += st.serving.latency_buckets.get(i).copied().unwrap_or(0);
+        hist.push((format!("_bucket{{le=\"{b}\"}}"), cum as f64));
+    }
+    cum += st.serving.latency_buckets.last().copied().unwrap_or(0);
+    hist.push(("_bucket{le=\"+Inf\"}".into(), cum as f64));
+    hist.push(("_sum".into(), st.serving.latency_sum));
+    hist.push(("_count".into(), st.serving.latency_count as f64));
+    metric(
+        "plip_reid_request_seconds",
+        "histogram",
+        "Time the daemon spent on a ReID request.",
+        hist,
+    );
+    let restarts: u64 = st.restarts.values().sum();
+    metric(
+        "plip_child_restarts_total",
+        "counter",
+        "Supervised children restarted.",
+        one(restarts as f64),
+    );
+    out
 }
 
 /// The status document.

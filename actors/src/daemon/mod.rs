@@ -152,6 +152,32 @@ pub struct ServingStats {
     pub answered: u64,
     /// Error replies by code.
     pub errors: BTreeMap<String, u64>,
+    /// Request latency histogram (seconds): counts per bucket of [`LATENCY_BUCKETS`] (+Inf
+    /// last), sum and count.
+    pub latency_buckets: Vec<u64>,
+    pub latency_sum: f64,
+    pub latency_count: u64,
+}
+
+/// Upper bounds (seconds) of the request latency histogram.
+pub const LATENCY_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl ServingStats {
+    /// Records one request's latency.
+    pub fn observe(&mut self, seconds: f64) {
+        if self.latency_buckets.len() != LATENCY_BUCKETS.len() + 1 {
+            self.latency_buckets = vec![0; LATENCY_BUCKETS.len() + 1];
+        }
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_buckets[i] += 1;
+        self.latency_sum += seconds;
+        self.latency_count += 1;
+    }
 }
 
 /// The trainer's live numbers.

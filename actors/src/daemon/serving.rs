@@ -763,6 +763,7 @@ async fn answer(
     .map_err(|e| e.to_string())?;
     {
         let mut st = shared.stats();
+        st.serving.observe(took_ms / 1000.0);
         match &result {
             Ok(_) => st.serving.answered += 1,
             Err(e) => {
