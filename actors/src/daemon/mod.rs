@@ -10,6 +10,7 @@
 pub mod captioner;
 pub mod http;
 pub mod ingest;
+pub mod notify;
 pub mod serving;
 pub mod supervisor;
 pub mod trainer;
@@ -250,6 +251,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             _ = shared.stopped() => {}
         }
         shared.stop();
+        notify::notify("STOPPING=1");
         supervisor::shutdown(running).await;
         shared.state.flush().map_err(|e| e.to_string())?;
         log("stopped", serde_json::json!({}));

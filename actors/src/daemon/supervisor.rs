@@ -27,6 +27,7 @@ pub enum Child {
     Http,
     Swapper,
     Requests,
+    Notify,
 }
 
 impl Child {
@@ -39,6 +40,7 @@ impl Child {
             Child::Http => "http".into(),
             Child::Swapper => "swapper".into(),
             Child::Requests => "reid-requests".into(),
+            Child::Notify => "systemd-notify".into(),
         }
     }
 }
@@ -96,6 +98,7 @@ impl Actor for Worker {
                 Some(tokio::spawn(super::http::serve(shared, l)))
             }
             Child::Swapper => Some(tokio::spawn(super::serving::swapper(shared))),
+            Child::Notify => Some(tokio::spawn(super::notify::run(shared))),
             Child::Requests => Some(tokio::spawn(super::serving::requests(shared))),
             Child::Checkpointer => {
                 let rx = w.jobs_rx.clone();
@@ -241,7 +244,12 @@ impl Actor for Supervisor {
             backoff: HashMap::new(),
         };
         let cfg = &st.wiring.shared.cfg;
-        let mut kids = vec![Child::Http, Child::Checkpointer, Child::Ingest];
+        let mut kids = vec![
+            Child::Http,
+            Child::Checkpointer,
+            Child::Ingest,
+            Child::Notify,
+        ];
         kids.extend((0..cfg.captions.workers).map(Child::Captions));
         if cfg.serving.enabled {
             kids.push(Child::Swapper);
