@@ -43,6 +43,16 @@ pub enum Command {
     Forget(ForgetArgs),
     /// Sends a ReID query (image or text) over the broker and prints the ranked matches.
     Query(crate::query::QueryArgs),
+    /// The configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Prints the effective configuration (file + PLIP__… variables + defaults) as JSON, with
+    /// the broker password redacted.
+    Show(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -126,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Unpin(a) => admin_post(&a, Action::Unpin),
         Command::Forget(a) => admin_post(&a.admin, Action::Forget(a.person.clone())),
         Command::Query(a) => crate::query::run(&a),
+        Command::Config(ConfigCommand::Show(a)) => show_config(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -228,5 +239,13 @@ fn admin_post(args: &AdminArgs, action: Action) -> Result<(), Box<dyn std::error
         }
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+/// `plipd config show`.
+fn show_config(args: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut cfg = crate::config::Config::load(args.config.as_deref())?;
+    cfg.broker.url = crate::daemon::redact(&cfg.broker.url);
+    println!("{}", serde_json::to_string_pretty(&cfg)?);
     Ok(())
 }

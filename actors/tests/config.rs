@@ -61,3 +61,25 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("does not exist"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `plipd config show` prints the effective configuration with the password redacted.
+#[test]
+fn config_show_redacts_the_password() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args(["config", "show", "--config"])
+        .arg(default_file())
+        .env(
+            "PLIP__BROKER__URL",
+            "amqps://plipd:s3cret-pw@broker:5671/vh",
+        )
+        .env("PLIP__TRAINER__BATCH", "48")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["broker"]["url"], "amqps://plipd:***@broker:5671/vh");
+    assert_eq!(v["trainer"]["batch"], 48);
+    assert_eq!(v["trainer"]["preset"], "tiny");
+}
