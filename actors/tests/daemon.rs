@@ -1340,3 +1340,125 @@ fn swaps_gates_rolls_back_and_forgets() {
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A virtual environment with pika for the third-party client (created once under target/).
+fn python_with_pika() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py-client-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import pika"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ok(&py) {
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the pika client test");
+        assert!(
+            st.success(),
+            "python3 -m venv failed (Debian: apt-get install python3-venv)"
+        );
+        let st = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "pika"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "pip install pika failed");
+    }
+    assert!(ok(&py));
+    py
+}
+
+/// The pika client (clients/python/plip_client.py) publishes a batch and gets its ingest
+/// outcome, then asks an image query over RPC and gets ranked matches.
+#[test]
+fn python_pika_client_publishes_and_queries() {
+    let _serial = serial();
+    let py = python_with_pika();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/python/plip_client.py");
+    let dir = tempdir("pika");
+    let mut d = Daemon::start(
+        &dir,
+        &trainer_toml(10),
+        &[("PLIP__SERVING__POLL_MS", "200".into())],
+    );
+    let topo = d.topo.clone();
+    let client = |args: &[String]| {
+        let out = Command::new(&py)
+            .arg(&script)
+            .args([
+                "--url",
+                &url(),
+                "--exchange",
+                &topo.ingest_exchange,
+                "--reid-exchange",
+                &topo.reid_exchange,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let imgs = images(12, 6, 8);
+    for (p, chunk) in imgs.chunks(6).enumerate() {
+        let mut files = Vec::new();
+        for (i, (_, _, _, jpeg)) in chunk.iter().enumerate() {
+            let f = dir.join(format!("p{p}-{i}.jpg"));
+            std::fs::write(&f, jpeg).unwrap();
+            files.push(f.display().to_string());
+        }
+        let mut args: Vec<String> = [
+            "publish",
+            "--id",
+            &format!("py{p}"),
+            "--person",
+            &chunk[0].1,
+            "--camera",
+            &chunk[0].2,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(files);
+        let (ok, out, err) = client(&args);
+        assert!(ok, "{out}{err}");
+        let outcome: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(
+            outcome["accepted"].as_array().unwrap().len(),
+            6,
+            "{outcome}"
+        );
+    }
+    d.wait_for("a serving version", Duration::from_secs(120), |s| {
+        s["serving"]["version"].is_u64() && s["serving"]["gallery_size"] == 72
+    });
+    let query = dir.join("p0-0.jpg").display().to_string();
+    let (ok, out, err) = client(&[
+        "query".into(),
+        "--image".into(),
+        query,
+        "--top-k".into(),
+        "5".into(),
+    ]);
+    assert!(ok, "{out}{err}");
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(answer["matches"].as_array().unwrap().len(), 5, "{answer}");
+    assert!(answer["model_version"].is_u64());
+    let (ok, out, _) = client(&[
+        "query".into(),
+        "--text".into(),
+        "a person in a black jacket".into(),
+    ]);
+    assert!(ok);
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(answer["matches"].as_array().unwrap().len(), 10, "{answer}");
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
