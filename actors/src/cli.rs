@@ -46,6 +46,9 @@ pub enum Command {
     /// The configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The whole system on this machine: daemon, synthetic producer, queries, live progress,
+    /// a report at the end.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Forget(a) => admin_post(&a.admin, Action::Forget(a.person.clone())),
         Command::Query(a) => crate::query::run(&a),
         Command::Config(ConfigCommand::Show(a)) => show_config(&a),
+        Command::Demo(a) => crate::demo::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod evaluate;
 pub mod export;

@@ -157,3 +157,64 @@ pub fn run(args: &QueryArgs) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// One request-reply round trip on an open channel (a fresh exclusive reply queue; 60 s at
+/// most).
+///
+/// # Errors
+/// A broker error or no answer in time.
+pub fn ask(
+    rt: &tokio::runtime::Runtime,
+    ch: &lapin::Channel,
+    exchange: &str,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value, Error> {
+    rt.block_on(async {
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let corr = format!("ask-{}-{}", std::process::id(), crate::state::now_unix());
+        ch.basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            request.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_reply_to(q.name().clone())
+                .with_correlation_id(corr.as_str().into()),
+        )
+        .await?;
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            if let Some(m) = ch
+                .basic_get(
+                    q.name().clone(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await?
+            {
+                if m.delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.as_str())
+                    == Some(&corr)
+                {
+                    let _ = ch.queue_delete(q.name().clone(), Default::default()).await;
+                    return Ok(serde_json::from_slice(&m.delivery.data)?);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err("no answer within 60 s".into())
+    })
+}
