@@ -1462,3 +1462,41 @@ fn python_pika_client_publishes_and_queries() {
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `plipd demo` end to end on the `test` preset: it publishes, trains, serves, queries, stops
+/// the daemon cleanly and writes its report.
+#[test]
+fn demo_runs_and_reports() {
+    let _serial = serial();
+    let dir = tempdir("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args([
+            "demo",
+            "--minutes",
+            "0.6",
+            "--preset",
+            "test",
+            "--identities",
+            "24",
+            "--rate",
+            "30",
+            "--url",
+            &url(),
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["stored"].as_u64() > Some(100), "{summary:#}");
+    assert!(summary["steps"].as_u64() > Some(0), "{summary:#}");
+    assert!(summary["serving_version"].is_u64(), "{summary:#}");
+    assert!(summary["queries"].as_u64() > Some(0), "{summary:#}");
+    assert_eq!(summary["daemon_exit"], 0);
+    assert!(summary["held_out_eval"]["rank1"].is_f64(), "{summary:#}");
+    for f in ["loss.png", "cmc.png", "metrics.json"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
