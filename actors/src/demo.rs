@@ -124,7 +124,10 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         .env("PLIP__STATE__DIR", &state)
         .env("PLIP__HTTP__LISTEN", &addr)
         .env("PLIP__TRAINER__PRESET", &args.preset)
-        .env("PLIP__TRAINER__MIN_SAMPLES", (train.len() / 3).clamp(32, 256).to_string())
+        .env(
+            "PLIP__TRAINER__MIN_SAMPLES",
+            (train.len() / 3).clamp(32, 256).to_string(),
+        )
         .env("PLIP__TRAINER__CHECKPOINT_EVERY_STEPS", "25")
         .env("PLIP__TRAINER__CHECKPOINT_EVERY_S", "120")
         .env("PLIP__TRAINER__WARMUP_STEPS", "20")

@@ -1188,9 +1188,10 @@ fn swaps_gates_rolls_back_and_forgets() {
     let s = d.status().unwrap();
     assert!(s["serving"]["promotions"].as_u64() >= Some(3), "{s:#}");
     // Train on until the serving encoder is clearly better than chance on the probe split
-    // (a re-initialised encoder scores a probe mAP of about 0.27 on this split).
+    // (the re-initialised encoder below scores a probe mAP of 0.27 on this split; the gate
+    // refuses it when the serving one is above 0.29).
     d.wait_for("a trained serving encoder", Duration::from_secs(240), |s| {
-        s["serving"]["metrics"]["mAP"].as_f64() >= Some(0.37)
+        s["serving"]["metrics"]["mAP"].as_f64() >= Some(0.33)
             && s["serving"]["step"].as_u64() >= Some(1500)
     });
     d.stop();

@@ -25,7 +25,8 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
         if shard == 0 && last_evict.elapsed() > Duration::from_secs(10) {
             last_evict = Instant::now();
             let cap = shared.cfg.state.max_training_samples;
-            if cap > 0 {
+            // Fewer samples than the cap in all: nothing to evict, no scan.
+            if cap > 0 && shared.store.len() > cap {
                 match shared.store.evict_training(cap) {
                     Ok(0) => {}
                     Ok(n) => {

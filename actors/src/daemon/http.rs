@@ -146,6 +146,9 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
                 });
                 match r {
                     Ok(ids) => {
+                        shared
+                            .forgets
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         super::log(
                             "forgot",
                             serde_json::json!({"person": p, "samples": ids.len()}),

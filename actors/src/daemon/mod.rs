@@ -33,6 +33,8 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Wakes waiters when `shutdown` is set.
     pub shutdown_notify: tokio::sync::Notify,
+    /// Persons forgotten so far (the swapper rebuilds the gallery when it changes).
+    pub forgets: std::sync::atomic::AtomicU64,
     /// The serving encoder and gallery (swapped whole).
     pub serving: std::sync::RwLock<Option<Arc<serving::Serving>>>,
 }
@@ -55,6 +57,7 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             shutdown_notify: tokio::sync::Notify::new(),
             serving: std::sync::RwLock::new(None),
+            forgets: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 

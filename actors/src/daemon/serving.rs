@@ -224,6 +224,7 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
         Err(e) => log("serving_restore_failed", serde_json::json!({"error": e})),
     }
     let poll = Duration::from_millis(shared.cfg.serving.poll_ms.max(50));
+    let mut last_mark: Option<(u64, u64)> = None;
     loop {
         if shared.sleep_or_stop(poll).await {
             return Ok(());
@@ -231,7 +232,13 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
         let s = shared.clone();
         let refused_now = refused.clone();
         let seen = gallery_seen.clone();
-        let outcome = tokio::task::spawn_blocking(move || step(&s, &refused_now, &seen))
+        let mark = (
+            shared.store.last_seq(),
+            shared.forgets.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        let unchanged = last_mark == Some(mark);
+        last_mark = shared.serving_snapshot().map(|_| mark);
+        let outcome = tokio::task::spawn_blocking(move || step(&s, &refused_now, &seen, unchanged))
             .await
             .map_err(|e| e.to_string())?;
         match outcome {
@@ -290,7 +297,12 @@ fn restore(shared: &Shared) -> Result<Option<Serving>, String> {
     )))
 }
 
-fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Result<Step, String> {
+fn step(
+    shared: &Shared,
+    refused: &HashSet<u64>,
+    seen: &HashSet<String>,
+    store_unchanged: bool,
+) -> Result<Step, String> {
     let current = shared.serving_snapshot();
     let latest = shared.state.latest_version().map_err(|e| e.to_string())?;
     let pinned = shared.state.pinned().map_err(|e| e.to_string())?;
@@ -308,6 +320,10 @@ fn step(shared: &Shared, refused: &HashSet<u64>, seen: &HashSet<String>) -> Resu
             true,
         ),
     };
+    // Nothing to promote and nothing stored or forgotten since the last look: no scan.
+    if candidate.is_none() && (current.is_none() || store_unchanged) {
+        return Ok(Step::Idle);
+    }
     let metas: HashMap<String, crate::store::SampleMeta> = shared
         .store
         .metas()
