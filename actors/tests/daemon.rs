@@ -584,6 +584,22 @@ fn trainer_checkpoints_and_resumes_exactly() {
     let s = d.wait_for("two checkpoints", Duration::from_secs(120), |s| {
         s["trainer"]["checkpoints_written"].as_u64() >= Some(2)
     });
+    // Only training samples: a model serves, but the gallery is empty.
+    d.wait_for("a serving version", Duration::from_secs(60), |s| {
+        s["serving"]["version"].is_u64()
+    });
+    let r = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let q = serde_json::json!({"query": {"text": "a person"}});
+        ask(
+            &ch,
+            &t.reid_exchange,
+            q.to_string().as_bytes(),
+            json_props(),
+        )
+        .await
+    });
+    assert_eq!(r["error"]["code"], "empty_gallery", "{r:#}");
     assert!(s["trainer"]["loss"].as_f64().unwrap().is_finite());
     d.stop();
     // The state folder, read directly once the daemon is gone.
@@ -911,6 +927,16 @@ fn serves_queries_and_answers_every_bad_request() {
     });
     rt.block_on(async {
         let (_c, ch) = channel().await;
+        // Before any checkpoint: an error reply, not silence.
+        let q = serde_json::json!({"query": {"text": "a person"}});
+        let r = ask(
+            &ch,
+            &t.reid_exchange,
+            q.to_string().as_bytes(),
+            json_props(),
+        )
+        .await;
+        assert_eq!(r["error"]["code"], "no_model", "{r:#}");
         for chunk in all.chunks(16) {
             publish(
                 &ch,
@@ -1008,9 +1034,10 @@ fn serves_queries_and_answers_every_bad_request() {
     });
     let s = d.status().unwrap();
     assert!(s["serving"]["answered"].as_u64() >= Some(3));
+    // The ten bad kinds above and no_model before the first checkpoint.
     assert_eq!(
         s["serving"]["errors"].as_object().unwrap().len(),
-        10,
+        11,
         "{s:#}"
     );
     // Prometheus metrics and readiness.
@@ -1046,6 +1073,42 @@ fn serves_queries_and_answers_every_bad_request() {
         .unwrap()
         .unwrap();
     assert_eq!(ready["ready"], true, "{ready:#}");
+    // `plipd query` as a client would use it.
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args([
+            "query",
+            "--json",
+            "--top-k",
+            "3",
+            "--url",
+            &url(),
+            "--exchange",
+            &t.reid_exchange,
+            "--text",
+            "a person in a grey coat",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["matches"].as_array().unwrap().len(), 3, "{answer:#}");
+    // `plipd export` goes through the daemon while it holds the state folder.
+    let file = dir.join("served.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args(["export", "--http", &d.http, "--state"])
+        .arg(dir.join("state"))
+        .arg("--version")
+        .arg(version.to_string())
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let meta = plip_model::weights::read_meta(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        meta.extra.get("checkpoint_version"),
+        Some(&version.to_string())
+    );
     // A restart keeps the serving version and its gallery without re-embedding.
     d.stop();
     d.spawn();
