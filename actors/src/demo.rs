@@ -211,7 +211,13 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
                 let q = queries[k % queries.len()];
                 k += 1;
                 let body = serde_json::json!({"query": {"image": b64(&std::fs::read(&q.path)?)}, "top_k": 5, "exclude_camera": q.camera});
-                let answer = crate::query::ask(&rt, &ch, &topo.reid_exchange, &body)?;
+                let answer = crate::query::ask(
+                    &rt,
+                    &ch,
+                    &topo.reid_exchange,
+                    &body,
+                    Duration::from_secs(60),
+                )?;
                 let top = answer["matches"][0]["person_id"]
                     .as_str()
                     .unwrap_or("-")

@@ -1,8 +1,7 @@
 //! `plipd query`: a ReID client. Sends one image or text query over the broker (RPC: an
 //! exclusive reply queue, a correlation id) and prints the ranked matches.
 
-use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::BasicProperties;
 use std::path::PathBuf;
@@ -57,65 +56,20 @@ pub fn run(args: &QueryArgs) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reply: serde_json::Value = rt.block_on(async {
-        let conn = plip_ingest::amqp::connect(&args.url).await?;
-        let ch = conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "plipd-query".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let corr = format!("query-{}-{}", std::process::id(), crate::state::now_unix());
-        let now = crate::state::now_unix();
-        ch.basic_publish(
-            args.exchange.as_str().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            req.to_string().as_bytes(),
-            BasicProperties::default()
-                .with_content_type(ShortString::from("application/json"))
-                .with_reply_to(q.name().clone())
-                .with_correlation_id(corr.as_str().into())
-                .with_timestamp(now),
+    let reply = {
+        let conn = rt.block_on(plip_ingest::amqp::connect(&args.url))?;
+        let ch = rt.block_on(conn.create_channel())?;
+        let r = ask(
+            &rt,
+            &ch,
+            &args.exchange,
+            &req,
+            Duration::from_secs(args.timeout_s),
         )
-        .await?;
-        let wait = async {
-            while let Some(d) = consumer.next().await {
-                let d = d?;
-                if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(&corr) {
-                    return Ok::<_, Error>(serde_json::from_slice(&d.data)?);
-                }
-            }
-            Err("the reply queue closed".into())
-        };
-        let r = tokio::time::timeout(Duration::from_secs(args.timeout_s), wait)
-            .await
-            .map_err(|_| {
-                format!(
-                    "no answer within {} s (is plipd run consuming {}?)",
-                    args.timeout_s, args.exchange
-                )
-            })??;
-        let _ = conn.close(200, "done".into()).await;
-        Ok::<_, Error>(r)
-    })?;
+        .map_err(|e| format!("{e} (is plipd run consuming {}?)", args.exchange))?;
+        let _ = rt.block_on(conn.close(200, "done".into()));
+        r
+    };
     if args.json {
         println!("{reply}");
     } else if let Some(e) = reply.get("error").filter(|e| !e.is_null()) {
@@ -158,8 +112,8 @@ pub fn run(args: &QueryArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// One request-reply round trip on an open channel (a fresh exclusive reply queue; 60 s at
-/// most).
+/// One request-reply round trip on an open channel (a fresh exclusive reply queue, the
+/// message timestamped; `timeout` at most).
 ///
 /// # Errors
 /// A broker error or no answer in time.
@@ -168,6 +122,7 @@ pub fn ask(
     ch: &lapin::Channel,
     exchange: &str,
     request: &serde_json::Value,
+    timeout: Duration,
 ) -> Result<serde_json::Value, Error> {
     rt.block_on(async {
         let q = ch
@@ -190,11 +145,12 @@ pub fn ask(
             BasicProperties::default()
                 .with_content_type(ShortString::from("application/json"))
                 .with_reply_to(q.name().clone())
-                .with_correlation_id(corr.as_str().into()),
+                .with_correlation_id(corr.as_str().into())
+                .with_timestamp(crate::state::now_unix()),
         )
         .await?;
         let t = std::time::Instant::now();
-        while t.elapsed() < Duration::from_secs(60) {
+        while t.elapsed() < timeout {
             if let Some(m) = ch
                 .basic_get(
                     q.name().clone(),
@@ -215,6 +171,6 @@ pub fn ask(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err("no answer within 60 s".into())
+        Err(format!("no answer within {} s", timeout.as_secs()).into())
     })
 }

@@ -6,7 +6,7 @@
 //! Decoding never panics; every refusal carries a stable code.
 
 use crate::image::{decode, IntakeLimits};
-use crate::wire::{Code, ImageField, WireError, PROTOCOL_VERSION};
+use crate::wire::{check_size, media_type, Code, ImageField, WireError, PROTOCOL_VERSION};
 use base64::Engine;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -138,23 +138,8 @@ pub fn decode_request(
     body: &[u8],
     limits: &ReidLimits,
 ) -> Result<ValidRequest, WireError> {
-    if body.len() > limits.max_message_bytes {
-        return Err(err(
-            Code::MessageTooLarge,
-            format!(
-                "request of {} bytes exceeds the limit of {}",
-                body.len(),
-                limits.max_message_bytes
-            ),
-        ));
-    }
-    let ct = content_type
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    check_size("request", body.len(), limits.max_message_bytes)?;
+    let ct = media_type(content_type);
     let req: ReidRequest = match ct.as_str() {
         "application/json" => {
             let v: serde_json::Value = serde_json::from_slice(body)

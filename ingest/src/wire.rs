@@ -345,23 +345,8 @@ pub fn decode_message(
     body: &[u8],
     limits: &WireLimits,
 ) -> Result<Decoded, Refusal> {
-    if body.len() > limits.max_message_bytes {
-        return Err(Refusal::new(
-            Code::MessageTooLarge,
-            format!(
-                "message of {} bytes exceeds the limit of {}",
-                body.len(),
-                limits.max_message_bytes
-            ),
-        ));
-    }
-    let ct = content_type
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    check_size("message", body.len(), limits.max_message_bytes).map_err(Refusal)?;
+    let ct = media_type(content_type);
     let batch: IngestBatch = match ct.as_str() {
         "application/json" => parse(serde_json::from_slice::<serde_json::Value>(body).map_err(|e| e.to_string()), |v| {
             serde_json::from_value::<IngestBatch>(v).map_err(|e| e.to_string())
@@ -380,6 +365,28 @@ pub fn decode_message(
         }
     };
     validate(batch, limits)
+}
+
+/// The media type of a content-type header value, lower case, parameters dropped.
+pub(crate) fn media_type(content_type: Option<&str>) -> String {
+    content_type
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// `message_too_large` when a body of `len` bytes exceeds `limit`.
+pub(crate) fn check_size(what: &str, len: usize, limit: usize) -> Result<(), WireError> {
+    if len > limit {
+        return Err(WireError {
+            code: Code::MessageTooLarge,
+            message: format!("{what} of {len} bytes exceeds the limit of {limit}"),
+        });
+    }
+    Ok(())
 }
 
 /// Two-stage parse: syntax (→ `malformed_body`), then schema (→ `schema_violation`).

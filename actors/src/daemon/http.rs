@@ -460,6 +460,8 @@ pub fn status(shared: &Shared) -> Result<serde_json::Value, String> {
     let counts = shared.store.counts();
     let stats = shared.stats().clone();
     let latest = shared.state.latest_version().map_err(|e| e.to_string())?;
+    // One snapshot: the figures describe one serving version.
+    let serving = shared.serving_snapshot();
     Ok(serde_json::json!({
         "state_dir": shared.cfg.state.dir,
         "samples": {
@@ -483,11 +485,11 @@ pub fn status(shared: &Shared) -> Result<serde_json::Value, String> {
         },
         "trainer": stats.trainer,
         "serving": {
-            "version": shared.serving_snapshot().map(|s| s.version),
-            "step": shared.serving_snapshot().map(|s| s.step),
-            "gallery_version": shared.serving_snapshot().map(|s| s.gallery_version),
-            "gallery_size": shared.serving_snapshot().map_or(0, |s| s.rows.len()),
-            "metrics": shared.serving_snapshot().map(|s| s.metrics.clone()),
+            "version": serving.as_ref().map(|s| s.version),
+            "step": serving.as_ref().map(|s| s.step),
+            "gallery_version": serving.as_ref().map(|s| s.gallery_version),
+            "gallery_size": serving.as_ref().map_or(0, |s| s.rows.len()),
+            "metrics": serving.as_ref().map(|s| s.metrics.clone()),
             "promotions": stats.serving.promotions,
             "refused": stats.serving.refused,
             "answered": stats.serving.answered,
