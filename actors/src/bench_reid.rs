@@ -6,7 +6,7 @@
 //! folder and topology; checkpoints are written while it is stopped (untrained weights: speed
 //! does not depend on them).
 
-use crate::state::{now_unix, Checkpoint, CheckpointMeta, State};
+use crate::state::{now_unix, Checkpoint, State};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -16,7 +16,6 @@ use lapin::{BasicProperties, Channel};
 use plip_ingest::amqp::{connect, Topology};
 use plip_ingest::synth::{render_all, SynthConfig};
 use plip_model::dfdx::prelude::Cpu;
-use plip_model::weights::{save_optimizer, save_weights};
 use plip_model::{Plip, Preset, Trainer};
 use std::collections::HashMap;
 use std::path::Path;
@@ -50,25 +49,18 @@ fn checkpoint(state: &State, seed: u64) -> Result<u64, Error> {
             t
         }
     };
-    let trainer = Trainer::new(
+    let mut trainer = Trainer::new(
         Plip::<f32, Cpu>::new(&Cpu::default(), &preset, seed)?,
         Default::default(),
     );
-    let weights = save_weights(&trainer.model, tk.fingerprint(), seed, &Default::default())?;
-    let optimizer = save_optimizer(&trainer.opt, &preset, tk.fingerprint())?;
-    Ok(state.save_checkpoint(Checkpoint {
-        meta: CheckpointMeta {
-            version: 0,
-            step: seed,
-            preset: preset.name.clone(),
-            tokenizer: tk.fingerprint().to_string(),
-            images_seen: 0,
-            created_unix: now_unix(),
-            metrics: Default::default(),
-        },
-        weights,
-        optimizer,
-    })?)
+    // Distinct steps tell the two versions apart in the logs.
+    trainer.opt.step = seed;
+    Ok(state.save_checkpoint(Checkpoint::of_trainer(
+        &trainer,
+        tk.fingerprint(),
+        0,
+        Default::default(),
+    )?)?)
 }
 
 fn status(http: &str) -> Option<serde_json::Value> {

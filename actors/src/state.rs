@@ -60,6 +60,39 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// A trainer's weights and optimiser state as a checkpoint (its version is assigned when
+    /// it is saved).
+    ///
+    /// # Errors
+    /// Serialisation of the tensors failed.
+    pub fn of_trainer(
+        trainer: &plip_model::Trainer<f32, plip_model::dfdx::prelude::Cpu>,
+        tokenizer: &str,
+        images_seen: u64,
+        metrics: BTreeMap<String, f64>,
+    ) -> plip_model::Result<Checkpoint> {
+        let preset = &trainer.model.preset;
+        let step = trainer.opt.step;
+        Ok(Checkpoint {
+            meta: CheckpointMeta {
+                version: 0,
+                step,
+                preset: preset.name.clone(),
+                tokenizer: tokenizer.to_string(),
+                images_seen,
+                created_unix: now_unix(),
+                metrics,
+            },
+            weights: plip_model::weights::save_weights(
+                &trainer.model,
+                tokenizer,
+                step,
+                &BTreeMap::new(),
+            )?,
+            optimizer: plip_model::weights::save_optimizer(&trainer.opt, preset, tokenizer)?,
+        })
+    }
+
     /// The blob stored in the `checkpoints` tree.
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         let meta = serde_json::to_vec(&self.meta).map_err(|e| StateError::Other(e.to_string()))?;

@@ -4,12 +4,12 @@
 //! every N steps, and a loss curve at the end.
 
 use crate::data::{load, report_skipped, Loaded};
-use crate::state::{now_unix, Checkpoint, CheckpointMeta, State};
+use crate::state::{Checkpoint, State};
 use plip_ingest::synth::Split;
 use plip_model::batch::{Batch, Sample};
 use plip_model::dfdx::prelude::Cpu;
 use plip_model::optim::{OptimConfig, Schedule};
-use plip_model::weights::{load_optimizer, load_weights, save_optimizer, save_weights};
+use plip_model::weights::{load_optimizer, load_weights};
 use plip_model::{Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -346,27 +346,12 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
      -> Result<u64, Error> {
         let mut metrics = evaluated;
         metrics.insert("loss".to_string(), loss);
-        let meta = CheckpointMeta {
-            version: 0,
-            step: trainer.opt.step,
-            preset: preset.name.clone(),
-            tokenizer: tokenizer.fingerprint().to_string(),
-            images_seen,
-            created_unix: now_unix(),
-            metrics,
-        };
-        let weights = save_weights(
-            &trainer.model,
+        let v = state.save_checkpoint(Checkpoint::of_trainer(
+            trainer,
             tokenizer.fingerprint(),
-            trainer.opt.step,
-            &BTreeMap::new(),
-        )?;
-        let optimizer = save_optimizer(&trainer.opt, &preset, tokenizer.fingerprint())?;
-        let v = state.save_checkpoint(Checkpoint {
-            meta,
-            weights,
-            optimizer,
-        })?;
+            images_seen,
+            metrics,
+        )?)?;
         state.prune(args.keep, &state.protected_versions()?)?;
         Ok(v)
     };

@@ -12,14 +12,14 @@
 //! flushed write, so at most one checkpoint is ever in memory.
 
 use super::{log, Shared};
-use crate::state::{now_unix, Checkpoint, CheckpointMeta};
+use crate::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
 use plip_model::batch::{Batch, Sample};
 use plip_model::dfdx::prelude::Cpu;
 use plip_model::optim::{OptimConfig, Schedule};
-use plip_model::weights::{load_optimizer, load_weights, read_meta, save_optimizer, save_weights};
+use plip_model::weights::{load_optimizer, load_weights, read_meta};
 use plip_model::{Plip, Preset, TaskWeights, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -284,34 +284,19 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
                       images_seen: u64,
                       loss: f64|
      -> Result<u64, String> {
-        let weights = save_weights(
-            &trainer.model,
-            tokenizer.fingerprint(),
-            trainer.opt.step,
-            &BTreeMap::new(),
-        )
-        .map_err(|e| e.to_string())?;
-        let optimizer = save_optimizer(&trainer.opt, &preset, tokenizer.fingerprint())
-            .map_err(|e| e.to_string())?;
         let mut metrics = BTreeMap::new();
         if loss.is_finite() {
             metrics.insert("loss".to_string(), loss);
         }
         let (done, wait) = oneshot::channel();
         let job = Job {
-            checkpoint: Checkpoint {
-                meta: CheckpointMeta {
-                    version: 0,
-                    step: trainer.opt.step,
-                    preset: preset.name.clone(),
-                    tokenizer: tokenizer.fingerprint().to_string(),
-                    images_seen,
-                    created_unix: now_unix(),
-                    metrics,
-                },
-                weights,
-                optimizer,
-            },
+            checkpoint: Checkpoint::of_trainer(
+                trainer,
+                tokenizer.fingerprint(),
+                images_seen,
+                metrics,
+            )
+            .map_err(|e| e.to_string())?,
             done,
         };
         jobs.blocking_send(job)
