@@ -19,6 +19,27 @@ pub struct Config {
     pub trainer: TrainerConfig,
     pub serving: ServingConfig,
     pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+/// The daemon's log lines (stderr; the journal keeps them under systemd).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (one readable line per event) or `json` (one JSON object per line).
+    pub format: String,
+    /// A `tracing` filter: a level (`info`) or per-module directives (`info,plip_actors=debug`).
+    /// The `RUST_LOG` environment variable, when set, replaces it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
 }
 
 /// The ReID server.
@@ -65,6 +86,9 @@ pub struct BrokerConfig {
     pub reconnect_min_ms: u64,
     /// Longest reconnect delay, milliseconds.
     pub reconnect_max_ms: u64,
+    /// PEM file of CA certificates an `amqps://` broker's certificate is checked against, in
+    /// addition to the system's roots (a private CA). Unset: the system's roots only.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -74,6 +98,7 @@ impl Default for BrokerConfig {
             prefetch: 8,
             reconnect_min_ms: 200,
             reconnect_max_ms: 30_000,
+            tls_ca_file: None,
         }
     }
 }
@@ -254,6 +279,23 @@ impl Config {
                 "trainer.device = {:?}: this build trains on the CPU only (build with --features cuda for a GPU)",
                 t.device
             ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(format!(
+                "log.format = {:?}: expected \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(format!("log.level = {:?}: {e}", self.log.level));
+        }
+        if let Some(ca) = &self.broker.tls_ca_file {
+            if !ca.is_file() {
+                return Err(format!(
+                    "broker.tls_ca_file = {:?}: no such file",
+                    ca.display().to_string()
+                ));
+            }
         }
         if t.batch < 2 {
             return Err("trainer.batch must be at least 2".into());

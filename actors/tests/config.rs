@@ -57,6 +57,15 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("broker.prefetch"), "{e}");
     let e = err(write("e.toml", "[trainer]\ndevice = \"cuda\"\n"));
     assert!(e.contains("trainer.device"), "{e}");
+    let e = err(write("f.toml", "[log]\nformat = \"xml\"\n"));
+    assert!(e.contains("log.format"), "{e}");
+    let e = err(write("g.toml", "[log]\nlevel = \"plip=verbose\"\n"));
+    assert!(e.contains("log.level"), "{e}");
+    let e = err(write(
+        "h.toml",
+        "[broker]\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+    ));
+    assert!(e.contains("broker.tls_ca_file"), "{e}");
     let e = Config::load_with_env(Some(&dir.join("missing.toml")), no_env()).unwrap_err();
     assert!(e.contains("does not exist"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);

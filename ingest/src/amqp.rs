@@ -73,16 +73,53 @@ pub enum TopologyError {
     },
     #[error("cannot connect to the broker: {0}")]
     Connect(lapin::Error),
+    #[error("cannot read the broker's CA certificate file {path}: {error}")]
+    CaFile { path: String, error: String },
 }
 
-/// Connects with the tokio runtime of the caller.
+/// The environment variable naming a PEM file of CA certificates that `amqps://` broker
+/// certificates are checked against (in addition to the system's roots). It is the same name
+/// that overrides the daemon's `broker.tls_ca_file`, so the command-line clients and the daemon
+/// read one setting.
+pub const CA_FILE_ENV: &str = "PLIP__BROKER__TLS_CA_FILE";
+
+/// Connects with the tokio runtime of the caller; an `amqps://` URL is checked against the
+/// system's roots plus the CA file named by [`CA_FILE_ENV`], when set.
 ///
 /// # Errors
-/// The broker cannot be reached or refuses the credentials.
+/// The broker cannot be reached, refuses the credentials or its certificate, or the CA file
+/// cannot be read.
 pub async fn connect(url: &str) -> Result<Connection, TopologyError> {
-    Connection::connect_with_runtime(
+    let ca = std::env::var_os(CA_FILE_ENV).filter(|v| !v.is_empty());
+    connect_tls(url, ca.as_deref().map(std::path::Path::new)).await
+}
+
+/// As [`connect`], with the CA file given explicitly (`None`: the system's roots only).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_tls(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Connection, TopologyError> {
+    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read_to_string(path).map_err(|e| TopologyError::CaFile {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(TopologyError::CaFile {
+                path: path.display().to_string(),
+                error: "no PEM certificate in it".into(),
+            });
+        }
+        tls.cert_chain = Some(pem);
+    }
+    Connection::connect_with_config(
         url,
         ConnectionProperties::default(),
+        tls,
         async_rs::Runtime::tokio_current(),
     )
     .await

@@ -8,7 +8,7 @@
 //!
 //! Worker 0 also applies the training-sample cap (`state.max_training_samples`).
 
-use super::{log, Shared};
+use super::Shared;
 use plip_ingest::captions::{estimate_colours, synthesize};
 use plip_ingest::image::{decode, IntakeLimits};
 use std::sync::Arc;
@@ -31,9 +31,9 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
                     Ok(0) => {}
                     Ok(n) => {
                         shared.stats().evicted += n as u64;
-                        log("evicted", serde_json::json!({"samples": n, "cap": cap}));
+                        tracing::info!(samples = n, cap, "evicted");
                     }
-                    Err(e) => log("evict_failed", serde_json::json!({"error": e})),
+                    Err(e) => tracing::error!(error = %e, "evict_failed"),
                 }
             }
         }
@@ -49,7 +49,7 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
             let sample = match shared.store.get(&id) {
                 Ok(s) => s,
                 Err(e) => {
-                    log("caption_failed", serde_json::json!({"id": id, "error": e}));
+                    tracing::warn!(id = %id, error = %e, "caption_failed");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
@@ -74,7 +74,7 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
             match shared.store.set_captions(&id, captions) {
                 Ok(()) => shared.stats().captioned += 1,
                 Err(e) => {
-                    log("caption_failed", serde_json::json!({"id": id, "error": e}));
+                    tracing::warn!(id = %id, error = %e, "caption_failed");
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }

@@ -121,7 +121,7 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
         ("POST", "/rollback") => match version {
             Some(Ok(v)) => match shared.state.set_pinned(Some(v)) {
                 Ok(()) => {
-                    super::log("pinned", serde_json::json!({"version": v}));
+                    tracing::info!(version = v, "pinned");
                     Body::Json(200, serde_json::json!({"pinned": v}))
                 }
                 Err(e) => Body::Json(404, error(&e.to_string())),
@@ -130,7 +130,7 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
         },
         ("POST", "/unpin") => match shared.state.set_pinned(None) {
             Ok(()) => {
-                super::log("unpinned", serde_json::json!({}));
+                tracing::info!("unpinned");
                 Body::Json(200, serde_json::json!({"pinned": null}))
             }
             Err(e) => Body::Json(500, error(&e.to_string())),
@@ -149,10 +149,7 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
                         shared
                             .forgets
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        super::log(
-                            "forgot",
-                            serde_json::json!({"person": p, "samples": ids.len()}),
-                        );
+                        tracing::info!(person = %p, samples = ids.len(), "forgot");
                         Body::Json(
                             200,
                             serde_json::json!({"person": p, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted; trained weights cannot unlearn"}),

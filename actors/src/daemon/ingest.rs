@@ -8,7 +8,7 @@
 //! again; a lost broker is reconnected with exponential backoff (topology re-declared, prefetch
 //! re-applied — a fresh connection each time, so nothing depends on lapin's recovery).
 
-use super::{log, Shared};
+use super::Shared;
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -16,7 +16,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use plip_ingest::amqp::connect;
+use plip_ingest::amqp::connect_tls;
 use plip_ingest::wire::{
     decode_message, Decoded, Headers, IngestOutcome, RejectedImage, WireError,
 };
@@ -71,9 +71,10 @@ pub async fn run(shared: Arc<Shared>) {
                     delay = min;
                 }
                 shared.stats().ingest_paused = Some(format!("broker: {e}"));
-                log(
-                    "broker_lost",
-                    serde_json::json!({"error": e, "retry_in_ms": delay.as_millis() as u64}),
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "broker_lost"
                 );
                 if shared.sleep_or_stop(delay).await {
                     return;
@@ -83,7 +84,7 @@ pub async fn run(shared: Arc<Shared>) {
             Stop::Storage(e) => {
                 shared.stats().storage_error = Some(e.clone());
                 shared.stats().ingest_paused = Some(format!("storage: {e}"));
-                log("storage_failed", serde_json::json!({"error": e}));
+                tracing::error!(error = %e, "storage_failed");
                 // Probe until a write succeeds; consumption stays stopped meanwhile.
                 let mut wait = min.max(Duration::from_millis(500));
                 loop {
@@ -102,7 +103,7 @@ pub async fn run(shared: Arc<Shared>) {
                     wait = (wait * 2).min(max);
                 }
                 shared.stats().storage_error = None;
-                log("storage_recovered", serde_json::json!({}));
+                tracing::info!("storage_recovered");
                 delay = min;
             }
         }
@@ -112,7 +113,7 @@ pub async fn run(shared: Arc<Shared>) {
 /// One connection's life: returns why it ended.
 async fn session(shared: &Arc<Shared>) -> Stop {
     let cfg = &shared.cfg;
-    let conn = match connect(&cfg.broker.url).await {
+    let conn = match connect_tls(&cfg.broker.url, cfg.broker.tls_ca_file.as_deref()).await {
         Ok(c) => c,
         Err(e) => return Stop::Broker(e.to_string()),
     };
@@ -164,9 +165,10 @@ async fn consume(shared: &Arc<Shared>, conn: &Connection) -> Stop {
         st.connections += 1;
         st.ingest_paused = None;
     }
-    log(
-        "consuming",
-        serde_json::json!({"queue": shared.cfg.topology.ingest_queue, "prefetch": shared.cfg.broker.prefetch}),
+    tracing::info!(
+        queue = %shared.cfg.topology.ingest_queue,
+        prefetch = shared.cfg.broker.prefetch,
+        "consuming"
     );
     // Deliveries are handled concurrently; the prefetch bounds how many are in flight.
     let mut inflight: JoinSet<Result<(), Stop>> = JoinSet::new();
@@ -396,9 +398,11 @@ async fn dead_letter(
     publish_confirmed(channel, &shared.cfg.topology.dlx_exchange, "", body, props)
         .await
         .map_err(Stop::Broker)?;
-    log(
-        "dead_lettered",
-        serde_json::json!({"code": err.code.as_str(), "message": err.message, "images": images.len()}),
+    tracing::warn!(
+        code = err.code.as_str(),
+        reason = %err.message,
+        images = images.len(),
+        "dead_lettered"
     );
     Ok(())
 }

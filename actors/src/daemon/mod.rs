@@ -209,22 +209,29 @@ pub struct TrainerStats {
     pub error: Option<String>,
 }
 
-/// Logs one event as a JSON line on stderr (the journal keeps it).
-pub fn log(event: &str, fields: serde_json::Value) {
-    let mut obj = serde_json::Map::new();
-    obj.insert("event".into(), event.into());
-    obj.insert(
-        "unix_ms".into(),
-        (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0))
-        .into(),
-    );
-    if let serde_json::Value::Object(m) = fields {
-        obj.extend(m);
-    }
-    eprintln!("{}", serde_json::Value::Object(obj));
+/// Installs the daemon's `tracing` subscriber: events on stderr (the journal keeps them) as
+/// readable lines or, with `log.format = "json"`, one JSON object per line whose fields are
+/// top-level keys (`"message"` is the event name). `RUST_LOG`, when set and valid, replaces
+/// `log.level`. A second call (a test running two daemons in one process) changes nothing.
+pub fn init_logging(cfg: &crate::config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_new(&cfg.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.format == "json" {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Runs the daemon until SIGTERM/SIGINT; returns after a clean shutdown.
@@ -232,6 +239,7 @@ pub fn log(event: &str, fields: serde_json::Value) {
 /// # Errors
 /// A start-up failure (state folder, HTTP address, runtime).
 pub fn run(cfg: Config) -> Result<(), String> {
+    init_logging(&cfg.log);
     plip_model::runtime::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -242,22 +250,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
     rt.block_on(async move {
         let shared = Shared::open(cfg)?;
         let listener = http::bind(&shared.cfg.http.listen).await?;
-        log(
-            "started",
-            serde_json::json!({"state": shared.cfg.state.dir, "http": listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "broker": redact(&shared.cfg.broker.url), "samples": shared.store.len()}),
+        tracing::info!(
+            state = %shared.cfg.state.dir.display(),
+            http = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            broker = %redact(&shared.cfg.broker.url),
+            samples = shared.store.len(),
+            "started"
         );
         let running = supervisor::start(shared.clone(), listener).await?;
         let stop_signal = wait_for_signal();
         tokio::pin!(stop_signal);
         tokio::select! {
-            sig = &mut stop_signal => log("signal", serde_json::json!({"signal": sig})),
+            sig = &mut stop_signal => tracing::info!(signal = sig, "signal"),
             _ = shared.stopped() => {}
         }
         shared.stop();
         notify::notify("STOPPING=1");
         supervisor::shutdown(running).await;
         shared.state.flush().map_err(|e| e.to_string())?;
-        log("stopped", serde_json::json!({}));
+        tracing::info!(samples = shared.store.len(), "stopped");
         Ok(())
     })
 }

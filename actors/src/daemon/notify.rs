@@ -68,7 +68,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<(), String> {
         if !ready && started(&shared) {
             ready = true;
             notify("READY=1");
-            super::log("ready", serde_json::json!({}));
+            tracing::info!("ready");
         }
         let st = shared.stats().clone();
         let serving = shared.serving_snapshot();

@@ -18,7 +18,7 @@
 //! `plip.results` when there is none) with publisher confirms, then acked. Every request gets
 //! an answer: matches, or `{request_id, error: {code, message}}`.
 
-use super::{log, Shared};
+use super::Shared;
 use crate::data::Loaded;
 use crate::evaluate::{evaluate_model, LoadedModel};
 use crate::index::Index;
@@ -214,14 +214,16 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
     match restored {
         Ok(Some(v)) => {
             gallery_seen = v.rows.iter().map(|r| r.id.clone()).collect();
-            log(
-                "serving_restored",
-                serde_json::json!({"version": v.version, "gallery": v.rows.len(), "metrics": v.metrics}),
+            tracing::info!(
+                version = v.version,
+                gallery = v.rows.len(),
+                metrics = %serde_json::json!(v.metrics),
+                "serving_restored"
             );
             *shared.serving.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
         }
         Ok(None) => {}
-        Err(e) => log("serving_restore_failed", serde_json::json!({"error": e})),
+        Err(e) => tracing::error!(error = %e, "serving_restore_failed"),
     }
     let poll = Duration::from_millis(shared.cfg.serving.poll_ms.max(50));
     let mut last_mark: Option<(u64, u64)> = None;
@@ -254,13 +256,17 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
                 *shared.serving.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(v));
                 if changed_model {
                     shared.stats().serving.promotions += 1;
-                    log("promoted", announce.clone());
+                    tracing::info!(
+                        version = promoted,
+                        announcement = %announce,
+                        "promoted"
+                    );
                     if let Err(e) = announce_model(&shared, &announce).await {
-                        log("announce_failed", serde_json::json!({"error": e}));
+                        tracing::warn!(error = %e, "announce_failed");
                     }
                 }
             }
-            Err(e) => log("swap_failed", serde_json::json!({"error": e})),
+            Err(e) => tracing::error!(error = %e, "swap_failed"),
         }
     }
 }
@@ -341,7 +347,7 @@ fn step(
                 if *new < old - shared.cfg.serving.gate_margin {
                     let doc = serde_json::json!({"version": v, "gate": gate, "candidate": new, "serving": old, "serving_version": cur.version});
                     let _ = shared.state.record_evaluation(v, &serde_json::json!({"metrics": metrics, "promoted": false, "against": cur.version}));
-                    log("refused", doc);
+                    tracing::info!(version = v, decision = %doc, "refused");
                     shared.stats().serving.refused += 1;
                     return Ok(Step::Refused(v));
                 }
@@ -409,9 +415,12 @@ fn step(
 }
 
 async fn announce_model(shared: &Shared, body: &serde_json::Value) -> Result<(), String> {
-    let conn = plip_ingest::amqp::connect(&shared.cfg.broker.url)
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = plip_ingest::amqp::connect_tls(
+        &shared.cfg.broker.url,
+        shared.cfg.broker.tls_ca_file.as_deref(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -440,7 +449,12 @@ pub async fn requests(shared: Arc<Shared>) -> Result<(), String> {
         if shared.stopping() {
             return Ok(());
         }
-        let r = match plip_ingest::amqp::connect(&shared.cfg.broker.url).await {
+        let r = match plip_ingest::amqp::connect_tls(
+            &shared.cfg.broker.url,
+            shared.cfg.broker.tls_ca_file.as_deref(),
+        )
+        .await
+        {
             Ok(conn) => {
                 let r = serve(&shared, &conn).await;
                 let _ = conn.close(200, "plipd reid closing".into()).await;
@@ -451,9 +465,10 @@ pub async fn requests(shared: Arc<Shared>) -> Result<(), String> {
         match r {
             Ok(()) => return Ok(()),
             Err(e) => {
-                log(
-                    "reid_broker_lost",
-                    serde_json::json!({"error": e, "retry_in_ms": delay.as_millis() as u64}),
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "reid_broker_lost"
                 );
                 if shared.sleep_or_stop(delay).await {
                     return Ok(());

@@ -8,7 +8,7 @@
 //! health), and the restart is counted in the status. Nothing is buffered in a mailbox: workers
 //! pull from sled or the broker, and the trainer hands the checkpointer one checkpoint at a time.
 
-use super::{log, trainer, Shared};
+use super::{trainer, Shared};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -189,10 +189,7 @@ impl Supervisor {
                 st.children.insert(r.get_id(), child);
             }
             Err(e) => {
-                log(
-                    "child_start_failed",
-                    serde_json::json!({"child": child.name(), "error": e.to_string()}),
-                );
+                tracing::error!(child = child.name(), error = %e, "child_start_failed");
                 Self::restart_later(myself, st, child);
             }
         }
@@ -220,9 +217,10 @@ impl Supervisor {
             .restarts
             .entry(child.name())
             .or_default() += 1;
-        log(
-            "child_restart",
-            serde_json::json!({"child": child.name(), "in_ms": delay.as_millis() as u64}),
+        tracing::warn!(
+            child = child.name(),
+            in_ms = delay.as_millis() as u64,
+            "child_restart"
         );
         ractor::time::send_after(delay, myself.get_cell(), move || SupMsg::Start(child));
     }
@@ -291,10 +289,7 @@ impl Actor for Supervisor {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(child) = st.children.remove(&cell.get_id()) {
-                    log(
-                        "child_failed",
-                        serde_json::json!({"child": child.name(), "error": err.to_string()}),
-                    );
+                    tracing::error!(child = child.name(), error = %err, "child_failed");
                     Self::restart_later(&myself, st, child);
                 }
             }

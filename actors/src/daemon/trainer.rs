@@ -11,7 +11,7 @@
 //! checkpoint (weights + optimiser + step + metrics) to the checkpointer and waits for the
 //! flushed write, so at most one checkpoint is ever in memory.
 
-use super::{log, Shared};
+use super::Shared;
 use crate::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
@@ -203,9 +203,10 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
         None => {
             let t = crate::train::train_tokenizer(&preset, &[]).map_err(|e| e.to_string())?;
             shared.state.set_tokenizer(&t).map_err(|e| e.to_string())?;
-            log(
-                "tokenizer_trained",
-                serde_json::json!({"vocab": t.vocab_size(), "fingerprint": t.fingerprint()}),
+            tracing::info!(
+                vocab = t.vocab_size(),
+                fingerprint = %t.fingerprint(),
+                "tokenizer_trained"
             );
             t
         }
@@ -234,12 +235,7 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
     let mut images_seen = 0u64;
     let resumed = shared
         .state
-        .latest_valid(|e| {
-            log(
-                "checkpoint_skipped",
-                serde_json::json!({"error": e.to_string()}),
-            )
-        })
+        .latest_valid(|e| tracing::warn!(error = %e, "checkpoint_skipped"))
         .map_err(|e| e.to_string())?;
     if let Some(ck) = resumed {
         let stored = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
@@ -268,9 +264,12 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
         st.trainer.last_checkpoint = Some(ck.meta.version);
         st.trainer.last_checkpoint_step = Some(ck.meta.step);
         drop(st);
-        log(
-            "resumed",
-            serde_json::json!({"version": ck.meta.version, "step": ck.meta.step, "weights_sha256": wd, "optimizer_sha256": od}),
+        tracing::info!(
+            version = ck.meta.version,
+            step = ck.meta.step,
+            weights_sha256 = %wd,
+            optimizer_sha256 = %od,
+            "resumed"
         );
     }
     shared.stats().trainer.error = None;
@@ -280,41 +279,42 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
     let mut last_ckpt = (Instant::now(), trainer.opt.step);
     let mut window = (Instant::now(), 0u64);
     let mut last_loss = f64::NAN;
-    let checkpoint = |trainer: &Trainer<f32, Cpu>,
-                      images_seen: u64,
-                      loss: f64|
-     -> Result<u64, String> {
-        let mut metrics = BTreeMap::new();
-        if loss.is_finite() {
-            metrics.insert("loss".to_string(), loss);
-        }
-        let (done, wait) = oneshot::channel();
-        let job = Job {
-            checkpoint: Checkpoint::of_trainer(
-                trainer,
-                tokenizer.fingerprint(),
+    let checkpoint =
+        |trainer: &Trainer<f32, Cpu>, images_seen: u64, loss: f64| -> Result<u64, String> {
+            let mut metrics = BTreeMap::new();
+            if loss.is_finite() {
+                metrics.insert("loss".to_string(), loss);
+            }
+            let (done, wait) = oneshot::channel();
+            let job = Job {
+                checkpoint: Checkpoint::of_trainer(
+                    trainer,
+                    tokenizer.fingerprint(),
+                    images_seen,
+                    metrics,
+                )
+                .map_err(|e| e.to_string())?,
+                done,
+            };
+            jobs.blocking_send(job)
+                .map_err(|_| "the checkpointer is gone".to_string())?;
+            let v = wait
+                .blocking_recv()
+                .map_err(|_| "the checkpointer dropped a checkpoint".to_string())??;
+            let mut st = shared.stats();
+            st.trainer.checkpoints_written += 1;
+            st.trainer.last_checkpoint = Some(v);
+            st.trainer.last_checkpoint_step = Some(trainer.opt.step);
+            drop(st);
+            tracing::info!(
+                version = v,
+                step = trainer.opt.step,
                 images_seen,
-                metrics,
-            )
-            .map_err(|e| e.to_string())?,
-            done,
+                loss = %serde_json::json!(loss),
+                "checkpoint"
+            );
+            Ok(v)
         };
-        jobs.blocking_send(job)
-            .map_err(|_| "the checkpointer is gone".to_string())?;
-        let v = wait
-            .blocking_recv()
-            .map_err(|_| "the checkpointer dropped a checkpoint".to_string())??;
-        let mut st = shared.stats();
-        st.trainer.checkpoints_written += 1;
-        st.trainer.last_checkpoint = Some(v);
-        st.trainer.last_checkpoint_step = Some(trainer.opt.step);
-        drop(st);
-        log(
-            "checkpoint",
-            serde_json::json!({"version": v, "step": trainer.opt.step, "images_seen": images_seen, "loss": loss}),
-        );
-        Ok(v)
-    };
     while !shared.stopping() {
         let seq = shared.store.last_seq();
         if seq != index.last_seq || trainer.opt.step % 50 == 0 {
