@@ -3,9 +3,9 @@
 //! measured in the same run — gives a ratio that is meaningful on a noisy shared machine.
 
 use plip_model::batch::{Batch, Sample};
-use plip_model::dfdx::prelude::Cpu;
+use plip_model::dfdx::prelude::{Cpu, Device};
 use plip_model::optim::OptimConfig;
-use plip_model::{Params, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
+use plip_model::{DeviceSpec, Params, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::ops::Range;
@@ -32,6 +32,9 @@ pub struct TrainBenchArgs {
     /// Skip the IVLC-only peer measurement.
     #[arg(long)]
     pub no_peer: bool,
+    /// Device: cpu, or cuda / cuda:N in a CUDA build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 const COLOURS: [&str; 8] = [
@@ -95,6 +98,28 @@ fn synthetic(p: &Preset, n: usize, seed: u64) -> Vec<Synthetic> {
     out
 }
 
+/// `count` synthetic batches of `batch` samples (random pixels, SYNTH-PEDES-length captions,
+/// 4 images per identity, half the phrases masked), with a tokenizer trained on their captions.
+fn synthetic_batches(p: &Preset, count: usize, batch: usize) -> plip_model::Result<Vec<Batch>> {
+    let data = synthetic(p, batch * count, 7);
+    let tokenizer = Tokenizer::train(data.iter().map(|s| s.caption.as_str()), p.vocab)?;
+    let mut rng = StdRng::seed_from_u64(1);
+    data.chunks(batch)
+        .map(|chunk| {
+            let samples: Vec<Sample<'_>> = chunk
+                .iter()
+                .map(|s| Sample {
+                    rgb: &s.rgb,
+                    caption: &s.caption,
+                    phrases: &s.phrases,
+                    identity: Some(s.identity),
+                })
+                .collect();
+            Batch::build(&samples, p, &tokenizer, 0.5, &mut rng)
+        })
+        .collect()
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -113,13 +138,33 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Times steps on the device `args.device` names.
 fn time_steps(
     p: &Preset,
     tasks: TaskWeights,
     batches: &[Batch],
     args: &TrainBenchArgs,
 ) -> plip_model::Result<(Vec<f64>, usize, f64)> {
-    let model = Plip::<f32, Cpu>::new(&Cpu::default(), p, 0)?;
+    match DeviceSpec::parse(&args.device)? {
+        DeviceSpec::Cpu => time_steps_on(&Cpu::default(), p, tasks, batches, args),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(n) => {
+            let dev = plip_model::device::cuda::open(n, 0)?;
+            time_steps_on(&dev, p, tasks, batches, args)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err(plip_model::Error::Device("built without CUDA".into())),
+    }
+}
+
+fn time_steps_on<D: Device<f32>>(
+    dev: &D,
+    p: &Preset,
+    tasks: TaskWeights,
+    batches: &[Batch],
+    args: &TrainBenchArgs,
+) -> plip_model::Result<(Vec<f64>, usize, f64)> {
+    let model = Plip::<f32, D>::new(dev, p, 0)?;
     let params = model.num_params();
     let cfg = TrainConfig {
         optim: OptimConfig {
@@ -158,25 +203,8 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let pool = plip_model::runtime::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
-    let data = synthetic(&p, args.batch * 2, 7);
-    let tokenizer = Tokenizer::train(data.iter().map(|s| s.caption.as_str()), p.vocab)?;
-    let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
-    let batches: Vec<Batch> = data
-        .chunks(args.batch)
-        .map(|chunk| {
-            let samples: Vec<Sample<'_>> = chunk
-                .iter()
-                .map(|s| Sample {
-                    rgb: &s.rgb,
-                    caption: &s.caption,
-                    phrases: &s.phrases,
-                    identity: Some(s.identity),
-                })
-                .collect();
-            Batch::build(&samples, &p, &tokenizer, 0.5, &mut rng)
-        })
-        .collect::<Result<_, _>>()?;
+    let batches = synthetic_batches(&p, 2, args.batch)?;
     let batch_build_ms = t0.elapsed().as_secs_f64() * 1e3 / batches.len() as f64;
 
     let (mut full, params, loss) =
@@ -190,6 +218,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         "input": format!("{}x{}", p.image_height, p.image_width),
         "text_tokens": batches[0].tokens.len,
         "threads": threads,
+        "device": args.device,
         "tasks": "ivlc+iap+tic",
         "steps": args.steps,
         "median_step_ms": (full_ms * 10.0).round() / 10.0,
@@ -212,4 +241,165 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     out["peak_rss_mib"] = serde_json::json!(peak_rss_mib().map(|m| m.round()));
     println!("{out}");
     Ok(())
+}
+
+/// Options of `plipd bench agree`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgreeArgs {
+    /// Model preset (test, tiny, small).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Samples in the batch both devices see.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// The device compared with the CPU: cuda or cuda:N (or cpu, which must agree exactly).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Largest relative difference accepted.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f64,
+}
+
+/// What one device computed from the shared weights and batch.
+struct Outcome {
+    image: Vec<f32>,
+    text: Vec<f32>,
+    losses: plip_model::LossValues,
+    /// The gradient of every parameter, concatenated (an SGD step is −lr times it).
+    grads: Vec<f64>,
+    /// The AdamW update of one step (weights after − before), concatenated.
+    update: Vec<f64>,
+}
+
+fn params_host<D: Device<f32>>(m: &Plip<f32, D>) -> Vec<f64> {
+    m.params()
+        .into_iter()
+        .flat_map(|(_, p)| p.to_host())
+        .map(f64::from)
+        .collect()
+}
+
+fn outcome_on<D: Device<f32>>(
+    dev: &D,
+    reference: &Plip<f32, Cpu>,
+    batch: &Batch,
+) -> plip_model::Result<Outcome> {
+    let mut model = Plip::<f32, D>::new(dev, &reference.preset, 1)?;
+    plip_model::weights::copy_weights(reference, &mut model);
+    let image = model.embed_images(&batch.images, batch.n).data;
+    let text = model.embed_texts(&batch.tokens, batch.n).data;
+    let cfg = TrainConfig {
+        optim: OptimConfig {
+            warmup_steps: 0,
+            ..Default::default()
+        },
+        tasks: TaskWeights::default(),
+        ramp_steps: 1,
+    };
+    let mut trainer = Trainer::new(model, cfg);
+    let (grads, losses) = trainer.gradients(batch)?;
+    let grads = grads.ok_or_else(|| plip_model::Error::Device("non-finite loss".into()))?;
+    let g = plip_model::optim::AdamW::gradients(&trainer.model, &grads)
+        .into_iter()
+        .flat_map(|g| match g {
+            plip_model::optim::Grad::Vector(t) => t.as_vec(),
+            plip_model::optim::Grad::Matrix(t) => t.as_vec(),
+        })
+        .map(f64::from)
+        .collect();
+    let before = params_host(&trainer.model);
+    trainer.step(batch)?;
+    let after = params_host(&trainer.model);
+    Ok(Outcome {
+        image,
+        text,
+        losses,
+        grads: g,
+        update: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+    })
+}
+
+/// ‖a − b‖ / ‖a‖ (0 when both are zero).
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let n: f64 = a.iter().map(|x| x * x).sum();
+    if n == 0.0 {
+        d.sqrt()
+    } else {
+        (d / n).sqrt()
+    }
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    if a == b {
+        0.0
+    } else {
+        (a - b).abs() / a.abs().max(1e-12)
+    }
+}
+
+/// `plipd bench agree`: the same weights and the same batch on the CPU and on another device —
+/// embeddings, each loss, the gradients (one SGD step's update up to −lr) and the norm of one
+/// AdamW update compared; one JSON line, exit status 1 when any exceeds the tolerance.
+///
+/// # Errors
+/// An unknown preset, an unusable device, a failed step.
+pub fn agree(args: &AgreeArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    plip_model::runtime::tune_allocator();
+    let p = Preset::by_name(&args.preset)?;
+    let spec = DeviceSpec::parse(&args.device)?;
+    let batch = synthetic_batches(&p, 1, args.batch.max(2))?
+        .pop()
+        .ok_or("no batch")?;
+    let reference = Plip::<f32, Cpu>::new(&Cpu::default(), &p, 0)?;
+    let cpu = outcome_on(&Cpu::default(), &reference, &batch)?;
+    let other = match spec {
+        DeviceSpec::Cpu => outcome_on(&Cpu::default(), &reference, &batch)?,
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(n) => {
+            outcome_on(&plip_model::device::cuda::open(n, 0)?, &reference, &batch)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => return Err("built without CUDA".into()),
+    };
+    let f = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let opt = |x: Option<f64>| x.unwrap_or(0.0);
+    let checks = [
+        ("image_embeddings", rel_l2(&f(&cpu.image), &f(&other.image))),
+        ("text_embeddings", rel_l2(&f(&cpu.text), &f(&other.text))),
+        ("loss_total", rel(cpu.losses.total, other.losses.total)),
+        (
+            "loss_ivlc",
+            rel(opt(cpu.losses.ivlc), opt(other.losses.ivlc)),
+        ),
+        ("loss_iap", rel(opt(cpu.losses.iap), opt(other.losses.iap))),
+        ("loss_tic", rel(opt(cpu.losses.tic), opt(other.losses.tic))),
+        ("sgd_update", rel_l2(&cpu.grads, &other.grads)),
+        (
+            "adamw_update_norm",
+            rel(norm(&cpu.update), norm(&other.update)),
+        ),
+    ];
+    let ok = checks
+        .iter()
+        .all(|(_, v)| v.is_finite() && *v <= args.tolerance);
+    let mut out = serde_json::json!({
+        "bench": "agree",
+        "preset": p.name,
+        "batch": batch.n,
+        "device": spec.to_string(),
+        "tolerance": args.tolerance,
+        "pass": ok,
+        "losses_cpu": cpu.losses,
+        "losses_device": other.losses,
+        // Informational: AdamW's first step is about lr·sign(g), so gradients near zero may
+        // flip sign between devices; the norm is the stable comparison.
+        "adamw_update_rel_l2": rel_l2(&cpu.update, &other.update),
+    });
+    for (k, v) in checks {
+        out["relative_difference"][k] = serde_json::json!(v);
+    }
+    println!("{out}");
+    Ok(ok)
 }

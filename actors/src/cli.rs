@@ -107,6 +107,9 @@ pub enum TokenizerCommand {
 pub enum BenchCommand {
     /// Median training-step time and images/s on synthetic batches; prints one JSON line.
     Train(crate::bench::TrainBenchArgs),
+    /// CPU-vs-device agreement on one batch (embeddings, losses, SGD and AdamW updates); prints
+    /// one JSON line and fails when a difference exceeds the tolerance.
+    Agree(crate::bench::AgreeArgs),
     /// Ingest throughput (broker → durable samples) next to a bare consume + ack loop, and
     /// the daemon's peak RSS; prints one JSON line.
     Ingest(crate::bench_ingest::IngestBenchArgs),
@@ -121,6 +124,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
+        Command::Bench(BenchCommand::Agree(args)) => match crate::bench::agree(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the devices disagree beyond the tolerance (see the JSON)".into()),
+            Err(e) => Err(e),
+        },
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::run(&args),
         Command::Bench(BenchCommand::Search(args)) => crate::bench_search::run(&args),
         Command::Bench(BenchCommand::Reid(args)) => crate::bench_reid::run(&args),

@@ -48,6 +48,8 @@ impl Default for LogConfig {
 pub struct ServingConfig {
     /// Serve ReID queries at all.
     pub enabled: bool,
+    /// Device of the serving encoder: `cpu`, or `cuda` / `cuda:N` in a CUDA build.
+    pub device: String,
     /// Requests in flight (AMQP prefetch of the request queue).
     pub prefetch: u16,
     /// How often to look for a new checkpoint or new gallery samples, milliseconds.
@@ -65,6 +67,7 @@ impl Default for ServingConfig {
     fn default() -> Self {
         ServingConfig {
             enabled: true,
+            device: "cpu".into(),
             prefetch: 16,
             poll_ms: 2000,
             gate_metric: "mAP".into(),
@@ -274,12 +277,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.trainer;
         plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
-        if t.device != "cpu" {
-            return Err(format!(
-                "trainer.device = {:?}: this build trains on the CPU only (build with --features cuda for a GPU)",
-                t.device
-            ));
-        }
+        plip_model::DeviceSpec::parse(&t.device).map_err(|e| format!("trainer.device: {e}"))?;
+        plip_model::DeviceSpec::parse(&self.serving.device)
+            .map_err(|e| format!("serving.device: {e}"))?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format = {:?}: expected \"text\" or \"json\"",

@@ -273,7 +273,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
                 .filter(|i| i.split == Some(Split::Query))
                 .cloned()
                 .collect::<Vec<_>>(),
-            &lm.model.preset,
+            lm.model.preset(),
             &Default::default(),
             0,
         );
@@ -283,7 +283,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
                 .filter(|i| i.split == Some(Split::Gallery))
                 .cloned()
                 .collect::<Vec<_>>(),
-            &lm.model.preset,
+            lm.model.preset(),
             &Default::default(),
             0,
         );

@@ -7,19 +7,19 @@ use crate::state::State;
 use plip_ingest::baseline;
 use plip_ingest::synth::Split;
 use plip_model::batch::normalize_rgb;
-use plip_model::dfdx::prelude::Cpu;
 use plip_model::metrics::{
     cosine_matrix, market1501, text_to_image, ReidMetrics, RetrievalMetrics,
 };
-use plip_model::weights::{load_weights, read_meta};
-use plip_model::{Plip, Preset, Tokenizer};
+use plip_model::weights::read_meta;
+use plip_model::{DeviceSpec, Encoder, Preset, Tokenizer};
 use std::path::Path;
 
 type Error = Box<dyn std::error::Error>;
 
 /// A model ready to embed, with where it came from.
 pub struct LoadedModel {
-    pub model: Plip<f32, Cpu>,
+    /// The encoder, on the CPU unless a caller chose a device.
+    pub model: Encoder,
     pub tokenizer: Tokenizer,
     pub source: serde_json::Value,
     /// The checkpoint's metadata, when it came from a state folder.
@@ -46,8 +46,8 @@ pub fn from_open_state(state: &State, version: Option<u64>) -> Result<LoadedMode
     };
     // The blob carries the full dimensions (a preset may have been trained with overrides).
     let preset = read_meta(&ck.weights)?.preset;
-    let mut model = Plip::<f32, Cpu>::new(&Cpu::default(), &preset, 0)?;
-    load_weights(&mut model, &ck.weights, tokenizer.fingerprint())?;
+    let mut model = Encoder::new(DeviceSpec::Cpu, &preset, 0)?;
+    model.load_weights(&ck.weights, tokenizer.fingerprint())?;
     let source = serde_json::json!({"state": dir, "version": ck.meta.version, "step": ck.meta.step, "images_seen": ck.meta.images_seen, "preset": preset.name});
     Ok(LoadedModel {
         model,
@@ -66,8 +66,8 @@ pub fn from_weights(path: &Path) -> Result<LoadedModel, Error> {
         .get("tokenizer_json")
         .ok_or("the weights file carries no tokenizer (export it with plipd export)")?;
     let tokenizer = Tokenizer::from_bytes(tk_json.as_bytes())?;
-    let mut model = Plip::<f32, Cpu>::new(&Cpu::default(), &meta.preset, 0)?;
-    load_weights(&mut model, &bytes, tokenizer.fingerprint())?;
+    let mut model = Encoder::new(DeviceSpec::Cpu, &meta.preset, 0)?;
+    model.load_weights(&bytes, tokenizer.fingerprint())?;
     let source =
         serde_json::json!({"weights": path, "step": meta.step, "preset": meta.preset.name});
     Ok(LoadedModel {
@@ -108,7 +108,7 @@ pub fn evaluate_model(
     gallery: &[Loaded],
     max_rank: usize,
 ) -> plip_model::Result<(ReidMetrics, RetrievalMetrics)> {
-    let p = &lm.model.preset;
+    let p = &lm.model.preset();
     let norm = |l: &[Loaded]| -> Vec<f32> {
         l.iter()
             .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
@@ -202,8 +202,8 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
             )
         }
     };
-    let (q, bq) = load(&query_items, &lm.model.preset, &Default::default(), 0);
-    let (g, bg) = load(&gallery_items, &lm.model.preset, &Default::default(), 0);
+    let (q, bq) = load(&query_items, lm.model.preset(), &Default::default(), 0);
+    let (g, bg) = load(&gallery_items, lm.model.preset(), &Default::default(), 0);
     report_skipped("image", &[bq, bg].concat());
     let (reid, text) = pool.install(|| evaluate_model(&lm, &q, &g, max_rank))?;
     let png = args.report.join("cmc.png");

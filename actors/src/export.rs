@@ -2,7 +2,6 @@
 //! load (`safetensors.torch.load_file`), with the tokenizer (JSON) and the checkpoint's facts in
 //! the metadata, so the file alone is enough for `plipd eval --weights`.
 
-use plip_model::weights::save_weights;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -63,7 +62,7 @@ pub fn export_bytes(
     let lm = crate::evaluate::from_open_state(state, version)?;
     let (model, tokenizer) = (&lm.model, &lm.tokenizer);
     let ck = lm.checkpoint.as_ref().ok_or("no checkpoint metadata")?;
-    let preset = &model.preset;
+    let preset = model.preset();
     let mut extra = BTreeMap::new();
     extra.insert(
         "tokenizer_json".to_string(),
@@ -72,7 +71,7 @@ pub fn export_bytes(
     extra.insert("checkpoint_version".to_string(), ck.version.to_string());
     extra.insert("images_seen".to_string(), ck.images_seen.to_string());
     extra.insert("metrics".to_string(), serde_json::to_string(&ck.metrics)?);
-    let bytes = save_weights(model, tokenizer.fingerprint(), ck.step, &extra)?;
+    let bytes = model.save_weights(tokenizer.fingerprint(), ck.step, &extra)?;
     let summary = serde_json::json!({"version": ck.version, "step": ck.step, "preset": preset.name, "bytes": bytes.len(), "tokenizer": tokenizer.fingerprint()});
     Ok((bytes, summary))
 }

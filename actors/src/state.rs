@@ -65,8 +65,8 @@ impl Checkpoint {
     ///
     /// # Errors
     /// Serialisation of the tensors failed.
-    pub fn of_trainer(
-        trainer: &plip_model::Trainer<f32, plip_model::dfdx::prelude::Cpu>,
+    pub fn of_trainer<D: plip_model::dfdx::prelude::Device<f32>>(
+        trainer: &plip_model::Trainer<f32, D>,
         tokenizer: &str,
         images_seen: u64,
         metrics: BTreeMap<String, f64>,
@@ -551,9 +551,9 @@ pub fn now_unix() -> u64 {
 /// SHA-256 over a model's parameters (names and `f32` values, in order) and over the
 /// optimiser's step and moments: equal digests mean equal training state. The daemon reports
 /// both when it resumes, so a test can check them against the checkpoint it resumed from.
-pub fn training_digest(
-    model: &plip_model::Plip<f32, plip_model::dfdx::prelude::Cpu>,
-    opt: &plip_model::optim::AdamW<f32, plip_model::dfdx::prelude::Cpu>,
+pub fn training_digest<D: plip_model::dfdx::prelude::Device<f32>>(
+    model: &plip_model::Plip<f32, D>,
+    opt: &plip_model::optim::AdamW<f32, D>,
 ) -> (String, String) {
     use plip_model::optim::Moments;
     use plip_model::Params;

@@ -7,10 +7,10 @@ use crate::data::{load, report_skipped, Loaded};
 use crate::state::{Checkpoint, State};
 use plip_ingest::synth::Split;
 use plip_model::batch::{Batch, Sample};
-use plip_model::dfdx::prelude::Cpu;
+use plip_model::dfdx::prelude::{Cpu, Device};
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
-use plip_model::{Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
+use plip_model::{DeviceSpec, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -123,6 +123,9 @@ pub struct TrainArgs {
     /// Checkpoints kept.
     #[arg(long, default_value_t = 5)]
     pub keep: usize,
+    /// Device: cpu, or cuda / cuda:N in a CUDA build (scripts/build-cuda.sh).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// CPU threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -273,9 +276,53 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     } else {
         None
     };
+    let setup = Setup {
+        args,
+        state,
+        preset,
+        tokenizer,
+        loaded,
+        eval_split,
+    };
+    match DeviceSpec::parse(&args.device)? {
+        DeviceSpec::Cpu => train_on(Cpu::default(), setup),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(n) => {
+            let dev = plip_model::device::cuda::open(n, args.seed)?;
+            eprintln!(
+                "plipd: training on {}",
+                plip_model::device::cuda_describe(n)?
+            );
+            train_on(dev, setup)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err("built without CUDA".into()),
+    }
+}
+
+/// What `plipd train` prepared before choosing the device.
+struct Setup<'a> {
+    args: &'a TrainArgs,
+    state: State,
+    preset: Preset,
+    tokenizer: plip_model::Tokenizer,
+    loaded: Vec<crate::data::Loaded>,
+    eval_split: Option<(Vec<crate::data::Loaded>, Vec<crate::data::Loaded>)>,
+}
+
+/// The training loop on device `dev`.
+fn train_on<D: Device<f32> + Send + Sync>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
+    let Setup {
+        args,
+        state,
+        preset,
+        tokenizer,
+        loaded,
+        eval_split,
+    } = setup;
     let cfg = train_config(args);
     let pool = plip_model::runtime::thread_pool(args.threads)?;
-    let model = Plip::<f32, Cpu>::new(&Cpu::default(), &preset, args.seed)?;
+    let model = Plip::<f32, D>::new(&dev, &preset, args.seed)?;
     let mut trainer = Trainer::new(model, cfg);
     let mut images_seen = 0u64;
     let resumed = state.latest_valid(|e| eprintln!("plipd: {e}; skipped"))?;
@@ -316,13 +363,13 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     let t0 = Instant::now();
     let mut window = (Instant::now(), 0u64);
     let mut last = None;
-    let evaluate = |trainer: &Trainer<f32, Cpu>,
+    let evaluate = |trainer: &Trainer<f32, D>,
                     images_seen: u64|
      -> Result<BTreeMap<String, f64>, Error> {
         let mut m = BTreeMap::new();
         if let Some((q, g)) = &eval_split {
             let lm = crate::evaluate::LoadedModel {
-                model: trainer.model.clone(),
+                model: plip_model::Encoder::Cpu(trainer.model.to_cpu()?),
                 tokenizer: tokenizer.clone(),
                 source: serde_json::Value::Null,
                 checkpoint: None,
@@ -339,7 +386,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         }
         Ok(m)
     };
-    let save = |trainer: &Trainer<f32, Cpu>,
+    let save = |trainer: &Trainer<f32, D>,
                 images_seen: u64,
                 loss: f64,
                 evaluated: BTreeMap<String, f64>|

@@ -58,3 +58,45 @@ fn bench_rejects_unknown_preset() {
         "{err}"
     );
 }
+
+/// `plipd bench agree` on the CPU against itself: the comparison machinery reports every
+/// quantity, all exactly equal; a CUDA device in a build without CUDA is refused with the way
+/// to get one (in a CUDA build on a machine without a GPU: with the device it could not open).
+#[test]
+fn bench_agree_compares_devices() {
+    let run = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_plipd"))
+            .args(["bench", "agree", "--preset", "test", "--batch", "4"])
+            .args(["--device", device])
+            .output()
+            .expect("plipd runs")
+    };
+    let out = run("cpu");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["pass"], true);
+    let diffs = v["relative_difference"].as_object().expect("differences");
+    for key in [
+        "image_embeddings",
+        "text_embeddings",
+        "loss_total",
+        "loss_ivlc",
+        "loss_iap",
+        "loss_tic",
+        "sgd_update",
+        "adamw_update_norm",
+    ] {
+        assert_eq!(diffs[key], 0.0, "{key}: {v}");
+    }
+    assert!(v["losses_cpu"]["total"].as_f64().expect("loss") > 0.0);
+    let out = run("cuda:0");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cuda:0"), "{err}");
+    if !plip_model::device::CUDA_BUILT {
+        assert!(err.contains("built without CUDA support"), "{err}");
+    }
+    let out = run("gpu");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device"));
+}

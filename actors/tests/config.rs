@@ -55,8 +55,16 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("trainer.preset"), "{e}");
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
-    let e = err(write("e.toml", "[trainer]\ndevice = \"cuda\"\n"));
-    assert!(e.contains("trainer.device"), "{e}");
+    if !plip_model::device::CUDA_BUILT {
+        let e = err(write("e.toml", "[trainer]\ndevice = \"cuda\"\n"));
+        assert!(e.contains("trainer.device"), "{e}");
+        assert!(e.contains("built without CUDA support"), "{e}");
+    }
+    let e = err(write("e2.toml", "[serving]\ndevice = \"tpu\"\n"));
+    assert!(
+        e.contains("serving.device") && e.contains("unknown device"),
+        "{e}"
+    );
     let e = err(write("f.toml", "[log]\nformat = \"xml\"\n"));
     assert!(e.contains("log.format"), "{e}");
     let e = err(write("g.toml", "[log]\nlevel = \"plip=verbose\"\n"));

@@ -1465,7 +1465,7 @@ fn offline_ranking(
 ) -> Vec<String> {
     let state = plip_actors::state::State::open(state_dir).unwrap();
     let lm = plip_actors::evaluate::from_open_state(&state, Some(version)).unwrap();
-    let p = lm.model.preset.clone();
+    let p = lm.model.preset().clone();
     let embed = |jpeg: &[u8]| {
         let img = plip_ingest::image::decode(jpeg, &Default::default()).unwrap();
         let rgb = plip_ingest::image::pixels_at(

@@ -21,8 +21,11 @@
 //! - [`tokenizer`]: the WordPiece caption tokenizer.
 //! - [`weights`]: safetensors bytes with metadata.
 //! - [`runtime`]: thread pool and allocator settings for CPU speed.
+//! - [`device`]: the device by name (`cpu`, `cuda:N`), checked opening, a device-agnostic
+//!   encoder.
 
 pub mod batch;
+pub mod device;
 mod error;
 pub mod heads;
 pub mod layers;
@@ -39,6 +42,7 @@ pub mod train;
 pub mod vision;
 pub mod weights;
 
+pub use device::{DeviceSpec, Encoder};
 pub use dfdx;
 pub use error::{Error, Result};
 pub use params::Params;

@@ -234,12 +234,30 @@ pub fn init_logging(cfg: &crate::config::LogConfig) {
     };
 }
 
+/// Opens nothing but checks, before anything starts, that every configured CUDA device is
+/// usable — so a missing driver or GPU stops the start with a message instead of a trainer
+/// that fails and restarts forever.
+fn check_devices(cfg: &Config) -> Result<(), String> {
+    for (key, name, used) in [
+        ("trainer.device", &cfg.trainer.device, cfg.trainer.enabled),
+        ("serving.device", &cfg.serving.device, cfg.serving.enabled),
+    ] {
+        let spec = plip_model::DeviceSpec::parse(name).map_err(|e| format!("{key}: {e}"))?;
+        if let (plip_model::DeviceSpec::Cuda(n), true) = (spec, used) {
+            let what = plip_model::device::cuda_describe(n).map_err(|e| format!("{key}: {e}"))?;
+            tracing::info!(key, device = %what, "cuda_device");
+        }
+    }
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM/SIGINT; returns after a clean shutdown.
 ///
 /// # Errors
 /// A start-up failure (state folder, HTTP address, runtime).
 pub fn run(cfg: Config) -> Result<(), String> {
     init_logging(&cfg.log);
+    check_devices(&cfg)?;
     plip_model::runtime::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -30,9 +30,8 @@ use plip_ingest::image::{canonical, decode, pixels_at, IntakeLimits};
 use plip_ingest::reid::{decode_request, Match, QueryKind, ReidErrorReply, ReidReply};
 use plip_ingest::wire::{Code, Purpose, WireError};
 use plip_model::batch::normalize_rgb;
-use plip_model::dfdx::prelude::Cpu;
-use plip_model::weights::{load_weights, read_meta};
-use plip_model::{Plip, Tokenizer};
+use plip_model::weights::read_meta;
+use plip_model::{DeviceSpec, Encoder, Tokenizer};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +49,7 @@ pub struct Serving {
     pub version: u64,
     pub step: u64,
     pub gallery_version: u64,
-    pub model: Arc<Plip<f32, Cpu>>,
+    pub model: Arc<Encoder>,
     pub tokenizer: Arc<Tokenizer>,
     pub index: Index,
     pub rows: Vec<GalleryRow>,
@@ -67,7 +66,7 @@ impl Serving {
 }
 
 /// Loads checkpoint `version` of the state into an encoder.
-fn load_version(shared: &Shared, version: u64) -> Result<(Plip<f32, Cpu>, Tokenizer, u64), String> {
+fn load_version(shared: &Shared, version: u64) -> Result<(Encoder, Tokenizer, u64), String> {
     let ck = shared
         .state
         .checkpoint(version)
@@ -78,19 +77,22 @@ fn load_version(shared: &Shared, version: u64) -> Result<(Plip<f32, Cpu>, Tokeni
         .map_err(|e| e.to_string())?
         .ok_or("the state folder has no tokenizer")?;
     let preset = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
-    let mut model =
-        Plip::<f32, Cpu>::new(&Cpu::default(), &preset, 0).map_err(|e| e.to_string())?;
-    load_weights(&mut model, &ck.weights, tokenizer.fingerprint()).map_err(|e| e.to_string())?;
+    let spec = DeviceSpec::parse(&shared.cfg.serving.device)
+        .map_err(|e| format!("serving.device: {e}"))?;
+    let mut model = Encoder::new(spec, &preset, 0).map_err(|e| e.to_string())?;
+    model
+        .load_weights(&ck.weights, tokenizer.fingerprint())
+        .map_err(|e| e.to_string())?;
     Ok((model, tokenizer, ck.meta.step))
 }
 
 /// Samples with their decoded pixels at the preset's size.
 fn loaded(
     shared: &Shared,
-    model: &Plip<f32, Cpu>,
+    model: &Encoder,
     filter: impl Fn(&crate::store::SampleMeta) -> bool,
 ) -> Vec<(crate::store::SampleMeta, Loaded)> {
-    let p = &model.preset;
+    let p = model.preset();
     shared
         .store
         .metas()
@@ -111,11 +113,7 @@ fn loaded(
 }
 
 /// Probe-split metrics of an encoder (empty when the probe split has too few samples).
-fn probe_metrics(
-    shared: &Shared,
-    model: &Plip<f32, Cpu>,
-    tokenizer: &Tokenizer,
-) -> BTreeMap<String, f64> {
+fn probe_metrics(shared: &Shared, model: &Encoder, tokenizer: &Tokenizer) -> BTreeMap<String, f64> {
     let probe: Vec<Loaded> = loaded(shared, model, |m| m.probe && !m.captions.is_empty())
         .into_iter()
         .map(|(_, l)| l)
@@ -141,8 +139,8 @@ fn probe_metrics(
     out
 }
 
-fn embed_rgb(model: &Plip<f32, Cpu>, rgb: &[Vec<u8>]) -> Vec<Vec<f32>> {
-    let p = &model.preset;
+fn embed_rgb(model: &Encoder, rgb: &[Vec<u8>]) -> Vec<Vec<f32>> {
+    let p = model.preset();
     let flat: Vec<f32> = rgb
         .iter()
         .flat_map(|x| normalize_rgb(x, p.image_height, p.image_width))
@@ -161,13 +159,13 @@ fn build(
     version: u64,
     step: u64,
     gallery_version: u64,
-    model: Arc<Plip<f32, Cpu>>,
+    model: Arc<Encoder>,
     tokenizer: Arc<Tokenizer>,
     embeddings: Vec<(String, Vec<f32>)>,
     metas: &HashMap<String, crate::store::SampleMeta>,
     metrics: BTreeMap<String, f64>,
 ) -> Serving {
-    let mut index = Index::new(model.preset.embed);
+    let mut index = Index::new(model.preset().embed);
     let mut rows = Vec::new();
     let mut cameras = HashMap::new();
     for (id, e) in embeddings {
@@ -598,7 +596,7 @@ fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> 
         };
         return vec![Err(e); n];
     }
-    let p = &s.model.preset;
+    let p = s.model.preset();
     let dim = p.embed;
     let mut out: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
     let mut emb: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();

@@ -17,9 +17,10 @@ use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
 use plip_model::batch::{Batch, Sample};
-use plip_model::dfdx::prelude::Cpu;
+use plip_model::dfdx::prelude::{Cpu, Device};
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights, read_meta};
+use plip_model::DeviceSpec;
 use plip_model::{Plip, Preset, TaskWeights, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -195,8 +196,30 @@ fn set_state(shared: &Shared, state: &str) {
 /// # Errors
 /// A model, tokenizer or storage failure (the supervisor restarts the trainer).
 pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
-    let tc = shared.cfg.trainer.clone();
     set_state(&shared, "starting");
+    let spec = DeviceSpec::parse(&shared.cfg.trainer.device)
+        .map_err(|e| format!("trainer.device: {e}"))?;
+    match spec {
+        DeviceSpec::Cpu => run_on(Cpu::default(), shared, jobs),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(n) => {
+            let dev = plip_model::device::cuda::open(n, shared.cfg.trainer.seed)
+                .map_err(|e| format!("trainer.device: {e}"))?;
+            tracing::info!(device = %spec, "training on CUDA");
+            run_on(dev, shared, jobs)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err(format!("trainer.device = {spec}: built without CUDA")),
+    }
+}
+
+/// The training loop on device `dev`.
+fn run_on<D: Device<f32> + Send + Sync>(
+    dev: D,
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+) -> Result<(), String> {
+    let tc = shared.cfg.trainer.clone();
     let preset = Preset::by_name(&tc.preset).map_err(|e| e.to_string())?;
     let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
         Some(t) => t,
@@ -229,8 +252,7 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
         ramp_steps: tc.ramp_steps,
     };
     let pool = plip_model::runtime::thread_pool(tc.threads).map_err(|e| e.to_string())?;
-    let model =
-        Plip::<f32, Cpu>::new(&Cpu::default(), &preset, tc.seed).map_err(|e| e.to_string())?;
+    let model = Plip::<f32, D>::new(&dev, &preset, tc.seed).map_err(|e| e.to_string())?;
     let mut trainer = Trainer::new(model, cfg);
     let mut images_seen = 0u64;
     let resumed = shared
@@ -280,7 +302,7 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
     let mut window = (Instant::now(), 0u64);
     let mut last_loss = f64::NAN;
     let checkpoint =
-        |trainer: &Trainer<f32, Cpu>, images_seen: u64, loss: f64| -> Result<u64, String> {
+        |trainer: &Trainer<f32, D>, images_seen: u64, loss: f64| -> Result<u64, String> {
             let mut metrics = BTreeMap::new();
             if loss.is_finite() {
                 metrics.insert("loss".to_string(), loss);
