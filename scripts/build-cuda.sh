@@ -81,7 +81,10 @@ if [ ! -f "$PREFIX/stub/libcuda.so.1" ] || [ "$SYS" -nt "$PREFIX/stub/libcuda.so
     echo "/* Link-time stand-in for libcuda.so.1: every driver function cudarc 0.9 declares,"
     echo "   each answering CUDA_ERROR_NO_DEVICE (100). The real driver replaces it at run time. */"
     grep -oE 'pub fn cu[A-Za-z0-9_]+\(' "$SYS" | sed -E 's/pub fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
+      | grep -vE '^cuGetError(String|Name)$' \
       | while read -r f; do echo "int $f(void) { return 100; }"; done
+    echo 'int cuGetErrorString(int e, const char **s) { (void)e; *s = "no NVIDIA driver is installed (plip link-time stub)"; return 0; }'
+    echo 'int cuGetErrorName(int e, const char **s) { (void)e; *s = "CUDA_ERROR_NO_DEVICE"; return 0; }'
   } > "$PREFIX/stub/stub.c"
   cc -shared -fPIC -O1 -Wl,-soname,libcuda.so.1 -o "$PREFIX/stub/libcuda.so.1" "$PREFIX/stub/stub.c"
   say "stub exports $(grep -c '^int cu' "$PREFIX/stub/stub.c") functions"
@@ -132,6 +135,8 @@ say "bundle: $(du -sh "$BUNDLE" | cut -f1) ($(du -h "$BUNDLE.tar.xz" | cut -f1) 
 
 # Smoke check on this machine: the CUDA build still trains on the CPU, and asking it for a GPU
 # here fails at start with a message.
+# (cuBLAS from the wheels stands in for the GPU machine's.)
+export PLIP_CUDA_LIBS="$CU/lib"
 "$BUNDLE/plipd-cuda" bench agree --preset test --batch 4 --device cpu >/dev/null \
   || die "the CUDA build failed on the CPU"
 if msg=$("$BUNDLE/plipd-cuda" bench agree --preset test --batch 4 --device cuda 2>&1); then

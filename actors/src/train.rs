@@ -311,7 +311,7 @@ struct Setup<'a> {
 }
 
 /// The training loop on device `dev`.
-fn train_on<D: Device<f32> + Send + Sync>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
+fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     let Setup {
         args,
         state,
@@ -430,7 +430,7 @@ fn train_on<D: Device<f32> + Send + Sync>(dev: D, setup: Setup<'_>) -> Result<()
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
         let batch = Batch::build(&samples, &preset, &tokenizer, ratio, &mut rng)?;
-        let report = pool.install(|| trainer.step(&batch))?;
+        let report = plip_model::runtime::install(&pool, || trainer.step(&batch))?;
         images_seen += samples.len() as u64;
         window.1 += 1;
         bar.set_position(trainer.opt.step);

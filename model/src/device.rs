@@ -82,9 +82,29 @@ pub fn cuda_describe(ordinal: usize) -> Result<String> {
 #[cfg(feature = "cuda")]
 pub mod cuda {
     //! The CUDA side (only in builds with the `cuda` feature).
+    use crate::plip::Plip;
     use crate::{Error, Result};
     use cudarc::driver::{result, sys};
     pub use dfdx::prelude::Cuda;
+
+    /// A model on a CUDA device that the serving code may share between threads.
+    ///
+    /// dfdx 0.13's `Cuda` is neither `Send` nor `Sync` only because cudarc 0.9's stream handle
+    /// (`CudaStream`, a raw `CUstream`) lacks the markers (later cudarc versions add them). The
+    /// CUDA driver API is thread-safe, cudarc binds the device's context to the calling thread
+    /// before every driver call, and dfdx guards its own caches with locks.
+    #[derive(Clone)]
+    pub struct SharedPlip(pub Plip<f32, Cuda>);
+    // SAFETY: see the type's documentation.
+    unsafe impl Send for SharedPlip {}
+    // SAFETY: see the type's documentation.
+    unsafe impl Sync for SharedPlip {}
+
+    /// The driver's error code by name. (cudarc 0.9's `Debug` for `DriverError` asks the driver
+    /// for a description and panics when it cannot give one.)
+    fn code(e: &result::DriverError) -> String {
+        format!("{:?}", e.0)
+    }
 
     fn what_to_do() -> &'static str {
         "check that an NVIDIA GPU is present and its driver (580 or newer for CUDA 13) is \
@@ -96,13 +116,15 @@ pub mod cuda {
     pub(super) fn check(ordinal: usize) -> Result<String> {
         result::init().map_err(|e| {
             Error::Device(format!(
-                "cuda:{ordinal}: the CUDA driver did not initialise ({e:?}); {}",
+                "cuda:{ordinal}: the CUDA driver did not initialise ({}); {}",
+                code(&e),
                 what_to_do()
             ))
         })?;
         let count = result::device::get_count().map_err(|e| {
             Error::Device(format!(
-                "cuda:{ordinal}: cannot count CUDA devices ({e:?}); {}",
+                "cuda:{ordinal}: cannot count CUDA devices ({}); {}",
+                code(&e),
                 what_to_do()
             ))
         })?;
@@ -115,7 +137,7 @@ pub mod cuda {
             )));
         }
         let dev = result::device::get(ordinal as i32)
-            .map_err(|e| Error::Device(format!("cuda:{ordinal}: {e:?}")))?;
+            .map_err(|e| Error::Device(format!("cuda:{ordinal}: {}", code(&e))))?;
         let mut name = [0 as std::ffi::c_char; 256];
         // SAFETY: the buffer is 256 bytes and the driver writes a NUL-terminated name into it.
         let name = unsafe {
@@ -177,7 +199,7 @@ impl<D: dfdx::prelude::Device<f32>> Plip<f32, D> {
 pub enum Encoder {
     Cpu(Plip<f32, Cpu>),
     #[cfg(feature = "cuda")]
-    Cuda(Plip<f32, cuda::Cuda>),
+    Cuda(cuda::SharedPlip),
 }
 
 impl std::fmt::Debug for Encoder {
@@ -195,11 +217,11 @@ impl Encoder {
         match spec {
             DeviceSpec::Cpu => Ok(Encoder::Cpu(Plip::new(&Cpu::default(), preset, seed)?)),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(n) => Ok(Encoder::Cuda(Plip::new(
+            DeviceSpec::Cuda(n) => Ok(Encoder::Cuda(cuda::SharedPlip(Plip::new(
                 &cuda::open(n, seed)?,
                 preset,
                 seed,
-            )?)),
+            )?))),
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => Err(Error::Device(format!(
                 "{spec}: this plipd was built without CUDA support"
@@ -220,7 +242,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => &m.preset,
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(m) => &m.preset,
+            Encoder::Cuda(cuda::SharedPlip(m)) => &m.preset,
         }
     }
 
@@ -229,7 +251,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => m.embed_images(images, batch_size),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(m) => m.embed_images(images, batch_size),
+            Encoder::Cuda(cuda::SharedPlip(m)) => m.embed_images(images, batch_size),
         }
     }
 
@@ -238,7 +260,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => m.embed_texts(tokens, batch_size),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(m) => m.embed_texts(tokens, batch_size),
+            Encoder::Cuda(cuda::SharedPlip(m)) => m.embed_texts(tokens, batch_size),
         }
     }
 
@@ -254,7 +276,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => crate::weights::load_weights(m, bytes, tokenizer),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(m) => crate::weights::load_weights(m, bytes, tokenizer),
+            Encoder::Cuda(cuda::SharedPlip(m)) => crate::weights::load_weights(m, bytes, tokenizer),
         }
     }
 
@@ -271,7 +293,9 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => crate::weights::save_weights(m, tokenizer, step, extra),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(m) => crate::weights::save_weights(m, tokenizer, step, extra),
+            Encoder::Cuda(cuda::SharedPlip(m)) => {
+                crate::weights::save_weights(m, tokenizer, step, extra)
+            }
         }
     }
 
@@ -283,7 +307,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => Ok(m.clone()),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(m) => m.to_cpu(),
+            Encoder::Cuda(cuda::SharedPlip(m)) => m.to_cpu(),
         }
     }
 }

@@ -29,3 +29,24 @@ pub fn thread_pool(threads: usize) -> crate::Result<rayon::ThreadPool> {
         .build()
         .map_err(|e| crate::Error::Config(format!("thread pool of {threads}: {e}")))
 }
+
+/// Runs `f` on `pool` (so dfdx's CPU products use its threads) and waits for it — also for work
+/// on a CUDA model: dfdx 0.13's `Cuda` device is not `Send` only because cudarc 0.9's stream
+/// handle lacks the marker.
+///
+/// Sound because `install` blocks the calling thread until `f` has finished on one pool thread:
+/// `f` and what it borrows are used by one thread at a time, never concurrently; and cudarc
+/// binds the device's context to the calling thread before every driver call, and CUDA streams
+/// may be used from any thread of the process.
+pub fn install<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R) -> R {
+    struct Handoff<F>(F);
+    // SAFETY: see above — a handoff to one thread while the owner waits, not shared access.
+    unsafe impl<F> Send for Handoff<F> {}
+    impl<F: FnOnce() -> R, R> Handoff<F> {
+        fn call(self) -> R {
+            (self.0)()
+        }
+    }
+    let f = Handoff(f);
+    pool.install(move || f.call())
+}

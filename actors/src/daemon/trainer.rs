@@ -214,7 +214,7 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
 }
 
 /// The training loop on device `dev`.
-fn run_on<D: Device<f32> + Send + Sync>(
+fn run_on<D: Device<f32>>(
     dev: D,
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
@@ -397,8 +397,7 @@ fn run_on<D: Device<f32> + Send + Sync>(
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
         let batch = Batch::build(&samples, &preset, &tokenizer, ratio, &mut rng)
             .map_err(|e| e.to_string())?;
-        let report = pool
-            .install(|| trainer.step(&batch))
+        let report = plip_model::runtime::install(&pool, || trainer.step(&batch))
             .map_err(|e| e.to_string())?;
         images_seen += samples.len() as u64;
         window.1 += 1;
