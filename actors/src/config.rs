@@ -29,7 +29,10 @@ pub struct LogConfig {
     /// `text` (one readable line per event) or `json` (one JSON object per line).
     pub format: String,
     /// A `tracing` filter: a level (`info`) or per-module directives (`info,plip_actors=debug`).
-    /// The `RUST_LOG` environment variable, when set, replaces it.
+    /// The `RUST_LOG` environment variable, when set, replaces it. The broker client's own
+    /// events are off by default: the daemon reports every broker failure itself
+    /// (`broker_lost`, `reid_broker_lost`), and lapin logs an error for a channel closing
+    /// during a clean shutdown.
     pub level: String,
 }
 
@@ -37,7 +40,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: "text".into(),
-            level: "info".into(),
+            level: "info,lapin=off".into(),
         }
     }
 }
