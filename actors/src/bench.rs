@@ -3,6 +3,7 @@
 //! measured in the same run — gives a ratio that is meaningful on a noisy shared machine.
 
 use plip_model::batch::{Batch, Sample};
+use plip_model::device::{run_on, OnDevice};
 use plip_model::dfdx::prelude::{Cpu, Device};
 use plip_model::optim::OptimConfig;
 use plip_model::{DeviceSpec, Params, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
@@ -145,16 +146,25 @@ fn time_steps(
     batches: &[Batch],
     args: &TrainBenchArgs,
 ) -> plip_model::Result<(Vec<f64>, usize, f64)> {
-    match DeviceSpec::parse(&args.device)? {
-        DeviceSpec::Cpu => time_steps_on(&Cpu::default(), p, tasks, batches, args),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(n) => {
-            let dev = plip_model::device::cuda::open(n, 0)?;
-            time_steps_on(&dev, p, tasks, batches, args)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => Err(plip_model::Error::Device("built without CUDA".into())),
+    struct Timing<'a> {
+        p: &'a Preset,
+        tasks: TaskWeights,
+        batches: &'a [Batch],
+        args: &'a TrainBenchArgs,
     }
+    impl OnDevice for Timing<'_> {
+        type Output = plip_model::Result<(Vec<f64>, usize, f64)>;
+        fn run<D: Device<f32>>(self, dev: D) -> Self::Output {
+            time_steps_on(&dev, self.p, self.tasks, self.batches, self.args)
+        }
+    }
+    let job = Timing {
+        p,
+        tasks,
+        batches,
+        args,
+    };
+    run_on(DeviceSpec::parse(&args.device)?, 0, job)?
 }
 
 fn time_steps_on<D: Device<f32>>(
@@ -353,15 +363,21 @@ pub fn agree(args: &AgreeArgs) -> Result<bool, Box<dyn std::error::Error>> {
         .ok_or("no batch")?;
     let reference = Plip::<f32, Cpu>::new(&Cpu::default(), &p, 0)?;
     let cpu = outcome_on(&Cpu::default(), &reference, &batch)?;
-    let other = match spec {
-        DeviceSpec::Cpu => outcome_on(&Cpu::default(), &reference, &batch)?,
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(n) => {
-            outcome_on(&plip_model::device::cuda::open(n, 0)?, &reference, &batch)?
+    struct Compare<'a> {
+        reference: &'a Plip<f32, Cpu>,
+        batch: &'a Batch,
+    }
+    impl OnDevice for Compare<'_> {
+        type Output = plip_model::Result<Outcome>;
+        fn run<D: Device<f32>>(self, dev: D) -> Self::Output {
+            outcome_on(&dev, self.reference, self.batch)
         }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => return Err("built without CUDA".into()),
+    }
+    let job = Compare {
+        reference: &reference,
+        batch: &batch,
     };
+    let other = run_on(spec, 0, job)??;
     let f = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let opt = |x: Option<f64>| x.unwrap_or(0.0);

@@ -7,7 +7,7 @@ use crate::data::{load, report_skipped, Loaded};
 use crate::state::{Checkpoint, State};
 use plip_ingest::synth::Split;
 use plip_model::batch::{Batch, Sample};
-use plip_model::dfdx::prelude::{Cpu, Device};
+use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
 use plip_model::{DeviceSpec, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
@@ -284,20 +284,14 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         loaded,
         eval_split,
     };
-    match DeviceSpec::parse(&args.device)? {
-        DeviceSpec::Cpu => train_on(Cpu::default(), setup),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(n) => {
-            let dev = plip_model::device::cuda::open(n, args.seed)?;
-            eprintln!(
-                "plipd: training on {}",
-                plip_model::device::cuda_describe(n)?
-            );
-            train_on(dev, setup)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => Err("built without CUDA".into()),
+    let spec = DeviceSpec::parse(&args.device)?;
+    if let DeviceSpec::Cuda(n) = spec {
+        eprintln!(
+            "plipd: training on {}",
+            plip_model::device::cuda_describe(n)?
+        );
     }
+    plip_model::device::run_on(spec, args.seed, setup)?
 }
 
 /// What `plipd train` prepared before choosing the device.
@@ -308,6 +302,13 @@ struct Setup<'a> {
     tokenizer: plip_model::Tokenizer,
     loaded: Vec<crate::data::Loaded>,
     eval_split: Option<(Vec<crate::data::Loaded>, Vec<crate::data::Loaded>)>,
+}
+
+impl plip_model::device::OnDevice for Setup<'_> {
+    type Output = Result<(), Error>;
+    fn run<D: Device<f32>>(self, dev: D) -> Self::Output {
+        train_on(dev, self)
+    }
 }
 
 /// The training loop on device `dev`.

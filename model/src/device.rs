@@ -61,6 +61,33 @@ impl DeviceSpec {
     }
 }
 
+/// Work that runs on whichever device a [`DeviceSpec`] names: one generic body serves every
+/// device, and [`run_on`] is the one place that opens the device.
+pub trait OnDevice {
+    type Output;
+    fn run<D: dfdx::prelude::Device<f32>>(self, dev: D) -> Self::Output;
+}
+
+/// Opens the device `spec` names (a CUDA device seeded with `seed`, checked as [`cuda::open`]
+/// does) and runs `job` on it.
+///
+/// # Errors
+/// The device cannot be opened; `job`'s own errors are in its output.
+pub fn run_on<J: OnDevice>(spec: DeviceSpec, seed: u64, job: J) -> Result<J::Output> {
+    match spec {
+        DeviceSpec::Cpu => Ok(job.run(Cpu::default())),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(n) => Ok(job.run(cuda::open(n, seed)?)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => {
+            let _ = seed;
+            Err(Error::Device(format!(
+                "{spec}: this plipd was built without CUDA support"
+            )))
+        }
+    }
+}
+
 /// A description of the CUDA device `ordinal` (name, memory, compute capability), after
 /// checking that the driver initialises and the ordinal exists.
 ///
@@ -198,8 +225,9 @@ impl<D: dfdx::prelude::Device<f32>> Plip<f32, D> {
 #[derive(Clone)]
 pub enum Encoder {
     Cpu(Plip<f32, Cpu>),
+    /// The model and the ordinal of its GPU.
     #[cfg(feature = "cuda")]
-    Cuda(cuda::SharedPlip),
+    Cuda(cuda::SharedPlip, usize),
 }
 
 impl std::fmt::Debug for Encoder {
@@ -217,11 +245,10 @@ impl Encoder {
         match spec {
             DeviceSpec::Cpu => Ok(Encoder::Cpu(Plip::new(&Cpu::default(), preset, seed)?)),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(n) => Ok(Encoder::Cuda(cuda::SharedPlip(Plip::new(
-                &cuda::open(n, seed)?,
-                preset,
-                seed,
-            )?))),
+            DeviceSpec::Cuda(n) => Ok(Encoder::Cuda(
+                cuda::SharedPlip(Plip::new(&cuda::open(n, seed)?, preset, seed)?),
+                n,
+            )),
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => Err(Error::Device(format!(
                 "{spec}: this plipd was built without CUDA support"
@@ -234,7 +261,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(_) => DeviceSpec::Cpu,
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(_) => DeviceSpec::Cuda(0),
+            Encoder::Cuda(_, n) => DeviceSpec::Cuda(*n),
         }
     }
 
@@ -242,7 +269,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => &m.preset,
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(cuda::SharedPlip(m)) => &m.preset,
+            Encoder::Cuda(cuda::SharedPlip(m), _) => &m.preset,
         }
     }
 
@@ -251,7 +278,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => m.embed_images(images, batch_size),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(cuda::SharedPlip(m)) => m.embed_images(images, batch_size),
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.embed_images(images, batch_size),
         }
     }
 
@@ -260,7 +287,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => m.embed_texts(tokens, batch_size),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(cuda::SharedPlip(m)) => m.embed_texts(tokens, batch_size),
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.embed_texts(tokens, batch_size),
         }
     }
 
@@ -276,7 +303,9 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => crate::weights::load_weights(m, bytes, tokenizer),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(cuda::SharedPlip(m)) => crate::weights::load_weights(m, bytes, tokenizer),
+            Encoder::Cuda(cuda::SharedPlip(m), _) => {
+                crate::weights::load_weights(m, bytes, tokenizer)
+            }
         }
     }
 
@@ -293,7 +322,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => crate::weights::save_weights(m, tokenizer, step, extra),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(cuda::SharedPlip(m)) => {
+            Encoder::Cuda(cuda::SharedPlip(m), _) => {
                 crate::weights::save_weights(m, tokenizer, step, extra)
             }
         }
@@ -307,7 +336,7 @@ impl Encoder {
         match self {
             Encoder::Cpu(m) => Ok(m.clone()),
             #[cfg(feature = "cuda")]
-            Encoder::Cuda(cuda::SharedPlip(m)) => m.to_cpu(),
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.to_cpu(),
         }
     }
 }

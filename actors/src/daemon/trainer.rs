@@ -17,7 +17,8 @@ use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
 use plip_model::batch::{Batch, Sample};
-use plip_model::dfdx::prelude::{Cpu, Device};
+use plip_model::device::{run_on, OnDevice};
+use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights, read_meta};
 use plip_model::DeviceSpec;
@@ -199,22 +200,26 @@ pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
     set_state(&shared, "starting");
     let spec = DeviceSpec::parse(&shared.cfg.trainer.device)
         .map_err(|e| format!("trainer.device: {e}"))?;
-    match spec {
-        DeviceSpec::Cpu => run_on(Cpu::default(), shared, jobs),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(n) => {
-            let dev = plip_model::device::cuda::open(n, shared.cfg.trainer.seed)
-                .map_err(|e| format!("trainer.device: {e}"))?;
-            tracing::info!(device = %spec, "training on CUDA");
-            run_on(dev, shared, jobs)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => Err(format!("trainer.device = {spec}: built without CUDA")),
+    let seed = shared.cfg.trainer.seed;
+    tracing::info!(device = %spec, "training");
+    run_on(spec, seed, Training { shared, jobs }).map_err(|e| format!("trainer.device: {e}"))?
+}
+
+/// The trainer's loop, on whichever device is configured.
+struct Training {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl OnDevice for Training {
+    type Output = Result<(), String>;
+    fn run<D: Device<f32>>(self, dev: D) -> Self::Output {
+        train_loop(dev, self.shared, self.jobs)
     }
 }
 
 /// The training loop on device `dev`.
-fn run_on<D: Device<f32>>(
+fn train_loop<D: Device<f32>>(
     dev: D,
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
