@@ -13,7 +13,7 @@ cargo build --release -q -p plip-actors
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for n in 10000 100000; do
-  ours=$(target/release/plipd bench search --gallery "$n" --queries 500 --batch 64 --dump "$tmp/v.bin")
+  ours=$("${CARGO_TARGET_DIR:-target}"/release/plipd bench search --gallery "$n" --queries 500 --batch 64 --dump "$tmp/v.bin")
   peer=$("$VENV/bin/python" scripts/bench_faiss.py "$tmp/v.bin" 64 10)
   python3 - "$ours" "$peer" <<'PY'
 import json, sys

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p plip-actors --bin plipd
-exec target/release/plipd bench train --preset tiny --batch 64 --steps 10 "$@"
+exec "${CARGO_TARGET_DIR:-target}"/release/plipd bench train --preset tiny --batch 64 --steps 10 "$@"

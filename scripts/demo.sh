@@ -29,4 +29,4 @@ if ! broker_up; then
   broker_up || { echo "RabbitMQ did not come up on 127.0.0.1:5672" >&2; exit 1; }
 fi
 cargo build --release -q -p plip-actors
-exec target/release/plipd demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/plipd" demo "$@"

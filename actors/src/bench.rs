@@ -36,6 +36,43 @@ pub struct TrainBenchArgs {
     /// Device: cpu, or cuda / cuda:N in a CUDA build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The tasks the timed step runs, comma-separated from ivlc, iap, tic, triplet, supcon, id
+    /// (each at its default weight; supcon at 1).
+    #[arg(long, default_value = "ivlc,iap,tic,triplet,id")]
+    pub tasks: String,
+    /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
+    #[arg(long)]
+    pub conv_widths: Option<String>,
+}
+
+/// Task weights for a comma-separated task list: the listed tasks at their default weights, the
+/// rest off.
+pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
+    let d = TaskWeights::default();
+    let mut w = TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 0.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 0.0,
+    };
+    for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match t {
+            "ivlc" => w.ivlc = d.ivlc,
+            "iap" => w.iap = d.iap,
+            "tic" => w.tic = d.tic,
+            "triplet" => w.triplet = d.triplet,
+            "supcon" => w.supcon = 1.0,
+            "id" => w.id = d.id,
+            other => {
+                return Err(format!(
+                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id"
+                ))
+            }
+        }
+    }
+    Ok(w)
 }
 
 const COLOURS: [&str; 8] = [
@@ -114,6 +151,7 @@ fn synthetic_batches(p: &Preset, count: usize, batch: usize) -> plip_model::Resu
                     caption: &s.caption,
                     phrases: &s.phrases,
                     identity: Some(s.identity),
+                    person: Some(s.identity),
                 })
                 .collect();
             Batch::build(&samples, p, &tokenizer, 0.5, &mut rng)
@@ -207,7 +245,12 @@ fn time_steps_on<D: Device<f32>>(
 /// An unknown preset or a failed step.
 pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     plip_model::runtime::tune_allocator();
-    let p = Preset::by_name(&args.preset)?;
+    let mut p = Preset::by_name(&args.preset)?;
+    if let Some(w) = &args.conv_widths {
+        p.conv_widths = crate::train::parse_widths(w).map_err(|e| e.to_string())?;
+        p.embed = p.conv_widths[3];
+        p.validate()?;
+    }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
     }
@@ -217,8 +260,8 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let batches = synthetic_batches(&p, 2, args.batch)?;
     let batch_build_ms = t0.elapsed().as_secs_f64() * 1e3 / batches.len() as f64;
 
-    let (mut full, params, loss) =
-        pool.install(|| time_steps(&p, TaskWeights::default(), &batches, args))?;
+    let tasks = tasks_from_list(&args.tasks)?;
+    let (mut full, params, loss) = pool.install(|| time_steps(&p, tasks, &batches, args))?;
     let full_ms = median(&mut full);
     let mut out = serde_json::json!({
         "bench": "train",
@@ -229,7 +272,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         "text_tokens": batches[0].tokens.len,
         "threads": threads,
         "device": args.device,
-        "tasks": "ivlc+iap+tic",
+        "tasks": args.tasks.replace(',', "+"),
         "steps": args.steps,
         "median_step_ms": (full_ms * 10.0).round() / 10.0,
         "images_per_s": (args.batch as f64 / full_ms * 1e4).round() / 10.0,
@@ -241,6 +284,9 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             ivlc: 1.0,
             iap: 0.0,
             tic: 0.0,
+            triplet: 0.0,
+            supcon: 0.0,
+            id: 0.0,
         };
         let (mut peer, _, _) = pool.install(|| time_steps(&p, ivlc, &batches, args))?;
         let peer_ms = median(&mut peer);

@@ -165,10 +165,21 @@ pub struct TrainerConfig {
     pub warmup_steps: u64,
     /// Steps over which the IAP mask ratio rises from 0.2 to 0.8.
     pub ramp_steps: u64,
-    /// Task weights (0 turns a task off).
+    /// Task weights (0 turns a task off): PLIP's image–text contrast, attribute prediction and
+    /// colorization, then the identity-level image losses (batch-hard triplet, supervised
+    /// image–image contrast, identity classification) on samples that carry a person id.
     pub w_ivlc: f64,
     pub w_iap: f64,
     pub w_tic: f64,
+    pub w_triplet: f64,
+    pub w_supcon: f64,
+    pub w_id: f64,
+    /// Augmentation: probability of a horizontal flip.
+    pub aug_flip: f64,
+    /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
+    pub aug_pad_crop: f64,
+    /// Augmentation: probability of random erasing.
+    pub aug_erase: f64,
     /// Captioned training samples needed before the first step.
     pub min_samples: usize,
     /// Share of each batch's identities drawn from the most recent arrivals (the rest uniformly
@@ -204,6 +215,12 @@ impl Default for TrainerConfig {
             w_ivlc: 1.0,
             w_iap: 0.1,
             w_tic: 0.02,
+            w_triplet: 1.0,
+            w_supcon: 0.0,
+            w_id: 1.0,
+            aug_flip: 0.5,
+            aug_pad_crop: 0.125,
+            aug_erase: 0.5,
             min_samples: 256,
             recent_fraction: 0.5,
             recent_window: 2048,

@@ -15,6 +15,8 @@ pub struct Loaded {
     pub captions: Vec<Caption>,
     pub person: Option<String>,
     pub camera: Option<String>,
+    /// The true attributes, when the data set has them (the text→image ceiling uses them).
+    pub attributes: Option<plip_ingest::attributes::Attributes>,
 }
 
 /// Decodes and resizes `items` in parallel; undecodable images are returned as bad records.
@@ -55,6 +57,7 @@ pub fn load(
                 captions,
                 person: it.person.clone(),
                 camera: it.camera.clone(),
+                attributes: it.attributes,
             })
         })
         .collect();

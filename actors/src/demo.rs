@@ -237,14 +237,16 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
             if last_print.elapsed() > Duration::from_secs(5) {
                 last_print = Instant::now();
                 eprintln!(
-                    "[{:>5.0}s] published {sent}/{} · stored {} · step {} · loss {} · {:.1} img/s · serving v{} (probe Rank-1 {}, mAP {}) · gallery {}",
+                    "[{:>5.0}s] published {sent}/{} · stored {} · step {} · loss {} · {:.1} img/s · {} (probe Rank-1 {}, mAP {}) · gallery {}",
                     t0.elapsed().as_secs_f64(),
                     train.len(),
                     s["samples"]["total"],
                     s["trainer"]["step"],
                     s["trainer"]["loss"].as_f64().map_or("-".into(), |l| format!("{l:.2}")),
                     s["trainer"]["images_per_s"].as_f64().unwrap_or(0.0),
-                    s["serving"]["version"],
+                    s["serving"]["version"]
+                        .as_u64()
+                        .map_or("no model yet".to_string(), |v| format!("serving v{v}")),
                     s["serving"]["metrics"]["rank1"].as_f64().map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
                     s["serving"]["metrics"]["mAP"].as_f64().map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
                     s["serving"]["gallery_size"],

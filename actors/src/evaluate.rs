@@ -137,6 +137,72 @@ pub fn evaluate_model(
     Ok((reid, text))
 }
 
+/// Normalised phrase text: lower case, single spaces, without a leading article.
+fn phrase_key(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let words = match words.first() {
+        Some(&("a" | "an" | "the")) => &words[1..],
+        _ => &words[..],
+    };
+    words.join(" ")
+}
+
+/// The text→image R@1 that the captions themselves allow: each query caption ranks the gallery
+/// by how many of its attribute phrases each image's true attributes also produce (phrases of
+/// captions synthesised from the image's attributes in every style, over 16 seeds), and scores
+/// the expected R@1 of that ranking with ties broken uniformly at random (true matches among
+/// the top-scored images ÷ top-scored images). The synthetic captions name attributes that many
+/// people share, so even a perfect model of the captions cannot exceed this. `None` when the
+/// gallery has no attributes.
+pub fn text_ceiling_r1(query: &[Loaded], gallery: &[Loaded]) -> Option<f64> {
+    use std::collections::{HashMap, HashSet};
+    let mut by_attrs: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut phrase_sets = Vec::with_capacity(gallery.len());
+    for g in gallery {
+        let a = g.attributes?;
+        let key = serde_json::to_string(&a).unwrap_or_default();
+        let set = by_attrs.entry(key).or_insert_with(|| {
+            let mut set = HashSet::new();
+            for seed in 0..16 {
+                let cs = plip_ingest::captions::synthesize(&a, seed);
+                for c in cs.captions.iter().chain(std::iter::once(&cs.prompt)) {
+                    for i in 0..c.phrases.len() {
+                        set.insert(phrase_key(&c.phrase_text(i)));
+                    }
+                }
+            }
+            set
+        });
+        phrase_sets.push(set.clone());
+    }
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for q in query {
+        let Some(person) = &q.person else { continue };
+        for c in &q.captions {
+            let phrases: Vec<String> = (0..c.phrases.len())
+                .map(|i| phrase_key(&c.phrase_text(i)))
+                .collect();
+            let scores: Vec<usize> = phrase_sets
+                .iter()
+                .map(|set| phrases.iter().filter(|p| set.contains(*p)).count())
+                .collect();
+            let best = scores.iter().copied().max().unwrap_or(0);
+            let top: Vec<usize> = (0..gallery.len()).filter(|&g| scores[g] == best).collect();
+            let hits = top
+                .iter()
+                .filter(|&&g| gallery[g].person.as_ref() == Some(person))
+                .count();
+            if gallery.iter().any(|g| g.person.as_ref() == Some(person)) {
+                total += hits as f64 / top.len().max(1) as f64;
+                count += 1;
+            }
+        }
+    }
+    (count > 0).then(|| total / count as f64)
+}
+
 /// `plipd eval --data DIR …`.
 pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     plip_model::runtime::tune_allocator();
@@ -208,10 +274,15 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     let (reid, text) = pool.install(|| evaluate_model(&lm, &q, &g, max_rank))?;
     let png = args.report.join("cmc.png");
     crate::plots::cmc_curve(&[("PLIP image ReID", &reid.cmc)], &png)?;
+    let mut text_out = text_json(&text);
+    if let Some(ceiling) = text_ceiling_r1(&q, &g) {
+        text_out["r1_ceiling"] = serde_json::json!(ceiling);
+        text_out["r1_of_ceiling"] = serde_json::json!(text.r1 / ceiling);
+    }
     println!(
         "{}",
         serde_json::json!({"method": "plip", "model": lm.source, "queries": q.len(), "gallery": g.len(),
-            "image": reid_json(&reid), "text_to_image": text_json(&text), "cmc_png": png})
+            "image": reid_json(&reid), "text_to_image": text_out, "cmc_png": png})
     );
     Ok(())
 }

@@ -6,7 +6,7 @@
 use crate::data::{load, report_skipped, Loaded};
 use crate::state::{Checkpoint, State};
 use plip_ingest::synth::Split;
-use plip_model::batch::{Batch, Sample};
+use plip_model::batch::{person_key, Augment, Batch, Sample};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
@@ -89,6 +89,9 @@ pub struct TrainArgs {
     /// Override the preset's image stem (`linear` or `hmlp`).
     #[arg(long)]
     pub stem: Option<String>,
+    /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
+    #[arg(long)]
+    pub conv_widths: Option<String>,
     /// Samples per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -111,6 +114,24 @@ pub struct TrainArgs {
     pub w_iap: f64,
     #[arg(long, default_value_t = 0.02)]
     pub w_tic: f64,
+    /// Weight of the batch-hard triplet loss on image embeddings (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub w_triplet: f64,
+    /// Weight of supervised image–image contrast (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub w_supcon: f64,
+    /// Weight of identity classification (BNNeck + classifier, label smoothing 0.1; 0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub w_id: f64,
+    /// Augmentation: probability of a horizontal flip.
+    #[arg(long, default_value_t = 0.5)]
+    pub aug_flip: f64,
+    /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
+    #[arg(long, default_value_t = 0.125)]
+    pub aug_pad_crop: f64,
+    /// Augmentation: probability of random erasing.
+    #[arg(long, default_value_t = 0.5)]
+    pub aug_erase: f64,
     /// Steps over which the IAP mask ratio rises from 0.2 to 0.8.
     #[arg(long, default_value_t = 500)]
     pub ramp_steps: u64,
@@ -138,6 +159,19 @@ pub struct TrainArgs {
     /// the metrics go into the JSON log and the checkpoint.
     #[arg(long, default_value_t = 0)]
     pub eval_every: u64,
+}
+
+/// Parses a comma-separated list of four stage widths.
+pub fn parse_widths(list: &str) -> Result<Vec<usize>, Error> {
+    let w: Vec<usize> = list
+        .split(',')
+        .map(|v| v.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--conv-widths {list:?}: {e}"))?;
+    if w.len() != 4 {
+        return Err(format!("--conv-widths {list:?}: give four widths").into());
+    }
+    Ok(w)
 }
 
 /// Identity-balanced batches: P persons × K images, persons drawn without replacement.
@@ -206,6 +240,9 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             ivlc: args.w_ivlc,
             iap: args.w_iap,
             tic: args.w_tic,
+            triplet: args.w_triplet,
+            supcon: args.w_supcon,
+            id: args.w_id,
         },
         ramp_steps: args.ramp_steps,
     }
@@ -217,6 +254,11 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     let mut preset = Preset::by_name(&args.preset)?;
     if let Some(stem) = &args.stem {
         preset.stem = plip_model::Stem::by_name(stem)?;
+        preset.validate()?;
+    }
+    if let Some(w) = &args.conv_widths {
+        preset.conv_widths = parse_widths(w)?;
+        preset.embed = preset.conv_widths[3];
         preset.validate()?;
     }
     if args.batch < 2 || args.steps == 0 {
@@ -322,18 +364,20 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
         eval_split,
     } = setup;
     let cfg = train_config(args);
+    let augment = Augment {
+        flip: args.aug_flip,
+        pad_crop: args.aug_pad_crop,
+        erase: args.aug_erase,
+    };
     let pool = plip_model::runtime::thread_pool(args.threads)?;
     let model = Plip::<f32, D>::new(&dev, &preset, args.seed)?;
     let mut trainer = Trainer::new(model, cfg);
     let mut images_seen = 0u64;
     let resumed = state.latest_valid(|e| eprintln!("plipd: {e}; skipped"))?;
     if let Some(ck) = resumed {
-        if ck.meta.preset != preset.name {
-            return Err(format!(
-                "the state folder holds {} checkpoints; train with --preset {} or use another state folder",
-                ck.meta.preset, ck.meta.preset
-            )
-            .into());
+        let stored = plip_model::weights::read_meta(&ck.weights)?.preset;
+        if let Some(why) = preset.mismatch(&stored) {
+            return Err(format!("--preset {}: {why}", preset.name).into());
         }
         load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())?;
         load_optimizer(
@@ -364,6 +408,9 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     let t0 = Instant::now();
     let mut window = (Instant::now(), 0u64);
     let mut last = None;
+    let text_ceiling = eval_split
+        .as_ref()
+        .and_then(|(q, g)| crate::evaluate::text_ceiling_r1(q, g));
     let evaluate = |trainer: &Trainer<f32, D>,
                     images_seen: u64|
      -> Result<BTreeMap<String, f64>, Error> {
@@ -380,6 +427,9 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             m.insert("mAP".to_string(), reid.map);
             m.insert("text_r1".to_string(), text.r1);
             m.insert("text_mAP".to_string(), text.map);
+            if let Some(c) = text_ceiling {
+                m.insert("text_r1_ceiling".to_string(), c);
+            }
             println!(
                 "{}",
                 serde_json::json!({"eval": m, "step": trainer.opt.step, "images_seen": images_seen, "logit_scale": trainer.model.logit_scale_value()})
@@ -427,10 +477,19 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 caption: &loaded[i].captions[c].text,
                 phrases: sp,
                 identity: Some(g),
+                person: loaded[i].person.as_deref().map(person_key),
             })
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
-        let batch = Batch::build(&samples, &preset, &tokenizer, ratio, &mut rng)?;
+        let batch = Batch::build_augmented(
+            &samples,
+            &preset,
+            &tokenizer,
+            ratio,
+            &mut rng,
+            &augment,
+            (args.seed, trainer.opt.step),
+        )?;
         let report = plip_model::runtime::install(&pool, || trainer.step(&batch))?;
         images_seen += samples.len() as u64;
         window.1 += 1;
@@ -451,7 +510,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 "{}",
                 serde_json::json!({
                     "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
-                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
                     "logit_scale": trainer.model.logit_scale_value(),

@@ -691,7 +691,7 @@ fn trainer_checkpoints_and_resumes_exactly() {
     assert!(s["trainer"]["error"]
         .as_str()
         .unwrap()
-        .contains("preset test"));
+        .contains("preset \"test\""));
     assert_eq!(s["ingest"]["consuming"], true);
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,9 +7,124 @@ use crate::preset::Preset;
 use crate::text::TokenBatch;
 use crate::tokenizer::Tokenizer;
 use crate::Result;
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
+
+/// Training augmentation, the standard ReID set; no colour jitter (captions name the garment
+/// colours). Each sample's draws come from its own generator seeded by (seed, step, slot), so a
+/// resumed run repeats them exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Augment {
+    /// Probability of a horizontal flip.
+    pub flip: f64,
+    /// Padding on every side, as a fraction of the input width (0.125 = 8 px at 64 wide), with
+    /// the normalisation mean (0 after normalising), then a random crop back to the input size;
+    /// 0 turns it off.
+    pub pad_crop: f64,
+    /// Probability of random erasing (Zhong et al. 2020): a rectangle of 2–40% of the image,
+    /// aspect 0.3–3.3, filled with N(0, 1) noise in normalised units, in the colour image only
+    /// (the grayscale input and colorization target of TIC stay whole).
+    pub erase: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment {
+            flip: 0.5,
+            pad_crop: 0.125,
+            erase: 0.5,
+        }
+    }
+}
+
+impl Augment {
+    /// No augmentation.
+    pub fn none() -> Self {
+        Augment {
+            flip: 0.0,
+            pad_crop: 0.0,
+            erase: 0.0,
+        }
+    }
+    /// True when every augmentation is off.
+    pub fn is_none(&self) -> bool {
+        self.flip <= 0.0 && self.pad_crop <= 0.0 && self.erase <= 0.0
+    }
+
+    /// The generator of sample `slot` of step `step`.
+    pub fn rng(seed: u64, step: u64, slot: usize) -> StdRng {
+        let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
+        for v in [step, slot as u64] {
+            x = (x ^ v).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x ^= x >> 31;
+        }
+        StdRng::seed_from_u64(x)
+    }
+
+    /// Flip and pad-crop of `H×W×3` bytes; returns the new bytes.
+    pub fn geometric(&self, rgb: &[u8], h: usize, w: usize, rng: &mut StdRng) -> Vec<u8> {
+        let flip = rng.gen::<f64>() < self.flip;
+        let pad = (self.pad_crop * w as f64).round() as isize;
+        let (dy, dx) = if pad > 0 {
+            (rng.gen_range(0..=2 * pad), rng.gen_range(0..=2 * pad))
+        } else {
+            (pad, pad)
+        };
+        let fill = MEAN.map(|m| (m * 255.0).round() as u8);
+        let mut out = vec![0u8; h * w * 3];
+        for y in 0..h {
+            for x in 0..w {
+                let sy = y as isize + dy - pad;
+                let sx = x as isize + dx - pad;
+                let px = if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                    let sx = if flip {
+                        w - 1 - sx as usize
+                    } else {
+                        sx as usize
+                    };
+                    let at = (sy as usize * w + sx) * 3;
+                    [rgb[at], rgb[at + 1], rgb[at + 2]]
+                } else {
+                    fill
+                };
+                out[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&px);
+            }
+        }
+        out
+    }
+
+    /// Random erasing of a normalised `(3, H, W)` image, in place.
+    pub fn erase(&self, img: &mut [f32], h: usize, w: usize, rng: &mut StdRng) {
+        if rng.gen::<f64>() >= self.erase {
+            return;
+        }
+        let area = (h * w) as f64;
+        for _ in 0..10 {
+            let target = rng.gen_range(0.02..0.4) * area;
+            let aspect = rng.gen_range(0.3f64.ln()..3.3f64.ln()).exp();
+            let eh = (target * aspect).sqrt().round() as usize;
+            let ew = (target / aspect).sqrt().round() as usize;
+            if eh == 0 || ew == 0 || eh >= h || ew >= w {
+                continue;
+            }
+            let y0 = rng.gen_range(0..=h - eh);
+            let x0 = rng.gen_range(0..=w - ew);
+            let normal = rand_distr::StandardNormal;
+            for c in 0..3 {
+                for y in y0..y0 + eh {
+                    for x in x0..x0 + ew {
+                        img[c * h * w + y * w + x] = rng.sample::<f32, _>(normal);
+                    }
+                }
+            }
+            return;
+        }
+    }
+}
 
 /// Per-channel mean of the normalisation (PLIP's statistics of its person crops).
 pub const MEAN: [f32; 3] = [0.357, 0.323, 0.328];
@@ -27,6 +142,17 @@ pub struct Sample<'a> {
     pub phrases: &'a [Range<usize>],
     /// Person identity; `None` for an unlabelled sample (its own identity).
     pub identity: Option<u64>,
+    /// The person's stable key ([`person_key`] of the producer's person id), for the
+    /// identity-level image losses and the identity classifier; `None` without a person id.
+    pub person: Option<u64>,
+}
+
+/// A stable 64-bit key of a person id (FNV-1a), the same in every process and run: the
+/// identity classifier's row is `key mod classes`.
+pub fn person_key(person_id: &str) -> u64 {
+    person_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The host arrays of one step.
@@ -51,6 +177,8 @@ pub struct Batch {
     pub iap_labels: Vec<usize>,
     /// Identity of each sample.
     pub identities: Vec<Option<u64>>,
+    /// Person key of each sample ([`Sample::person`]).
+    pub persons: Vec<Option<u64>>,
     /// Fraction of phrases masked in this batch.
     pub mask_ratio: f64,
 }
@@ -117,7 +245,8 @@ pub fn tic_target(image: &[f32], p: &Preset) -> Vec<f32> {
 }
 
 impl Batch {
-    /// Builds a batch; `ratio` is the IAP mask ratio ([`mask_ratio`]), `rng` picks the phrases.
+    /// Builds a batch without augmentation; `ratio` is the IAP mask ratio ([`mask_ratio`]),
+    /// `rng` picks the phrases.
     ///
     /// # Errors
     /// An image of the wrong size, or a tokenizer failure.
@@ -127,6 +256,31 @@ impl Batch {
         tokenizer: &Tokenizer,
         ratio: f64,
         rng: &mut R,
+    ) -> Result<Self> {
+        Self::build_augmented(
+            samples,
+            preset,
+            tokenizer,
+            ratio,
+            rng,
+            &Augment::none(),
+            (0, 0),
+        )
+    }
+
+    /// As [`Batch::build`], each image augmented by `aug` with draws keyed by
+    /// `(seed, step)` = `key` and the sample's slot.
+    ///
+    /// # Errors
+    /// As [`Batch::build`].
+    pub fn build_augmented<R: Rng>(
+        samples: &[Sample<'_>],
+        preset: &Preset,
+        tokenizer: &Tokenizer,
+        ratio: f64,
+        rng: &mut R,
+        aug: &Augment,
+        key: (u64, u64),
     ) -> Result<Self> {
         let (h, w, len) = (preset.image_height, preset.image_width, preset.text_len);
         let n = samples.len();
@@ -150,6 +304,7 @@ impl Batch {
             iap_positions: Vec::new(),
             iap_labels: Vec::new(),
             identities: Vec::with_capacity(n),
+            persons: Vec::with_capacity(n),
             mask_ratio: ratio,
         };
         // Captions are padded only to the longest one in the batch (padding never changes the
@@ -169,11 +324,23 @@ impl Batch {
                     h * w * 3
                 )));
             }
-            let img = normalize_rgb(s.rgb, h, w);
+            let mut slot_rng = Augment::rng(key.0, key.1, row);
+            let augmented;
+            let rgb = if aug.is_none() {
+                s.rgb
+            } else {
+                augmented = aug.geometric(s.rgb, h, w, &mut slot_rng);
+                &augmented[..]
+            };
+            let mut img = normalize_rgb(rgb, h, w);
             batch.tic_target.extend(tic_target(&img, preset));
+            if aug.erase > 0.0 {
+                aug.erase(&mut img, h, w, &mut slot_rng);
+            }
             batch.images.extend(img);
-            batch.gray.extend(normalize_gray(s.rgb, h, w));
+            batch.gray.extend(normalize_gray(rgb, h, w));
             batch.identities.push(s.identity);
+            batch.persons.push(s.person);
 
             let mut masked_ids = enc.ids[..len].to_vec();
             let mut phrases: Vec<Vec<usize>> = s

@@ -1,7 +1,9 @@
-//! The pretext heads: attribute prediction (IAP) and colorization (TIC).
+//! The pretext heads — attribute prediction (IAP) and colorization (TIC) — and the identity
+//! classifier.
 
 use crate::impl_params;
 use crate::layers::{run_blocks, Block, LayerNorm, Linear};
+use crate::norm::{BatchNorm, BnMode};
 use crate::params::{Init, Mat};
 use crate::preset::Preset;
 use dfdx::prelude::*;
@@ -108,5 +110,42 @@ impl<E: Dtype, D: Device<E>> TicHead<E, D> {
             * gate.retaped::<T>().broadcast_like::<_, Axis<1>>(&(b, n, d));
         let x = self.ln.forward(gated.reshape_like(&(b * n, d)));
         self.fc2.forward(crate::layers::gelu(self.fc1.forward(x)))
+    }
+}
+
+/// The identity classifier with a BNNeck (Luo et al. 2019): logits = BN(feature)·Wᵀ,
+/// `W: (classes, F)` from N(0, 0.001²), no bias. A person's row is its stable key modulo
+/// `classes` ([`crate::batch::person_key`]), so the continuous trainer needs no allocation as new
+/// people arrive: every row is trained as a negative from the first step (its Adam moments and
+/// bias correction are those of the whole matrix), two people share a row only when their keys
+/// collide (with 8192 rows and 1,000 people about 6% of them share one), and past the capacity
+/// sharing grows gradually instead of failing. Forgetting a person zeroes their row.
+#[derive(Clone, Debug)]
+pub struct IdHead<E: Dtype, D: Device<E>> {
+    pub neck: BatchNorm<E, D>,
+    pub classifier: Mat<E, D>,
+}
+impl_params!(IdHead { neck, classifier });
+
+impl<E: Dtype, D: Device<E>> IdHead<E, D> {
+    pub fn new(init: &mut Init<D>, features: usize, classes: usize) -> Self {
+        IdHead {
+            neck: BatchNorm::new(init, features),
+            classifier: init.normal(classes, features, 0.001),
+        }
+    }
+
+    /// Rows of the classifier.
+    pub fn classes(&self) -> usize {
+        self.classifier.shape().0
+    }
+
+    /// `(n, F)` features → `(n, classes)` logits.
+    pub fn forward<T: Tape<E, D>>(&self, feature: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
+        let w = self
+            .classifier
+            .retaped::<T>()
+            .permute::<(usize, usize), Axes2<1, 0>>();
+        self.neck.forward(feature, mode).matmul(w)
     }
 }

@@ -25,16 +25,19 @@
 //!   encoder.
 
 pub mod batch;
+pub mod conv;
 pub mod device;
 mod error;
 pub mod heads;
 pub mod layers;
 pub mod loss;
 pub mod metrics;
+pub mod norm;
 pub mod optim;
 pub mod params;
 pub mod plip;
 pub mod preset;
+pub mod resnet;
 pub mod runtime;
 pub mod text;
 pub mod tokenizer;
@@ -47,6 +50,6 @@ pub use dfdx;
 pub use error::{Error, Result};
 pub use params::Params;
 pub use plip::{Embeddings, LossValues, Plip, TaskWeights};
-pub use preset::{Preset, Stem};
+pub use preset::{ImageArch, Preset, Stem};
 pub use tokenizer::Tokenizer;
 pub use train::{StepReport, TrainConfig, Trainer};

@@ -97,3 +97,192 @@ pub fn mse<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let (r, c) = *pred.shape();
     (pred - target).square().sum::<(), Axes2<0, 1>>() * scalar::<E>(1.0 / (r * c).max(1) as f64)
 }
+
+/// Margin of the batch-hard triplet loss, in Euclidean distance between unit vectors.
+pub const TRIPLET_MARGIN: f64 = 0.3;
+/// Temperature τ of supervised contrast.
+pub const SUPCON_TEMPERATURE: f64 = 0.1;
+
+/// Who is whose positive and negative in a batch, for the identity-level image losses. Only
+/// samples with a person id take part; an unlabelled sample is nobody's positive or negative.
+#[derive(Debug, Clone)]
+pub struct IdentityPairs {
+    pub n: usize,
+    /// `1` where `j ≠ i` and both share a person id, row-major `(n, n)`.
+    pub positive: Vec<f64>,
+    /// `1` where both have person ids and they differ.
+    pub negative: Vec<f64>,
+}
+
+impl IdentityPairs {
+    pub fn new(ids: &[Option<u64>]) -> Self {
+        let n = ids.len();
+        let mut positive = vec![0.0; n * n];
+        let mut negative = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                if let (Some(a), Some(b)) = (ids[i], ids[j]) {
+                    if i != j && a == b {
+                        positive[i * n + j] = 1.0;
+                    } else if a != b {
+                        negative[i * n + j] = 1.0;
+                    }
+                }
+            }
+        }
+        IdentityPairs {
+            n,
+            positive,
+            negative,
+        }
+    }
+
+    fn row_has(v: &[f64], n: usize, i: usize) -> bool {
+        v[i * n..(i + 1) * n].iter().any(|&x| x > 0.0)
+    }
+
+    /// Rows with at least one positive and one negative (triplet anchors): 1 or 0.
+    fn anchors(&self) -> Vec<f64> {
+        (0..self.n)
+            .map(|i| {
+                let ok = Self::row_has(&self.positive, self.n, i)
+                    && Self::row_has(&self.negative, self.n, i);
+                f64::from(u8::from(ok))
+            })
+            .collect()
+    }
+
+    /// True when some sample has a positive and a negative.
+    pub fn has_triplets(&self) -> bool {
+        self.anchors().iter().any(|&a| a > 0.0)
+    }
+
+    /// True when some sample has a positive.
+    pub fn has_positives(&self) -> bool {
+        self.positive.iter().any(|&x| x > 0.0)
+    }
+}
+
+/// `z·zᵀ`. The right factor is a copy: dfdx's matmul backward refuses two operands with one id.
+fn gram<E: Dtype, D: Device<E>, T: Tape<E, D>>(z: Mat<E, D, T>) -> Mat<E, D, T> {
+    let right = (z.retaped::<T>() * scalar::<E>(1.0)).permute::<(usize, usize), Axes2<1, 0>>();
+    z.matmul(right)
+}
+
+fn host_mat<E: Dtype, D: Device<E>>(dev: &D, v: &[f64], r: usize, c: usize) -> Mat<E, D> {
+    dev.tensor_from_vec(v.iter().map(|&x| scalar::<E>(x)).collect(), (r, c))
+}
+
+/// Batch-hard triplet loss (Hermans et al. 2017) on raw embeddings `(n, e)` (not normalised:
+/// on unit vectors the same margin measured far worse — PyTorch peer, README "Quality"): for
+/// each anchor with a positive and a negative in the batch,
+/// max(0, max_p d(a, p) − min_n d(a, n) + margin), d the Euclidean distance, averaged over
+/// those anchors.
+pub fn batch_hard_triplet<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    emb: Mat<E, D, T>,
+    pairs: &IdentityPairs,
+    margin: f64,
+) -> Tensor<(), E, D, T> {
+    let n = pairs.n;
+    let dev = emb.device().clone();
+    // d² = |a|² + |b|² − 2 a·b
+    let sq = emb.retaped::<T>().square().sum::<(usize,), Axis<1>>();
+    // A broadcast keeps its source's id, and dfdx's binary ops refuse two operands with one
+    // id: the column copy is a new tensor.
+    let rows = (sq.retaped::<T>() * scalar::<E>(1.0)).broadcast_like::<_, Axis<1>>(&(n, n));
+    let cols = sq.broadcast_like::<_, Axis<0>>(&(n, n));
+    let dist = (rows + cols - gram(emb) * scalar::<E>(2.0))
+        .clamp(1e-12, f64::MAX)
+        .sqrt();
+    // Distances are ≥ 0, so zeroing the non-positives keeps the row maximum a positive's.
+    let hardest_pos = (dist.retaped::<T>() * host_mat::<E, D>(&dev, &pairs.positive, n, n))
+        .max::<(usize,), Axis<1>>();
+    // Non-negatives pushed past every real distance before the row minimum.
+    let far_value = 1e6;
+    let far: Vec<f64> = pairs
+        .negative
+        .iter()
+        .map(|&m| (1.0 - m) * far_value)
+        .collect();
+    let hardest_neg = (dist + host_mat::<E, D>(&dev, &far, n, n)).min::<(usize,), Axis<1>>();
+    let anchors = pairs.anchors();
+    let count = anchors.iter().sum::<f64>().max(1.0);
+    let w: Tensor<(usize,), E, D> =
+        dev.tensor_from_vec(anchors.iter().map(|&a| scalar::<E>(a)).collect(), (n,));
+    let hinge = (hardest_pos - hardest_neg + scalar::<E>(margin)).relu() * w;
+    hinge.sum::<(), Axis<0>>() * scalar::<E>(1.0 / count)
+}
+
+/// Supervised contrastive loss (Khosla et al. 2020) on L2-normalised embeddings `(n, e)` at
+/// temperature τ: for each sample i with positives P(i),
+/// −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) ), averaged over the
+/// samples that have a positive. Unlabelled samples stay in the denominators only through
+/// nobody: they are masked out of every row like the anchor itself.
+pub fn supcon<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    emb: Mat<E, D, T>,
+    pairs: &IdentityPairs,
+    temperature: f64,
+) -> Tensor<(), E, D, T> {
+    let n = pairs.n;
+    let dev = emb.device().clone();
+    let z = l2_normalize(emb);
+    let logits = gram(z) * scalar::<E>(1.0 / temperature);
+    // Each row's softmax runs over the labelled others: −1e4 (exp → 0) on the anchor itself and
+    // on samples that are neither positive nor negative.
+    let mask: Vec<f64> = (0..n * n)
+        .map(|k| {
+            if pairs.positive[k] > 0.0 || pairs.negative[k] > 0.0 {
+                0.0
+            } else {
+                -1e4
+            }
+        })
+        .collect();
+    let log_p = (logits + host_mat::<E, D>(&dev, &mask, n, n)).log_softmax::<Axis<1>>();
+    let mut target = vec![0.0; n * n];
+    let mut rows = 0.0;
+    for i in 0..n {
+        let count: f64 = pairs.positive[i * n..(i + 1) * n].iter().sum();
+        if count > 0.0 {
+            rows += 1.0;
+            for j in 0..n {
+                target[i * n + j] = pairs.positive[i * n + j] / count;
+            }
+        }
+    }
+    (log_p * host_mat::<E, D>(&dev, &target, n, n)).sum::<(), Axes2<0, 1>>()
+        * scalar::<E>(-1.0 / f64::max(rows, 1.0))
+}
+
+/// Label smoothing of the identity loss.
+pub const ID_LABEL_SMOOTHING: f64 = 0.1;
+
+/// Identity classification: cross-entropy of `logits: (n, classes)` against each labelled
+/// sample's class (`key mod classes`) with label smoothing ε — target (1 − ε) on the class and
+/// ε / classes everywhere — averaged over the labelled samples; unlabelled rows (`None`) count
+/// nothing. `None` when no sample is labelled.
+pub fn id_loss<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    logits: Mat<E, D, T>,
+    persons: &[Option<u64>],
+    smoothing: f64,
+) -> Option<Tensor<(), E, D, T>> {
+    let (n, classes) = *logits.shape();
+    let labelled = persons.iter().filter(|p| p.is_some()).count();
+    if labelled == 0 || classes == 0 {
+        return None;
+    }
+    let mut target = vec![0.0; n * classes];
+    for (i, p) in persons.iter().enumerate() {
+        if let Some(key) = p {
+            let row = &mut target[i * classes..(i + 1) * classes];
+            row.iter_mut().for_each(|t| *t = smoothing / classes as f64);
+            row[(*key % classes as u64) as usize] += 1.0 - smoothing;
+        }
+    }
+    let dev = logits.device().clone();
+    let target = host_mat::<E, D>(&dev, &target, n, classes);
+    Some(
+        (logits.log_softmax::<Axis<1>>() * target).sum::<(), Axes2<0, 1>>()
+            * scalar::<E>(-1.0 / labelled as f64),
+    )
+}

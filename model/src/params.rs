@@ -82,6 +82,18 @@ pub trait Params<E: Dtype, D: Device<E>> {
     fn visit<'a>(&'a self, name: &str, out: &mut Vec<(String, ParamRef<'a, E, D>)>);
     /// Appends `(name, tensor)` for every parameter, in the same order as [`Params::visit`].
     fn visit_mut<'a>(&'a mut self, name: &str, out: &mut Vec<(String, ParamMut<'a, E, D>)>);
+    /// Appends `(name, tensor)` for every buffer: state that is saved with the weights but not
+    /// trained (BatchNorm's running statistics). None by default.
+    fn visit_buffers<'a>(&'a self, _name: &str, _out: &mut Vec<(String, ParamRef<'a, E, D>)>) {}
+    /// The buffers for update, in the order of [`Params::visit_buffers`].
+    fn visit_buffers_mut<'a>(
+        &'a mut self,
+        _name: &str,
+        _out: &mut Vec<(String, ParamMut<'a, E, D>)>,
+    ) {
+    }
+    /// Every BatchNorm layer, for applying running-statistics updates.
+    fn batchnorms_mut<'a>(&'a mut self, _out: &mut Vec<&'a mut crate::norm::BatchNorm<E, D>>) {}
 
     /// All parameters with their names.
     fn params(&self) -> Vec<(String, ParamRef<'_, E, D>)> {
@@ -94,6 +106,40 @@ pub trait Params<E: Dtype, D: Device<E>> {
         let mut out = Vec::new();
         self.visit_mut("", &mut out);
         out
+    }
+    /// Every buffer with its name.
+    fn buffers(&self) -> Vec<(String, ParamRef<'_, E, D>)> {
+        let mut out = Vec::new();
+        self.visit_buffers("", &mut out);
+        out
+    }
+    /// Every buffer with its name, for update.
+    fn buffers_mut(&mut self) -> Vec<(String, ParamMut<'_, E, D>)> {
+        let mut out = Vec::new();
+        self.visit_buffers_mut("", &mut out);
+        out
+    }
+    /// Parameters then buffers: everything a weights file holds.
+    fn state(&self) -> Vec<(String, ParamRef<'_, E, D>)> {
+        let mut out = self.params();
+        self.visit_buffers("", &mut out);
+        out
+    }
+    /// Calls `f` on every parameter then every buffer, for update, in the order of
+    /// [`Params::state`].
+    fn for_each_state_mut(&mut self, mut f: impl FnMut(usize, &str, ParamMut<'_, E, D>))
+    where
+        Self: Sized,
+    {
+        let mut i = 0;
+        for (name, p) in self.params_mut() {
+            f(i, &name, p);
+            i += 1;
+        }
+        for (name, p) in self.buffers_mut() {
+            f(i, &name, p);
+            i += 1;
+        }
     }
     /// Total number of scalars.
     fn num_params(&self) -> usize {
@@ -139,6 +185,25 @@ impl<E: Dtype, D: Device<E>, P: Params<E, D>> Params<E, D> for Vec<P> {
             p.visit_mut(&join(name, &i.to_string()), out);
         }
     }
+    fn visit_buffers<'a>(&'a self, name: &str, out: &mut Vec<(String, ParamRef<'a, E, D>)>) {
+        for (i, p) in self.iter().enumerate() {
+            p.visit_buffers(&join(name, &i.to_string()), out);
+        }
+    }
+    fn visit_buffers_mut<'a>(
+        &'a mut self,
+        name: &str,
+        out: &mut Vec<(String, ParamMut<'a, E, D>)>,
+    ) {
+        for (i, p) in self.iter_mut().enumerate() {
+            p.visit_buffers_mut(&join(name, &i.to_string()), out);
+        }
+    }
+    fn batchnorms_mut<'a>(&'a mut self, out: &mut Vec<&'a mut crate::norm::BatchNorm<E, D>>) {
+        for p in self.iter_mut() {
+            p.batchnorms_mut(out);
+        }
+    }
 }
 
 impl<E: Dtype, D: Device<E>, P: Params<E, D>> Params<E, D> for Option<P> {
@@ -150,6 +215,25 @@ impl<E: Dtype, D: Device<E>, P: Params<E, D>> Params<E, D> for Option<P> {
     fn visit_mut<'a>(&'a mut self, name: &str, out: &mut Vec<(String, ParamMut<'a, E, D>)>) {
         if let Some(p) = self {
             p.visit_mut(name, out);
+        }
+    }
+    fn visit_buffers<'a>(&'a self, name: &str, out: &mut Vec<(String, ParamRef<'a, E, D>)>) {
+        if let Some(p) = self {
+            p.visit_buffers(name, out);
+        }
+    }
+    fn visit_buffers_mut<'a>(
+        &'a mut self,
+        name: &str,
+        out: &mut Vec<(String, ParamMut<'a, E, D>)>,
+    ) {
+        if let Some(p) = self {
+            p.visit_buffers_mut(name, out);
+        }
+    }
+    fn batchnorms_mut<'a>(&'a mut self, out: &mut Vec<&'a mut crate::norm::BatchNorm<E, D>>) {
+        if let Some(p) = self {
+            p.batchnorms_mut(out);
         }
     }
 }
@@ -174,6 +258,26 @@ macro_rules! impl_params {
                 out: &mut Vec<(String, $crate::params::ParamMut<'a, E, D>)>,
             ) {
                 $( self.$field.visit_mut(&$crate::params::join(name, stringify!($field)), out); )*
+            }
+            fn visit_buffers<'a>(
+                &'a self,
+                name: &str,
+                out: &mut Vec<(String, $crate::params::ParamRef<'a, E, D>)>,
+            ) {
+                $( self.$field.visit_buffers(&$crate::params::join(name, stringify!($field)), out); )*
+            }
+            fn visit_buffers_mut<'a>(
+                &'a mut self,
+                name: &str,
+                out: &mut Vec<(String, $crate::params::ParamMut<'a, E, D>)>,
+            ) {
+                $( self.$field.visit_buffers_mut(&$crate::params::join(name, stringify!($field)), out); )*
+            }
+            fn batchnorms_mut<'a>(
+                &'a mut self,
+                out: &mut Vec<&'a mut $crate::norm::BatchNorm<E, D>>,
+            ) {
+                $( self.$field.batchnorms_mut(out); )*
             }
         }
     };

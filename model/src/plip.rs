@@ -1,11 +1,19 @@
 //! The PLIP model: both towers, the two pretext heads and the learnable logit scale, with the
-//! total pretext loss L = w_ivlc·L_ivlc + w_iap·L_iap + w_tic·L_tic (defaults 1, 0.1, 0.02) and
-//! the serving API (`embed_images`, `embed_texts`).
+//! total loss L = w_ivlc·L_ivlc + w_iap·L_iap + w_tic·L_tic + w_triplet·L_triplet +
+//! w_supcon·L_supcon and the serving API (`embed_images`, `embed_texts`).
+//!
+//! The last two are identity-level image losses beside PLIP's three pretext tasks, on the
+//! L2-normalised joint embedding — the one image and text queries are ranked by, so one gallery
+//! index serves both: batch-hard triplet ([`loss::batch_hard_triplet`]) and supervised
+//! image–image contrast within the P×K batch ([`loss::supcon`]), a classifier-free identity loss
+//! that needs no per-identity weights, so the continuous trainer's growing set of people costs
+//! nothing. Samples without a person id take part in PLIP's tasks only.
 
 use crate::batch::Batch;
-use crate::heads::{IapHead, TicHead};
+use crate::heads::{IapHead, IdHead, TicHead};
 use crate::impl_params;
 use crate::loss;
+use crate::norm::{BnMode, BnStats};
 use crate::params::{scalar, Init, Vector};
 use crate::preset::Preset;
 use crate::text::{padding_bias, TextEncoder, TokenBatch};
@@ -29,6 +37,13 @@ pub struct TaskWeights {
     pub iap: f64,
     /// Weight of text-guided image colorization; 0 switches the task off.
     pub tic: f64,
+    /// Weight of the batch-hard triplet loss on image embeddings; 0 switches it off.
+    pub triplet: f64,
+    /// Weight of supervised image–image contrast; 0 switches it off.
+    pub supcon: f64,
+    /// Weight of identity classification (BNNeck + classifier, label smoothing 0.1); 0
+    /// switches it off; needs a preset with `id_classes`.
+    pub id: f64,
 }
 
 impl Default for TaskWeights {
@@ -37,7 +52,26 @@ impl Default for TaskWeights {
             ivlc: 1.0,
             iap: 0.1,
             tic: 0.02,
+            triplet: 1.0,
+            supcon: 0.0,
+            id: 1.0,
         }
+    }
+}
+
+impl TaskWeights {
+    /// PLIP's three pretext tasks only (the paper's weights), no identity-level image losses.
+    pub fn plip_only() -> Self {
+        TaskWeights {
+            triplet: 0.0,
+            supcon: 0.0,
+            id: 0.0,
+            ..Default::default()
+        }
+    }
+    /// True when an identity-level image loss is on.
+    pub fn image_losses(&self) -> bool {
+        self.triplet > 0.0 || self.supcon > 0.0 || self.id > 0.0
     }
 }
 
@@ -47,6 +81,9 @@ pub struct LossValues {
     pub ivlc: Option<f64>,
     pub iap: Option<f64>,
     pub tic: Option<f64>,
+    pub triplet: Option<f64>,
+    pub supcon: Option<f64>,
+    pub id: Option<f64>,
     pub total: f64,
 }
 
@@ -72,6 +109,8 @@ pub struct Plip<E: Dtype, D: Device<E>> {
     pub text: TextEncoder<E, D>,
     pub iap: IapHead<E, D>,
     pub tic: TicHead<E, D>,
+    /// The identity classifier (presets with `id_classes`).
+    pub id: Option<IdHead<E, D>>,
     pub logit_scale: Vector<E, D>,
     pub preset: Preset,
     pub dev: D,
@@ -81,6 +120,7 @@ impl_params!(Plip {
     text,
     iap,
     tic,
+    id,
     logit_scale
 });
 
@@ -98,6 +138,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             text: TextEncoder::new(&mut init, preset),
             iap: IapHead::new(&mut init, preset),
             tic: TicHead::new(&mut init, preset),
+            id: (preset.id_classes > 0)
+                .then(|| IdHead::new(&mut init, preset.embed, preset.id_classes)),
             logit_scale: init.fill(1, INIT_LOGIT_SCALE),
             preset: preset.clone(),
             dev: dev.clone(),
@@ -135,11 +177,30 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         weights: &TaskWeights,
         tape: T,
     ) -> crate::Result<(Tensor<(), E, D, T>, LossValues)> {
+        self.losses_with_stats(batch, weights, tape, None)
+    }
+
+    /// As [`Plip::losses`]; the colour pass's BatchNorm batch statistics go into `stats` (the
+    /// trainer folds them into the running statistics after the update).
+    ///
+    /// # Errors
+    /// As [`Plip::losses`].
+    pub fn losses_with_stats<T: Tape<E, D>>(
+        &self,
+        batch: &Batch,
+        weights: &TaskWeights,
+        tape: T,
+        stats: Option<&BnStats>,
+    ) -> crate::Result<(Tensor<(), E, D, T>, LossValues)> {
         let p = &self.preset;
         let n = batch.n;
-        if weights.ivlc <= 0.0 && weights.iap <= 0.0 && weights.tic <= 0.0 {
+        if weights.ivlc <= 0.0
+            && weights.iap <= 0.0
+            && weights.tic <= 0.0
+            && !weights.image_losses()
+        {
             return Err(crate::Error::Config(
-                "every pretext task is switched off".into(),
+                "every training task is switched off".into(),
             ));
         }
         if batch.images.len() != n * p.image_len() || batch.tokens.len > p.text_len {
@@ -154,21 +215,30 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         let mut terms: Vec<Tensor<(), E, D, T>> = Vec::new();
         let read = |t: &Tensor<(), E, D, T>| t.as_vec()[0].to_f64().unwrap_or(f64::NAN);
 
-        // Colour image pass: its pooled feature feeds IVLC and IAP.
+        // Colour image pass: its pooled feature feeds IVLC, IAP and the image losses.
         let iap_active = weights.iap > 0.0 && !batch.iap_positions.is_empty();
-        if weights.ivlc <= 0.0 && weights.tic <= 0.0 && !iap_active {
+        if weights.ivlc <= 0.0 && weights.tic <= 0.0 && !iap_active && !weights.image_losses() {
             return Err(crate::Error::Shape(
                 "only IAP is on and no caption in the batch has an attribute phrase".into(),
             ));
         }
         let mut kept = tape;
-        let pooled = if weights.ivlc > 0.0 || iap_active {
+        let pooled = if weights.ivlc > 0.0 || iap_active || weights.image_losses() {
             let images = self.images_tensor(&batch.images, n).put_tape(T::default());
-            let (pooled, tape) = self.image.pooled(images).split_tape();
+            let (pooled, tape) = self.image.pooled(images, BnMode::Train(stats)).split_tape();
             kept = kept.merge(tape);
             Some(pooled)
         } else {
             None
+        };
+        // The joint image embedding, shared by IVLC and the image losses.
+        let img_emb = match &pooled {
+            Some(pooled) if weights.ivlc > 0.0 || weights.image_losses() => {
+                let (e, tape) = self.image.project(pooled.retaped::<T>()).split_tape();
+                kept = kept.merge(tape);
+                Some(e)
+            }
+            _ => None,
         };
 
         // Caption pass: its embedding feeds IVLC and TIC.
@@ -184,8 +254,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             None
         };
 
-        if let (true, Some(text_emb), Some(pooled)) = (weights.ivlc > 0.0, &text_emb, &pooled) {
-            let img = self.image.proj.forward(pooled.retaped::<T>());
+        if let (true, Some(text_emb), Some(img)) = (weights.ivlc > 0.0, &text_emb, &img_emb) {
+            let img = img.retaped::<T>();
             let q = loss::identity_targets(&batch.identities);
             let l = loss::ivlc(img, text_emb.retaped::<T>(), self.scale::<T>(), &q);
             values.ivlc = Some(read(&l));
@@ -198,7 +268,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             let logits = self.iap.forward(
                 &self.dev,
                 hidden,
-                pooled.retaped::<T>(),
+                self.image.text_width(pooled.retaped::<T>()),
                 b,
                 s,
                 bias.as_ref(),
@@ -210,7 +280,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         }
         if let (true, Some(text_emb)) = (weights.tic > 0.0, &text_emb) {
             let gray = self.images_tensor(&batch.gray, n).put_tape(T::default());
-            let out = self.image.tokens(gray);
+            // Batch statistics, but the running ones are not updated by the grayscale pass.
+            let out = self.image.tokens(gray, BnMode::Train(None));
             let pred = self
                 .tic
                 .forward(out.tokens, text_emb.retaped::<T>(), out.b, out.n);
@@ -221,6 +292,26 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             let l = loss::mse(pred, target);
             values.tic = Some(read(&l));
             terms.push(l * scalar::<E>(weights.tic));
+        }
+        if let Some(img) = &img_emb {
+            let pairs = loss::IdentityPairs::new(&batch.persons);
+            if weights.triplet > 0.0 && pairs.has_triplets() {
+                let l = loss::batch_hard_triplet(img.retaped::<T>(), &pairs, loss::TRIPLET_MARGIN);
+                values.triplet = Some(read(&l));
+                terms.push(l * scalar::<E>(weights.triplet));
+            }
+            if weights.supcon > 0.0 && pairs.has_positives() {
+                let l = loss::supcon(img.retaped::<T>(), &pairs, loss::SUPCON_TEMPERATURE);
+                values.supcon = Some(read(&l));
+                terms.push(l * scalar::<E>(weights.supcon));
+            }
+            if let (true, Some(head)) = (weights.id > 0.0, &self.id) {
+                let logits = head.forward(img.retaped::<T>(), BnMode::Train(stats));
+                if let Some(l) = loss::id_loss(logits, &batch.persons, loss::ID_LABEL_SMOOTHING) {
+                    values.id = Some(read(&l));
+                    terms.push(l * scalar::<E>(weights.id));
+                }
+            }
         }
         let mut total = terms
             .pop()
@@ -242,7 +333,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         let mut data = Vec::with_capacity(rows * self.preset.embed);
         for chunk in images.chunks(batch_size.max(1) * len) {
             let n = chunk.len() / len;
-            let e = loss::l2_normalize(self.image.embed(self.images_tensor(chunk, n)));
+            let e =
+                loss::l2_normalize(self.image.embed(self.images_tensor(chunk, n), BnMode::Eval));
             data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
         }
         Embeddings {

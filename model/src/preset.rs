@@ -1,12 +1,16 @@
 //! Model presets: every size of the PLIP dual encoder, chosen at run time by name.
 //!
-//! | preset | input (H×W) | patch | patches | width | layers (image/text/fusion) | heads | MLP | text tokens | vocabulary capacity | joint dim | TIC output per patch | parameters |
-//! |---|---|---|---|---|---|---|---|---|---|---|---|---|
-//! | `test`  | 32×16   | 8  | 8   | 32  | 2 / 2 / 1  | 2 | 64   | 24 | 1024  | 32  | 8×8×3 = 192   | 129,377 |
-//! | `tiny`  | 128×64  | 16 | 32  | 192 | 6 / 6 / 1  | 3 | 768  | 64 | 8192  | 256 | 8×8×3 = 192   | 9,302,177 |
-//! | `small` | 256×128 | 16 | 128 | 384 | 12 / 12 / 2 | 6 | 1536 | 64 | 16384 | 512 | 8×8×3 = 192  | 60,110,337 |
+//! | preset | image tower | input (H×W) | text width / layers (text/fusion) | heads | text tokens | vocabulary | joint dim | identity classes | parameters |
+//! |---|---|---|---|---|---|---|---|---|---|
+//! | `test` | ResNet, basic blocks 1-1-1-1, widths 8-16-32-32, strides 1-2-1-1 | 32×16 | 32 / 2 / 1 | 2 | 24 | 1024 | 32 | 64 | 147,049 |
+//! | `test-vit` | ViT, patch 8, 2 layers, linear stem | 32×16 | 32 / 2 / 1 | 2 | 24 | 1024 | 32 | — | 129,377 |
+//! | `tiny` (CPU default) | ResNet, basic blocks 2-2-2-2, widths 32-64-128-256, strides 1-2-2-1 (last stride 1) | 128×64 | 192 / 6 / 1 | 3 | 64 | 8192 | 256 | 8192 | 11,474,081 |
+//! | `tiny-vit` | ViT, patch 16, 6 layers, hMLP stem | 128×64 | 192 / 6 / 1 | 3 | 64 | 8192 | 256 | — | 9,302,177 |
+//! | `small` (GPU) | ViT, patch 16, 12 layers, hMLP stem | 256×128 | 384 / 12 / 2 | 6 | 64 | 16384 | 512 | — | 60,110,337 |
 //!
-//! The parameter counts are checked by a unit test, so this table stays true.
+//! The ResNet's stem strides 4, so its last feature map is the patch grid (H/patch × W/patch,
+//! 8×4 for `tiny`), one position per patch TIC colours. The parameter counts are checked by a
+//! unit test, so this table stays true.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +45,37 @@ pub struct Preset {
     pub embed: usize,
     /// The colorization head predicts each patch at `patch / tic_reduce` pixels per side.
     pub tic_reduce: usize,
-    /// How pixels become patch tokens.
+    /// How pixels become patch tokens (ViT).
     #[serde(default)]
     pub stem: Stem,
+    /// The image tower's architecture; files written before the ResNet existed read as `vit`.
+    #[serde(default)]
+    pub image_arch: ImageArch,
+    /// ResNet: widths of the four stages (the stem has the first stage's width).
+    #[serde(default)]
+    pub conv_widths: Vec<usize>,
+    /// ResNet: basic blocks per stage.
+    #[serde(default)]
+    pub conv_blocks: Vec<usize>,
+    /// ResNet: stride of each stage's first block; the stem strides 4, so
+    /// 4·Π strides = `patch` (the last feature map is the patch grid TIC colours).
+    #[serde(default)]
+    pub conv_strides: Vec<usize>,
+    /// Rows of the identity classifier (0 = none): a person's row is its stable key modulo
+    /// this ([`crate::batch::person_key`]).
+    #[serde(default)]
+    pub id_classes: usize,
+}
+
+/// The image tower's architecture.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageArch {
+    /// The conv-free ViT (the first tower; kept selectable).
+    #[default]
+    Vit,
+    /// A ResNet of basic blocks ([`crate::resnet`]).
+    Resnet,
 }
 
 /// The image tower's patch embedding.
@@ -78,10 +110,23 @@ impl Stem {
 }
 
 impl Preset {
-    /// The preset for unit tests: tiny inputs, a few thousand parameters per layer.
+    /// The preset for unit tests: tiny inputs, a small ResNet image tower.
     pub fn test() -> Self {
         Preset {
             name: "test".into(),
+            image_arch: ImageArch::Resnet,
+            conv_widths: vec![8, 16, 32, 32],
+            conv_blocks: vec![1, 1, 1, 1],
+            conv_strides: vec![1, 2, 1, 1],
+            id_classes: 64,
+            ..Self::test_vit()
+        }
+    }
+
+    /// The unit-test preset with the ViT image tower.
+    pub fn test_vit() -> Self {
+        Preset {
+            name: "test-vit".into(),
             image_height: 32,
             image_width: 16,
             patch: 8,
@@ -96,13 +141,32 @@ impl Preset {
             embed: 32,
             tic_reduce: 1,
             stem: Stem::Linear,
+            image_arch: ImageArch::Vit,
+            conv_widths: Vec::new(),
+            conv_blocks: Vec::new(),
+            conv_strides: Vec::new(),
+            id_classes: 0,
         }
     }
 
-    /// The CPU default.
+    /// The CPU default: a ResNet-18-shaped image tower (basic blocks 2-2-2-2, last stage
+    /// stride 1) at half ResNet-18's widths, 128×64 input, and the `tiny-vit` text tower.
     pub fn tiny() -> Self {
         Preset {
             name: "tiny".into(),
+            image_arch: ImageArch::Resnet,
+            conv_widths: vec![32, 64, 128, 256],
+            conv_blocks: vec![2, 2, 2, 2],
+            conv_strides: vec![1, 2, 2, 1],
+            id_classes: 8192,
+            ..Self::tiny_vit()
+        }
+    }
+
+    /// The ViT the project started with, at the `tiny` size.
+    pub fn tiny_vit() -> Self {
+        Preset {
+            name: "tiny-vit".into(),
             image_height: 128,
             image_width: 64,
             patch: 16,
@@ -117,6 +181,11 @@ impl Preset {
             embed: 256,
             tic_reduce: 2,
             stem: Stem::Hmlp,
+            image_arch: ImageArch::Vit,
+            conv_widths: Vec::new(),
+            conv_blocks: Vec::new(),
+            conv_strides: Vec::new(),
+            id_classes: 0,
         }
     }
 
@@ -138,11 +207,16 @@ impl Preset {
             embed: 512,
             tic_reduce: 2,
             stem: Stem::Hmlp,
+            image_arch: ImageArch::Vit,
+            conv_widths: Vec::new(),
+            conv_blocks: Vec::new(),
+            conv_strides: Vec::new(),
+            id_classes: 0,
         }
     }
 
     /// Names of all presets.
-    pub const NAMES: [&'static str; 3] = ["test", "tiny", "small"];
+    pub const NAMES: [&'static str; 5] = ["test", "test-vit", "tiny", "tiny-vit", "small"];
 
     /// Looks a preset up by name.
     ///
@@ -151,13 +225,43 @@ impl Preset {
     pub fn by_name(name: &str) -> crate::Result<Self> {
         match name {
             "test" => Ok(Self::test()),
+            "test-vit" => Ok(Self::test_vit()),
             "tiny" => Ok(Self::tiny()),
+            "tiny-vit" => Ok(Self::tiny_vit()),
             "small" => Ok(Self::small()),
             other => Err(crate::Error::UnknownPreset(format!(
                 "unknown model preset {other:?}; known presets: {}",
                 Self::NAMES.join(", ")
             ))),
         }
+    }
+
+    /// Why weights made for `stored` cannot be used by a model built from `self`, with what to
+    /// do; `None` when they match. A state folder from before `tiny` became a ResNet holds
+    /// `tiny` checkpoints of the ViT: those point to `tiny-vit`.
+    pub fn mismatch(&self, stored: &Preset) -> Option<String> {
+        if stored == self {
+            return None;
+        }
+        if stored.name == self.name {
+            let renamed = Preset::by_name(&format!("{}-vit", stored.name))
+                .ok()
+                .filter(|p| p.image_arch == stored.image_arch && p.dim == stored.dim);
+            return Some(match renamed {
+                Some(p) => format!(
+                    "the checkpoints were made by the earlier {:?} preset (a ViT image tower), now called {:?};                      use preset {:?} to keep training them, or a new state folder for the ResNet {:?}",
+                    stored.name, p.name, p.name, self.name
+                ),
+                None => format!(
+                    "the checkpoints were made with other {:?} dimensions than this build's; use a new state folder",
+                    stored.name
+                ),
+            });
+        }
+        Some(format!(
+            "the checkpoints are of preset {:?}, not {:?}; use preset {:?} or another state folder",
+            stored.name, self.name, stored.name
+        ))
     }
 
     /// Patches per image row.
@@ -221,6 +325,27 @@ impl Preset {
                 "the hmlp stem needs 16-pixel patches, not {}",
                 self.patch
             ));
+        }
+        if self.image_arch == ImageArch::Resnet {
+            let four = |v: &Vec<usize>| v.len() == 4 && v.iter().all(|&x| x > 0);
+            if !four(&self.conv_widths) || !four(&self.conv_blocks) || !four(&self.conv_strides) {
+                return bad(
+                    "a ResNet needs four positive stage widths, block counts and strides".into(),
+                );
+            }
+            if self.conv_widths[3] != self.embed {
+                return bad(format!(
+                    "the ResNet's last stage width {} must equal the joint width {} (its pooled feature is the joint embedding)",
+                    self.conv_widths[3], self.embed
+                ));
+            }
+            let stride = 4 * self.conv_strides.iter().product::<usize>();
+            if stride != self.patch {
+                return bad(format!(
+                    "the ResNet's total stride {stride} must equal the patch side {} (TIC colours one position per patch)",
+                    self.patch
+                ));
+            }
         }
         if self.text_len < 3 || self.vocab < 8 {
             return bad("text length or vocabulary too small".into());

@@ -11,7 +11,11 @@ pub fn tune_allocator() {
         const M_TRIM_THRESHOLD: libc::c_int = -1;
         const M_TOP_PAD: libc::c_int = -2;
         const M_MMAP_THRESHOLD: libc::c_int = -3;
-        libc::mallopt(M_MMAP_THRESHOLD, 1 << 30);
+        const M_MMAP_MAX: libc::c_int = -4;
+        // glibc refuses thresholds above 32 MiB, and a ResNet step's im2col buffers are larger:
+        // serving no allocation by mmap at all keeps them in the reused heap too.
+        libc::mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(M_MMAP_MAX, 0);
         libc::mallopt(M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(M_TOP_PAD, 256 << 20);
     }

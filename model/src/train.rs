@@ -3,6 +3,7 @@
 //! checkpoint must carry.
 
 use crate::batch::{mask_ratio, Batch};
+use crate::norm::{apply_stats, BnStats};
 use crate::optim::{AdamW, OptimConfig};
 use crate::params::{ParamMut, ParamRef, Params};
 use crate::plip::{LossValues, Plip, TaskWeights, MAX_LOGIT_SCALE};
@@ -93,13 +94,29 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     /// # Errors
     /// A batch that does not fit the model.
     pub fn gradients(&self, batch: &Batch) -> Result<(Option<Gradients<E, D>>, LossValues)> {
-        let (total, values) = self
-            .model
-            .losses(batch, &self.cfg.tasks, self.start_tape()?)?;
+        let (grads, values, _) = self.gradients_and_stats(batch)?;
+        Ok((grads, values))
+    }
+
+    /// As [`Trainer::gradients`], with the BatchNorm batch statistics of the colour pass.
+    ///
+    /// # Errors
+    /// As [`Trainer::gradients`].
+    pub fn gradients_and_stats(
+        &self,
+        batch: &Batch,
+    ) -> Result<(Option<Gradients<E, D>>, LossValues, BnStats)> {
+        let stats = BnStats::default();
+        let (total, values) = self.model.losses_with_stats(
+            batch,
+            &self.cfg.tasks,
+            self.start_tape()?,
+            Some(&stats),
+        )?;
         if !values.total.is_finite() {
-            return Ok((None, values));
+            return Ok((None, values, stats));
         }
-        Ok((Some(total.backward()), values))
+        Ok((Some(total.backward()), values, stats))
     }
 
     /// One optimisation step.
@@ -108,7 +125,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     /// A batch that does not fit the model.
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
         let lr = self.cfg.optim.lr_at(self.opt.step);
-        let (grads, losses) = self.gradients(batch)?;
+        let (grads, losses, stats) = self.gradients_and_stats(batch)?;
         let mut report = StepReport {
             step: self.opt.step,
             lr,
@@ -116,7 +133,9 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
             grad_norm: f64::NAN,
             skipped: true,
         };
-        let Some(grads) = grads else {
+        // A non-finite activation can vanish from the loss behind a ReLU (max(0, NaN) = 0) but
+        // not from the batch statistics: either skips the step.
+        let Some(grads) = grads.filter(|_| stats.is_finite()) else {
             self.skipped_steps += 1;
             return Ok(report);
         };
@@ -130,6 +149,8 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
         }
         self.opt
             .update(&mut self.model, g, info.scale, lr, &self.cfg.optim)?;
+        // Running statistics move only with an applied update (a skipped step leaves them).
+        apply_stats(&mut self.model, stats);
         self.clamp_logit_scale();
         report.step = self.opt.step;
         report.skipped = false;

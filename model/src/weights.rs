@@ -1,6 +1,7 @@
 //! Weights and optimiser state as safetensors bytes with metadata.
 //!
-//! Tensor names are the parameters' dotted paths (`image.blocks.0.attn.q.weight`, shapes as
+//! Weights files hold the parameters and the buffers (BatchNorm running statistics, named
+//! `….running_mean` / `….running_var` as PyTorch names them). Tensor names are the dotted paths (`image.blocks.0.attn.q.weight`, shapes as
 //! PyTorch's `nn.Linear` stores them: `(out, in)`), so a PyTorch user can load the file with
 //! `safetensors.torch.load_file`. Optimiser files hold `m.<name>` and `v.<name>`.
 //!
@@ -186,7 +187,7 @@ pub fn save_weights<E: Dtype, D: Device<E>>(
     extra: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
     let tensors = model
-        .params()
+        .state()
         .into_iter()
         .map(|(name, p)| {
             let (dt, data) = to_bytes(&p.to_host());
@@ -209,15 +210,13 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
     check_meta(&meta, "weights", &model.preset, tokenizer)?;
     let st = SafeTensors::deserialize(bytes).map_err(werr)?;
     let mut values = Vec::new();
-    for (name, p) in model.params() {
+    for (name, p) in model.state() {
         let view = st
             .tensor(&name)
             .map_err(|e| Error::Weights(format!("tensor {name}: {e}")))?;
         values.push(from_view::<E>(&name, &view, &p.dims())?);
     }
-    for ((_, mut p), v) in model.params_mut().into_iter().zip(values) {
-        p.copy_from_host(&v);
-    }
+    model.for_each_state_mut(|i, _, mut p| p.copy_from_host(&values[i]));
     Ok(meta)
 }
 
@@ -299,12 +298,15 @@ pub fn copy_weights<E: Dtype, D: Device<E>, E2: Dtype, D2: Device<E2>>(
     src: &Plip<E, D>,
     dst: &mut Plip<E2, D2>,
 ) {
-    for ((_, s), (_, mut d)) in src.params().into_iter().zip(dst.params_mut()) {
-        let v: Vec<E2> = s
-            .to_host()
-            .iter()
-            .map(|x| scalar(x.to_f64().unwrap_or(f64::NAN)))
-            .collect();
-        d.copy_from_host(&v);
-    }
+    let values: Vec<Vec<E2>> = src
+        .state()
+        .iter()
+        .map(|(_, s)| {
+            s.to_host()
+                .iter()
+                .map(|x| scalar(x.to_f64().unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .collect();
+    dst.for_each_state_mut(|i, _, mut d| d.copy_from_host(&values[i]));
 }

@@ -6,7 +6,7 @@ use common::*;
 use plip_model::dfdx::prelude::*;
 use plip_model::optim::{AdamW, Grad};
 use plip_model::params::{ParamMut, Params};
-use plip_model::{Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer};
+use plip_model::{ImageArch, Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer};
 
 // Before this check existed, two dfdx 0.13 backward bugs went unnoticed: `accurate_gelu`'s
 // derivative (off by √2 in one term) and `log_softmax` on a permuted input. Both produced
@@ -21,21 +21,29 @@ fn gradients_match_finite_differences_in_f64() {
         ivlc: 1.0,
         iap: 1.0,
         tic: 1.0,
+        triplet: 1.0,
+        supcon: 1.0,
+        id: 1.0,
     });
 }
 
 fn check(tasks: TaskWeights) {
+    // The ViT presets have no identity classifier.
+    let vit = TaskWeights { id: 0.0, ..tasks };
+    if vit.ivlc + vit.iap + vit.tic + vit.triplet + vit.supcon > 0.0 {
+        check_preset(vit, Preset::test_vit());
+    }
     check_preset(tasks, Preset::test());
 }
 
-/// The hierarchical-MLP stem (`tiny` and `small` use it) on `test` dimensions with 16-pixel
-/// patches: its reshapes and merges must carry gradients to every stage.
+/// The hierarchical-MLP stem (`tiny-vit` and `small` use it) on `test-vit` dimensions with
+/// 16-pixel patches: its reshapes and merges must carry gradients to every stage.
 #[test]
 fn hmlp_stem_gradients_match_finite_differences() {
     let p = Preset {
         patch: 16,
         stem: Stem::Hmlp,
-        ..Preset::test()
+        ..Preset::test_vit()
     };
     p.validate().unwrap();
     check_preset(
@@ -43,6 +51,9 @@ fn hmlp_stem_gradients_match_finite_differences() {
             ivlc: 1.0,
             iap: 1.0,
             tic: 1.0,
+            triplet: 1.0,
+            supcon: 1.0,
+            id: 0.0,
         },
         p,
     );
@@ -50,11 +61,22 @@ fn hmlp_stem_gradients_match_finite_differences() {
 
 fn check_preset(tasks: TaskWeights, p: Preset) {
     let all_on = tasks.ivlc > 0.0 && tasks.iap > 0.0 && tasks.tic > 0.0;
+    let resnet = p.image_arch == ImageArch::Resnet;
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 5);
     let b = batch(&toys, &p, &tk, 0.5, 9);
     assert!(!b.iap_positions.is_empty());
-    let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
+    let mut model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
+    if resnet {
+        // Distinct γ per channel, so a scale error in any channel's path would show.
+        for (name, mut t) in model.params_mut() {
+            if name.contains("bn") && name.ends_with("weight") {
+                let n = t.to_host().len();
+                let v: Vec<f64> = (0..n).map(|i| 0.5 + 0.1 * (i % 7) as f64).collect();
+                t.copy_from_host(&v);
+            }
+        }
+    }
     let cfg = TrainConfig {
         tasks,
         ..Default::default()
@@ -64,20 +86,38 @@ fn check_preset(tasks: TaskWeights, p: Preset) {
     let grads = AdamW::gradients(&trainer.model, &grads.unwrap());
     let names: Vec<String> = trainer.model.params().into_iter().map(|(n, _)| n).collect();
 
-    let stem: &[&str] = match p.stem {
-        Stem::Linear => &["image.patch_embed.weight"],
-        Stem::Hmlp => &[
+    let tower: &[&str] = match (p.image_arch, p.stem) {
+        (ImageArch::Resnet, _) => &[
+            "image.conv1.weight",
+            "image.bn1.weight",
+            "image.bn1.bias",
+            "image.layer1.0.conv1.weight",
+            "image.layer1.0.bn2.weight",
+            "image.layer2.0.conv2.weight",
+            "image.layer2.0.downsample.conv.weight",
+            "image.layer2.0.downsample.bn.bias",
+            "image.layer4.0.conv1.weight",
+            "image.to_text.weight",
+            "id.neck.weight",
+            "id.classifier",
+        ],
+        (ImageArch::Vit, Stem::Linear) => &[
+            "image.patch_embed.weight",
+            "image.pos",
+            "image.blocks.0.attn.q.weight",
+            "image.blocks.1.mlp.fc1.weight",
+            "image.proj.weight",
+        ],
+        (ImageArch::Vit, Stem::Hmlp) => &[
             "image.hmlp.embed.weight",
             "image.hmlp.norm1.weight",
             "image.hmlp.merge1.weight",
             "image.hmlp.merge2.bias",
+            "image.pos",
+            "image.proj.weight",
         ],
     };
     let checked = [
-        "image.pos",
-        "image.blocks.0.attn.q.weight",
-        "image.blocks.1.mlp.fc1.weight",
-        "image.proj.weight",
         "text.token_embed",
         "text.blocks.0.attn.k.weight",
         "text.blocks.1.ln2.weight",
@@ -88,7 +128,7 @@ fn check_preset(tasks: TaskWeights, p: Preset) {
         "tic.fc2.weight",
         "logit_scale",
     ];
-    let checked = stem.iter().copied().chain(checked);
+    let checked = tower.iter().copied().chain(checked);
     let loss_of =
         |t: &Trainer<f64, Cpu>| t.model.losses(&b, &t.cfg.tasks, NoneTape).unwrap().1.total;
     let h = 1e-6;
@@ -149,15 +189,48 @@ fn each_task_alone_matches_finite_differences() {
         ivlc: 1.0,
         iap: 0.0,
         tic: 0.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 0.0,
     });
     check(TaskWeights {
         ivlc: 0.0,
         iap: 1.0,
         tic: 0.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 0.0,
     });
     check(TaskWeights {
         ivlc: 0.0,
         iap: 0.0,
         tic: 1.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 0.0,
+    });
+    check(TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 0.0,
+        triplet: 1.0,
+        supcon: 0.0,
+        id: 0.0,
+    });
+    check(TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 0.0,
+        triplet: 0.0,
+        supcon: 1.0,
+        id: 0.0,
+    });
+    check(TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 0.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 1.0,
     });
 }

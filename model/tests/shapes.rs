@@ -12,8 +12,10 @@ use plip_model::{Params, Plip, Preset};
 #[test]
 fn presets_have_documented_sizes_and_shapes() {
     let documented = [
-        ("test", 129_377usize),
-        ("tiny", 9_302_177),
+        ("test", 147_049usize),
+        ("test-vit", 129_377),
+        ("tiny", 11_474_081),
+        ("tiny-vit", 9_302_177),
         ("small", 60_110_337),
     ];
     for (name, count) in documented {
@@ -43,7 +45,7 @@ fn presets_have_documented_sizes_and_shapes() {
     assert!(Preset::by_name("huge")
         .unwrap_err()
         .to_string()
-        .contains("test, tiny, small"));
+        .contains("test, test-vit, tiny, tiny-vit, small"));
 }
 
 /// Adding padding to a caption leaves its text embedding unchanged: the same tokens at length

@@ -358,6 +358,9 @@ pub fn metrics(shared: &Shared) -> String {
         ("ivlc", t.ivlc),
         ("iap", t.iap),
         ("tic", t.tic),
+        ("triplet", t.triplet),
+        ("supcon", t.supcon),
+        ("id", t.id),
     ] {
         if let Some(v) = v {
             losses.push((format!("{{task=\"{task}\"}}"), v));

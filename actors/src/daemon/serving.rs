@@ -106,6 +106,7 @@ fn loaded(
                 captions: s.meta.captions.clone(),
                 person: m.person_id.clone(),
                 camera: m.camera_id.clone(),
+                attributes: None,
             };
             Some((m, l))
         })

@@ -16,7 +16,7 @@ use crate::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
-use plip_model::batch::{Batch, Sample};
+use plip_model::batch::{person_key, Augment, Batch, Sample};
 use plip_model::device::{run_on, OnDevice};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
@@ -253,8 +253,16 @@ fn train_loop<D: Device<f32>>(
             ivlc: tc.w_ivlc,
             iap: tc.w_iap,
             tic: tc.w_tic,
+            triplet: tc.w_triplet,
+            supcon: tc.w_supcon,
+            id: tc.w_id,
         },
         ramp_steps: tc.ramp_steps,
+    };
+    let augment = Augment {
+        flip: tc.aug_flip,
+        pad_crop: tc.aug_pad_crop,
+        erase: tc.aug_erase,
     };
     let pool = plip_model::runtime::thread_pool(tc.threads).map_err(|e| e.to_string())?;
     let model = Plip::<f32, D>::new(&dev, &preset, tc.seed).map_err(|e| e.to_string())?;
@@ -266,11 +274,8 @@ fn train_loop<D: Device<f32>>(
         .map_err(|e| e.to_string())?;
     if let Some(ck) = resumed {
         let stored = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
-        if stored != preset {
-            return Err(format!(
-                "the state folder's checkpoints are of preset {}; set trainer.preset = {:?} or use another state folder",
-                stored.name, stored.name
-            ));
+        if let Some(why) = preset.mismatch(&stored) {
+            return Err(format!("trainer.preset = {:?}: {why}", preset.name));
         }
         load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())
             .map_err(|e| e.to_string())?;
@@ -363,7 +368,7 @@ fn train_loop<D: Device<f32>>(
         }
         set_state(&shared, "training");
         let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
-        let mut loaded: Vec<(Vec<u8>, Caption, u64)> = Vec::with_capacity(picks.len());
+        let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
         for (i, g) in picks {
             let Some(s) = shared.store.get(&index.entries[i].id)? else {
                 continue; // evicted or forgotten since the index was built
@@ -379,6 +384,7 @@ fn train_loop<D: Device<f32>>(
                 pixels_at(&img, preset.image_height as u32, preset.image_width as u32),
                 c,
                 g,
+                s.meta.person_id.as_deref().map(person_key),
             ));
         }
         if loaded.len() < 2 {
@@ -387,21 +393,30 @@ fn train_loop<D: Device<f32>>(
         }
         let spans: Vec<Vec<std::ops::Range<usize>>> = loaded
             .iter()
-            .map(|(_, c, _)| c.phrases.iter().map(|p| p.span.clone()).collect())
+            .map(|(_, c, _, _)| c.phrases.iter().map(|p| p.span.clone()).collect())
             .collect();
         let samples: Vec<Sample<'_>> = loaded
             .iter()
             .zip(&spans)
-            .map(|((rgb, c, g), sp)| Sample {
+            .map(|((rgb, c, g, person), sp)| Sample {
                 rgb,
                 caption: &c.text,
                 phrases: sp,
                 identity: Some(*g),
+                person: *person,
             })
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
-        let batch = Batch::build(&samples, &preset, &tokenizer, ratio, &mut rng)
-            .map_err(|e| e.to_string())?;
+        let batch = Batch::build_augmented(
+            &samples,
+            &preset,
+            &tokenizer,
+            ratio,
+            &mut rng,
+            &augment,
+            (tc.seed, trainer.opt.step),
+        )
+        .map_err(|e| e.to_string())?;
         let report = plip_model::runtime::install(&pool, || trainer.step(&batch))
             .map_err(|e| e.to_string())?;
         images_seen += samples.len() as u64;
@@ -420,6 +435,9 @@ fn train_loop<D: Device<f32>>(
                 t.ivlc = report.losses.ivlc;
                 t.iap = report.losses.iap;
                 t.tic = report.losses.tic;
+                t.triplet = report.losses.triplet;
+                t.supcon = report.losses.supcon;
+                t.id = report.losses.id;
                 t.lr = Some(report.lr);
             }
             if secs >= 5.0 || t.steps_per_s.is_none() {

@@ -1,0 +1,182 @@
+//! Batch normalisation over the channels of a channels-last feature map `(n, c)`, with running
+//! statistics that survive continuous training.
+//!
+//! Train mode: y = (x − μ_B) / √(σ²_B + ε) · γ + β with the batch's per-channel mean and biased
+//! variance (rows = every pixel of every image). Eval mode: the running statistics instead, so
+//! an image embedded alone equals the same image embedded inside a batch.
+//!
+//! Running statistics follow PyTorch: momentum 0.1, r ← (1 − m)·r + m·s, with the *unbiased*
+//! batch variance (σ²_B · n/(n−1)) in the running variance. They are buffers, not parameters:
+//! saved in checkpoints and exported weights (`running_mean`, `running_var`), restored on resume,
+//! never seen by the optimiser, weight decay or the gradient check. A forward pass does not write
+//! them: it reports the batch statistics into a [`BnStats`] record, and the trainer applies the
+//! record after an update that was not skipped ([`crate::Trainer::step`]), so a skipped step and
+//! the TIC grayscale pass (which passes no record) leave them untouched.
+
+use crate::params::{scalar, Init, Mat, ParamMut, ParamRef, Params, Vector};
+use dfdx::prelude::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// PyTorch's default momentum of the running statistics.
+pub const MOMENTUM: f64 = 0.1;
+/// ε of the normalisation (PyTorch's default).
+pub const EPS: f64 = 1e-5;
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// Batch statistics collected by one forward pass: `(layer id, mean, unbiased variance)`.
+#[derive(Debug, Default)]
+pub struct BnStats {
+    pub layers: RefCell<Vec<(usize, Vec<f64>, Vec<f64>)>>,
+}
+
+/// How BatchNorm layers normalise.
+#[derive(Clone, Copy)]
+pub enum BnMode<'a> {
+    /// Running statistics (serving, evaluation, the swapper's probe).
+    Eval,
+    /// Batch statistics; reported into the record when there is one.
+    Train(Option<&'a BnStats>),
+}
+
+/// BatchNorm over the columns of `(n, c)`.
+#[derive(Clone, Debug)]
+pub struct BatchNorm<E: Dtype, D: Device<E>> {
+    pub weight: Vector<E, D>,
+    pub bias: Vector<E, D>,
+    pub running_mean: Vector<E, D>,
+    pub running_var: Vector<E, D>,
+    /// Identifies the layer in a [`BnStats`] record (unique in the process, kept by clones).
+    pub id: usize,
+}
+
+impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
+    /// γ = 1, β = 0, running mean 0, running variance 1 (PyTorch's initial values).
+    pub fn new(init: &mut Init<D>, c: usize) -> Self {
+        Self::with_gamma(init, c, 1.0)
+    }
+
+    /// As [`BatchNorm::new`] with γ = `gamma` (0 for the last norm of a residual branch, so each
+    /// block starts as the identity).
+    pub fn with_gamma(init: &mut Init<D>, c: usize, gamma: f64) -> Self {
+        BatchNorm {
+            weight: init.fill(c, gamma),
+            bias: init.fill(c, 0.0),
+            running_mean: init.fill(c, 0.0),
+            running_var: init.fill(c, 1.0),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// `(n, c)` → `(n, c)`.
+    pub fn forward<T: Tape<E, D>>(&self, x: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
+        let shape = *x.shape();
+        let (n, c) = shape;
+        let bcast = |v: Vector<E, D, T>| v.broadcast_like::<_, Axis<0>>(&shape);
+        match mode {
+            BnMode::Eval => {
+                // y = x·s + t with s = γ/√(r_var + ε), t = β − r_mean·s.
+                let s = self.weight.retaped::<T>()
+                    / (self.running_var.clone() + scalar::<E>(EPS)).sqrt();
+                let t = self.bias.retaped::<T>() - s.retaped::<T>() * self.running_mean.clone();
+                x * bcast(s) + bcast(t)
+            }
+            BnMode::Train(record) => {
+                let mean = x.retaped::<T>().mean::<(usize,), Axis<0>>();
+                let host_mean = record.map(|_| mean.as_vec());
+                // `mean` itself (not a retaped copy) so its tape — the gradient path through
+                // the batch mean — joins the output's.
+                let centered = x - bcast(mean);
+                let var = centered.retaped::<T>().square().mean::<(usize,), Axis<0>>();
+                if let (Some(record), Some(host_mean)) = (record, host_mean) {
+                    let unbias = n as f64 / (n.max(2) - 1) as f64;
+                    let m: Vec<f64> = host_mean
+                        .iter()
+                        .map(|v| v.to_f64().unwrap_or(0.0))
+                        .collect();
+                    let v: Vec<f64> = var
+                        .as_vec()
+                        .iter()
+                        .map(|v| v.to_f64().unwrap_or(1.0) * unbias)
+                        .collect();
+                    debug_assert_eq!(m.len(), c);
+                    record.layers.borrow_mut().push((self.id, m, v));
+                }
+                let s = self.weight.retaped::<T>() / (var + scalar::<E>(EPS)).sqrt();
+                centered * bcast(s) + bcast(self.bias.retaped::<T>())
+            }
+        }
+    }
+
+    /// Folds a batch's statistics into the running ones.
+    pub fn update_running(&mut self, mean: &[f64], var: &[f64], momentum: f64) {
+        let mix = |r: &mut Vector<E, D>, s: &[f64]| {
+            let old = r.as_vec();
+            let new: Vec<E> = old
+                .iter()
+                .zip(s)
+                .map(|(o, s)| scalar((1.0 - momentum) * o.to_f64().unwrap_or(0.0) + momentum * s))
+                .collect();
+            r.copy_from(&new);
+        };
+        mix(&mut self.running_mean, mean);
+        mix(&mut self.running_var, var);
+    }
+}
+
+impl<E: Dtype, D: Device<E>> Params<E, D> for BatchNorm<E, D> {
+    fn visit<'a>(&'a self, name: &str, out: &mut Vec<(String, ParamRef<'a, E, D>)>) {
+        self.weight.visit(&crate::params::join(name, "weight"), out);
+        self.bias.visit(&crate::params::join(name, "bias"), out);
+    }
+    fn visit_mut<'a>(&'a mut self, name: &str, out: &mut Vec<(String, ParamMut<'a, E, D>)>) {
+        self.weight
+            .visit_mut(&crate::params::join(name, "weight"), out);
+        self.bias.visit_mut(&crate::params::join(name, "bias"), out);
+    }
+    fn visit_buffers<'a>(&'a self, name: &str, out: &mut Vec<(String, ParamRef<'a, E, D>)>) {
+        self.running_mean
+            .visit(&crate::params::join(name, "running_mean"), out);
+        self.running_var
+            .visit(&crate::params::join(name, "running_var"), out);
+    }
+    fn visit_buffers_mut<'a>(
+        &'a mut self,
+        name: &str,
+        out: &mut Vec<(String, ParamMut<'a, E, D>)>,
+    ) {
+        self.running_mean
+            .visit_mut(&crate::params::join(name, "running_mean"), out);
+        self.running_var
+            .visit_mut(&crate::params::join(name, "running_var"), out);
+    }
+    fn batchnorms_mut<'a>(&'a mut self, out: &mut Vec<&'a mut BatchNorm<E, D>>) {
+        out.push(self);
+    }
+}
+
+impl BnStats {
+    /// True when every recorded statistic is finite.
+    pub fn is_finite(&self) -> bool {
+        self.layers
+            .borrow()
+            .iter()
+            .all(|(_, m, v)| m.iter().chain(v).all(|x| x.is_finite()))
+    }
+}
+
+/// Applies a forward pass's record to the model's BatchNorm layers.
+pub fn apply_stats<E: Dtype, D: Device<E>, M: Params<E, D>>(model: &mut M, stats: BnStats) {
+    let layers = stats.layers.into_inner();
+    if layers.is_empty() {
+        return;
+    }
+    let mut norms = Vec::new();
+    model.batchnorms_mut(&mut norms);
+    for (id, mean, var) in layers {
+        if let Some(bn) = norms.iter_mut().find(|b| b.id == id) {
+            bn.update_running(&mean, &var, MOMENTUM);
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! BatchNorm in a model that trains forever: running statistics as buffers (PyTorch's
+//! conventions), explicit train and eval modes, and statistics that survive save and load.
+
+mod common;
+
+use common::*;
+use plip_model::batch::{Augment, Batch, Sample};
+use plip_model::dfdx::prelude::*;
+use plip_model::norm::{apply_stats, BatchNorm, BnMode, BnStats};
+use plip_model::optim::OptimConfig;
+use plip_model::params::Init;
+use plip_model::weights::{load_weights, save_weights};
+use plip_model::{Params, Plip, Preset, TaskWeights, TrainConfig, Trainer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+fn buffers(m: &Plip<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
+    m.buffers()
+        .into_iter()
+        .map(|(n, p)| (n, p.to_host()))
+        .collect()
+}
+
+fn trainer(tasks: TaskWeights) -> Trainer<f32, Cpu> {
+    let cfg = TrainConfig {
+        optim: OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 0,
+            ..Default::default()
+        },
+        tasks,
+        ramp_steps: 1,
+    };
+    Trainer::new(Plip::new(&cpu(), &Preset::test(), 5).unwrap(), cfg)
+}
+
+/// Running statistics follow PyTorch: momentum 0.1 and the unbiased batch variance.
+#[test]
+fn running_statistics_follow_pytorch() {
+    let dev = cpu();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut init = Init {
+        dev: &dev,
+        rng: &mut rng,
+    };
+    let mut bn: BatchNorm<f64, Cpu> = BatchNorm::new(&mut init, 3);
+    let (n, c) = (10, 3);
+    let mut r = StdRng::seed_from_u64(2);
+    let x: Vec<f64> = (0..n * c).map(|_| r.gen_range(-2.0..3.0)).collect();
+    let stats = BnStats::default();
+    let y = bn.forward(
+        dev.tensor_from_vec(x.clone(), (n, c)),
+        BnMode::Train(Some(&stats)),
+    );
+    apply_stats(&mut bn, stats);
+    let (rm, rv) = (bn.running_mean.as_vec(), bn.running_var.as_vec());
+    let y = y.as_vec();
+    for ch in 0..c {
+        let col: Vec<f64> = (0..n).map(|i| x[i * c + ch]).collect();
+        let mean = col.iter().sum::<f64>() / n as f64;
+        let biased = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        let unbiased = biased * n as f64 / (n - 1) as f64;
+        assert!((rm[ch] - 0.1 * mean).abs() < 1e-12, "running mean");
+        assert!(
+            (rv[ch] - (0.9 + 0.1 * unbiased)).abs() < 1e-12,
+            "running var"
+        );
+        // The output uses the biased batch variance, as PyTorch's training mode does.
+        let want = (col[0] - mean) / (biased + 1e-5).sqrt();
+        assert!((y[ch] - want).abs() < 1e-9);
+    }
+}
+
+/// A training step moves the running statistics; they are buffers, not parameters (the
+/// optimiser never sees them); embedding in eval mode and the TIC grayscale pass leave them.
+#[test]
+fn statistics_move_with_training_only() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 2, 3);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let mut t = trainer(TaskWeights::default());
+    assert!(t
+        .model
+        .params()
+        .iter()
+        .all(|(n, _)| !n.contains("running_")));
+    assert!(t.opt.names.iter().all(|n| !n.contains("running_")));
+    let names: Vec<String> = buffers(&t.model).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&"image.bn1.running_mean".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"image.layer2.0.downsample.bn.running_var".to_string()));
+
+    let before = buffers(&t.model);
+    t.model.embed_images(&b.images, 4);
+    assert_eq!(
+        before,
+        buffers(&t.model),
+        "eval mode changed the statistics"
+    );
+    assert!(!t.step(&b).unwrap().skipped);
+    let after = buffers(&t.model);
+    assert!(
+        before.iter().zip(&after).all(|(x, y)| x.1 != y.1),
+        "every BatchNorm's statistics move with a step"
+    );
+
+    // TIC alone runs only the grayscale pass: batch statistics, running ones untouched.
+    let mut tic = trainer(TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 1.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 0.0,
+    });
+    let before = buffers(&tic.model);
+    assert!(!tic.step(&b).unwrap().skipped);
+    assert_eq!(before, buffers(&tic.model));
+
+    // A skipped step leaves them too.
+    let mut bad = b.clone();
+    bad.images[3] = f32::NAN;
+    let before = buffers(&t.model);
+    assert!(t.step(&bad).unwrap().skipped);
+    assert_eq!(before, buffers(&t.model));
+}
+
+/// In eval mode an image embedded alone equals the same image embedded inside a batch.
+#[test]
+fn alone_equals_in_batch() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let mut t = trainer(TaskWeights::default());
+    for _ in 0..3 {
+        t.step(&b).unwrap();
+    }
+    let all = t.model.embed_images(&b.images, 6);
+    let len = p.image_len();
+    for i in 0..6 {
+        let one = t.model.embed_images(&b.images[i * len..(i + 1) * len], 1);
+        for (a, e) in one.row(0).iter().zip(all.row(i)) {
+            assert!((a - e).abs() < 1e-5, "image {i}: {a} vs {e}");
+        }
+    }
+}
+
+/// Running statistics go through save and load with the weights, and give the same
+/// embeddings.
+#[test]
+fn statistics_round_trip_through_weights() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 2, 3);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let mut t = trainer(TaskWeights::default());
+    for _ in 0..2 {
+        t.step(&b).unwrap();
+    }
+    let bytes = save_weights(&t.model, tk.fingerprint(), 2, &BTreeMap::new()).unwrap();
+    let mut fresh = Plip::<f32, Cpu>::new(&cpu(), &p, 99).unwrap();
+    assert_ne!(buffers(&fresh), buffers(&t.model));
+    load_weights(&mut fresh, &bytes, tk.fingerprint()).unwrap();
+    assert_eq!(buffers(&fresh), buffers(&t.model));
+    assert_eq!(
+        fresh.embed_images(&b.images, 4),
+        t.model.embed_images(&b.images, 4)
+    );
+}
+
+/// Augmentation is a function of (seed, step, slot): the same key gives the same batch, another
+/// step another one; flip, pad-crop and erasing each change the pixels.
+#[test]
+fn augmentation_is_keyed_and_changes_pixels() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let samples: Vec<Sample<'_>> = toys.iter().map(Toy::sample).collect();
+    let build = |aug: &Augment, step: u64| {
+        Batch::build_augmented(
+            &samples,
+            &p,
+            &tk,
+            0.5,
+            &mut StdRng::seed_from_u64(0),
+            aug,
+            (7, step),
+        )
+        .unwrap()
+    };
+    let plain = build(&Augment::none(), 3);
+    let a = build(&Augment::default(), 3);
+    assert_eq!(a.images, build(&Augment::default(), 3).images);
+    assert_ne!(a.images, build(&Augment::default(), 4).images);
+    assert_ne!(a.images, plain.images);
+    for aug in [
+        Augment {
+            flip: 1.0,
+            ..Augment::none()
+        },
+        Augment {
+            pad_crop: 0.25,
+            ..Augment::none()
+        },
+        Augment {
+            erase: 1.0,
+            ..Augment::none()
+        },
+    ] {
+        assert_ne!(build(&aug, 3).images, plain.images, "{aug:?}");
+    }
+    // Erasing touches the colour input only: TIC's grayscale input and target stay whole.
+    let erased = build(
+        &Augment {
+            erase: 1.0,
+            ..Augment::none()
+        },
+        3,
+    );
+    assert_eq!(erased.gray, plain.gray);
+    assert_eq!(erased.tic_target, plain.tic_target);
+}
