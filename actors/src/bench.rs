@@ -38,7 +38,7 @@ pub struct TrainBenchArgs {
     pub device: String,
     /// The tasks the timed step runs, comma-separated from ivlc, iap, tic, triplet, supcon, id
     /// (each at its default weight; supcon at 1).
-    #[arg(long, default_value = "ivlc,iap,tic,triplet,id")]
+    #[arg(long, default_value = "ivlc,iap,tic,triplet,id,text_id")]
     pub tasks: String,
     /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
     #[arg(long)]
@@ -56,6 +56,8 @@ pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
         triplet: 0.0,
         supcon: 0.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     };
     for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         match t {
@@ -65,9 +67,10 @@ pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
             "triplet" => w.triplet = d.triplet,
             "supcon" => w.supcon = 1.0,
             "id" => w.id = d.id,
+            "text_id" => w.text_id = d.text_id,
             other => {
                 return Err(format!(
-                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id"
+                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id"
                 ))
             }
         }
@@ -287,6 +290,8 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             triplet: 0.0,
             supcon: 0.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         };
         let (mut peer, _, _) = pool.install(|| time_steps(&p, ivlc, &batches, args))?;
         let peer_ms = median(&mut peer);

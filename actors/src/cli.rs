@@ -107,6 +107,8 @@ pub enum TokenizerCommand {
 pub enum BenchCommand {
     /// Median training-step time and images/s on synthetic batches; prints one JSON line.
     Train(crate::bench::TrainBenchArgs),
+    /// The convolution's two im2col forms on the `tiny` ResNet's layer shapes.
+    Conv(crate::bench_conv::ConvBenchArgs),
     /// CPU-vs-device agreement on one batch (embeddings, losses, SGD and AdamW updates); prints
     /// one JSON line and fails when a difference exceeds the tolerance.
     Agree(crate::bench::AgreeArgs),
@@ -124,6 +126,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
+        Command::Bench(BenchCommand::Conv(args)) => crate::bench_conv::run(&args),
         Command::Bench(BenchCommand::Agree(args)) => match crate::bench::agree(&args) {
             Ok(true) => Ok(()),
             Ok(false) => Err("the devices disagree beyond the tolerance (see the JSON)".into()),

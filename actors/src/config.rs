@@ -151,7 +151,7 @@ impl Default for CaptionConfig {
 pub struct TrainerConfig {
     /// Train at all (a serving-only daemon sets false).
     pub enabled: bool,
-    /// Model preset: `test`, `tiny` or `small`.
+    /// Model preset: `tiny` (CPU default, ResNet), `tiny-vit`, `small` (GPU), `test`, `test-vit`.
     pub preset: String,
     /// Device: `cpu` (a build with the `cuda` feature also takes `cuda` / `cuda:N`).
     pub device: String,
@@ -174,6 +174,10 @@ pub struct TrainerConfig {
     pub w_triplet: f64,
     pub w_supcon: f64,
     pub w_id: f64,
+    /// Identity classification of captions by the image classifier (CMPC).
+    pub w_text_id: f64,
+    /// Let IVLC's gradient reach the image tower even when identity losses train it.
+    pub ivlc_image_grad: bool,
     /// Augmentation: probability of a horizontal flip.
     pub aug_flip: f64,
     /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
@@ -209,15 +213,17 @@ impl Default for TrainerConfig {
             device: "cpu".into(),
             batch: 64,
             images_per_id: 4,
-            lr: 3e-4,
-            warmup_steps: 100,
+            lr: 1e-3,
+            warmup_steps: 50,
             ramp_steps: 10_000,
             w_ivlc: 1.0,
-            w_iap: 0.1,
-            w_tic: 0.02,
+            w_iap: 0.0,
+            w_tic: 0.0,
             w_triplet: 1.0,
             w_supcon: 0.0,
             w_id: 1.0,
+            w_text_id: 1.0,
+            ivlc_image_grad: false,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
             aug_erase: 0.5,

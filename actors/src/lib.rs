@@ -16,6 +16,7 @@
 //! - [`state`]: the sled state folder (tokenizer, checkpoints); [`store`]: the sample store.
 
 pub mod bench;
+pub mod bench_conv;
 pub mod bench_ingest;
 pub mod bench_reid;
 pub mod bench_search;

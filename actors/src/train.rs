@@ -98,21 +98,21 @@ pub struct TrainArgs {
     /// Images of each identity in a batch (identity-balanced sampling).
     #[arg(long, default_value_t = 4)]
     pub images_per_id: usize,
-    /// Total optimisation steps (the schedule's length).
-    #[arg(long, default_value_t = 1000)]
+    /// Total optimisation steps (the schedule's length; 625 × 64 = 40,000 images).
+    #[arg(long, default_value_t = 625)]
     pub steps: u64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Warm-up steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub warmup: u64,
     /// Task weights; 0 turns a task off.
     #[arg(long, default_value_t = 1.0)]
     pub w_ivlc: f64,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.0)]
     pub w_iap: f64,
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = 0.0)]
     pub w_tic: f64,
     /// Weight of the batch-hard triplet loss on image embeddings (0 = off).
     #[arg(long, default_value_t = 1.0)]
@@ -123,6 +123,12 @@ pub struct TrainArgs {
     /// Weight of identity classification (BNNeck + classifier, label smoothing 0.1; 0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub w_id: f64,
+    /// Weight of identity classification of captions by the same classifier (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub w_text_id: f64,
+    /// Let IVLC's gradient reach the image tower even when identity losses train it.
+    #[arg(long)]
+    pub ivlc_image_grad: bool,
     /// Augmentation: probability of a horizontal flip.
     #[arg(long, default_value_t = 0.5)]
     pub aug_flip: f64,
@@ -243,6 +249,8 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             triplet: args.w_triplet,
             supcon: args.w_supcon,
             id: args.w_id,
+            text_id: args.w_text_id,
+            ivlc_image_grad: args.ivlc_image_grad,
         },
         ramp_steps: args.ramp_steps,
     }
@@ -510,7 +518,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 "{}",
                 serde_json::json!({
                     "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
-                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
                     "logit_scale": trainer.model.logit_scale_value(),

@@ -1499,7 +1499,8 @@ fn offline_ranking(
 /// - a re-initialised checkpoint is refused by the gate;
 /// - the trained encoder's cross-camera Rank-1 beats the re-initialised one's (served by
 ///   rollback) by a clear margin; rollback and unpin change the serving version replies name;
-/// - forgetting a person removes them from the results.
+/// - forgetting a person removes them from the results and zeroes their identity-classifier
+///   row in the trainer.
 #[test]
 fn swaps_gates_rolls_back_and_forgets() {
     let _serial = serial();
@@ -1696,6 +1697,13 @@ fn swaps_gates_rolls_back_and_forgets() {
     d.wait_for("the gallery without them", Duration::from_secs(60), |s| {
         s["serving"]["gallery_size"] == 138
     });
+    // The trainer zeroes the person's identity-classifier row at its next step.
+    d.wait_for(
+        "the classifier row forgotten",
+        Duration::from_secs(60),
+        |s| s["trainer"]["forgotten_rows"] == 1,
+    );
+    assert_eq!(d.log_events("classifier_row_forgotten").len(), 1);
     rt.block_on(async {
         let (_c, ch) = channel().await;
         for (_, _, _, jpeg) in all.iter().filter(|x| x.1 == gone) {

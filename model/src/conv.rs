@@ -278,6 +278,26 @@ impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
     }
 }
 
+impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
+    /// As [`Conv2d::forward`] for an input that needs no gradient (the images): im2col runs
+    /// without a tape, so the backward skips col2im (the stem's is the largest of the network).
+    pub fn forward_input<T: Tape<E, D>>(&self, x: Fmap<E, D, T>) -> Fmap<E, D, T> {
+        let Fmap { x, b, h, w } = x;
+        let (x, tape) = x.split_tape();
+        let (cols, ho, wo) = im2col(Fmap { x, b, h, w }, self.win);
+        let wt = self
+            .weight
+            .retaped::<T>()
+            .permute::<(usize, usize), Axes2<1, 0>>();
+        Fmap {
+            x: cols.put_tape(tape).matmul(wt),
+            b,
+            h: ho,
+            w: wo,
+        }
+    }
+}
+
 /// Max pooling over `win` with zero padding. The ResNet stem pools after a ReLU, where every
 /// value is ≥ 0 and every window holds at least one real pixel, so zero padding equals
 /// PyTorch's −∞ padding there; callers elsewhere must keep that precondition.

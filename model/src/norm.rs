@@ -25,10 +25,13 @@ pub const EPS: f64 = 1e-5;
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
-/// Batch statistics collected by one forward pass: `(layer id, mean, unbiased variance)`.
+/// One layer's batch statistics: `(layer id, mean, unbiased variance)`.
+pub type LayerStats = (usize, Vec<f64>, Vec<f64>);
+
+/// Batch statistics collected by one forward pass.
 #[derive(Debug, Default)]
 pub struct BnStats {
-    pub layers: RefCell<Vec<(usize, Vec<f64>, Vec<f64>)>>,
+    pub layers: RefCell<Vec<LayerStats>>,
 }
 
 /// How BatchNorm layers normalise.

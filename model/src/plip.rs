@@ -44,6 +44,15 @@ pub struct TaskWeights {
     /// Weight of identity classification (BNNeck + classifier, label smoothing 0.1); 0
     /// switches it off; needs a preset with `id_classes`.
     pub id: f64,
+    /// Weight of identity classification of the caption embeddings by the same classifier
+    /// (CMPC, Zhang & Lu 2018: a caption of person P must point where P's images point);
+    /// 0 switches it off.
+    pub text_id: f64,
+    /// Let IVLC's gradient reach the image tower. Off by default when identity losses train the
+    /// image tower: the text tower then aligns to the identity-trained image embeddings instead
+    /// of pulling them back towards its own near-uniform start (the trap in README "Quality":
+    /// IVLC sat at its uniform value while the identity losses carried the image tower).
+    pub ivlc_image_grad: bool,
 }
 
 impl Default for TaskWeights {
@@ -55,6 +64,8 @@ impl Default for TaskWeights {
             triplet: 1.0,
             supcon: 0.0,
             id: 1.0,
+            text_id: 1.0,
+            ivlc_image_grad: false,
         }
     }
 }
@@ -66,6 +77,8 @@ impl TaskWeights {
             triplet: 0.0,
             supcon: 0.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
             ..Default::default()
         }
     }
@@ -84,6 +97,7 @@ pub struct LossValues {
     pub triplet: Option<f64>,
     pub supcon: Option<f64>,
     pub id: Option<f64>,
+    pub text_id: Option<f64>,
     pub total: f64,
 }
 
@@ -241,8 +255,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             _ => None,
         };
 
-        // Caption pass: its embedding feeds IVLC and TIC.
-        let need_text = weights.ivlc > 0.0 || weights.tic > 0.0;
+        // Caption pass: its embedding feeds IVLC, TIC and the caption identity loss.
+        let need_text = weights.ivlc > 0.0 || weights.tic > 0.0 || weights.text_id > 0.0;
         let text_emb = if need_text {
             let (t, tape) = self
                 .text
@@ -255,7 +269,14 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         };
 
         if let (true, Some(text_emb), Some(img)) = (weights.ivlc > 0.0, &text_emb, &img_emb) {
-            let img = img.retaped::<T>();
+            let img = if weights.ivlc_image_grad || !weights.image_losses() {
+                img.retaped::<T>()
+            } else {
+                // A copy with its own id: IVLC's gradient stops here.
+                self.dev
+                    .tensor_from_vec(img.as_vec(), *img.shape())
+                    .put_tape(T::default())
+            };
             let q = loss::identity_targets(&batch.identities);
             let l = loss::ivlc(img, text_emb.retaped::<T>(), self.scale::<T>(), &q);
             values.ivlc = Some(read(&l));
@@ -311,6 +332,14 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                     values.id = Some(read(&l));
                     terms.push(l * scalar::<E>(weights.id));
                 }
+            }
+        }
+        if let (true, Some(head), Some(text_emb)) = (weights.text_id > 0.0, &self.id, &text_emb) {
+            // The caption batch's own statistics in the neck; the running ones are the images'.
+            let logits = head.forward(text_emb.retaped::<T>(), BnMode::Train(None));
+            if let Some(l) = loss::id_loss(logits, &batch.persons, loss::ID_LABEL_SMOOTHING) {
+                values.text_id = Some(read(&l));
+                terms.push(l * scalar::<E>(weights.text_id));
             }
         }
         let mut total = terms

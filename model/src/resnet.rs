@@ -145,15 +145,14 @@ impl<E: Dtype, D: Device<E>> ResNetBody<E, D> {
         let mut c_in = stem;
         let mut stage = |i: usize, init: &mut Init<D>| -> Vec<BasicBlock<E, D>> {
             let c_out = widths[i];
-            let blocks = (0..p.conv_blocks[i])
+            (0..p.conv_blocks[i])
                 .map(|j| {
                     let stride = if j == 0 { p.conv_strides[i] } else { 1 };
                     let b = BasicBlock::new(init, c_in, c_out, stride);
                     c_in = c_out;
                     b
                 })
-                .collect();
-            blocks
+                .collect()
         };
         let conv1 = Conv2d::new(
             init,
@@ -196,7 +195,7 @@ impl<E: Dtype, D: Device<E>> ResNetBody<E, D> {
         images: Tensor<(usize, usize, usize, usize), E, D, T>,
         mode: BnMode<'_>,
     ) -> Fmap<E, D, T> {
-        let Fmap { x, b, h, w } = self.conv1.forward(from_nchw(images));
+        let Fmap { x, b, h, w } = self.conv1.forward_input(from_nchw(images));
         let x = self.bn1.forward(x, mode).relu();
         let mut x = max_pool(
             Fmap { x, b, h, w },

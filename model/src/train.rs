@@ -38,6 +38,10 @@ impl TrainConfig {
     }
 }
 
+/// The gradients of one batch (none when the loss was not finite), the loss values, and the
+/// BatchNorm batch statistics.
+pub type StepGradients<E, D> = (Option<Gradients<E, D>>, LossValues, BnStats);
+
 /// What one call to [`Trainer::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
@@ -105,7 +109,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     pub fn gradients_and_stats(
         &self,
         batch: &Batch,
-    ) -> Result<(Option<Gradients<E, D>>, LossValues, BnStats)> {
+    ) -> Result<StepGradients<E, D>> {
         let stats = BnStats::default();
         let (total, values) = self.model.losses_with_stats(
             batch,
@@ -155,6 +159,33 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
         report.step = self.opt.step;
         report.skipped = false;
         Ok(report)
+    }
+
+    /// Forgets a person in the identity classifier: zeroes their row (`key mod classes`, see
+    /// [`crate::batch::person_key`]) and its Adam moments, so no trace of the row's training
+    /// remains. Returns the row, or `None` for a model without a classifier. (The rest of the
+    /// network cannot unlearn what the person's images taught it.)
+    pub fn forget_person(&mut self, key: u64) -> Option<usize> {
+        let classes = self.model.id.as_ref()?.classes();
+        let row = (key % classes as u64) as usize;
+        let zero_row = |t: &mut crate::params::Mat<E, D>| {
+            let (r, c) = *t.shape();
+            let mut v = t.as_vec();
+            if row < r {
+                v[row * c..(row + 1) * c].fill(E::default());
+                t.copy_from(&v);
+            }
+        };
+        if let Some(head) = self.model.id.as_mut() {
+            zero_row(&mut head.classifier);
+        }
+        if let Some(i) = self.opt.names.iter().position(|n| n == "id.classifier") {
+            if let crate::optim::Moments::Matrix(m, v) = &mut self.opt.moments[i] {
+                zero_row(m);
+                zero_row(v);
+            }
+        }
+        Some(row)
     }
 
     /// Keeps ln s ≤ ln 100 in the stored parameter too (CLIP's practice).

@@ -116,6 +116,8 @@ fn statistics_move_with_training_only() {
         triplet: 0.0,
         supcon: 0.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
     let before = buffers(&tic.model);
     assert!(!tic.step(&b).unwrap().skipped);
@@ -224,4 +226,45 @@ fn augmentation_is_keyed_and_changes_pixels() {
     );
     assert_eq!(erased.gray, plain.gray);
     assert_eq!(erased.tic_target, plain.tic_target);
+}
+
+/// Forgetting a person zeroes their identity-classifier row and its optimiser moments, and
+/// leaves every other row as it was.
+#[test]
+fn forget_zeroes_the_person_row() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 2, 3);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let mut t = trainer(TaskWeights::default());
+    t.step(&b).unwrap();
+    let before = t.model.id.as_ref().unwrap().classifier.as_vec();
+    let key = plip_model::batch::person_key("0042");
+    let row = t.forget_person(key).unwrap();
+    assert_eq!(row, (key % 64) as usize);
+    let after = t.model.id.as_ref().unwrap().classifier.as_vec();
+    let c = p.embed;
+    for r in 0..64 {
+        let (a, b) = (&after[r * c..(r + 1) * c], &before[r * c..(r + 1) * c]);
+        if r == row {
+            assert!(a.iter().all(|&x| x == 0.0));
+        } else {
+            assert_eq!(a, b);
+        }
+    }
+    let i = t
+        .opt
+        .names
+        .iter()
+        .position(|n| n == "id.classifier")
+        .unwrap();
+    match &t.opt.moments[i] {
+        plip_model::optim::Moments::Matrix(m, v) => {
+            let (m, v) = (m.as_vec(), v.as_vec());
+            assert!(m[row * c..(row + 1) * c].iter().all(|&x| x == 0.0));
+            assert!(v[row * c..(row + 1) * c].iter().all(|&x| x == 0.0));
+            assert!(m.iter().any(|&x| x != 0.0));
+        }
+        _ => panic!("the classifier is a matrix"),
+    }
 }

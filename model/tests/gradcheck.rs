@@ -24,6 +24,8 @@ fn gradients_match_finite_differences_in_f64() {
         triplet: 1.0,
         supcon: 1.0,
         id: 1.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
 }
 
@@ -54,6 +56,8 @@ fn hmlp_stem_gradients_match_finite_differences() {
             triplet: 1.0,
             supcon: 1.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         },
         p,
     );
@@ -192,6 +196,8 @@ fn each_task_alone_matches_finite_differences() {
         triplet: 0.0,
         supcon: 0.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
     check(TaskWeights {
         ivlc: 0.0,
@@ -200,6 +206,8 @@ fn each_task_alone_matches_finite_differences() {
         triplet: 0.0,
         supcon: 0.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
     check(TaskWeights {
         ivlc: 0.0,
@@ -208,6 +216,8 @@ fn each_task_alone_matches_finite_differences() {
         triplet: 0.0,
         supcon: 0.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
     check(TaskWeights {
         ivlc: 0.0,
@@ -216,6 +226,8 @@ fn each_task_alone_matches_finite_differences() {
         triplet: 1.0,
         supcon: 0.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
     check(TaskWeights {
         ivlc: 0.0,
@@ -224,6 +236,8 @@ fn each_task_alone_matches_finite_differences() {
         triplet: 0.0,
         supcon: 1.0,
         id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
     check(TaskWeights {
         ivlc: 0.0,
@@ -232,5 +246,7 @@ fn each_task_alone_matches_finite_differences() {
         triplet: 0.0,
         supcon: 0.0,
         id: 1.0,
+        text_id: 0.0,
+        ivlc_image_grad: true,
     });
 }

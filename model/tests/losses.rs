@@ -150,6 +150,8 @@ fn each_loss_falls_on_a_toy_problem() {
             triplet: 0.0,
             supcon: 0.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         },
         60,
     );
@@ -162,6 +164,8 @@ fn each_loss_falls_on_a_toy_problem() {
             triplet: 0.0,
             supcon: 0.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         },
         60,
     );
@@ -174,6 +178,8 @@ fn each_loss_falls_on_a_toy_problem() {
             triplet: 0.0,
             supcon: 0.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         },
         60,
     );
@@ -186,6 +192,8 @@ fn each_loss_falls_on_a_toy_problem() {
             triplet: 0.0,
             supcon: 0.0,
             id: 1.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         },
         60,
     );
@@ -198,6 +206,8 @@ fn each_loss_falls_on_a_toy_problem() {
             triplet: 0.0,
             supcon: 1.0,
             id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
         },
         60,
     );
@@ -224,6 +234,8 @@ fn all_tasks_off_is_an_error() {
                 triplet: 0.0,
                 supcon: 0.0,
                 id: 0.0,
+                text_id: 0.0,
+                ivlc_image_grad: true,
             },
             NoneTape,
         )

@@ -149,10 +149,15 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
                         shared
                             .forgets
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        shared
+                            .forget_rows
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(p.clone());
                         tracing::info!(person = %p, samples = ids.len(), "forgot");
                         Body::Json(
                             200,
-                            serde_json::json!({"person": p, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted; trained weights cannot unlearn"}),
+                            serde_json::json!({"person": p, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted and the person's identity-classifier row is zeroed at the trainer's next step; the rest of the trained weights cannot unlearn"}),
                         )
                     }
                     Err(e) => Body::Json(500, error(&e)),
@@ -361,6 +366,7 @@ pub fn metrics(shared: &Shared) -> String {
         ("triplet", t.triplet),
         ("supcon", t.supcon),
         ("id", t.id),
+        ("text_id", t.text_id),
     ] {
         if let Some(v) = v {
             losses.push((format!("{{task=\"{task}\"}}"), v));

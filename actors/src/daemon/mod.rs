@@ -35,6 +35,8 @@ pub struct Shared {
     pub shutdown_notify: tokio::sync::Notify,
     /// Persons forgotten so far (the swapper rebuilds the gallery when it changes).
     pub forgets: std::sync::atomic::AtomicU64,
+    /// Persons forgotten and not yet dropped from the trainer's identity classifier.
+    pub forget_rows: Mutex<Vec<String>>,
     /// The serving encoder and gallery (swapped whole).
     pub serving: std::sync::RwLock<Option<Arc<serving::Serving>>>,
 }
@@ -58,6 +60,7 @@ impl Shared {
             shutdown_notify: tokio::sync::Notify::new(),
             serving: std::sync::RwLock::new(None),
             forgets: std::sync::atomic::AtomicU64::new(0),
+            forget_rows: Mutex::new(Vec::new()),
         }))
     }
 
@@ -198,6 +201,9 @@ pub struct TrainerStats {
     pub triplet: Option<f64>,
     pub supcon: Option<f64>,
     pub id: Option<f64>,
+    pub text_id: Option<f64>,
+    /// Identity-classifier rows zeroed by `forget` since the trainer started.
+    pub forgotten_rows: u64,
     pub lr: Option<f64>,
     pub steps_per_s: Option<f64>,
     pub images_per_s: Option<f64>,

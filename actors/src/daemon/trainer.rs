@@ -256,6 +256,8 @@ fn train_loop<D: Device<f32>>(
             triplet: tc.w_triplet,
             supcon: tc.w_supcon,
             id: tc.w_id,
+            text_id: tc.w_text_id,
+            ivlc_image_grad: tc.ivlc_image_grad,
         },
         ramp_steps: tc.ramp_steps,
     };
@@ -348,6 +350,14 @@ fn train_loop<D: Device<f32>>(
             Ok(v)
         };
     while !shared.stopping() {
+        let forgotten: Vec<String> =
+            std::mem::take(&mut *shared.forget_rows.lock().unwrap_or_else(|e| e.into_inner()));
+        for person in forgotten {
+            if let Some(row) = trainer.forget_person(person_key(&person)) {
+                shared.stats().trainer.forgotten_rows += 1;
+                tracing::info!(person = ?person, row, "classifier_row_forgotten");
+            }
+        }
         let seq = shared.store.last_seq();
         if seq != index.last_seq || trainer.opt.step % 50 == 0 {
             if seq != index.last_seq {
@@ -438,6 +448,7 @@ fn train_loop<D: Device<f32>>(
                 t.triplet = report.losses.triplet;
                 t.supcon = report.losses.supcon;
                 t.id = report.losses.id;
+                t.text_id = report.losses.text_id;
                 t.lr = Some(report.lr);
             }
             if secs >= 5.0 || t.steps_per_s.is_none() {
