@@ -106,10 +106,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     ///
     /// # Errors
     /// As [`Trainer::gradients`].
-    pub fn gradients_and_stats(
-        &self,
-        batch: &Batch,
-    ) -> Result<StepGradients<E, D>> {
+    pub fn gradients_and_stats(&self, batch: &Batch) -> Result<StepGradients<E, D>> {
         let stats = BnStats::default();
         let (total, values) = self.model.losses_with_stats(
             batch,
