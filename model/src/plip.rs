@@ -211,6 +211,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         if weights.ivlc <= 0.0
             && weights.iap <= 0.0
             && weights.tic <= 0.0
+            && weights.text_id <= 0.0
             && !weights.image_losses()
         {
             return Err(crate::Error::Config(
@@ -231,7 +232,12 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
 
         // Colour image pass: its pooled feature feeds IVLC, IAP and the image losses.
         let iap_active = weights.iap > 0.0 && !batch.iap_positions.is_empty();
-        if weights.ivlc <= 0.0 && weights.tic <= 0.0 && !iap_active && !weights.image_losses() {
+        if weights.ivlc <= 0.0
+            && weights.tic <= 0.0
+            && weights.text_id <= 0.0
+            && !iap_active
+            && !weights.image_losses()
+        {
             return Err(crate::Error::Shape(
                 "only IAP is on and no caption in the batch has an attribute phrase".into(),
             ));
@@ -335,8 +341,10 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             }
         }
         if let (true, Some(head), Some(text_emb)) = (weights.text_id > 0.0, &self.id, &text_emb) {
-            // The caption batch's own statistics in the neck; the running ones are the images'.
-            let logits = head.forward(text_emb.retaped::<T>(), BnMode::Train(None));
+            // The neck in eval mode: the images' running statistics normalise the captions too,
+            // so a caption pointing where its person's images point also lies near them in
+            // the joint space that text queries are ranked in.
+            let logits = head.forward(text_emb.retaped::<T>(), BnMode::Eval);
             if let Some(l) = loss::id_loss(logits, &batch.persons, loss::ID_LABEL_SMOOTHING) {
                 values.text_id = Some(read(&l));
                 terms.push(l * scalar::<E>(weights.text_id));

@@ -24,7 +24,7 @@ fn gradients_match_finite_differences_in_f64() {
         triplet: 1.0,
         supcon: 1.0,
         id: 1.0,
-        text_id: 0.0,
+        text_id: 1.0,
         ivlc_image_grad: true,
     });
 }
@@ -249,4 +249,84 @@ fn each_task_alone_matches_finite_differences() {
         text_id: 0.0,
         ivlc_image_grad: true,
     });
+    check(TaskWeights {
+        ivlc: 0.0,
+        iap: 0.0,
+        tic: 0.0,
+        triplet: 0.0,
+        supcon: 0.0,
+        id: 0.0,
+        text_id: 1.0,
+        ivlc_image_grad: true,
+    });
+}
+
+/// With identity losses on, IVLC's gradient stops at the image embedding: the image tower's
+/// gradients are exactly the identity losses' alone, and the text tower's are those of the
+/// undetached loss.
+#[test]
+fn ivlc_stops_at_the_image_embedding() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 5);
+    let b = batch(&toys, &p, &tk, 0.5, 9);
+    let grads = |tasks: TaskWeights| -> Vec<(String, Vec<f64>)> {
+        let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
+        let trainer = Trainer::new(
+            model,
+            TrainConfig {
+                tasks,
+                ..Default::default()
+            },
+        );
+        let (g, _) = trainer.gradients(&b).unwrap();
+        let g = AdamW::gradients(&trainer.model, &g.unwrap());
+        trainer
+            .model
+            .params()
+            .into_iter()
+            .zip(g)
+            .map(|((n, _), g)| {
+                let v = match g {
+                    Grad::Vector(t) => t.as_vec(),
+                    Grad::Matrix(t) => t.as_vec(),
+                };
+                (n, v)
+            })
+            .collect()
+    };
+    let base = TaskWeights {
+        ivlc: 1.0,
+        iap: 0.0,
+        tic: 0.0,
+        triplet: 1.0,
+        supcon: 0.0,
+        id: 0.0,
+        text_id: 0.0,
+        ivlc_image_grad: false,
+    };
+    let detached = grads(base);
+    let triplet_only = grads(TaskWeights { ivlc: 0.0, ..base });
+    let joined = grads(TaskWeights {
+        ivlc_image_grad: true,
+        ..base
+    });
+    let close = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-12 + 1e-9 * y.abs())
+    };
+    let mut image_differs_when_joined = false;
+    for (((name, d), (_, t)), (_, j)) in detached.iter().zip(&triplet_only).zip(&joined) {
+        if name.starts_with("image.") {
+            assert!(close(d, t), "{name}: IVLC reached the image tower");
+            image_differs_when_joined |= !close(d, j);
+        } else if name.starts_with("text.") {
+            assert!(close(d, j), "{name}: the text tower's gradient changed");
+        }
+    }
+    assert!(
+        image_differs_when_joined,
+        "ivlc_image_grad = true must reach the image tower"
+    );
 }
