@@ -130,8 +130,8 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         )
         .env("PLIP__TRAINER__CHECKPOINT_EVERY_STEPS", "25")
         .env("PLIP__TRAINER__CHECKPOINT_EVERY_S", "120")
+        // A short warm-up: ten minutes on two cores are about 130 steps.
         .env("PLIP__TRAINER__WARMUP_STEPS", "20")
-        .env("PLIP__TRAINER__LR", "0.0005")
         .env("PLIP__TRAINER__IDLE_AFTER_S", "0")
         .env("PLIP__SERVING__POLL_MS", "1000")
         .env("PLIP__STATE__PROBE_PERCENT", "10")
