@@ -38,7 +38,7 @@ pub struct TrainBenchArgs {
     pub device: String,
     /// The tasks the timed step runs, comma-separated from ivlc, iap, tic, triplet, supcon, id
     /// (each at its default weight; supcon at 1).
-    #[arg(long, default_value = "ivlc,iap,tic,triplet,id,text_id")]
+    #[arg(long, default_value = "ivlc,triplet,id,text_id")]
     pub tasks: String,
     /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
     #[arg(long)]
@@ -49,16 +49,7 @@ pub struct TrainBenchArgs {
 /// rest off.
 pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
     let d = TaskWeights::default();
-    let mut w = TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
-        tic: 0.0,
-        triplet: 0.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
-    };
+    let mut w = TaskWeights::none();
     for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
         match t {
             "ivlc" => w.ivlc = d.ivlc,
@@ -285,13 +276,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if !args.no_peer {
         let ivlc = TaskWeights {
             ivlc: 1.0,
-            iap: 0.0,
-            tic: 0.0,
-            triplet: 0.0,
-            supcon: 0.0,
-            id: 0.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         };
         let (mut peer, _, _) = pool.install(|| time_steps(&p, ivlc, &batches, args))?;
         let peer_ms = median(&mut peer);

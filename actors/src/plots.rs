@@ -34,7 +34,7 @@ pub fn loss_curve(points: &[(u64, f64)], out: &Path) -> Result<(), Error> {
     let y_max = finite.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.05;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "training loss (IVLC + 0.1 IAP + 0.02 TIC)",
+            "training loss (weighted sum of the enabled tasks)",
             ("sans-serif", 22),
         )
         .margin(12)

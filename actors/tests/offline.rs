@@ -113,6 +113,16 @@ fn synth_tokenizer_train_eval_export() {
     }
     assert!(e["text_to_image"]["r1"].as_f64().is_some());
     assert!(report.join("cmc.png").is_file());
+    // 60 steps of the ResNet `test` preset learn: 18 gallery images of 6 people, 3 per person
+    // (fewer after same-camera removal), put chance Rank-1 near 1/6 and chance mAP near 1/4.
+    let (r1, map) = (
+        e["image"]["rank1"].as_f64().unwrap(),
+        e["image"]["mAP"].as_f64().unwrap(),
+    );
+    assert!(
+        r1 > 0.34 && map > 0.35,
+        "Rank-1 {r1}, mAP {map}: no better than chance"
+    );
 
     let file = report.join("model.safetensors");
     let ex = json_lines(&plipd(&["export", "--state", s(&state), "--out", s(&file)]));

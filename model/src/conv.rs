@@ -94,7 +94,8 @@ pub fn im2col<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Fmap<E, D, T>,
     win: Window,
 ) -> (Mat<E, D, T>, usize, usize) {
-    if TypeId::of::<D>() == TypeId::of::<Cpu>() {
+    if TypeId::of::<D>() == TypeId::of::<Cpu>() && std::env::var_os("PLIP_IM2COL_GATHER").is_none()
+    {
         im2col_host(x, win)
     } else {
         im2col_gather(x, win)

@@ -71,6 +71,21 @@ impl Default for TaskWeights {
 }
 
 impl TaskWeights {
+    /// Every task off (IVLC's image gradient on): a base for `TaskWeights { ivlc: 1.0,
+    /// ..TaskWeights::none() }`.
+    pub fn none() -> Self {
+        TaskWeights {
+            ivlc: 0.0,
+            iap: 0.0,
+            tic: 0.0,
+            triplet: 0.0,
+            supcon: 0.0,
+            id: 0.0,
+            text_id: 0.0,
+            ivlc_image_grad: true,
+        }
+    }
+
     /// PLIP's three pretext tasks only (the paper's weights), no identity-level image losses.
     pub fn plip_only() -> Self {
         TaskWeights {

@@ -110,14 +110,8 @@ fn statistics_move_with_training_only() {
 
     // TIC alone runs only the grayscale pass: batch statistics, running ones untouched.
     let mut tic = trainer(TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
         tic: 1.0,
-        triplet: 0.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     let before = buffers(&tic.model);
     assert!(!tic.step(&b).unwrap().skipped);

@@ -25,7 +25,7 @@ fn gradients_match_finite_differences_in_f64() {
         supcon: 1.0,
         id: 1.0,
         text_id: 1.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
 }
 
@@ -55,9 +55,7 @@ fn hmlp_stem_gradients_match_finite_differences() {
             tic: 1.0,
             triplet: 1.0,
             supcon: 1.0,
-            id: 0.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         },
         p,
     );
@@ -191,73 +189,31 @@ fn check_preset(tasks: TaskWeights, p: Preset) {
 fn each_task_alone_matches_finite_differences() {
     check(TaskWeights {
         ivlc: 1.0,
-        iap: 0.0,
-        tic: 0.0,
-        triplet: 0.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     check(TaskWeights {
-        ivlc: 0.0,
         iap: 1.0,
-        tic: 0.0,
-        triplet: 0.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     check(TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
         tic: 1.0,
-        triplet: 0.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     check(TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
-        tic: 0.0,
         triplet: 1.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     check(TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
-        tic: 0.0,
-        triplet: 0.0,
         supcon: 1.0,
-        id: 0.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     check(TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
-        tic: 0.0,
-        triplet: 0.0,
-        supcon: 0.0,
         id: 1.0,
-        text_id: 0.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
     check(TaskWeights {
-        ivlc: 0.0,
-        iap: 0.0,
-        tic: 0.0,
-        triplet: 0.0,
-        supcon: 0.0,
-        id: 0.0,
         text_id: 1.0,
-        ivlc_image_grad: true,
+        ..TaskWeights::none()
     });
 }
 
@@ -297,13 +253,9 @@ fn ivlc_stops_at_the_image_embedding() {
     };
     let base = TaskWeights {
         ivlc: 1.0,
-        iap: 0.0,
-        tic: 0.0,
         triplet: 1.0,
-        supcon: 0.0,
-        id: 0.0,
-        text_id: 0.0,
         ivlc_image_grad: false,
+        ..TaskWeights::none()
     };
     let detached = grads(base);
     let triplet_only = grads(TaskWeights { ivlc: 0.0, ..base });

@@ -145,69 +145,39 @@ fn each_loss_falls_on_a_toy_problem() {
     let ivlc = train_task(
         TaskWeights {
             ivlc: 1.0,
-            iap: 0.0,
-            tic: 0.0,
-            triplet: 0.0,
-            supcon: 0.0,
-            id: 0.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         },
         60,
     );
     assert_falls("ivlc", &ivlc, 0.5);
     let iap = train_task(
         TaskWeights {
-            ivlc: 0.0,
             iap: 1.0,
-            tic: 0.0,
-            triplet: 0.0,
-            supcon: 0.0,
-            id: 0.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         },
         60,
     );
     assert_falls("iap", &iap, 0.5);
     let tic = train_task(
         TaskWeights {
-            ivlc: 0.0,
-            iap: 0.0,
             tic: 1.0,
-            triplet: 0.0,
-            supcon: 0.0,
-            id: 0.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         },
         60,
     );
     assert_falls("tic", &tic, 0.5);
     let id = train_task(
         TaskWeights {
-            ivlc: 0.0,
-            iap: 0.0,
-            tic: 0.0,
-            triplet: 0.0,
-            supcon: 0.0,
             id: 1.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         },
         60,
     );
     assert_falls("id", &id, 0.5);
     let supcon = train_task(
         TaskWeights {
-            ivlc: 0.0,
-            iap: 0.0,
-            tic: 0.0,
-            triplet: 0.0,
             supcon: 1.0,
-            id: 0.0,
-            text_id: 0.0,
-            ivlc_image_grad: true,
+            ..TaskWeights::none()
         },
         60,
     );
@@ -225,20 +195,7 @@ fn all_tasks_off_is_an_error() {
     let model = Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap();
     let b = batch(&toys, &p, &tk, 0.5, 0);
     let err = model
-        .losses(
-            &b,
-            &TaskWeights {
-                ivlc: 0.0,
-                iap: 0.0,
-                tic: 0.0,
-                triplet: 0.0,
-                supcon: 0.0,
-                id: 0.0,
-                text_id: 0.0,
-                ivlc_image_grad: true,
-            },
-            NoneTape,
-        )
+        .losses(&b, &TaskWeights::none(), NoneTape)
         .unwrap_err();
     assert!(err.to_string().contains("switched off"), "{err}");
 }
