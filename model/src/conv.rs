@@ -94,12 +94,18 @@ pub fn im2col<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Fmap<E, D, T>,
     win: Window,
 ) -> (Mat<E, D, T>, usize, usize) {
-    if TypeId::of::<D>() == TypeId::of::<Cpu>() && std::env::var_os("PLIP_IM2COL_GATHER").is_none()
-    {
+    if TypeId::of::<D>() == TypeId::of::<Cpu>() && !gather_on_cpu() {
         im2col_host(x, win)
     } else {
         im2col_gather(x, win)
     }
+}
+
+/// `PLIP_IM2COL_GATHER` set: the CPU takes the gather form too (for measuring one against the
+/// other). Read once, not on every convolution.
+fn gather_on_cpu() -> bool {
+    static GATHER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GATHER.get_or_init(|| std::env::var_os("PLIP_IM2COL_GATHER").is_some())
 }
 
 fn geometry<E: Dtype, D: Device<E>, T: Tape<E, D>>(x: &Fmap<E, D, T>, win: Window) -> Geo {

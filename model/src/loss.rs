@@ -216,8 +216,8 @@ pub fn batch_hard_triplet<E: Dtype, D: Device<E>, T: Tape<E, D>>(
 /// Supervised contrastive loss (Khosla et al. 2020) on L2-normalised embeddings `(n, e)` at
 /// temperature τ: for each sample i with positives P(i),
 /// −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) ), averaged over the
-/// samples that have a positive. Unlabelled samples stay in the denominators only through
-/// nobody: they are masked out of every row like the anchor itself.
+/// samples that have a positive. Unlabelled samples are in no denominator: they are masked out
+/// of every row, as the anchor itself is.
 pub fn supcon<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     emb: Mat<E, D, T>,
     pairs: &IdentityPairs,
