@@ -119,6 +119,11 @@ pub struct StateConfig {
     pub probe_percent: u32,
     /// Most training samples kept; the oldest are evicted first (0 = no cap).
     pub max_training_samples: usize,
+    /// Bytes kept free on the state folder's file system: ingest stops consuming (messages
+    /// wait in the broker) and checkpoints are postponed while less is free.
+    pub min_free_bytes: u64,
+    /// Seconds a storage write or flush may take before the daemon treats storage as failed.
+    pub stall_timeout_s: u64,
 }
 
 impl Default for StateConfig {
@@ -127,6 +132,8 @@ impl Default for StateConfig {
             dir: PathBuf::from("state"),
             probe_percent: 10,
             max_training_samples: 500_000,
+            min_free_bytes: 512 << 20,
+            stall_timeout_s: 60,
         }
     }
 }
@@ -322,6 +329,13 @@ impl Config {
                     ca.display().to_string()
                 ));
             }
+        }
+        let l = &self.limits;
+        if l.decoded_pixels_in_flight < l.image.max_pixels || l.decoded_pixels_in_flight > 1 << 32 {
+            return Err(format!(
+                "limits.decoded_pixels_in_flight = {} must be at least limits.image.max_pixels ({}) and at most 4294967296",
+                l.decoded_pixels_in_flight, l.image.max_pixels
+            ));
         }
         if t.batch < 2 {
             return Err("trainer.batch must be at least 2".into());

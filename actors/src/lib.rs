@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod demo;
+pub mod disk;
 pub mod eval;
 pub mod evaluate;
 pub mod export;

@@ -130,49 +130,58 @@ impl SampleStore {
     /// # Errors
     /// A failed write or flush: nothing of this batch may be acknowledged.
     pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>, String> {
-        injected_fault()?;
-        let mut fresh = Vec::with_capacity(images.len());
-        for img in images {
-            let seq = self.db.generate_id().map_err(|e| e.to_string())?;
-            let jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
-            let meta = SampleMeta {
-                id: img.id.clone(),
-                person_id: img.person_id.clone(),
-                camera_id: img.camera_id.clone(),
-                captions: img
-                    .captions
-                    .iter()
-                    .map(|t| Caption {
-                        text: t.clone(),
-                        phrases: find_phrases(t),
-                    })
-                    .collect(),
-                attributes: img.attributes,
-                purpose: img.purpose,
-                probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
-                seq,
-            };
-            let needs_captions = meta.captions.is_empty();
-            let value = encode(&StoredSample { meta, jpeg })?;
-            // The sample, its arrival entry and its captioning ticket are written together or
-            // not at all.
-            let inserted = (&self.samples, &self.arrivals, &self.uncaptioned)
-                .transaction(|(samples, arrivals, uncaptioned)| {
-                    if samples.get(img.id.as_bytes())?.is_some() {
-                        return Ok(false);
-                    }
-                    samples.insert(img.id.as_bytes(), value.as_slice())?;
-                    arrivals.insert(&seq.to_be_bytes(), img.id.as_bytes())?;
-                    if needs_captions {
-                        uncaptioned.insert(img.id.as_bytes(), &[])?;
-                    }
-                    Ok(true)
-                })
-                .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
-            fresh.push(inserted);
-        }
-        self.db.flush().map_err(|e| e.to_string())?;
+        let fresh = images
+            .iter()
+            .map(|img| self.put_one(img))
+            .collect::<Result<Vec<bool>, String>>()?;
+        self.flush()?;
         Ok(fresh)
+    }
+
+    /// Stores one validated image (canonical JPEG, metadata, arrival entry and captioning ticket
+    /// in one transaction) without flushing; returns whether its id was new. A delivery may be
+    /// acknowledged only after [`SampleStore::flush`] has returned.
+    ///
+    /// # Errors
+    /// A failed write.
+    pub fn put_one(&self, img: &ValidImage) -> Result<bool, String> {
+        injected_fault()?;
+        let seq = self.db.generate_id().map_err(|e| e.to_string())?;
+        let jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
+        let meta = SampleMeta {
+            id: img.id.clone(),
+            person_id: img.person_id.clone(),
+            camera_id: img.camera_id.clone(),
+            captions: img
+                .captions
+                .iter()
+                .map(|t| Caption {
+                    text: t.clone(),
+                    phrases: find_phrases(t),
+                })
+                .collect(),
+            attributes: img.attributes,
+            purpose: img.purpose,
+            probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
+            seq,
+        };
+        let needs_captions = meta.captions.is_empty();
+        let value = encode(&StoredSample { meta, jpeg })?;
+        // The sample, its arrival entry and its captioning ticket are written together or
+        // not at all.
+        (&self.samples, &self.arrivals, &self.uncaptioned)
+            .transaction(|(samples, arrivals, uncaptioned)| {
+                if samples.get(img.id.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                samples.insert(img.id.as_bytes(), value.as_slice())?;
+                arrivals.insert(&seq.to_be_bytes(), img.id.as_bytes())?;
+                if needs_captions {
+                    uncaptioned.insert(img.id.as_bytes(), &[])?;
+                }
+                Ok(true)
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))
     }
 
     /// One sample by id.
@@ -284,7 +293,11 @@ impl SampleStore {
     }
 
     /// Flushes everything written so far.
+    ///
+    /// # Errors
+    /// The flush failed: what was written since the last flush may not be durable.
     pub fn flush(&self) -> Result<(), String> {
+        injected_fault()?;
         self.db.flush().map(|_| ()).map_err(|e| e.to_string())
     }
 

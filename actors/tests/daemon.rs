@@ -2,391 +2,9 @@
 //! overrides): the daemon binary runs as a child process on a temporary state folder, with
 //! exchange and queue names unique to each test.
 
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection};
-use plip_ingest::amqp::{connect, Topology};
-use plip_ingest::image::to_jpeg;
-use plip_ingest::synth::{render_all, SynthConfig};
-use plip_ingest::wire::{CaptionField, ImageField, IngestBatch, IngestImage};
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn url() -> String {
-    std::env::var("PLIP_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn tag() -> String {
-    format!(
-        "t{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
-fn topology(tag: &str) -> Topology {
-    Topology::with_suffix(tag)
-}
-
-/// The daemon tests run one at a time: one of them makes the broker drop every connection.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A daemon child process.
-struct Daemon {
-    child: Option<Child>,
-    http: String,
-    dir: PathBuf,
-    topo: Topology,
-    config: PathBuf,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// Writes the configuration (the `test` preset, quick checkpoints) and starts the daemon.
-    fn start(dir: &Path, trainer: &str, env: &[(&str, String)]) -> Daemon {
-        let t = topology(&tag());
-        let http = format!("127.0.0.1:{}", free_port());
-        let config = dir.join("plipd.toml");
-        let toml = format!(
-            r#"
-[broker]
-url = "{url}"
-prefetch = 4
-reconnect_min_ms = 100
-reconnect_max_ms = 1000
-
-[topology]
-ingest_exchange = "{ie}"
-ingest_queue = "{iq}"
-reid_exchange = "{re}"
-reid_queue = "{rq}"
-results_exchange = "{res}"
-models_exchange = "{me}"
-dlx_exchange = "{dx}"
-dead_queue = "{dq}"
-
-[limits]
-max_message_bytes = 2000000
-max_images = 40
-max_captions = 4
-max_caption_chars = 300
-
-[state]
-dir = "{state}"
-
-[http]
-listen = "{http}"
-
-[log]
-format = "json"
-
-[trainer]
-{trainer}
-"#,
-            url = url(),
-            ie = t.ingest_exchange,
-            iq = t.ingest_queue,
-            re = t.reid_exchange,
-            rq = t.reid_queue,
-            res = t.results_exchange,
-            me = t.models_exchange,
-            dx = t.dlx_exchange,
-            dq = t.dead_queue,
-            state = dir.join("state").display(),
-        );
-        std::fs::write(&config, toml).unwrap();
-        let mut d = Daemon {
-            child: None,
-            http,
-            dir: dir.to_path_buf(),
-            topo: t,
-            config,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            log: dir.join("plipd.log"),
-        };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_plipd"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        self.wait_for("the daemon to consume", Duration::from_secs(60), |s| {
-            s["ingest"]["consuming"] == true
-        });
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        plip_actors::daemon::http::get(&self.http, "/status").and_then(Result::ok)
-    }
-
-    /// Polls the status until `pred` holds; panics with the last status and the log otherwise.
-    fn wait_for(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let t = Instant::now();
-        let mut last = serde_json::Value::Null;
-        while t.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!(
-                        "plipd exited ({st}) while waiting for {what}; log:\n{}",
-                        self.log_text()
-                    );
-                }
-            }
-            if let Some(s) = self.status() {
-                if pred(&s) {
-                    return s;
-                }
-                last = s;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}; last status {last:#}\nlog:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let t = Instant::now();
-            loop {
-                if let Some(st) = c.try_wait().unwrap() {
-                    assert!(
-                        st.success(),
-                        "plipd exited with {st}; log:\n{}",
-                        std::fs::read_to_string(&self.log).unwrap_or_default()
-                    );
-                    return;
-                }
-                assert!(t.elapsed() < Duration::from_secs(90), "plipd did not stop");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-
-    /// The JSON log lines whose event (`message`) is `name`.
-    fn log_events(&self, name: &str) -> Vec<serde_json::Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["message"] == name)
-            .collect()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let t = self.topo.clone();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            if let Ok(conn) = connect(&url()).await {
-                if let Ok(ch) = conn.create_channel().await {
-                    t.delete(&ch).await;
-                }
-            }
-        });
-        let _ = &self.dir;
-    }
-}
-
-/// `n_ids` synthetic persons × `per_id` JPEGs: (id, person, camera, jpeg).
-fn images(n_ids: usize, per_id: usize, seed: u64) -> Vec<(String, String, String, Vec<u8>)> {
-    let cfg = SynthConfig {
-        seed,
-        train_ids: n_ids,
-        test_ids: 0,
-        images_per_id: per_id,
-        ..Default::default()
-    };
-    render_all(&cfg)
-        .into_iter()
-        .map(|(r, _)| {
-            let img = image::RgbImage::from_raw(128, 256, r.rgb).unwrap();
-            let small =
-                image::imageops::resize(&img, 64, 128, image::imageops::FilterType::Triangle);
-            (
-                format!("s{seed}-p{}-f{}", r.person, r.frame),
-                format!("{:04}", r.person),
-                format!("c{}", r.camera),
-                to_jpeg(&small, 90).unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn b64(b: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(b)
-}
-
-fn batch_json(imgs: &[(String, String, String, Vec<u8>)]) -> Vec<u8> {
-    let list: Vec<serde_json::Value> = imgs
-        .iter()
-        .map(|(id, p, c, jpeg)| serde_json::json!({"id": id, "person_id": p, "camera_id": c, "image": b64(jpeg)}))
-        .collect();
-    serde_json::json!({ "images": list })
-        .to_string()
-        .into_bytes()
-}
-
-async fn channel() -> (Connection, Channel) {
-    let conn = connect(&url()).await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    (conn, ch)
-}
-
-async fn publish(ch: &Channel, exchange: &str, body: &[u8], props: BasicProperties) {
-    ch.basic_publish(
-        exchange.into(),
-        "".into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-}
-
-/// A server-named exclusive queue (replies, announcements).
-async fn exclusive_queue(ch: &Channel) -> lapin::Queue {
-    ch.queue_declare(
-        "".into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-}
-
-fn json_props() -> BasicProperties {
-    BasicProperties::default().with_content_type(ShortString::from("application/json"))
-}
-
-/// CRC-32 (PNG's), to forge valid chunk checksums.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A real PNG whose header declares `width × height`.
-fn png_declaring(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9]));
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
-    png[16..20].copy_from_slice(&width.to_be_bytes());
-    png[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
-}
-
-/// The codes of everything in the dead-letter queue (from `x-plip-error`).
-async fn dead_codes(ch: &Channel, queue: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-    {
-        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-        let code = match headers.inner().get("x-plip-error") {
-            Some(AMQPValue::FieldTable(t)) => match t.inner().get("code") {
-                Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into(),
-                other => panic!("x-plip-error code is {other:?}"),
-            },
-            other => panic!("dead-lettered message without x-plip-error: {other:?}"),
-        };
-        out.push(code);
-        m.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
-    }
-    out
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("plipd-{name}-{}", tag()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-const NO_TRAINING: &str = "enabled = false";
+use common::*;
 
 /// Good images are stored exactly once (re-publishing stores nothing new); every bad kind of
 /// message is dead-lettered with its code; a batch with bad images keeps its good ones and
@@ -771,21 +389,6 @@ fn survives_closed_connections_without_losing_samples() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Messages waiting in the ingest queue (a passive declare reads the count).
-async fn queue_depth(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
-
 /// SIGTERM while a backlog is being ingested: the daemon exits 0 well within the unit's stop
 /// timeout, the deliveries it had not acknowledged go back to the queue, and a restart stores
 /// every image exactly once — nothing acknowledged is lost, nothing stored twice.
@@ -1088,28 +691,109 @@ fn storage_failure_acks_nothing_unstored() {
             publish(&ch, &t.ingest_exchange, &batch_json(chunk), json_props()).await;
         }
     });
-    let s = d.wait_for("the storage failure", Duration::from_secs(60), |s| {
-        s["ingest"]["storage_error"].is_string()
+    // A failed write is sticky in sled: the daemon exits with EX_TEMPFAIL for its service
+    // manager to restart it, acknowledging nothing it did not store.
+    let code = d.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        code,
+        Some(plip_actors::daemon::EXIT_STORAGE_FAILED),
+        "log:\n{}",
+        d.log_text()
+    );
+    assert!(!d.log_events("storage_failed").is_empty());
+    assert!(!d.log_events("exiting_after_storage_failure").is_empty());
+    let waiting = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        queue_depth(&ch, &t.ingest_queue).await
     });
-    assert_eq!(s["ingest"]["stored"], 0);
-    assert_eq!(s["ingest"]["deliveries"], 0, "nothing may be acked: {s:#}");
-    // Not ready while storage fails (503 with the reason).
-    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
-    assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
-    // Consumption stays off while the disk is full.
-    std::thread::sleep(Duration::from_secs(2));
-    let s = d.status().unwrap();
-    assert_eq!(s["ingest"]["consuming"], false);
-    assert_eq!(s["samples"]["total"], 0);
-    // The messages wait in the broker.
+    assert_eq!(waiting, 6, "every message waits in the broker");
+    // Restarted with the fault gone (as systemd's Restart=on-failure would): everything is
+    // stored, once.
     std::fs::remove_file(&fault).unwrap();
+    d.spawn();
     let s = d.wait_for("recovery", Duration::from_secs(60), |s| {
         s["samples"]["total"].as_u64() == Some(60)
     });
     assert!(s["ingest"]["storage_error"].is_null());
-    d.wait_for("consumption to resume", Duration::from_secs(30), |s| {
-        s["ingest"]["consuming"] == true
+    d.wait_for("the queue to drain", Duration::from_secs(30), |s| {
+        s["ingest"]["deliveries"].as_u64() == Some(6)
     });
+    let s = d.status().unwrap();
+    assert_eq!(s["ingest"]["stored"], 60);
+    assert_eq!(s["ingest"]["duplicates"], 0);
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Below the free-space reserve the daemon does not consume (the messages wait in the broker),
+/// says why on /readyz, answers /status and /metrics at once and stops on SIGTERM; when space
+/// returns it consumes again and stores everything once.
+#[test]
+fn below_the_disk_reserve_ingest_waits_and_the_daemon_stays_manageable() {
+    let _serial = serial();
+    let dir = tempdir("reserve");
+    let free = dir.join("free-bytes");
+    std::fs::write(&free, b"0").unwrap();
+    let env = [(
+        plip_actors::disk::FAULT_FREE_BYTES_ENV,
+        free.display().to_string(),
+    )];
+    let mut d = Daemon::configure(&dir, NO_TRAINING, &env, &Extra::default());
+    d.spawn_only();
+    let s = d.wait_for("the pause", Duration::from_secs(30), |s| {
+        s["ingest"]["storage_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("disk space low"))
+    });
+    assert_eq!(s["ingest"]["consuming"], false);
+    let good = images(6, 10, 5);
+    let t = d.topo.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in good.chunks(10) {
+            publish(&ch, &t.ingest_exchange, &batch_json(chunk), json_props()).await;
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("503") && e.contains("state.min_free_bytes")),
+        "{r:?}"
+    );
+    let s = d.status().unwrap();
+    let m = plip_actors::daemon::http::request(&d.http, "GET", "/metrics")
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(String::from_utf8_lossy(&m).contains("plip_storage_failing 1"));
+    assert_eq!(s["samples"]["total"], 0);
+    assert_eq!(s["storage"]["responding"], true);
+    let waiting = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        queue_depth(&ch, &t.ingest_queue).await
+    });
+    assert_eq!(waiting, 6);
+    // SIGTERM while paused: a prompt, clean exit; the restart pauses again.
+    let t0 = Instant::now();
+    d.stop();
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    d.spawn_only();
+    d.wait_for("the pause after a restart", Duration::from_secs(30), |s| {
+        s["ingest"]["storage_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("disk space low"))
+    });
+    // Space returns.
+    std::fs::write(&free, (1u64 << 40).to_string()).unwrap();
+    let s = d.wait_for("everything stored", Duration::from_secs(60), |s| {
+        s["samples"]["total"].as_u64() == Some(60)
+    });
+    assert!(s["ingest"]["storage_error"].is_null(), "{s:#}");
+    assert_eq!(s["ingest"]["duplicates"], 0);
+    assert!(!d.log_events("storage_recovered").is_empty());
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,6 +8,8 @@
 //! - [`baseline`]: the colour-histogram ReID baseline.
 //! - [`captions`]: caption synthesis with attribute-phrase spans; colour naming from pixels.
 //! - [`datasets`]: readers for SYNTH-PEDES, CUHK-PEDES and Market-1501.
+//! - [`dead_letter`]: bounded echoes of producer strings, header tables measured without
+//!   recursion, dead-letter copies and replies that fit the frame.
 //! - [`image`]: intake limits, decoding with explicit limits, the canonical 256×128 sample.
 //! - [`synth`]: the synthetic pedestrian generator (`plipd synth`).
 //! - [`wire`]: the ingest wire format, decoding and validation, stable error codes.
@@ -19,6 +21,7 @@ pub mod attributes;
 pub mod baseline;
 pub mod captions;
 pub mod datasets;
+pub mod dead_letter;
 pub mod image;
 pub mod reid;
 pub mod synth;

@@ -12,7 +12,7 @@
 //! images of the batch are kept ([`Decoded::rejected`]).
 
 use crate::attributes::Attributes;
-use crate::image::{decode, ImageError, IntakeLimits};
+use crate::image::{decode, inspect, ImageError, IntakeLimits};
 use base64::Engine;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -68,6 +68,10 @@ pub enum Code {
     EmptyGallery,
     /// ReID requests: no encoder is serving yet.
     NoModel,
+    /// Both consumers: an AMQP header table nested deeper than the daemon accepts.
+    HeaderTooDeep,
+    /// Both consumers: an AMQP header table larger than the daemon accepts.
+    HeadersTooLarge,
 }
 
 impl Code {
@@ -98,11 +102,13 @@ impl Code {
             Code::DeadlinePassed => "deadline_passed",
             Code::EmptyGallery => "empty_gallery",
             Code::NoModel => "no_model",
+            Code::HeaderTooDeep => "header_too_deep",
+            Code::HeadersTooLarge => "headers_too_large",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [Code; 24] = [
+    pub const ALL: [Code; 26] = [
         Code::UnsupportedContentType,
         Code::MalformedBody,
         Code::SchemaViolation,
@@ -127,6 +133,8 @@ impl Code {
         Code::DeadlinePassed,
         Code::EmptyGallery,
         Code::NoModel,
+        Code::HeaderTooDeep,
+        Code::HeadersTooLarge,
     ];
 }
 
@@ -261,6 +269,11 @@ pub struct WireLimits {
     pub max_captions: usize,
     /// Longest caption, characters.
     pub max_caption_chars: usize,
+    /// Decoded pixels in flight across every delivery being ingested (width × height summed;
+    /// about 8 bytes of memory each while an image is decoded and converted): images are
+    /// decoded one at a time against this budget and stored as they go, so ingest memory is
+    /// bounded by it, not by message sizes. At least `image.max_pixels`.
+    pub decoded_pixels_in_flight: u64,
     /// Image intake limits.
     pub image: IntakeLimits,
 }
@@ -272,6 +285,7 @@ impl Default for WireLimits {
             max_images: 256,
             max_captions: 8,
             max_caption_chars: 1000,
+            decoded_pixels_in_flight: 2 * 4096 * 4096,
             image: IntakeLimits::default(),
         }
     }
@@ -288,6 +302,63 @@ pub struct ValidImage {
     pub purpose: Purpose,
     /// Decoded pixels (any size; the store resizes to the canonical 256×128).
     pub pixels: RgbImage,
+}
+
+/// An image that passed every check that needs no pixel decoding (id, labels, captions, the
+/// encoded size and the dimensions its header declares): the second phase, [`IntakeImage::decode`],
+/// decodes it. The daemon decodes one image at a time against its budget of decoded pixels in
+/// flight, so a batch's memory is one image's pixels, not the batch's.
+#[derive(Debug, Clone)]
+pub struct IntakeImage {
+    pub id: String,
+    pub person_id: Option<String>,
+    pub camera_id: Option<String>,
+    pub captions: Vec<String>,
+    pub attributes: Option<Attributes>,
+    pub purpose: Purpose,
+    /// The encoded image (base64 already decoded).
+    pub bytes: Vec<u8>,
+    /// Dimensions declared by the image's header (within the pixel limit).
+    pub width: u32,
+    pub height: u32,
+}
+
+impl IntakeImage {
+    /// Width × height, the cost of decoding this image against a pixel budget.
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+
+    /// Decodes the pixels.
+    ///
+    /// # Errors
+    /// The refusal of this image (truncated or undecodable data).
+    pub fn decode(self, limits: &IntakeLimits) -> Result<ValidImage, RejectedImage> {
+        match decode(&self.bytes, limits) {
+            Ok(pixels) => Ok(ValidImage {
+                id: self.id,
+                person_id: self.person_id,
+                camera_id: self.camera_id,
+                captions: self.captions,
+                attributes: self.attributes,
+                purpose: self.purpose,
+                pixels,
+            }),
+            Err(e) => Err(RejectedImage {
+                id: self.id,
+                code: Code::from(&e),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// A message that passed the checks of [`parse_message`]: its images still encoded.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub batch_id: Option<String>,
+    pub accepted: Vec<IntakeImage>,
+    pub rejected: Vec<RejectedImage>,
 }
 
 /// A message refused as a whole.
@@ -335,7 +406,8 @@ fn valid_label(s: &str) -> bool {
     (1..=128).contains(&s.chars().count()) && !s.chars().any(char::is_control)
 }
 
-/// Decodes and validates one delivery.
+/// Decodes and validates one delivery, pixels included: [`parse_message`], then
+/// [`IntakeImage::decode`] for every image.
 ///
 /// # Errors
 /// A [`Refusal`] when the whole message is unusable.
@@ -345,6 +417,32 @@ pub fn decode_message(
     body: &[u8],
     limits: &WireLimits,
 ) -> Result<Decoded, Refusal> {
+    let parsed = parse_message(content_type, headers, body, limits)?;
+    let mut out = Decoded {
+        batch_id: parsed.batch_id,
+        accepted: Vec::with_capacity(parsed.accepted.len()),
+        rejected: parsed.rejected,
+    };
+    for img in parsed.accepted {
+        match img.decode(&limits.image) {
+            Ok(v) => out.accepted.push(v),
+            Err(r) => out.rejected.push(r),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses and validates one delivery without decoding any pixels: the schema, ids, labels,
+/// captions, and each image's encoded size and declared dimensions.
+///
+/// # Errors
+/// A [`Refusal`] when the whole message is unusable.
+pub fn parse_message(
+    content_type: Option<&str>,
+    headers: &dyn Headers,
+    body: &[u8],
+    limits: &WireLimits,
+) -> Result<Parsed, Refusal> {
     check_size("message", body.len(), limits.max_message_bytes).map_err(Refusal)?;
     let ct = media_type(content_type);
     let batch: IngestBatch = match ct.as_str() {
@@ -456,7 +554,7 @@ fn single(headers: &dyn Headers, body: &[u8]) -> Result<IngestBatch, Refusal> {
     })
 }
 
-fn validate(batch: IngestBatch, limits: &WireLimits) -> Result<Decoded, Refusal> {
+fn validate(batch: IngestBatch, limits: &WireLimits) -> Result<Parsed, Refusal> {
     let v = batch.v.unwrap_or(PROTOCOL_VERSION);
     if v > PROTOCOL_VERSION {
         return Err(Refusal::new(
@@ -480,7 +578,7 @@ fn validate(batch: IngestBatch, limits: &WireLimits) -> Result<Decoded, Refusal>
             ),
         ));
     }
-    let mut out = Decoded {
+    let mut out = Parsed {
         batch_id: batch.batch_id,
         accepted: Vec::new(),
         rejected: Vec::new(),
@@ -505,7 +603,7 @@ fn validate(batch: IngestBatch, limits: &WireLimits) -> Result<Decoded, Refusal>
     Ok(out)
 }
 
-fn validate_image(img: IngestImage, limits: &WireLimits) -> Result<ValidImage, WireError> {
+fn validate_image(img: IngestImage, limits: &WireLimits) -> Result<IntakeImage, WireError> {
     let err = |code: Code, message: String| WireError { code, message };
     if !valid_id(&img.id) {
         return Err(err(
@@ -561,14 +659,17 @@ fn validate_image(img: IngestImage, limits: &WireLimits) -> Result<ValidImage, W
                 )
             })?,
     };
-    let pixels = decode(&bytes, &limits.image).map_err(|e| err(Code::from(&e), e.to_string()))?;
-    Ok(ValidImage {
+    let (_, width, height) =
+        inspect(&bytes, &limits.image).map_err(|e| err(Code::from(&e), e.to_string()))?;
+    Ok(IntakeImage {
         id: img.id,
         person_id: img.person_id,
         camera_id: img.camera_id,
         captions,
         attributes: img.attributes,
         purpose: img.purpose.unwrap_or_default(),
-        pixels,
+        bytes,
+        width,
+        height,
     })
 }

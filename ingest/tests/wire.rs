@@ -421,3 +421,37 @@ fn decoder_survives_generated_and_mutated_messages() {
         "too few kinds of refusal: {refusals:?}"
     );
 }
+
+/// The first phase decodes no pixels: it checks everything else and reads each image's declared
+/// size (the cost of decoding it against the daemon's pixel budget); a truncated image passes
+/// it and is refused, alone, when decoded.
+#[test]
+fn parsing_checks_everything_but_the_pixels() {
+    let png = img_bytes(ImageFormat::Png, 20, 40);
+    let jpg = img_bytes(ImageFormat::Jpeg, 32, 64);
+    let body = serde_json::json!({"images": [
+        {"id": "p-1", "image": b64(&png)},
+        {"id": "p-2", "image": b64(&jpg[..jpg.len() - 40])},
+        {"id": "bad id", "image": b64(&png)},
+    ]})
+    .to_string();
+    let p = parse_message(
+        Some("application/json"),
+        &no_headers(),
+        body.as_bytes(),
+        &WireLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(p.accepted.len(), 2);
+    assert_eq!(p.rejected.len(), 1);
+    assert_eq!(p.rejected[0].code, Code::InvalidId);
+    assert_eq!((p.accepted[0].width, p.accepted[0].height), (20, 40));
+    assert_eq!(p.accepted[1].pixels(), 32 * 64);
+    let limits = IntakeLimits::default();
+    let mut it = p.accepted.into_iter();
+    let ok = it.next().unwrap().decode(&limits).unwrap();
+    assert_eq!(ok.pixels.dimensions(), (20, 40));
+    let refused = it.next().unwrap().decode(&limits).unwrap_err();
+    assert_eq!(refused.id, "p-2");
+    assert_eq!(refused.code, Code::ImageUndecodable);
+}

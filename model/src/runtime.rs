@@ -21,6 +21,20 @@ pub fn tune_allocator() {
     }
 }
 
+/// Gives memory that [`tune_allocator`] keeps in the heap back to the OS (glibc's
+/// `malloc_trim`, every arena): for a process that trains and also has bursts of other work,
+/// called when such a burst is over. Returns whether anything was released; a no-op (false) on
+/// other C libraries.
+pub fn trim_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's arenas to the OS.
+    unsafe {
+        libc::malloc_trim(0) != 0
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 /// A pool of `threads` workers (0 = one per core) for dfdx's CPU matrix products: run the
 /// training or embedding inside `pool.install(|| ...)`.
 ///

@@ -47,6 +47,101 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<()
     }
 }
 
+/// What `/status` and `/metrics` read from the state folder.
+#[derive(Debug, Clone, Default)]
+pub struct StorageFigures {
+    pub counts: crate::store::Counts,
+    pub total: usize,
+    pub uncaptioned: usize,
+    pub latest: Option<u64>,
+}
+
+fn read_figures(shared: &Shared) -> Result<StorageFigures, String> {
+    Ok(StorageFigures {
+        counts: shared.store.counts(),
+        total: shared.store.len(),
+        uncaptioned: shared.store.uncaptioned_len(),
+        latest: shared.state.latest_version().map_err(|e| e.to_string())?,
+    })
+}
+
+/// How long an endpoint waits for the state folder before answering from [`Cache`].
+const STORAGE_ANSWER: Duration = Duration::from_secs(2);
+
+/// The last figures read from the state folder, and whether a read is stuck: while one is,
+/// `/status` and `/metrics` answer at once from the last figures (marked stale) and `/readyz`
+/// says 503 — no request waits on a blocked storage call, and no second one is started.
+#[derive(Default)]
+pub struct Cache {
+    figures: std::sync::Mutex<Option<(std::time::Instant, StorageFigures)>>,
+    stuck_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Cache {
+    /// Seconds the outstanding storage read has been stuck, if one is.
+    pub fn stuck_for(&self) -> Option<u64> {
+        self.stuck_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed().as_secs())
+    }
+
+    fn last(&self) -> (StorageFigures, Option<u64>) {
+        match &*self.figures.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((t, f)) => (f.clone(), Some(t.elapsed().as_secs())),
+            None => (StorageFigures::default(), None),
+        }
+    }
+}
+
+/// Storage figures: fresh when the state folder answers within [`STORAGE_ANSWER`], otherwise
+/// the last ones with a note saying how old they are.
+async fn figures(shared: &Arc<Shared>) -> (StorageFigures, Option<String>) {
+    let cache = &shared.http_cache;
+    let stale = |why: String| {
+        let (f, age) = cache.last();
+        let note = match age {
+            Some(a) => format!("{why}; storage figures from {a} s ago"),
+            None => format!("{why}; no storage figures yet"),
+        };
+        (f, Some(note))
+    };
+    if let Some(s) = cache.stuck_for() {
+        return stale(format!("the state folder has not answered for {s} s"));
+    }
+    let s = shared.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let r = read_figures(&s);
+        let cache = &s.http_cache;
+        if let Ok(f) = &r {
+            *cache.figures.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::Instant::now(), f.clone()));
+        }
+        *cache.stuck_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        r
+    });
+    match tokio::time::timeout(STORAGE_ANSWER, read).await {
+        Ok(Ok(Ok(f))) => (f, None),
+        Ok(Ok(Err(e))) => stale(format!("reading the state folder failed: {e}")),
+        Ok(Err(e)) => stale(format!("reading the state folder failed: {e}")),
+        Err(_) => {
+            cache
+                .stuck_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| {
+                    std::time::Instant::now()
+                        .checked_sub(STORAGE_ANSWER)
+                        .unwrap_or_else(std::time::Instant::now)
+                });
+            stale(format!(
+                "the state folder did not answer within {} s",
+                STORAGE_ANSWER.as_secs()
+            ))
+        }
+    }
+}
+
 /// A response body.
 enum Body {
     Json(u16, serde_json::Value),
@@ -88,7 +183,13 @@ fn unescape(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
+fn route(
+    shared: &Shared,
+    method: &str,
+    path: &str,
+    query: &str,
+    figures: (StorageFigures, Option<String>),
+) -> Body {
     let ok = |v: Result<serde_json::Value, String>| match v {
         Ok(v) => Body::Json(200, v),
         Err(e) => Body::Json(500, error(&e)),
@@ -104,8 +205,8 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
                 serde_json::json!({"ready": ready, "reasons": reasons}),
             )
         }
-        ("GET", "/metrics") => Body::Text(metrics(shared)),
-        ("GET", "/status") => ok(status(shared)),
+        ("GET", "/metrics") => Body::Text(metrics(shared, &figures.0, figures.1.is_none())),
+        ("GET", "/status") => Body::Json(200, status(shared, &figures.0, figures.1.as_deref())),
         ("GET", "/checkpoints") => ok(checkpoints(shared)),
         ("GET", "/export") => {
             let v = match version {
@@ -154,7 +255,14 @@ fn route(shared: &Shared, method: &str, path: &str, query: &str) -> Body {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .push(p.clone());
-                        tracing::info!(person = %p, samples = ids.len(), "forgot");
+                        tracing::info!(
+                            person = %plip_ingest::dead_letter::clip(
+                                &p,
+                                plip_ingest::dead_letter::MAX_ECHO_BYTES
+                            ),
+                            samples = ids.len(),
+                            "forgot"
+                        );
                         Body::Json(
                             200,
                             serde_json::json!({"person": p, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted and the person's identity-classifier row is zeroed at the trainer's next step; the rest of the trained weights cannot unlearn"}),
@@ -199,9 +307,23 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream) -> std::io::Resu
     );
     let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
     let (path, query) = (path.to_string(), query.to_string());
-    let body = tokio::task::spawn_blocking(move || route(&shared, &method, &path, &query))
-        .await
-        .unwrap_or_else(|e| Body::Json(500, error(&e.to_string())));
+    let figures = if method == "GET" && matches!(path.as_str(), "/status" | "/metrics") {
+        figures(&shared).await
+    } else {
+        (StorageFigures::default(), None)
+    };
+    // Routes that need only memory answer at once; the others run on the blocking pool.
+    let body = if method == "GET"
+        && matches!(
+            path.as_str(),
+            "/healthz" | "/readyz" | "/status" | "/metrics"
+        ) {
+        route(&shared, &method, &path, &query, figures)
+    } else {
+        tokio::task::spawn_blocking(move || route(&shared, &method, &path, &query, figures))
+            .await
+            .unwrap_or_else(|e| Body::Json(500, error(&e.to_string())))
+    };
     respond(&mut stream, body).await
 }
 
@@ -247,6 +369,11 @@ pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
     if let Some(e) = &st.storage_error {
         reasons.push(format!("storage: {e}"));
     }
+    if let Some(s) = shared.http_cache.stuck_for() {
+        reasons.push(format!(
+            "storage: the state folder has not answered for {s} s"
+        ));
+    }
     if shared.cfg.serving.enabled && shared.serving_snapshot().is_none() {
         reasons.push("no model serving yet".into());
     }
@@ -254,10 +381,10 @@ pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
 }
 
 /// Prometheus text exposition of the daemon's counters (names prefixed `plip_`).
-pub fn metrics(shared: &Shared) -> String {
+pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String {
     use std::fmt::Write;
     let st = shared.stats().clone();
-    let counts = shared.store.counts();
+    let counts = figures.counts;
     let serving = shared.serving_snapshot();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
@@ -322,6 +449,12 @@ pub fn metrics(shared: &Shared) -> String {
         one(f64::from(u8::from(st.storage_error.is_some()))),
     );
     metric(
+        "plip_storage_responding",
+        "gauge",
+        "1 when the state folder answered this scrape's reads in time (0: the sample figures are the last known).",
+        one(f64::from(u8::from(fresh))),
+    );
+    metric(
         "plip_samples",
         "gauge",
         "Stored samples by purpose (probe: set aside for evaluation).",
@@ -336,7 +469,7 @@ pub fn metrics(shared: &Shared) -> String {
         "plip_samples_uncaptioned",
         "gauge",
         "Samples waiting for captions.",
-        one(shared.store.uncaptioned_len() as f64),
+        one(figures.uncaptioned as f64),
     );
     metric(
         "plip_captioned_total",
@@ -458,22 +591,24 @@ pub fn metrics(shared: &Shared) -> String {
     out
 }
 
-/// The status document.
-///
-/// # Errors
-/// A storage error.
-pub fn status(shared: &Shared) -> Result<serde_json::Value, String> {
-    let counts = shared.store.counts();
+/// The status document: live figures from memory, storage figures as read (`stale` says why
+/// and how old when the state folder did not answer).
+pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) -> serde_json::Value {
+    let counts = figures.counts;
     let stats = shared.stats().clone();
-    let latest = shared.state.latest_version().map_err(|e| e.to_string())?;
+    let latest = figures.latest;
     // One snapshot: the figures describe one serving version.
     let serving = shared.serving_snapshot();
-    Ok(serde_json::json!({
+    serde_json::json!({
         "state_dir": shared.cfg.state.dir,
         "samples": {
-            "total": shared.store.len(),
+            "total": figures.total,
             "by_purpose": counts,
-            "uncaptioned": shared.store.uncaptioned_len(),
+            "uncaptioned": figures.uncaptioned,
+        },
+        "storage": {
+            "responding": stale.is_none(),
+            "stale": stale,
         },
         "ingest": {
             "consuming": stats.consuming,
@@ -503,7 +638,7 @@ pub fn status(shared: &Shared) -> Result<serde_json::Value, String> {
         },
         "latest_checkpoint": latest,
         "restarts": stats.restarts,
-    }))
+    })
 }
 
 /// The checkpoint list (oldest first; corrupt ones with their error).

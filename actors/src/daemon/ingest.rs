@@ -1,12 +1,18 @@
 //! The ingest consumer: owns the broker connection, declares the topology, applies the prefetch
 //! and consumes `plip.ingest`.
 //!
-//! Per delivery: decode and validate (on the blocking pool) → store the good images and flush
-//! (blocking pool) → dead-letter a copy when something was refused (`x-plip-error` header,
-//! publisher-confirmed) → the ingest outcome to `reply_to` (confirmed) → ack. A storage failure
-//! nacks the delivery back to the broker, cancels consumption and waits until a write succeeds
-//! again; a lost broker is reconnected with exponential backoff (topology re-declared, prefetch
-//! re-applied — a fresh connection each time, so nothing depends on lapin's recovery).
+//! Per delivery: the header table measured (without recursion) → parse and validate without
+//! decoding pixels (blocking pool) → each image decoded against the budget of decoded pixels in
+//! flight and stored as it goes, then one flush (blocking pool) → dead-letter a copy when
+//! something was refused (built by `plip_ingest::dead_letter` to fit the frame,
+//! publisher-confirmed) → the ingest outcome to `reply_to` (confirmed) → ack.
+//!
+//! Storage: below the free-space reserve the delivery is nacked back to the broker and
+//! consumption stops until space returns (checked with statvfs, nothing written); a write or
+//! flush that fails or stalls nacks the delivery and stops the daemon with exit status 75 for
+//! its service manager to restart it (sled's errors are sticky until it is reopened). A lost
+//! broker is reconnected with exponential backoff (topology re-declared, prefetch re-applied —
+//! a fresh connection each time, so nothing depends on lapin's recovery).
 
 use super::Shared;
 use futures_lite::StreamExt;
@@ -14,11 +20,15 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use plip_ingest::amqp::connect_tls;
+use plip_ingest::dead_letter::{
+    bounded_outcome, check_headers, clip, cut, dead_letter_properties, MAX_ECHO_BYTES,
+    MAX_MESSAGE_BYTES,
+};
 use plip_ingest::wire::{
-    decode_message, Decoded, Headers, IngestOutcome, RejectedImage, WireError,
+    parse_message, Headers, IngestOutcome, Parsed, Refusal, RejectedImage, WireError,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +54,11 @@ enum Stop {
     Shutdown,
     /// The broker connection or channel failed.
     Broker(String),
-    /// A write to the state folder failed: nothing more may be consumed until it works again.
+    /// Free space fell below the reserve: nothing more may be consumed until it is back.
     Storage(String),
+    /// A write or flush failed or stalled: sled's errors are sticky, so the daemon exits with
+    /// [`super::EXIT_STORAGE_FAILED`] for its service manager to restart it.
+    StorageFailed(String),
 }
 
 /// Runs ingest until shutdown: connect, consume, and on failure reconnect with backoff or wait
@@ -54,12 +67,18 @@ pub async fn run(shared: Arc<Shared>) {
     let min = Duration::from_millis(shared.cfg.broker.reconnect_min_ms.max(1));
     let max = Duration::from_millis(shared.cfg.broker.reconnect_max_ms.max(1));
     let mut delay = min;
+    let dir = shared.cfg.state.dir.clone();
+    let reserve = shared.cfg.state.min_free_bytes;
     loop {
         if shared.stopping() {
             return;
         }
         let started = std::time::Instant::now();
-        let stop = session(&shared).await;
+        // Not even connecting while the disk is below its reserve.
+        let stop = match crate::disk::check(&dir, reserve, 0) {
+            Err(e) => Stop::Storage(e),
+            Ok(()) => session(&shared).await,
+        };
         {
             let mut st = shared.stats();
             st.consuming = false;
@@ -81,26 +100,38 @@ pub async fn run(shared: Arc<Shared>) {
                 }
                 delay = (delay * 2).min(max);
             }
+            Stop::StorageFailed(e) => {
+                {
+                    let mut st = shared.stats();
+                    st.storage_error = Some(e.clone());
+                    st.ingest_paused = Some(format!("storage: {e}"));
+                }
+                tracing::error!(
+                    error = %e,
+                    status = super::EXIT_STORAGE_FAILED,
+                    "storage_failed"
+                );
+                shared.fail(super::EXIT_STORAGE_FAILED);
+                return;
+            }
             Stop::Storage(e) => {
-                shared.stats().storage_error = Some(e.clone());
-                shared.stats().ingest_paused = Some(format!("storage: {e}"));
-                tracing::error!(error = %e, "storage_failed");
-                // Probe until a write succeeds; consumption stays stopped meanwhile.
-                let mut wait = min.max(Duration::from_millis(500));
+                {
+                    let mut st = shared.stats();
+                    st.storage_error = Some(e.clone());
+                    st.ingest_paused = Some(format!("storage: {e}"));
+                }
+                tracing::error!(error = %e, "storage_paused");
+                // Check the free space until it is back above the reserve; consumption stays
+                // stopped meanwhile (nothing is written to probe: the check reads statvfs).
+                let wait = Duration::from_millis(500);
                 loop {
                     if shared.sleep_or_stop(wait).await {
                         return;
                     }
-                    let store = shared.store.clone();
-                    let ok = tokio::task::spawn_blocking(move || store.probe_write())
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r);
-                    match ok {
+                    match crate::disk::check(&dir, reserve, 0) {
                         Ok(()) => break,
                         Err(e) => shared.stats().storage_error = Some(e),
                     }
-                    wait = (wait * 2).min(max);
                 }
                 shared.stats().storage_error = None;
                 tracing::info!("storage_recovered");
@@ -146,6 +177,7 @@ async fn consume(shared: &Arc<Shared>, conn: &Connection) -> Stop {
         Ok(c) => c,
         Err(e) => return Stop::Broker(e),
     };
+    let frame_max = conn.configuration().frame_max();
     let tag = format!("plipd-ingest-{}", std::process::id());
     let mut consumer = match channel
         .basic_consume(
@@ -178,7 +210,7 @@ async fn consume(shared: &Arc<Shared>, conn: &Connection) -> Stop {
                 Some(Ok(delivery)) => {
                     let shared = shared.clone();
                     let channel = channel.clone();
-                    inflight.spawn(async move { handle(&shared, &channel, delivery).await });
+                    inflight.spawn(async move { handle(&shared, &channel, delivery, frame_max).await });
                 }
                 Some(Err(e)) => break Stop::Broker(e.to_string()),
                 None => break Stop::Broker("the consumer was cancelled by the broker".into()),
@@ -203,10 +235,10 @@ async fn consume(shared: &Arc<Shared>, conn: &Connection) -> Stop {
         .await;
     let mut stop = stop;
     while let Some(done) = inflight.join_next().await {
-        if let Ok(Err(Stop::Storage(e))) = done {
-            if !matches!(stop, Stop::Shutdown) {
-                stop = Stop::Storage(e);
-            }
+        match done {
+            Ok(Err(Stop::StorageFailed(e))) => stop = Stop::StorageFailed(e),
+            Ok(Err(Stop::Storage(e))) if matches!(stop, Stop::Broker(_)) => stop = Stop::Storage(e),
+            _ => {}
         }
     }
     stop
@@ -217,27 +249,38 @@ async fn handle(
     shared: &Arc<Shared>,
     channel: &Channel,
     delivery: lapin::message::Delivery,
+    frame_max: u32,
 ) -> Result<(), Stop> {
     let limits = shared.cfg.limits;
-    let props = delivery.properties.clone();
-    let body = Arc::new(delivery.data);
-    let content_type = props
-        .content_type()
-        .as_ref()
-        .map(|s| s.as_str().to_string());
-    let headers = props.headers().clone();
-    let decoded = {
-        let body = body.clone();
-        tokio::task::spawn_blocking(move || {
-            decode_message(
-                content_type.as_deref(),
-                &AmqpHeaders(headers.as_ref()),
-                &body,
-                &limits,
-            )
-        })
-        .await
-        .map_err(|e| Stop::Broker(format!("decoder task failed: {e}")))?
+    let lapin::message::Delivery {
+        properties: props,
+        data,
+        acker,
+        ..
+    } = delivery;
+    let body = Arc::new(data);
+    // The header table is measured without recursion before anything copies or walks it: a
+    // deep or huge one is refused as a whole and its dead-letter copy goes without it.
+    let decoded = match check_headers(props.headers().as_ref()) {
+        Err(e) => Err(Refusal(e)),
+        Ok(()) => {
+            let content_type = props
+                .content_type()
+                .as_ref()
+                .map(|s| s.as_str().to_string());
+            let headers = props.headers().clone();
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || {
+                parse_message(
+                    content_type.as_deref(),
+                    &AmqpHeaders(headers.as_ref()),
+                    &body,
+                    &limits,
+                )
+            })
+            .await
+            .map_err(|e| Stop::Broker(format!("decoder task failed: {e}")))?
+        }
     };
     let (outcome, dead) = match decoded {
         Err(refusal) => {
@@ -249,28 +292,24 @@ async fn handle(
             };
             (outcome, Some((err, vec![])))
         }
-        Ok(Decoded {
+        Ok(Parsed {
             batch_id,
-            accepted,
-            rejected,
+            accepted: images,
+            mut rejected,
         }) => {
-            let store = shared.store.clone();
-            let images = accepted;
-            let ids: Vec<String> = images.iter().map(|i| i.id.clone()).collect();
-            let fresh = if images.is_empty() {
-                Ok(vec![])
-            } else {
-                tokio::task::spawn_blocking(move || store.put_batch(&images))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-            };
-            let fresh = match fresh {
-                Ok(f) => f,
-                Err(e) => {
-                    // Nothing of this delivery was acknowledged: back to the broker with it.
-                    let _ = delivery
-                        .acker
+            // One image at a time against the budget of decoded pixels in flight, stored as it
+            // goes; the flush at the end makes the whole delivery durable before the ack.
+            let mut ids = Vec::with_capacity(images.len());
+            let mut fresh = Vec::with_capacity(images.len());
+            let mut failed = None;
+            let stall = Duration::from_secs(shared.cfg.state.stall_timeout_s.max(1));
+            if !images.is_empty() {
+                // Room for what this delivery may add, above the reserve.
+                let need = images.iter().map(|i| i.bytes.len() as u64).sum::<u64>();
+                if let Err(e) =
+                    crate::disk::check(&shared.cfg.state.dir, shared.cfg.state.min_free_bytes, need)
+                {
+                    let _ = acker
                         .nack(BasicNackOptions {
                             requeue: true,
                             ..Default::default()
@@ -278,7 +317,56 @@ async fn handle(
                         .await;
                     return Err(Stop::Storage(e));
                 }
-            };
+            }
+            let budget = limits.decoded_pixels_in_flight.min(u64::from(u32::MAX));
+            for img in images {
+                let cost = img.pixels().clamp(1, budget) as u32;
+                let permit = match shared.pixels.clone().acquire_many_owned(cost).await {
+                    Ok(p) => p,
+                    Err(e) => return Err(Stop::Broker(format!("pixel budget closed: {e}"))),
+                };
+                shared
+                    .decoded_since_trim
+                    .fetch_add(u64::from(cost), std::sync::atomic::Ordering::Relaxed);
+                let store = shared.store.clone();
+                let image_limits = limits.image;
+                let r = blocking_storage(stall, move || {
+                    let _permit = permit;
+                    match img.decode(&image_limits) {
+                        Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
+                        Err(refused) => Ok(Err(refused)),
+                    }
+                })
+                .await;
+                match r {
+                    Ok(Ok((id, f))) => {
+                        ids.push(id);
+                        fresh.push(f);
+                    }
+                    Ok(Err(refused)) => rejected.push(refused),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if failed.is_none() && !ids.is_empty() {
+                let store = shared.store.clone();
+                if let Err(e) = blocking_storage(stall, move || store.flush()).await {
+                    failed = Some(e);
+                }
+            }
+            if let Some(e) = failed {
+                // Nothing of this delivery was acknowledged: back to the broker with it (what
+                // was written is found again by id and not stored twice).
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                return Err(Stop::StorageFailed(e));
+            }
             {
                 let mut st = shared.stats();
                 let new = fresh.iter().filter(|&&f| f).count() as u64;
@@ -296,8 +384,8 @@ async fn handle(
                         "{} of {} images refused; first: {}: {}",
                         rejected.len(),
                         rejected.len() + ids.len(),
-                        first.id,
-                        first.message
+                        cut(&first.id, MAX_ECHO_BYTES),
+                        cut(&first.message, MAX_ECHO_BYTES)
                     ),
                 };
                 (err, rejected.clone())
@@ -313,7 +401,7 @@ async fn handle(
         }
     };
     if let Some((err, images)) = &dead {
-        dead_letter(shared, channel, &props, &body, err, images).await?;
+        dead_letter(shared, channel, &props, &body, err, images, frame_max).await?;
         let mut st = shared.stats();
         *st.dead_lettered
             .entry(err.code.as_str().to_string())
@@ -336,34 +424,58 @@ async fn handle(
                 });
             }
         }
-        reply(shared, channel, &props, reply_to.as_str(), &outcome).await?;
+        reply(shared, channel, &props, reply_to.as_str(), outcome).await?;
         shared.stats().replies += 1;
     }
-    match delivery.acker.ack(BasicAckOptions::default()).await {
+    match acker.ack(BasicAckOptions::default()).await {
         Ok(_) => {
             shared.stats().deliveries += 1;
+            give_back_decoded_memory(shared);
             Ok(())
         }
         Err(e) => Err(Stop::Broker(format!("ack failed: {e}"))),
     }
 }
 
-fn error_table(err: &WireError) -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert(
-        "code".into(),
-        AMQPValue::LongString(err.code.as_str().into()),
-    );
-    t.insert(
-        "message".into(),
-        AMQPValue::LongString(err.message.as_str().into()),
-    );
-    t
+/// Pixels decoded since the last trim above which the end of a burst gives memory back.
+const TRIM_AFTER_PIXELS: u64 = 4 << 20;
+
+/// When no image is being decoded any more and a burst decoded more than
+/// [`TRIM_AFTER_PIXELS`], hands the freed pixel buffers back to the OS: the allocator setting
+/// the trainer needs keeps freed memory in the heap otherwise.
+fn give_back_decoded_memory(shared: &Shared) {
+    use std::sync::atomic::Ordering;
+    let budget = usize::try_from(shared.cfg.limits.decoded_pixels_in_flight).unwrap_or(usize::MAX);
+    if shared.decoded_since_trim.load(Ordering::Relaxed) < TRIM_AFTER_PIXELS
+        || shared.pixels.available_permits() < budget.min(usize::MAX >> 4)
+    {
+        return;
+    }
+    shared.decoded_since_trim.store(0, Ordering::Relaxed);
+    tokio::task::spawn_blocking(plip_model::runtime::trim_allocator);
+}
+
+/// Runs a storage call on the blocking pool; one that has not returned after `stall` counts
+/// as failed (it is abandoned, and the daemon stops: see [`Stop::StorageFailed`]).
+async fn blocking_storage<T: Send + 'static>(
+    stall: Duration,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::time::timeout(stall, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(format!("a storage task failed: {e}")),
+        Err(_) => Err(format!(
+            "a storage write has not returned for {} s (state.stall_timeout_s)",
+            stall.as_secs()
+        )),
+    }
 }
 
 /// Publishes a copy of the delivery (body and properties) on the dead-letter exchange with
 /// `x-plip-error` = `{code, message}` (and, for a batch refused in part, `x-plip-rejected` =
-/// one `{id, code, message}` per refused image), and waits for the broker's confirm.
+/// one `{id, code, message}` per refused image), built by
+/// [`plip_ingest::dead_letter::dead_letter_properties`] to fit the frame, and waits for the
+/// broker's confirm.
 async fn dead_letter(
     shared: &Shared,
     channel: &Channel,
@@ -371,36 +483,15 @@ async fn dead_letter(
     body: &[u8],
     err: &WireError,
     images: &[RejectedImage],
+    frame_max: u32,
 ) -> Result<(), Stop> {
-    let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(
-        "x-plip-error".into(),
-        AMQPValue::FieldTable(error_table(err)),
-    );
-    if !images.is_empty() {
-        let list: Vec<AMQPValue> = images
-            .iter()
-            .map(|r| {
-                let mut t = error_table(&WireError {
-                    code: r.code,
-                    message: r.message.clone(),
-                });
-                t.insert("id".into(), AMQPValue::LongString(r.id.as_str().into()));
-                AMQPValue::FieldTable(t)
-            })
-            .collect();
-        headers.insert(
-            "x-plip-rejected".into(),
-            AMQPValue::FieldArray(FieldArray::from(list)),
-        );
-    }
-    let props = props.clone().with_headers(headers).with_delivery_mode(2);
+    let props = dead_letter_properties(props, err, images, frame_max);
     publish_confirmed(channel, &shared.cfg.topology.dlx_exchange, "", body, props)
         .await
         .map_err(Stop::Broker)?;
     tracing::warn!(
         code = err.code.as_str(),
-        reason = %err.message,
+        reason = %clip(&err.message, MAX_MESSAGE_BYTES),
         images = images.len(),
         "dead_lettered"
     );
@@ -412,9 +503,10 @@ async fn reply(
     channel: &Channel,
     props: &BasicProperties,
     reply_to: &str,
-    outcome: &IngestOutcome,
+    outcome: IngestOutcome,
 ) -> Result<(), Stop> {
-    let body = serde_json::to_vec(outcome).map_err(|e| Stop::Broker(e.to_string()))?;
+    let body =
+        serde_json::to_vec(&bounded_outcome(outcome)).map_err(|e| Stop::Broker(e.to_string()))?;
     let mut out =
         BasicProperties::default().with_content_type(ShortString::from("application/json"));
     if let Some(c) = props.correlation_id() {

@@ -22,6 +22,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// What every part of the daemon shares.
 pub struct Shared {
@@ -39,7 +40,21 @@ pub struct Shared {
     pub forget_rows: Mutex<Vec<String>>,
     /// The serving encoder and gallery (swapped whole).
     pub serving: std::sync::RwLock<Option<Arc<serving::Serving>>>,
+    /// The budget of decoded pixels in flight (`limits.decoded_pixels_in_flight` permits, one
+    /// per pixel): ingest decodes an image only while holding its width × height.
+    pub pixels: Arc<tokio::sync::Semaphore>,
+    /// Pixels decoded since the allocator last gave freed memory back.
+    pub decoded_since_trim: std::sync::atomic::AtomicU64,
+    /// The process's exit status once stopped: 0, or [`EXIT_STORAGE_FAILED`].
+    pub exit_code: std::sync::atomic::AtomicI32,
+    /// The last answers of the endpoints that read the state folder, for when it does not answer.
+    pub http_cache: http::Cache,
 }
+
+/// Exit status after a storage failure (EX_TEMPFAIL): sled's errors are sticky until the
+/// database is reopened, so the daemon stops and its service manager starts it again
+/// (`Restart=on-failure`); it then waits, not consuming, until space is back above the reserve.
+pub const EXIT_STORAGE_FAILED: i32 = 75;
 
 impl Shared {
     /// Opens the state folder of `cfg`.
@@ -47,6 +62,7 @@ impl Shared {
     /// # Errors
     /// The state folder cannot be opened (another process holds it, newer format, I/O).
     pub fn open(cfg: Config) -> Result<Arc<Shared>, String> {
+        let cfg_pixels = cfg.limits.decoded_pixels_in_flight;
         let state = State::open(&cfg.state.dir).map_err(|e| e.to_string())?;
         let store = state
             .samples(cfg.state.probe_percent)
@@ -61,6 +77,12 @@ impl Shared {
             serving: std::sync::RwLock::new(None),
             forgets: std::sync::atomic::AtomicU64::new(0),
             forget_rows: Mutex::new(Vec::new()),
+            pixels: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(cfg_pixels).unwrap_or(usize::MAX >> 4),
+            )),
+            decoded_since_trim: std::sync::atomic::AtomicU64::new(0),
+            exit_code: std::sync::atomic::AtomicI32::new(0),
+            http_cache: http::Cache::default(),
         }))
     }
 
@@ -88,6 +110,17 @@ impl Shared {
     }
 
     /// Begins shutdown.
+    /// Stops the daemon with exit status `code` (the first failure's status is kept).
+    pub fn fail(&self, code: i32) {
+        let _ = self.exit_code.compare_exchange(
+            0,
+            code,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        self.stop();
+    }
+
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
         self.shutdown_notify.notify_waiters();
@@ -209,6 +242,8 @@ pub struct TrainerStats {
     pub images_per_s: Option<f64>,
     /// Trainable (captioned, non-probe) samples the sampler draws from.
     pub trainable_samples: usize,
+    /// Checkpoints postponed because the disk was below its reserve.
+    pub checkpoints_postponed: u64,
     pub checkpoints_written: u64,
     pub last_checkpoint: Option<u64>,
     pub last_checkpoint_step: Option<u64>,
@@ -274,7 +309,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .thread_name("plipd-io")
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    rt.block_on(async move {
+    let grace = Duration::from_secs(cfg.state.stall_timeout_s.clamp(5, 60));
+    let result = rt.block_on(async move {
         let shared = Shared::open(cfg)?;
         let listener = http::bind(&shared.cfg.http.listen).await?;
         tracing::info!(
@@ -293,11 +329,39 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         shared.stop();
         notify::notify("STOPPING=1");
-        supervisor::shutdown(running).await;
-        shared.state.flush().map_err(|e| e.to_string())?;
+        let code = || shared.exit_code.load(Ordering::SeqCst);
+        // Every part winds down within the grace period, whatever storage does: a call that
+        // blocks in sled must not keep SIGTERM waiting (sled recovers from an exit as from a
+        // kill -9: what was acknowledged was flushed).
+        let wind_down = async {
+            supervisor::shutdown(running).await;
+            if code() == 0 {
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || s.state.flush())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(grace + Duration::from_secs(30), wind_down).await {
+            Ok(r) => r?,
+            Err(_) => tracing::error!(
+                seconds = (grace + Duration::from_secs(30)).as_secs(),
+                "shutdown_deadline_passed"
+            ),
+        }
+        if code() != 0 {
+            tracing::error!(status = code(), "exiting_after_storage_failure");
+            // Not dropping the database: after an I/O error sled's drop can block.
+            std::process::exit(code());
+        }
         tracing::info!(samples = shared.store.len(), "stopped");
         Ok(())
-    })
+    });
+    // Blocking calls still stuck in storage are abandoned, not waited for.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
 /// The broker URL with its password replaced by `***`.

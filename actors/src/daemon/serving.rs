@@ -26,6 +26,9 @@ use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use plip_ingest::dead_letter::{
+    bounded_error, check_headers, dead_letter_properties, properties_without_headers,
+};
 use plip_ingest::image::{canonical, decode, pixels_at, IntakeLimits};
 use plip_ingest::reid::{decode_request, Match, QueryKind, ReidErrorReply, ReidReply};
 use plip_ingest::wire::{Code, Purpose, WireError};
@@ -479,6 +482,7 @@ pub async fn requests(shared: Arc<Shared>) -> Result<(), String> {
 }
 
 async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
+    let frame_max = conn.configuration().frame_max();
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     shared
         .cfg
@@ -513,7 +517,7 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
                     let shared = shared.clone();
                     let ch = ch.clone();
                     let btx = btx.clone();
-                    inflight.spawn(async move { answer(&shared, &ch, &btx, d).await });
+                    inflight.spawn(async move { answer(&shared, &ch, &btx, d, frame_max).await });
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 None => return Err("the request consumer was cancelled".into()),
@@ -725,10 +729,18 @@ async fn answer(
     ch: &Channel,
     batcher: &tokio::sync::mpsc::Sender<Pending>,
     d: lapin::message::Delivery,
+    frame_max: u32,
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let arrived = now_ms();
-    let props = d.properties.clone();
+    // The header table is measured without recursion before anything copies it: a deep or
+    // huge one is answered with its code and dead-lettered without it.
+    let header_refusal = check_headers(d.properties.headers().as_ref()).err();
+    let props = if header_refusal.is_some() {
+        properties_without_headers(&d.properties)
+    } else {
+        d.properties.clone()
+    };
     let request_id = props
         .correlation_id()
         .as_ref()
@@ -747,7 +759,11 @@ async fn answer(
         .expiration()
         .as_ref()
         .and_then(|e| e.as_str().parse().ok());
+    let refused = header_refusal.clone();
     let result = tokio::task::spawn_blocking(move || {
+        if let Some(e) = refused {
+            return Err(e);
+        }
         let limits = shared2.cfg.serving.limits;
         let req = decode_request(ct.as_deref(), &body, &limits)?;
         let budget = req.deadline_ms.or(expiration);
@@ -787,7 +803,7 @@ async fn answer(
         }),
         Err(e) => serde_json::to_vec(&ReidErrorReply {
             request_id: request_id.clone(),
-            error: e.clone(),
+            error: bounded_error(e),
         }),
     }
     .map_err(|e| e.to_string())?;
@@ -812,6 +828,12 @@ async fn answer(
         None => (shared.cfg.topology.results_exchange.clone(), String::new()),
     };
     super::ingest::publish_confirmed(ch, &exchange, &key, &body, out).await?;
+    if let Some(e) = &header_refusal {
+        let copy = dead_letter_properties(&d.properties, e, &[], frame_max);
+        super::ingest::publish_confirmed(ch, &shared.cfg.topology.dlx_exchange, "", &d.data, copy)
+            .await?;
+        tracing::warn!(code = e.code.as_str(), reason = %e.message, "request_dead_lettered");
+    }
     d.acker
         .ack(BasicAckOptions::default())
         .await

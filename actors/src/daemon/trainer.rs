@@ -309,12 +309,26 @@ fn train_loop<D: Device<f32>>(
     shared.stats().trainer.error = None;
     let mut rng = StdRng::seed_from_u64(tc.seed ^ trainer.opt.step.wrapping_mul(0x9e37));
     let mut index = Index::build(&shared);
+    // Reported from the first build, not only when new samples arrive: after a resume the
+    // store may hold everything already.
+    shared.stats().trainer.trainable_samples = index.entries.len();
     let mut last_new = Instant::now();
     let mut last_ckpt = (Instant::now(), trainer.opt.step);
     let mut window = (Instant::now(), 0u64);
     let mut last_loss = f64::NAN;
+    let last_size = std::cell::Cell::new(0u64);
+    // Ok(None): postponed, the disk being below its reserve (tried again when next due).
     let checkpoint =
-        |trainer: &Trainer<f32, D>, images_seen: u64, loss: f64| -> Result<u64, String> {
+        |trainer: &Trainer<f32, D>, images_seen: u64, loss: f64| -> Result<Option<u64>, String> {
+            if let Err(e) = crate::disk::check(
+                &shared.cfg.state.dir,
+                shared.cfg.state.min_free_bytes,
+                last_size.get(),
+            ) {
+                shared.stats().trainer.checkpoints_postponed += 1;
+                tracing::warn!(step = trainer.opt.step, reason = %e, "checkpoint_postponed");
+                return Ok(None);
+            }
             let mut metrics = BTreeMap::new();
             if loss.is_finite() {
                 metrics.insert("loss".to_string(), loss);
@@ -330,6 +344,9 @@ fn train_loop<D: Device<f32>>(
                 .map_err(|e| e.to_string())?,
                 done,
             };
+            // sled writes a value once in its log and again when it compacts.
+            last_size
+                .set(2 * (job.checkpoint.weights.len() + job.checkpoint.optimizer.len()) as u64);
             jobs.blocking_send(job)
                 .map_err(|_| "the checkpointer is gone".to_string())?;
             let v = wait
@@ -347,7 +364,7 @@ fn train_loop<D: Device<f32>>(
                 loss = %serde_json::json!(loss),
                 "checkpoint"
             );
-            Ok(v)
+            Ok(Some(v))
         };
     while !shared.stopping() {
         let forgotten: Vec<String> =
@@ -462,6 +479,7 @@ fn train_loop<D: Device<f32>>(
         let due_time = tc.checkpoint_every_s > 0
             && last_ckpt.0.elapsed() >= Duration::from_secs(tc.checkpoint_every_s);
         if (due_steps || due_time) && trainer.opt.step > last_ckpt.1 {
+            // Written or postponed, the next one is due an interval from now.
             checkpoint(&trainer, images_seen, last_loss)?;
             last_ckpt = (Instant::now(), trainer.opt.step);
         }
