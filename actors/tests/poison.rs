@@ -340,10 +340,11 @@ fn poison_messages_are_dead_lettered_and_the_queue_keeps_draining() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A real 4096×4096 PNG (a gradient: it compresses, as the 2.4 MB batch of 32 did).
+/// A real 4096×4096 PNG of flat blocks: it compresses to tens of KB, so a batch of 32 is a
+/// small message that decodes to 1.5 GiB of pixels.
 fn big_png() -> Vec<u8> {
     let img = image::RgbImage::from_fn(4096, 4096, |x, y| {
-        image::Rgb([(x / 16) as u8, (y / 16) as u8, ((x + y) / 32) as u8])
+        image::Rgb([(x / 512 * 30) as u8, (y / 512 * 30) as u8, 90])
     });
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -356,7 +357,9 @@ fn big_png() -> Vec<u8> {
 #[test]
 fn a_burst_of_decoded_pixels_stays_within_the_budget() {
     let _serial = serial();
-    let png = b64(&big_png());
+    let png = big_png();
+    assert!(png.len() < 256 << 10, "{} bytes", png.len());
+    let png = b64(&png);
     let budget_pixels: u64 = 2 * 4096 * 4096; // the default
                                               // Decoding holds the RGB image and its conversion: about 8 bytes per pixel in flight.
     let budget_mib = budget_pixels * 8 / (1 << 20);
@@ -518,7 +521,7 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
         &[],
         &Extra {
             min_free_bytes: Some(12 << 20),
-            ..Extra::default()
+            max_message_bytes: Some(8 << 20),
         },
     );
     d.spawn();
@@ -527,21 +530,18 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
     let (_conn, ch) = rt.block_on(channel());
     let batches = 40;
     let per = 20;
+    let t0 = Instant::now();
     for b in 0..batches {
         let body = noise_batch(per, b as u64 + 1, b * per);
         rt.block_on(publish(&ch, &t.ingest_exchange, &body, json_props()));
     }
-    let t0 = Instant::now();
     let s = d.wait_for("the pause", Duration::from_secs(120), |s| {
         s["ingest"]["storage_error"]
             .as_str()
             .is_some_and(|e| e.contains("disk space low"))
     });
     let paused_at = s["samples"]["total"].as_u64().unwrap_or(0);
-    eprintln!(
-        "paused after {:.1} s with {paused_at} samples stored",
-        t0.elapsed().as_secs_f64()
-    );
+    let paused_s = t0.elapsed().as_secs_f64();
     assert!(paused_at < (batches * per) as u64, "the disk never filled");
     let t1 = Instant::now();
     let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
@@ -552,7 +552,8 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
     // SIGTERM while paused, then a restart with as little space: paused again, and said so.
     let t2 = Instant::now();
     d.stop();
-    assert!(t2.elapsed() < Duration::from_secs(15), "{:?}", t2.elapsed());
+    let sigterm_s = t2.elapsed().as_secs_f64();
+    assert!(sigterm_s < 15.0, "{sigterm_s}");
     d.spawn_only();
     d.wait_for("the pause after a restart", Duration::from_secs(30), |s| {
         s["ingest"]["storage_error"]
@@ -563,9 +564,18 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
     assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
     // Space returns.
     remount(&mnt, 400);
+    let t3 = Instant::now();
     let s = d.wait_for("everything stored", Duration::from_secs(180), |s| {
         s["samples"]["total"].as_u64() == Some((batches * per) as u64)
     });
+    eprintln!(
+        "{}",
+        serde_json::json!({
+            "tmpfs_mib": 40, "reserve_mib": 12, "published": batches * per,
+            "paused_after_s": paused_s, "stored_when_paused": paused_at,
+            "sigterm_exit_s": sigterm_s, "all_stored_after_remount_s": t3.elapsed().as_secs_f64(),
+        })
+    );
     assert!(s["ingest"]["storage_error"].is_null(), "{s:#}");
     assert_eq!(rt.block_on(queue_depth(&ch, &t.ingest_queue)), 0);
     d.stop();

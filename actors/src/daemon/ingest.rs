@@ -330,7 +330,7 @@ async fn handle(
                     .fetch_add(u64::from(cost), std::sync::atomic::Ordering::Relaxed);
                 let store = shared.store.clone();
                 let image_limits = limits.image;
-                let r = blocking_storage(stall, move || {
+                let r = on_decoders(shared, stall, move || {
                     let _permit = permit;
                     match img.decode(&image_limits) {
                         Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
@@ -451,8 +451,25 @@ fn give_back_decoded_memory(shared: &Shared) {
     {
         return;
     }
-    shared.decoded_since_trim.store(0, Ordering::Relaxed);
-    tokio::task::spawn_blocking(plip_model::runtime::trim_allocator);
+    let pixels = shared.decoded_since_trim.swap(0, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || {
+        let before = resident_mib();
+        plip_model::runtime::trim_allocator();
+        tracing::info!(
+            pixels,
+            rss_before_mib = before,
+            rss_after_mib = resident_mib(),
+            "allocator_trimmed"
+        );
+    });
+}
+
+/// This process's resident memory, MiB (0 where /proc is not there).
+fn resident_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096 / (1 << 20))
 }
 
 /// Runs a storage call on the blocking pool; one that has not returned after `stall` counts
@@ -464,6 +481,27 @@ async fn blocking_storage<T: Send + 'static>(
     match tokio::time::timeout(stall, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(format!("a storage task failed: {e}")),
+        Err(_) => Err(format!(
+            "a storage write has not returned for {} s (state.stall_timeout_s)",
+            stall.as_secs()
+        )),
+    }
+}
+
+/// Runs a decode-and-store job on the decoding threads (see [`Shared::decoders`]), with the
+/// stall limit of [`blocking_storage`].
+async fn on_decoders<T: Send + 'static>(
+    shared: &Shared,
+    stall: Duration,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    shared.decoders.spawn(move || {
+        let _ = tx.send(f());
+    });
+    match tokio::time::timeout(stall, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err("a decoding task failed".into()),
         Err(_) => Err(format!(
             "a storage write has not returned for {} s (state.stall_timeout_s)",
             stall.as_secs()

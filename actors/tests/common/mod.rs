@@ -1,6 +1,6 @@
 //! The daemon tests' harness: a `plipd run` child process on a temporary state folder with a
 //! private topology on the real broker, synthetic images, and publishing helpers.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod raw_amqp;
 
@@ -129,7 +129,7 @@ format = "json"
             min_free = extra.min_free_bytes.unwrap_or(16 << 20),
         );
         std::fs::write(&config, toml).unwrap();
-        let mut d = Daemon {
+        let d = Daemon {
             child: None,
             http,
             dir: dir.to_path_buf(),
