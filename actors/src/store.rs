@@ -108,6 +108,19 @@ fn injected_fault() -> Result<(), String> {
     }
 }
 
+/// Environment variable naming a file whose existence makes storage calls (sample counts and
+/// writes) block until it is removed, as a stuck disk would: the fault-injection hook of the
+/// stuck-storage tests (unset in production).
+pub const FAULT_STALL_FILE_ENV: &str = "PLIP_FAULT_STALL_FILE";
+
+fn injected_stall() {
+    if let Some(f) = std::env::var_os(FAULT_STALL_FILE_ENV) {
+        while std::path::Path::new(&f).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
 impl SampleStore {
     /// Opens the trees in `db`.
     ///
@@ -145,6 +158,7 @@ impl SampleStore {
     /// # Errors
     /// A failed write.
     pub fn put_one(&self, img: &ValidImage) -> Result<bool, String> {
+        injected_stall();
         injected_fault()?;
         let seq = self.db.generate_id().map_err(|e| e.to_string())?;
         let jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
@@ -313,6 +327,7 @@ impl SampleStore {
 
     /// Counts by purpose and probe.
     pub fn counts(&self) -> Counts {
+        injected_stall();
         let mut c = Counts::default();
         for m in self
             .samples

@@ -265,6 +265,8 @@ fn trainer_checkpoints_and_resumes_exactly() {
     });
     assert_eq!(s["trainer"]["resumed_digest"][0], wd.as_str());
     assert_eq!(s["trainer"]["resumed_digest"][1], od.as_str());
+    // The trainable count is reported after a resume, with no new sample arriving.
+    assert!(s["trainer"]["trainable_samples"].as_u64() > Some(0), "{s:#}");
     // Forgetting a person zeroes their identity-classifier row in the running trainer.
     let path = format!("/forget?person={}", published[0].1);
     let r = plip_actors::daemon::http::request(&d.http, "POST", &path)
@@ -794,6 +796,80 @@ fn below_the_disk_reserve_ingest_waits_and_the_daemon_stays_manageable() {
     assert!(s["ingest"]["storage_error"].is_null(), "{s:#}");
     assert_eq!(s["ingest"]["duplicates"], 0);
     assert!(!d.log_events("storage_recovered").is_empty());
+    d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Storage that stops answering (a stuck disk): /status and /metrics answer at once from the
+/// last figures, marked stale, /readyz says 503 with the reason, SIGTERM still ends the
+/// process; a write that does not return within `state.stall_timeout_s` stops the daemon with
+/// status 75, and after the restart the delivery is stored.
+#[test]
+fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
+    let _serial = serial();
+    let dir = tempdir("stuck");
+    let stall = dir.join("stall");
+    let env = [(
+        plip_actors::store::FAULT_STALL_FILE_ENV,
+        stall.display().to_string(),
+    )];
+    let extra = Extra {
+        stall_timeout_s: Some(5),
+        ..Extra::default()
+    };
+    let mut d = Daemon::configure(&dir, NO_TRAINING, &env, &extra);
+    d.spawn();
+    assert_eq!(d.status().unwrap()["storage"]["responding"], true);
+    std::fs::write(&stall, b"").unwrap();
+    let t0 = Instant::now();
+    let s = d.status().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert_eq!(s["storage"]["responding"], false, "{s:#}");
+    assert!(s["storage"]["stale"].as_str().unwrap().contains("did not answer"));
+    // The read is still stuck: the next requests answer at once, without a second read.
+    let t1 = Instant::now();
+    let s = d.status().unwrap();
+    let m = plip_actors::daemon::http::request(&d.http, "GET", "/metrics")
+        .unwrap()
+        .unwrap();
+    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    assert!(t1.elapsed() < Duration::from_secs(1), "{:?}", t1.elapsed());
+    assert!(s["storage"]["stale"].as_str().unwrap().contains("has not answered"));
+    assert!(String::from_utf8_lossy(&m).contains("plip_storage_responding 0"));
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("503") && e.contains("has not answered")),
+        "{r:?}"
+    );
+    // SIGTERM while a storage read hangs: a prompt exit.
+    let t2 = Instant::now();
+    d.stop();
+    assert!(t2.elapsed() < Duration::from_secs(10), "{:?}", t2.elapsed());
+    // A write that hangs: exit 75 after the stall limit, nothing acked.
+    d.spawn();
+    let t = d.topo.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let good = images(2, 5, 6);
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        publish(&ch, &t.ingest_exchange, &batch_json(&good), json_props()).await;
+    });
+    let code = d.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        code,
+        Some(plip_actors::daemon::EXIT_STORAGE_FAILED),
+        "log:\n{}",
+        d.log_text()
+    );
+    assert!(d
+        .log_events("storage_failed")
+        .iter()
+        .any(|e| e["error"].as_str().is_some_and(|m| m.contains("has not returned"))));
+    std::fs::remove_file(&stall).unwrap();
+    d.spawn();
+    d.wait_for("the delivery stored after the restart", Duration::from_secs(60), |s| {
+        s["samples"]["total"].as_u64() == Some(10)
+    });
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -105,6 +105,7 @@ max_caption_chars = 300
 [state]
 dir = "{state}"
 min_free_bytes = {min_free}
+stall_timeout_s = {stall}
 
 [http]
 listen = "{http}"
@@ -127,6 +128,7 @@ format = "json"
             state = dir.join("state").display(),
             max_message_bytes = extra.max_message_bytes.unwrap_or(2_000_000),
             min_free = extra.min_free_bytes.unwrap_or(16 << 20),
+            stall = extra.stall_timeout_s.unwrap_or(60),
         );
         std::fs::write(&config, toml).unwrap();
         let d = Daemon {
@@ -215,6 +217,7 @@ format = "json"
 pub struct Extra {
     pub max_message_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
+    pub stall_timeout_s: Option<u64>,
 }
 
 impl Daemon {
