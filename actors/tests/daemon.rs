@@ -266,7 +266,10 @@ fn trainer_checkpoints_and_resumes_exactly() {
     assert_eq!(s["trainer"]["resumed_digest"][0], wd.as_str());
     assert_eq!(s["trainer"]["resumed_digest"][1], od.as_str());
     // The trainable count is reported after a resume, with no new sample arriving.
-    assert!(s["trainer"]["trainable_samples"].as_u64() > Some(0), "{s:#}");
+    assert!(
+        s["trainer"]["trainable_samples"].as_u64() > Some(0),
+        "{s:#}"
+    );
     // Forgetting a person zeroes their identity-classifier row in the running trainer.
     let path = format!("/forget?person={}", published[0].1);
     let r = plip_actors::daemon::http::request(&d.http, "POST", &path)
@@ -825,7 +828,10 @@ fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
     let s = d.status().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
     assert_eq!(s["storage"]["responding"], false, "{s:#}");
-    assert!(s["storage"]["stale"].as_str().unwrap().contains("did not answer"));
+    assert!(s["storage"]["stale"]
+        .as_str()
+        .unwrap()
+        .contains("did not answer"));
     // The read is still stuck: the next requests answer at once, without a second read.
     let t1 = Instant::now();
     let s = d.status().unwrap();
@@ -834,7 +840,10 @@ fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
         .unwrap();
     let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
     assert!(t1.elapsed() < Duration::from_secs(1), "{:?}", t1.elapsed());
-    assert!(s["storage"]["stale"].as_str().unwrap().contains("has not answered"));
+    assert!(s["storage"]["stale"]
+        .as_str()
+        .unwrap()
+        .contains("has not answered"));
     assert!(String::from_utf8_lossy(&m).contains("plip_storage_responding 0"));
     assert!(
         r.as_ref()
@@ -861,15 +870,16 @@ fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
         "log:\n{}",
         d.log_text()
     );
-    assert!(d
-        .log_events("storage_failed")
-        .iter()
-        .any(|e| e["error"].as_str().is_some_and(|m| m.contains("has not returned"))));
+    assert!(d.log_events("storage_failed").iter().any(|e| e["error"]
+        .as_str()
+        .is_some_and(|m| m.contains("has not returned"))));
     std::fs::remove_file(&stall).unwrap();
     d.spawn();
-    d.wait_for("the delivery stored after the restart", Duration::from_secs(60), |s| {
-        s["samples"]["total"].as_u64() == Some(10)
-    });
+    d.wait_for(
+        "the delivery stored after the restart",
+        Duration::from_secs(60),
+        |s| s["samples"]["total"].as_u64() == Some(10),
+    );
     d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -522,6 +522,7 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
         &Extra {
             min_free_bytes: Some(12 << 20),
             max_message_bytes: Some(8 << 20),
+            ..Extra::default()
         },
     );
     d.spawn();

@@ -136,7 +136,8 @@ pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageErro
     let img = r
         .decode()
         .map_err(|e| ImageError::Undecodable(e.to_string()))?;
-    Ok(img.to_rgb8())
+    // No copy when the decoder produced RGB already.
+    Ok(img.into_rgb8())
 }
 
 /// True when a JPEG has an end-of-image marker (FF D9) after its first start-of-scan (FF DA).

@@ -330,7 +330,7 @@ async fn handle(
                     .fetch_add(u64::from(cost), std::sync::atomic::Ordering::Relaxed);
                 let store = shared.store.clone();
                 let image_limits = limits.image;
-                let r = on_decoders(shared, stall, move || {
+                let r = blocking_storage(stall, move || {
                     let _permit = permit;
                     match img.decode(&image_limits) {
                         Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
@@ -481,27 +481,6 @@ async fn blocking_storage<T: Send + 'static>(
     match tokio::time::timeout(stall, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(format!("a storage task failed: {e}")),
-        Err(_) => Err(format!(
-            "a storage write has not returned for {} s (state.stall_timeout_s)",
-            stall.as_secs()
-        )),
-    }
-}
-
-/// Runs a decode-and-store job on the decoding threads (see [`Shared::decoders`]), with the
-/// stall limit of [`blocking_storage`].
-async fn on_decoders<T: Send + 'static>(
-    shared: &Shared,
-    stall: Duration,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    shared.decoders.spawn(move || {
-        let _ = tx.send(f());
-    });
-    match tokio::time::timeout(stall, rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err("a decoding task failed".into()),
         Err(_) => Err(format!(
             "a storage write has not returned for {} s (state.stall_timeout_s)",
             stall.as_secs()

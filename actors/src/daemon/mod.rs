@@ -45,11 +45,6 @@ pub struct Shared {
     pub pixels: Arc<tokio::sync::Semaphore>,
     /// Pixels decoded since the allocator last gave freed memory back.
     pub decoded_since_trim: std::sync::atomic::AtomicU64,
-    /// The threads that decode and store ingested images: as many as images of the largest
-    /// accepted size fit the pixel budget (at most one per core). A fixed set of threads keeps
-    /// the decoded buffers in their few allocator arenas: on arbitrary blocking-pool threads
-    /// each arena would keep its own high-water mark of freed pixels.
-    pub decoders: rayon::ThreadPool,
     /// The process's exit status once stopped: 0, or [`EXIT_STORAGE_FAILED`].
     pub exit_code: std::sync::atomic::AtomicI32,
     /// The last answers of the endpoints that read the state folder, for when it does not answer.
@@ -68,13 +63,6 @@ impl Shared {
     /// The state folder cannot be opened (another process holds it, newer format, I/O).
     pub fn open(cfg: Config) -> Result<Arc<Shared>, String> {
         let cfg_pixels = cfg.limits.decoded_pixels_in_flight;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = (cfg_pixels / cfg.limits.image.max_pixels.max(1)).clamp(1, cores as u64);
-        let decoders = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads as usize)
-            .thread_name(|i| format!("plipd-decode-{i}"))
-            .build()
-            .map_err(|e| format!("cannot start the decoding threads: {e}"))?;
         let state = State::open(&cfg.state.dir).map_err(|e| e.to_string())?;
         let store = state
             .samples(cfg.state.probe_percent)
@@ -93,7 +81,6 @@ impl Shared {
                 usize::try_from(cfg_pixels).unwrap_or(usize::MAX >> 4),
             )),
             decoded_since_trim: std::sync::atomic::AtomicU64::new(0),
-            decoders,
             exit_code: std::sync::atomic::AtomicI32::new(0),
             http_cache: http::Cache::default(),
         }))
