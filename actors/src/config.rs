@@ -185,6 +185,9 @@ pub struct TrainerConfig {
     pub w_text_id: f64,
     /// Let IVLC's gradient reach the image tower even when identity losses train it.
     pub ivlc_image_grad: bool,
+    /// Normalise captions in the caption-identity loss with the images' running statistics
+    /// (false: with the caption batch's own statistics).
+    pub text_id_running_stats: bool,
     /// Augmentation: probability of a horizontal flip.
     pub aug_flip: f64,
     /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
@@ -231,6 +234,7 @@ impl Default for TrainerConfig {
             w_id: 1.0,
             w_text_id: 1.0,
             ivlc_image_grad: false,
+            text_id_running_stats: false,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
             aug_erase: 0.5,

@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// Let IVLC's gradient reach the image tower even when identity losses train it.
     #[arg(long)]
     pub ivlc_image_grad: bool,
+    /// Normalise captions in the caption-identity loss with the images' running statistics
+    /// (default: the caption batch's own statistics).
+    #[arg(long)]
+    pub text_id_running_stats: bool,
     /// Augmentation: probability of a horizontal flip.
     #[arg(long, default_value_t = 0.5)]
     pub aug_flip: f64,
@@ -251,6 +255,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             id: args.w_id,
             text_id: args.w_text_id,
             ivlc_image_grad: args.ivlc_image_grad,
+            text_id_running_stats: args.text_id_running_stats,
         },
         ramp_steps: args.ramp_steps,
     }

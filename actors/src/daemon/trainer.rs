@@ -258,6 +258,7 @@ fn train_loop<D: Device<f32>>(
             id: tc.w_id,
             text_id: tc.w_text_id,
             ivlc_image_grad: tc.ivlc_image_grad,
+            text_id_running_stats: tc.text_id_running_stats,
         },
         ramp_steps: tc.ramp_steps,
     };
