@@ -267,20 +267,6 @@ impl SampleStore {
             .collect()
     }
 
-    /// Checks that storage accepts writes again (after a failure): writes, flushes and removes a
-    /// probe key.
-    ///
-    /// # Errors
-    /// The write or flush still fails.
-    pub fn probe_write(&self) -> Result<(), String> {
-        injected_fault()?;
-        self.db
-            .insert("probe_write", &[])
-            .map_err(|e| e.to_string())?;
-        self.db.remove("probe_write").map_err(|e| e.to_string())?;
-        self.db.flush().map(|_| ()).map_err(|e| e.to_string())
-    }
-
     /// Deletes every sample of `person` (samples, arrival entries, captioning tickets), flushed.
     /// Returns the ids removed.
     ///

@@ -6,55 +6,6 @@ mod common;
 
 use common::*;
 
-/// A dead-lettered copy as the suite reads it.
-#[derive(Debug)]
-struct Dead {
-    code: String,
-    message: String,
-    headers_dropped: bool,
-    omitted: Option<u32>,
-    header_bytes: usize,
-}
-
-fn long_str(v: Option<&AMQPValue>) -> String {
-    match v {
-        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        other => panic!("expected a string, got {other:?}"),
-    }
-}
-
-async fn dead_letters(ch: &Channel, queue: &str) -> Vec<Dead> {
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-    {
-        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-        let header_bytes = plip_ingest::dead_letter::measure(&headers).bytes;
-        let err = match headers.inner().get("x-plip-error") {
-            Some(AMQPValue::FieldTable(t)) => t.clone(),
-            other => panic!("dead-lettered message without x-plip-error: {other:?}"),
-        };
-        out.push(Dead {
-            code: long_str(err.inner().get("code")),
-            message: long_str(err.inner().get("message")),
-            headers_dropped: err.inner().contains_key("headers_dropped"),
-            omitted: match headers.inner().get("x-plip-rejected-omitted") {
-                Some(AMQPValue::LongUInt(n)) => Some(*n),
-                _ => None,
-            },
-            header_bytes,
-        });
-        m.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
-    }
-    out
-}
-
 fn props(content_type: &str) -> BasicProperties {
     BasicProperties::default().with_content_type(ShortString::from(content_type))
 }

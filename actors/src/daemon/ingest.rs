@@ -28,7 +28,7 @@ use plip_ingest::dead_letter::{
     MAX_MESSAGE_BYTES,
 };
 use plip_ingest::wire::{
-    parse_message, Headers, IngestOutcome, Parsed, Refusal, RejectedImage, WireError,
+    parse_message, Headers, IngestOutcome, IntakeImage, Parsed, Refusal, RejectedImage, WireError,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -297,76 +297,20 @@ async fn handle(
             accepted: images,
             mut rejected,
         }) => {
-            // One image at a time against the budget of decoded pixels in flight, stored as it
-            // goes; the flush at the end makes the whole delivery durable before the ack.
-            let mut ids = Vec::with_capacity(images.len());
-            let mut fresh = Vec::with_capacity(images.len());
-            let mut failed = None;
-            let stall = Duration::from_secs(shared.cfg.state.stall_timeout_s.max(1));
-            if !images.is_empty() {
-                // Room for what this delivery may add, above the reserve.
-                let need = images.iter().map(|i| i.bytes.len() as u64).sum::<u64>();
-                if let Err(e) =
-                    crate::disk::check(&shared.cfg.state.dir, shared.cfg.state.min_free_bytes, need)
-                {
+            let (ids, fresh) = match store_images(shared, images, &mut rejected).await {
+                Ok(stored) => stored,
+                Err(stop) => {
+                    // Nothing of this delivery was acknowledged: back to the broker with it
+                    // (what was written is found again by id and not stored twice).
                     let _ = acker
                         .nack(BasicNackOptions {
                             requeue: true,
                             ..Default::default()
                         })
                         .await;
-                    return Err(Stop::Storage(e));
+                    return Err(stop);
                 }
-            }
-            let budget = limits.decoded_pixels_in_flight.min(u64::from(u32::MAX));
-            for img in images {
-                let cost = img.pixels().clamp(1, budget) as u32;
-                let permit = match shared.pixels.clone().acquire_many_owned(cost).await {
-                    Ok(p) => p,
-                    Err(e) => return Err(Stop::Broker(format!("pixel budget closed: {e}"))),
-                };
-                shared
-                    .decoded_since_trim
-                    .fetch_add(u64::from(cost), std::sync::atomic::Ordering::Relaxed);
-                let store = shared.store.clone();
-                let image_limits = limits.image;
-                let r = blocking_storage(stall, move || {
-                    let _permit = permit;
-                    match img.decode(&image_limits) {
-                        Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
-                        Err(refused) => Ok(Err(refused)),
-                    }
-                })
-                .await;
-                match r {
-                    Ok(Ok((id, f))) => {
-                        ids.push(id);
-                        fresh.push(f);
-                    }
-                    Ok(Err(refused)) => rejected.push(refused),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            if failed.is_none() && !ids.is_empty() {
-                let store = shared.store.clone();
-                if let Err(e) = blocking_storage(stall, move || store.flush()).await {
-                    failed = Some(e);
-                }
-            }
-            if let Some(e) = failed {
-                // Nothing of this delivery was acknowledged: back to the broker with it (what
-                // was written is found again by id and not stored twice).
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-                return Err(Stop::StorageFailed(e));
-            }
+            };
             {
                 let mut st = shared.stats();
                 let new = fresh.iter().filter(|&&f| f).count() as u64;
@@ -470,6 +414,68 @@ fn resident_mib() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4096 / (1 << 20))
+}
+
+/// Stores a delivery's checked images: one at a time against the budget of decoded pixels in
+/// flight, each decoded and stored as it goes, then one flush that makes them durable. Returns
+/// the stored ids and whether each was new; images that fail to decode join `rejected`.
+///
+/// # Errors
+/// [`Stop::Storage`] when the disk is below its reserve (nothing written), or
+/// [`Stop::StorageFailed`] when a write or the flush failed or stalled: the caller nacks.
+async fn store_images(
+    shared: &Shared,
+    images: Vec<IntakeImage>,
+    rejected: &mut Vec<RejectedImage>,
+) -> Result<(Vec<String>, Vec<bool>), Stop> {
+    let mut ids = Vec::with_capacity(images.len());
+    let mut fresh = Vec::with_capacity(images.len());
+    if images.is_empty() {
+        return Ok((ids, fresh));
+    }
+    let (cfg, limits) = (&shared.cfg.state, shared.cfg.limits);
+    // Room for what this delivery may add, above the reserve.
+    let need = images.iter().map(|i| i.bytes.len() as u64).sum::<u64>();
+    crate::disk::check(&cfg.dir, cfg.min_free_bytes, need).map_err(Stop::Storage)?;
+    let stall = Duration::from_secs(cfg.stall_timeout_s.max(1));
+    let budget = limits.decoded_pixels_in_flight.min(u64::from(u32::MAX));
+    for img in images {
+        let cost = img.pixels().clamp(1, budget) as u32;
+        let permit = shared
+            .pixels
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|e| Stop::Broker(format!("pixel budget closed: {e}")))?;
+        shared
+            .decoded_since_trim
+            .fetch_add(u64::from(cost), std::sync::atomic::Ordering::Relaxed);
+        let store = shared.store.clone();
+        let image_limits = limits.image;
+        let stored = blocking_storage(stall, move || {
+            let _permit = permit;
+            match img.decode(&image_limits) {
+                Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
+                Err(refused) => Ok(Err(refused)),
+            }
+        })
+        .await
+        .map_err(Stop::StorageFailed)?;
+        match stored {
+            Ok((id, f)) => {
+                ids.push(id);
+                fresh.push(f);
+            }
+            Err(refused) => rejected.push(refused),
+        }
+    }
+    if !ids.is_empty() {
+        let store = shared.store.clone();
+        blocking_storage(stall, move || store.flush())
+            .await
+            .map_err(Stop::StorageFailed)?;
+    }
+    Ok((ids, fresh))
 }
 
 /// Runs a storage call on the blocking pool; one that has not returned after `stall` counts

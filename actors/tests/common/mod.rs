@@ -422,8 +422,25 @@ pub fn png_declaring(width: u32, height: u32) -> Vec<u8> {
     png
 }
 
-/// The codes of everything in the dead-letter queue (from `x-plip-error`).
-pub async fn dead_codes(ch: &Channel, queue: &str) -> Vec<String> {
+/// A dead-lettered copy as the suite reads it.
+#[derive(Debug)]
+pub struct Dead {
+    pub code: String,
+    pub message: String,
+    pub headers_dropped: bool,
+    pub omitted: Option<u32>,
+    pub header_bytes: usize,
+}
+
+fn long_str(v: Option<&AMQPValue>) -> String {
+    match v {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("expected a string, got {other:?}"),
+    }
+}
+
+/// Takes every dead-lettered copy from `queue`, acknowledging each.
+pub async fn dead_letters(ch: &Channel, queue: &str) -> Vec<Dead> {
     let mut out = Vec::new();
     while let Some(m) = ch
         .basic_get(queue.into(), BasicGetOptions::default())
@@ -431,14 +448,21 @@ pub async fn dead_codes(ch: &Channel, queue: &str) -> Vec<String> {
         .unwrap()
     {
         let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-        let code = match headers.inner().get("x-plip-error") {
-            Some(AMQPValue::FieldTable(t)) => match t.inner().get("code") {
-                Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into(),
-                other => panic!("x-plip-error code is {other:?}"),
-            },
+        let header_bytes = plip_ingest::dead_letter::measure(&headers).bytes;
+        let err = match headers.inner().get("x-plip-error") {
+            Some(AMQPValue::FieldTable(t)) => t.clone(),
             other => panic!("dead-lettered message without x-plip-error: {other:?}"),
         };
-        out.push(code);
+        out.push(Dead {
+            code: long_str(err.inner().get("code")),
+            message: long_str(err.inner().get("message")),
+            headers_dropped: err.inner().contains_key("headers_dropped"),
+            omitted: match headers.inner().get("x-plip-rejected-omitted") {
+                Some(AMQPValue::LongUInt(n)) => Some(*n),
+                _ => None,
+            },
+            header_bytes,
+        });
         m.delivery
             .acker
             .ack(BasicAckOptions::default())
@@ -446,6 +470,15 @@ pub async fn dead_codes(ch: &Channel, queue: &str) -> Vec<String> {
             .unwrap();
     }
     out
+}
+
+/// The codes of everything in the dead-letter queue (from `x-plip-error`).
+pub async fn dead_codes(ch: &Channel, queue: &str) -> Vec<String> {
+    dead_letters(ch, queue)
+        .await
+        .into_iter()
+        .map(|d| d.code)
+        .collect()
 }
 
 pub fn tempdir(name: &str) -> PathBuf {
