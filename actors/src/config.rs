@@ -160,6 +160,9 @@ pub struct TrainerConfig {
     pub enabled: bool,
     /// Model preset: `tiny` (CPU default, ResNet), `tiny-vit`, `small` (GPU), `test`, `test-vit`.
     pub preset: String,
+    /// The joint image feature image and text queries are ranked by: `pooled` or `neck`
+    /// (empty: the preset's own). Changes no weight: an existing state trains on under either.
+    pub joint_feature: String,
     /// Device: `cpu` (a build with the `cuda` feature also takes `cuda` / `cuda:N`).
     pub device: String,
     /// Samples per step.
@@ -188,6 +191,10 @@ pub struct TrainerConfig {
     /// Normalise captions in the caption-identity loss with the images' running statistics
     /// (false: with the caption batch's own statistics).
     pub text_id_running_stats: bool,
+    /// The caption-identity loss leaves the identity head (neck and classifier) to the images.
+    pub text_id_detached: bool,
+    /// The text tower's learning rate as a multiple of `lr`.
+    pub text_lr_scale: f64,
     /// Augmentation: probability of a horizontal flip.
     pub aug_flip: f64,
     /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
@@ -220,6 +227,7 @@ impl Default for TrainerConfig {
         TrainerConfig {
             enabled: true,
             preset: "tiny".into(),
+            joint_feature: String::new(),
             device: "cpu".into(),
             batch: 64,
             images_per_id: 4,
@@ -235,6 +243,8 @@ impl Default for TrainerConfig {
             w_text_id: 1.0,
             ivlc_image_grad: false,
             text_id_running_stats: false,
+            text_id_detached: false,
+            text_lr_scale: 1.0,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
             aug_erase: 0.5,
@@ -313,7 +323,15 @@ impl Config {
     /// The first invalid value, naming its key.
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.trainer;
-        plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
+        let mut preset =
+            plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
+        if !t.joint_feature.is_empty() {
+            preset.joint = plip_model::JointFeature::by_name(&t.joint_feature)
+                .map_err(|e| format!("trainer.joint_feature: {e}"))?;
+            preset
+                .validate()
+                .map_err(|e| format!("trainer.joint_feature: {e}"))?;
+        }
         plip_model::DeviceSpec::parse(&t.device).map_err(|e| format!("trainer.device: {e}"))?;
         plip_model::DeviceSpec::parse(&self.serving.device)
             .map_err(|e| format!("serving.device: {e}"))?;
@@ -349,6 +367,9 @@ impl Config {
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err("trainer.lr must be a positive number".into());
+        }
+        if !(t.text_lr_scale >= 0.0 && t.text_lr_scale.is_finite()) {
+            return Err("trainer.text_lr_scale must be a number ≥ 0".into());
         }
         if !(0.0..=1.0).contains(&t.recent_fraction) {
             return Err("trainer.recent_fraction must be between 0 and 1".into());

@@ -35,6 +35,10 @@ pub struct EvalArgs {
     /// An exported weights file (with its tokenizer inside) instead of a state folder.
     #[arg(long)]
     pub weights: Option<PathBuf>,
+    /// Rank by this joint image feature instead of the checkpoint's (`pooled` or `neck`; the
+    /// weights are the same).
+    #[arg(long)]
+    pub joint_feature: Option<String>,
     /// Evaluate a baseline instead of a model: `color-histogram`.
     #[arg(long)]
     pub baseline: Option<String>,

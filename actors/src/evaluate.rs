@@ -258,7 +258,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
         );
         return Ok(());
     }
-    let lm = match (&args.state, &args.weights) {
+    let mut lm = match (&args.state, &args.weights) {
         (Some(s), None) => from_state(s, args.version)?,
         (None, Some(w)) => from_weights(w)?,
         _ => {
@@ -268,6 +268,9 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
             )
         }
     };
+    if let Some(j) = &args.joint_feature {
+        lm.model.set_joint(plip_model::JointFeature::by_name(j)?)?;
+    }
     let (q, bq) = load(&query_items, lm.model.preset(), &Default::default(), 0);
     let (g, bg) = load(&gallery_items, lm.model.preset(), &Default::default(), 0);
     report_skipped("image", &[bq, bg].concat());
@@ -281,7 +284,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     }
     println!(
         "{}",
-        serde_json::json!({"method": "plip", "model": lm.source, "queries": q.len(), "gallery": g.len(),
+        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "queries": q.len(), "gallery": g.len(),
             "image": reid_json(&reid), "text_to_image": text_out, "cmc_png": png})
     );
     Ok(())

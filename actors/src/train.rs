@@ -92,6 +92,9 @@ pub struct TrainArgs {
     /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
     #[arg(long)]
     pub conv_widths: Option<String>,
+    /// Override the preset's joint image feature (`pooled` or `neck`).
+    #[arg(long)]
+    pub joint_feature: Option<String>,
     /// Samples per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -104,6 +107,9 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// The text tower's learning rate as a multiple of `--lr`.
+    #[arg(long, default_value_t = 1.0)]
+    pub text_lr_scale: f64,
     /// Warm-up steps.
     #[arg(long, default_value_t = 50)]
     pub warmup: u64,
@@ -133,6 +139,9 @@ pub struct TrainArgs {
     /// (default: the caption batch's own statistics).
     #[arg(long)]
     pub text_id_running_stats: bool,
+    /// The caption-identity loss leaves the identity head (neck and classifier) to the images.
+    #[arg(long)]
+    pub text_id_detached: bool,
     /// Augmentation: probability of a horizontal flip.
     #[arg(long, default_value_t = 0.5)]
     pub aug_flip: f64,
@@ -240,6 +249,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
         optim: OptimConfig {
             lr: args.lr,
             warmup_steps: args.warmup,
+            text_lr_scale: args.text_lr_scale,
             schedule: Schedule::Cosine {
                 total_steps: args.steps,
                 floor: 0.05,
@@ -256,6 +266,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             text_id: args.w_text_id,
             ivlc_image_grad: args.ivlc_image_grad,
             text_id_running_stats: args.text_id_running_stats,
+            text_id_detached: args.text_id_detached,
         },
         ramp_steps: args.ramp_steps,
     }
@@ -272,6 +283,10 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     if let Some(w) = &args.conv_widths {
         preset.conv_widths = parse_widths(w)?;
         preset.embed = preset.conv_widths[3];
+        preset.validate()?;
+    }
+    if let Some(j) = &args.joint_feature {
+        preset.joint = plip_model::JointFeature::by_name(j)?;
         preset.validate()?;
     }
     if args.batch < 2 || args.steps == 0 {

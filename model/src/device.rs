@@ -265,6 +265,25 @@ impl Encoder {
         }
     }
 
+    /// Chooses the joint image feature (weights unchanged).
+    ///
+    /// # Errors
+    /// `neck` on a model without the identity classifier.
+    pub fn set_joint(&mut self, joint: crate::JointFeature) -> Result<()> {
+        let set = |p: &mut Preset| {
+            let mut q = p.clone();
+            q.joint = joint;
+            q.validate()?;
+            *p = q;
+            Ok(())
+        };
+        match self {
+            Encoder::Cpu(m) => set(&mut m.preset),
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(cuda::SharedPlip(m), _) => set(&mut m.preset),
+        }
+    }
+
     pub fn preset(&self) -> &Preset {
         match self {
             Encoder::Cpu(m) => &m.preset,

@@ -135,6 +135,22 @@ impl<E: Dtype, D: Device<E>> IdHead<E, D> {
         }
     }
 
+    /// A copy whose parameters are new tensors: a loss through it leaves the head's own
+    /// gradients alone (the captions' identity loss aligns the text tower to the image-trained
+    /// head without moving it).
+    pub fn detached(&self) -> Self {
+        let copy = |t: &Tensor<(usize,), E, D>| t.device().tensor_from_vec(t.as_vec(), *t.shape());
+        let w = &self.classifier;
+        IdHead {
+            neck: BatchNorm {
+                weight: copy(&self.neck.weight),
+                bias: copy(&self.neck.bias),
+                ..self.neck.clone()
+            },
+            classifier: w.device().tensor_from_vec(w.as_vec(), *w.shape()),
+        }
+    }
+
     /// Rows of the classifier.
     pub fn classes(&self) -> usize {
         self.classifier.shape().0

@@ -41,6 +41,13 @@ pub struct OptimConfig {
     pub warmup_steps: u64,
     /// What follows the warm-up.
     pub schedule: Schedule,
+    /// The text tower's learning rate is `lr` times this (parameters named `text.*`).
+    #[serde(default = "one")]
+    pub text_lr_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for OptimConfig {
@@ -53,6 +60,7 @@ impl Default for OptimConfig {
             clip_norm: 1.0,
             warmup_steps: 100,
             schedule: Schedule::Constant,
+            text_lr_scale: 1.0,
         }
     }
 }
@@ -192,13 +200,22 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
             eps: cfg.eps,
             gs: grad_scale,
         };
-        for (((_, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
+        let text_h = Hyper {
+            lr: lr * cfg.text_lr_scale,
+            ..h
+        };
+        for (((name, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
+            let h = if name.starts_with("text.") {
+                &text_h
+            } else {
+                &h
+            };
             match (p, m, g) {
                 (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => {
-                    adamw_one(p, m, v, g, &h, 0.0)
+                    adamw_one(p, m, v, g, h, 0.0)
                 }
                 (ParamMut::Matrix(p), Moments::Matrix(m, v), Grad::Matrix(g)) => {
-                    adamw_one(p, m, v, g, &h, cfg.weight_decay)
+                    adamw_one(p, m, v, g, h, cfg.weight_decay)
                 }
                 _ => {
                     return Err(crate::Error::Shape(
@@ -217,6 +234,7 @@ pub enum Grad<E: Dtype, D: Device<E>> {
     Matrix(Tensor<(usize, usize), E, D>),
 }
 
+#[derive(Clone, Copy)]
 struct Hyper {
     b1: f64,
     b2: f64,

@@ -14,8 +14,8 @@ use crate::heads::{IapHead, IdHead, TicHead};
 use crate::impl_params;
 use crate::loss;
 use crate::norm::{BnMode, BnStats};
-use crate::params::{scalar, Init, Vector};
-use crate::preset::Preset;
+use crate::params::{scalar, Init, Mat, Vector};
+use crate::preset::{JointFeature, Preset};
 use crate::text::{padding_bias, TextEncoder, TokenBatch};
 use crate::vision::ImageEncoder;
 use dfdx::prelude::*;
@@ -59,6 +59,10 @@ pub struct TaskWeights {
     /// own statistics made IVLC leave its uniform value and text→image retrieval learn, and
     /// image Rank-1/mAP were higher too (README "Quality", runs abA/abB).
     pub text_id_running_stats: bool,
+    /// The caption-identity loss does not move the identity head (its BNNeck's γ, β and the
+    /// classifier): captions align to the head the images train, and the image side learns as
+    /// without the caption loss.
+    pub text_id_detached: bool,
 }
 
 impl Default for TaskWeights {
@@ -73,6 +77,7 @@ impl Default for TaskWeights {
             text_id: 1.0,
             ivlc_image_grad: false,
             text_id_running_stats: false,
+            text_id_detached: false,
         }
     }
 }
@@ -91,6 +96,7 @@ impl TaskWeights {
             text_id: 0.0,
             ivlc_image_grad: true,
             text_id_running_stats: false,
+            text_id_detached: false,
         }
     }
 
@@ -298,8 +304,11 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         };
 
         if let (true, Some(text_emb), Some(img)) = (weights.ivlc > 0.0, &text_emb, &img_emb) {
+            // The joint feature: the embedding itself, or its BNNeck on this batch's statistics
+            // (the identity loss's pass already folds them into the running ones).
+            let img = self.neck_joint(img.retaped::<T>(), BnMode::Train(None));
             let img = if weights.ivlc_image_grad || !weights.image_losses() {
-                img.retaped::<T>()
+                img
             } else {
                 // A copy with its own id: IVLC's gradient stops here.
                 self.dev
@@ -372,7 +381,11 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             } else {
                 BnMode::Train(None)
             };
-            let logits = head.forward(text_emb.retaped::<T>(), mode);
+            let logits = if weights.text_id_detached {
+                head.detached().forward(text_emb.retaped::<T>(), mode)
+            } else {
+                head.forward(text_emb.retaped::<T>(), mode)
+            };
             if let Some(l) = loss::id_loss(logits, &batch.persons, loss::ID_LABEL_SMOOTHING) {
                 values.text_id = Some(read(&l));
                 terms.push(l * scalar::<E>(weights.text_id));
@@ -390,6 +403,15 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         Ok((total, values))
     }
 
+    /// The joint feature of image embeddings: the embedding itself, or its BNNeck when the
+    /// preset says `joint = neck`.
+    fn neck_joint<T: Tape<E, D>>(&self, emb: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
+        match (self.preset.joint, &self.id) {
+            (JointFeature::Neck, Some(head)) => head.neck.forward(emb, mode),
+            _ => emb,
+        }
+    }
+
     /// L2-normalised image embeddings of normalised `(n, 3, H, W)` images, `batch_size` at a
     /// time.
     pub fn embed_images(&self, images: &[f32], batch_size: usize) -> Embeddings {
@@ -398,8 +420,10 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         let mut data = Vec::with_capacity(rows * self.preset.embed);
         for chunk in images.chunks(batch_size.max(1) * len) {
             let n = chunk.len() / len;
-            let e =
-                loss::l2_normalize(self.image.embed(self.images_tensor(chunk, n), BnMode::Eval));
+            let e = loss::l2_normalize(self.neck_joint(
+                self.image.embed(self.images_tensor(chunk, n), BnMode::Eval),
+                BnMode::Eval,
+            ));
             data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
         }
         Embeddings {

@@ -65,6 +65,40 @@ pub struct Preset {
     /// this ([`crate::batch::person_key`]).
     #[serde(default)]
     pub id_classes: usize,
+    /// The image feature that is the joint embedding (what image and text queries are ranked
+    /// by, and what IVLC aligns captions to); files written before the field read as `pooled`.
+    #[serde(default)]
+    pub joint: JointFeature,
+}
+
+/// Which image feature is the joint embedding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JointFeature {
+    /// The tower's global feature (ResNet: average-pooled last map, after its ReLU).
+    #[default]
+    Pooled,
+    /// The identity classifier's BNNeck of the pooled feature (Luo et al. 2019): batch
+    /// statistics in training, running statistics when serving. Centred, so cosine similarity
+    /// spreads over [-1, 1] instead of the narrow cone of non-negative pooled features. Needs
+    /// `id_classes`.
+    Neck,
+}
+
+impl JointFeature {
+    /// Parses `pooled` or `neck`.
+    ///
+    /// # Errors
+    /// Any other name.
+    pub fn by_name(name: &str) -> crate::Result<Self> {
+        match name {
+            "pooled" => Ok(JointFeature::Pooled),
+            "neck" => Ok(JointFeature::Neck),
+            other => Err(crate::Error::InvalidPreset(format!(
+                "unknown joint feature {other:?}; known: pooled, neck"
+            ))),
+        }
+    }
 }
 
 /// The image tower's architecture.
@@ -119,6 +153,7 @@ impl Preset {
             conv_blocks: vec![1, 1, 1, 1],
             conv_strides: vec![1, 2, 1, 1],
             id_classes: 64,
+            joint: JointFeature::Pooled,
             ..Self::test_vit()
         }
     }
@@ -146,6 +181,7 @@ impl Preset {
             conv_blocks: Vec::new(),
             conv_strides: Vec::new(),
             id_classes: 0,
+            joint: JointFeature::Pooled,
         }
     }
 
@@ -159,6 +195,7 @@ impl Preset {
             conv_blocks: vec![2, 2, 2, 2],
             conv_strides: vec![1, 2, 2, 1],
             id_classes: 8192,
+            joint: JointFeature::Pooled,
             ..Self::tiny_vit()
         }
     }
@@ -186,6 +223,7 @@ impl Preset {
             conv_blocks: Vec::new(),
             conv_strides: Vec::new(),
             id_classes: 0,
+            joint: JointFeature::Pooled,
         }
     }
 
@@ -212,6 +250,7 @@ impl Preset {
             conv_blocks: Vec::new(),
             conv_strides: Vec::new(),
             id_classes: 0,
+            joint: JointFeature::Pooled,
         }
     }
 
@@ -240,7 +279,12 @@ impl Preset {
     /// do; `None` when they match. A state folder from before `tiny` became a ResNet holds
     /// `tiny` checkpoints of the ViT: those point to `tiny-vit`.
     pub fn mismatch(&self, stored: &Preset) -> Option<String> {
-        if stored == self {
+        // The joint feature changes no weight: a checkpoint trains on under either.
+        let same_weights = Preset {
+            joint: self.joint,
+            ..stored.clone()
+        };
+        if same_weights == *self {
             return None;
         }
         if stored.name == self.name {
@@ -346,6 +390,11 @@ impl Preset {
                     self.patch
                 ));
             }
+        }
+        if self.joint == JointFeature::Neck && self.id_classes == 0 {
+            return bad(
+                "the neck joint feature needs the identity classifier (id_classes > 0)".into(),
+            );
         }
         if self.text_len < 3 || self.vocab < 8 {
             return bad("text length or vocabulary too small".into());

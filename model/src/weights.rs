@@ -161,7 +161,13 @@ fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> 
             meta.kind
         )));
     }
-    if meta.preset != *preset {
+    // The joint feature picks which of the same weights' outputs is the embedding, so a file
+    // loads whichever one the model uses (a `pooled` checkpoint serves as `neck` and back).
+    let same_weights = Preset {
+        joint: preset.joint,
+        ..meta.preset.clone()
+    };
+    if same_weights != *preset {
         return Err(Error::PresetMismatch {
             expected: preset.name.clone(),
             found: meta.preset.name.clone(),

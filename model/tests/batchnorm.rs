@@ -262,3 +262,76 @@ fn forget_zeroes_the_person_row() {
         _ => panic!("the classifier is a matrix"),
     }
 }
+
+/// With `joint = neck` the joint embedding is the identity classifier's BNNeck of the pooled
+/// feature on the running statistics: centred, the same alone as inside a batch, and not the
+/// pooled feature; a preset written before the field reads as `pooled`.
+#[test]
+fn neck_joint_feature_uses_running_statistics() {
+    use plip_model::JointFeature;
+    let mut p = Preset::test();
+    p.joint = JointFeature::Neck;
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let cfg = TrainConfig {
+        optim: OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 0,
+            ..Default::default()
+        },
+        tasks: TaskWeights::default(),
+        ramp_steps: 1,
+    };
+    let mut t = Trainer::new(Plip::new(&cpu(), &p, 5).unwrap(), cfg);
+    for _ in 0..3 {
+        t.step(&b).unwrap();
+    }
+    let m = &t.model;
+    let all = m.embed_images(&b.images, 6);
+    // By hand: pooled → neck on the running statistics → unit length.
+    let dev = cpu();
+    let imgs = dev.tensor_from_vec(b.images.clone(), (6, 3, p.image_height, p.image_width));
+    let pooled = m.image.embed(imgs, BnMode::Eval);
+    let neck =
+        m.id.as_ref()
+            .unwrap()
+            .neck
+            .forward(pooled.clone(), BnMode::Eval);
+    let neck = neck.as_vec();
+    let raw = pooled.as_vec();
+    let d = p.embed;
+    let mut differs = false;
+    for i in 0..6 {
+        let row = &neck[i * d..(i + 1) * d];
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (j, e) in all.row(i).iter().enumerate() {
+            assert!((row[j] / norm - e).abs() < 1e-5, "image {i} dim {j}");
+        }
+        let rn = raw[i * d..(i + 1) * d]
+            .iter()
+            .map(|x| x * x)
+            .sum::<f32>()
+            .sqrt();
+        differs |= all
+            .row(i)
+            .iter()
+            .zip(&raw[i * d..(i + 1) * d])
+            .any(|(e, r)| (e - r / rn).abs() > 1e-3);
+        let len = p.image_len();
+        let one = m.embed_images(&b.images[i * len..(i + 1) * len], 1);
+        for (a, e) in one.row(0).iter().zip(all.row(i)) {
+            assert!((a - e).abs() < 1e-5, "image {i} alone: {a} vs {e}");
+        }
+    }
+    assert!(differs, "the neck feature equals the pooled one");
+    // Files written before the field existed read as `pooled`.
+    let mut json: serde_json::Value = serde_json::to_value(Preset::tiny()).unwrap();
+    json.as_object_mut().unwrap().remove("joint");
+    let old: Preset = serde_json::from_value(json).unwrap();
+    assert_eq!(old.joint, JointFeature::Pooled);
+    // The neck needs the classifier.
+    let mut bad = Preset::test_vit();
+    bad.joint = JointFeature::Neck;
+    assert!(bad.validate().is_err());
+}

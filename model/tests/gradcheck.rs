@@ -6,7 +6,7 @@ use common::*;
 use plip_model::dfdx::prelude::*;
 use plip_model::optim::{AdamW, Grad};
 use plip_model::params::{ParamMut, Params};
-use plip_model::{ImageArch, Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer};
+use plip_model::{ImageArch, JointFeature, Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer};
 
 // Before this check existed, two dfdx 0.13 backward bugs went unnoticed: `accurate_gelu`'s
 // derivative (off by √2 in one term) and `log_softmax` on a permuted input. Both produced
@@ -281,4 +281,84 @@ fn ivlc_stops_at_the_image_embedding() {
         image_differs_when_joined,
         "ivlc_image_grad = true must reach the image tower"
     );
+}
+
+/// `text_id_detached`: the captions' identity loss leaves the identity head (neck γ/β and
+/// classifier) and the image tower exactly as the image losses alone move them, and still
+/// trains the text tower; attached, it reaches the head. With `joint = neck`, IVLC's stopped
+/// gradient does not reach the neck either.
+#[test]
+fn caption_identity_loss_can_leave_the_head_alone() {
+    for joint in [JointFeature::Pooled, JointFeature::Neck] {
+        let mut p = Preset::test();
+        p.joint = joint;
+        let tk = tokenizer(&p);
+        let toys = toy_samples(&p, 3, 2, 5);
+        let b = batch(&toys, &p, &tk, 0.5, 9);
+        let grads = |tasks: TaskWeights| -> Vec<(String, Vec<f64>)> {
+            let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
+            let trainer = Trainer::new(
+                model,
+                TrainConfig {
+                    tasks,
+                    ..Default::default()
+                },
+            );
+            let (g, _) = trainer.gradients(&b).unwrap();
+            let g = AdamW::gradients(&trainer.model, &g.unwrap());
+            trainer
+                .model
+                .params()
+                .into_iter()
+                .zip(g)
+                .map(|((n, _), g)| {
+                    let v = match g {
+                        Grad::Vector(t) => t.as_vec(),
+                        Grad::Matrix(t) => t.as_vec(),
+                    };
+                    (n, v)
+                })
+                .collect()
+        };
+        let base = TaskWeights {
+            ivlc: 1.0,
+            id: 1.0,
+            text_id: 1.0,
+            text_id_detached: true,
+            ivlc_image_grad: false,
+            ..TaskWeights::none()
+        };
+        let detached = grads(base);
+        let images_only = grads(TaskWeights {
+            text_id: 0.0,
+            ivlc: 0.0,
+            ..base
+        });
+        let attached = grads(TaskWeights {
+            text_id_detached: false,
+            ..base
+        });
+        let close = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= 1e-12 + 1e-9 * y.abs())
+        };
+        let (mut head_moved_attached, mut text_trained) = (false, false);
+        for (((name, d), (_, i)), (_, a)) in detached.iter().zip(&images_only).zip(&attached) {
+            if name.starts_with("image.") || name.starts_with("id.") {
+                assert!(close(d, i), "{joint:?} {name}: the caption loss reached it");
+            }
+            if name.starts_with("id.") {
+                head_moved_attached |= !close(d, a);
+            }
+            if name.starts_with("text.") {
+                text_trained |= d.iter().any(|x| x.abs() > 0.0);
+            }
+        }
+        assert!(
+            head_moved_attached,
+            "{joint:?}: attached, the caption loss must reach the head"
+        );
+        assert!(text_trained, "{joint:?}: the text tower got no gradient");
+    }
 }

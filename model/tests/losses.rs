@@ -274,3 +274,43 @@ fn id_loss_values() {
     let want = -(0.9 + 0.1 / 3.0) * logp[0] - (0.1 / 3.0) * (logp[1] + logp[2]);
     assert!((l - want).abs() < 1e-12, "{l} vs {want}");
 }
+
+/// `text_lr_scale` multiplies the text tower's learning rate only: at 0 the text tower stays
+/// where it was while the image tower moves.
+#[test]
+fn text_learning_rate_scale_reaches_the_text_tower_only() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let cfg = TrainConfig {
+        optim: OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 0,
+            text_lr_scale: 0.0,
+            ..Default::default()
+        },
+        tasks: TaskWeights::default(),
+        ramp_steps: 1,
+    };
+    let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
+    let snap = |m: &Plip<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
+        m.params()
+            .into_iter()
+            .map(|(n, p)| (n, p.to_host()))
+            .collect()
+    };
+    let before = snap(&t.model);
+    t.step(&b).unwrap();
+    let after = snap(&t.model);
+    let (mut text_moved, mut image_moved) = (false, false);
+    for ((name, a), (_, z)) in before.iter().zip(&after) {
+        if name.starts_with("text.") {
+            text_moved |= a != z;
+        } else if name.starts_with("image.") {
+            image_moved |= a != z;
+        }
+    }
+    assert!(!text_moved, "a text parameter moved at text_lr_scale 0");
+    assert!(image_moved, "no image parameter moved");
+}

@@ -225,7 +225,11 @@ fn train_loop<D: Device<f32>>(
     jobs: mpsc::Sender<Job>,
 ) -> Result<(), String> {
     let tc = shared.cfg.trainer.clone();
-    let preset = Preset::by_name(&tc.preset).map_err(|e| e.to_string())?;
+    let mut preset = Preset::by_name(&tc.preset).map_err(|e| e.to_string())?;
+    if !tc.joint_feature.is_empty() {
+        preset.joint =
+            plip_model::JointFeature::by_name(&tc.joint_feature).map_err(|e| e.to_string())?;
+    }
     let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
         Some(t) => t,
         None => {
@@ -247,6 +251,7 @@ fn train_loop<D: Device<f32>>(
             lr: tc.lr,
             warmup_steps: tc.warmup_steps,
             schedule: Schedule::Constant,
+            text_lr_scale: tc.text_lr_scale,
             ..Default::default()
         },
         tasks: TaskWeights {
@@ -259,6 +264,7 @@ fn train_loop<D: Device<f32>>(
             text_id: tc.w_text_id,
             ivlc_image_grad: tc.ivlc_image_grad,
             text_id_running_stats: tc.text_id_running_stats,
+            text_id_detached: tc.text_id_detached,
         },
         ramp_steps: tc.ramp_steps,
     };
