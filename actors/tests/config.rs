@@ -53,6 +53,18 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("batch"), "{e}");
     let e = err(write("c.toml", "[trainer]\npreset = \"huge\"\n"));
     assert!(e.contains("trainer.preset"), "{e}");
+    let e = err(write("c2.toml", "[trainer]\njoint_feature = \"cls\"\n"));
+    assert!(e.contains("trainer.joint_feature"), "{e}");
+    let e = err(write(
+        "c3.toml",
+        "[trainer]\npreset = \"test-vit\"\njoint_feature = \"neck\"\n",
+    ));
+    assert!(
+        e.contains("trainer.joint_feature") && e.contains("id_classes"),
+        "{e}"
+    );
+    let e = err(write("c4.toml", "[trainer]\ntext_lr_scale = -1.0\n"));
+    assert!(e.contains("trainer.text_lr_scale"), "{e}");
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
     if !plip_model::device::CUDA_BUILT {

@@ -325,6 +325,15 @@ fn neck_joint_feature_uses_running_statistics() {
         }
     }
     assert!(differs, "the neck feature equals the pooled one");
+    // The field picks no weights: a `neck` file loads into a `pooled` model, and a state
+    // folder's checkpoints train on under the other.
+    let bytes = save_weights(m, tk.fingerprint(), 3, &BTreeMap::new()).unwrap();
+    let mut q = p.clone();
+    q.joint = JointFeature::Pooled;
+    let mut pooled = Plip::<f32, Cpu>::new(&cpu(), &q, 1).unwrap();
+    load_weights(&mut pooled, &bytes, tk.fingerprint()).unwrap();
+    assert_eq!(buffers(&pooled), buffers(m));
+    assert!(q.mismatch(&p).is_none());
     // Files written before the field existed read as `pooled`.
     let mut json: serde_json::Value = serde_json::to_value(Preset::tiny()).unwrap();
     json.as_object_mut().unwrap().remove("joint");
