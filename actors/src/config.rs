@@ -244,7 +244,7 @@ impl Default for TrainerConfig {
             ivlc_image_grad: false,
             text_id_running_stats: false,
             text_id_detached: false,
-            text_lr_scale: 1.0,
+            text_lr_scale: 0.3,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
             aug_erase: 0.5,

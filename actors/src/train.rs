@@ -108,7 +108,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// The text tower's learning rate as a multiple of `--lr`.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.3)]
     pub text_lr_scale: f64,
     /// Warm-up steps.
     #[arg(long, default_value_t = 50)]
