@@ -323,13 +323,11 @@ impl Config {
     /// The first invalid value, naming its key.
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.trainer;
-        let mut preset =
+        let preset =
             plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
         if !t.joint_feature.is_empty() {
-            preset.joint = plip_model::JointFeature::by_name(&t.joint_feature)
-                .map_err(|e| format!("trainer.joint_feature: {e}"))?;
             preset
-                .validate()
+                .with_joint(&t.joint_feature)
                 .map_err(|e| format!("trainer.joint_feature: {e}"))?;
         }
         plip_model::DeviceSpec::parse(&t.device).map_err(|e| format!("trainer.device: {e}"))?;

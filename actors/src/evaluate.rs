@@ -269,7 +269,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
         }
     };
     if let Some(j) = &args.joint_feature {
-        lm.model.set_joint(plip_model::JointFeature::by_name(j)?)?;
+        lm.model.set_joint(j)?;
     }
     let (q, bq) = load(&query_items, lm.model.preset(), &Default::default(), 0);
     let (g, bg) = load(&gallery_items, lm.model.preset(), &Default::default(), 0);

@@ -286,8 +286,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         preset.validate()?;
     }
     if let Some(j) = &args.joint_feature {
-        preset.joint = plip_model::JointFeature::by_name(j)?;
-        preset.validate()?;
+        preset = preset.with_joint(j)?;
     }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());

@@ -265,16 +265,13 @@ impl Encoder {
         }
     }
 
-    /// Chooses the joint image feature (weights unchanged).
+    /// Chooses the joint image feature by name (weights unchanged).
     ///
     /// # Errors
-    /// `neck` on a model without the identity classifier.
-    pub fn set_joint(&mut self, joint: crate::JointFeature) -> Result<()> {
+    /// See [`Preset::with_joint`].
+    pub fn set_joint(&mut self, name: &str) -> Result<()> {
         let set = |p: &mut Preset| {
-            let mut q = p.clone();
-            q.joint = joint;
-            q.validate()?;
-            *p = q;
+            *p = p.with_joint(name)?;
             Ok(())
         };
         match self {

@@ -4,7 +4,7 @@
 use crate::impl_params;
 use crate::layers::{run_blocks, Block, LayerNorm, Linear};
 use crate::norm::{BatchNorm, BnMode};
-use crate::params::{Init, Mat};
+use crate::params::{detach, Init, Mat};
 use crate::preset::Preset;
 use dfdx::prelude::*;
 
@@ -139,15 +139,13 @@ impl<E: Dtype, D: Device<E>> IdHead<E, D> {
     /// gradients alone (the captions' identity loss aligns the text tower to the image-trained
     /// head without moving it).
     pub fn detached(&self) -> Self {
-        let copy = |t: &Tensor<(usize,), E, D>| t.device().tensor_from_vec(t.as_vec(), *t.shape());
-        let w = &self.classifier;
         IdHead {
             neck: BatchNorm {
-                weight: copy(&self.neck.weight),
-                bias: copy(&self.neck.bias),
+                weight: detach(&self.neck.weight),
+                bias: detach(&self.neck.bias),
                 ..self.neck.clone()
             },
-            classifier: w.device().tensor_from_vec(w.as_vec(), *w.shape()),
+            classifier: detach(&self.classifier),
         }
     }
 

@@ -15,6 +15,14 @@ pub type Mat<E, D, T = NoneTape> = Tensor<(usize, usize), E, D, T>;
 /// A rank-1 tensor with a run-time length.
 pub type Vector<E, D, T = NoneTape> = Tensor<(usize,), E, D, T>;
 
+/// A copy of `t`'s values with a tensor id of its own and no tape: a loss through it sends no
+/// gradient to `t` (dfdx accumulates gradients by tensor id, so a plain clone would).
+pub fn detach<S: Shape, E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    t: &Tensor<S, E, D, T>,
+) -> Tensor<S, E, D> {
+    t.device().tensor_from_vec(t.as_vec(), *t.shape())
+}
+
 /// A parameter seen read-only.
 pub enum ParamRef<'a, E: Dtype, D: Device<E>> {
     Vector(&'a Vector<E, D>),

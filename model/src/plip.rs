@@ -14,7 +14,7 @@ use crate::heads::{IapHead, IdHead, TicHead};
 use crate::impl_params;
 use crate::loss;
 use crate::norm::{BnMode, BnStats};
-use crate::params::{scalar, Init, Mat, Vector};
+use crate::params::{detach, scalar, Init, Mat, Vector};
 use crate::preset::{JointFeature, Preset};
 use crate::text::{padding_bias, TextEncoder, TokenBatch};
 use crate::vision::ImageEncoder;
@@ -310,10 +310,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             let img = if weights.ivlc_image_grad || !weights.image_losses() {
                 img
             } else {
-                // A copy with its own id: IVLC's gradient stops here.
-                self.dev
-                    .tensor_from_vec(img.as_vec(), *img.shape())
-                    .put_tape(T::default())
+                // IVLC's gradient stops here.
+                detach(&img).put_tape(T::default())
             };
             let q = loss::identity_targets(&batch.identities);
             let l = loss::ivlc(img, text_emb.retaped::<T>(), self.scale::<T>(), &q);

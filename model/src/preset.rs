@@ -308,6 +308,19 @@ impl Preset {
         ))
     }
 
+    /// This preset with the joint feature named `name` (`pooled` or `neck`).
+    ///
+    /// # Errors
+    /// An unknown name, or `neck` on a preset without the identity classifier.
+    pub fn with_joint(&self, name: &str) -> crate::Result<Preset> {
+        let p = Preset {
+            joint: JointFeature::by_name(name)?,
+            ..self.clone()
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
     /// Patches per image row.
     pub fn grid_w(&self) -> usize {
         self.image_width / self.patch

@@ -7,10 +7,9 @@ use common::*;
 use plip_model::batch::{Augment, Batch, Sample};
 use plip_model::dfdx::prelude::*;
 use plip_model::norm::{apply_stats, BatchNorm, BnMode, BnStats};
-use plip_model::optim::OptimConfig;
 use plip_model::params::Init;
 use plip_model::weights::{load_weights, save_weights};
-use plip_model::{Params, Plip, Preset, TaskWeights, TrainConfig, Trainer};
+use plip_model::{Params, Plip, Preset, TaskWeights, Trainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -23,16 +22,10 @@ fn buffers(m: &Plip<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
 }
 
 fn trainer(tasks: TaskWeights) -> Trainer<f32, Cpu> {
-    let cfg = TrainConfig {
-        optim: OptimConfig {
-            lr: 1e-3,
-            warmup_steps: 0,
-            ..Default::default()
-        },
-        tasks,
-        ramp_steps: 1,
-    };
-    Trainer::new(Plip::new(&cpu(), &Preset::test(), 5).unwrap(), cfg)
+    Trainer::new(
+        Plip::new(&cpu(), &Preset::test(), 5).unwrap(),
+        quick_config(tasks),
+    )
 }
 
 /// Running statistics follow PyTorch: momentum 0.1 and the unbiased batch variance.
@@ -274,16 +267,10 @@ fn neck_joint_feature_uses_running_statistics() {
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 4);
     let b = batch(&toys, &p, &tk, 0.5, 1);
-    let cfg = TrainConfig {
-        optim: OptimConfig {
-            lr: 1e-3,
-            warmup_steps: 0,
-            ..Default::default()
-        },
-        tasks: TaskWeights::default(),
-        ramp_steps: 1,
-    };
-    let mut t = Trainer::new(Plip::new(&cpu(), &p, 5).unwrap(), cfg);
+    let mut t = Trainer::new(
+        Plip::new(&cpu(), &p, 5).unwrap(),
+        quick_config(TaskWeights::default()),
+    );
     for _ in 0..3 {
         t.step(&b).unwrap();
     }

@@ -226,31 +226,7 @@ fn ivlc_stops_at_the_image_embedding() {
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 5);
     let b = batch(&toys, &p, &tk, 0.5, 9);
-    let grads = |tasks: TaskWeights| -> Vec<(String, Vec<f64>)> {
-        let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
-        let trainer = Trainer::new(
-            model,
-            TrainConfig {
-                tasks,
-                ..Default::default()
-            },
-        );
-        let (g, _) = trainer.gradients(&b).unwrap();
-        let g = AdamW::gradients(&trainer.model, &g.unwrap());
-        trainer
-            .model
-            .params()
-            .into_iter()
-            .zip(g)
-            .map(|((n, _), g)| {
-                let v = match g {
-                    Grad::Vector(t) => t.as_vec(),
-                    Grad::Matrix(t) => t.as_vec(),
-                };
-                (n, v)
-            })
-            .collect()
-    };
+    let grads = |tasks: TaskWeights| named_gradients(&p, &b, tasks);
     let base = TaskWeights {
         ivlc: 1.0,
         triplet: 1.0,
@@ -295,31 +271,7 @@ fn caption_identity_loss_can_leave_the_head_alone() {
         let tk = tokenizer(&p);
         let toys = toy_samples(&p, 3, 2, 5);
         let b = batch(&toys, &p, &tk, 0.5, 9);
-        let grads = |tasks: TaskWeights| -> Vec<(String, Vec<f64>)> {
-            let model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
-            let trainer = Trainer::new(
-                model,
-                TrainConfig {
-                    tasks,
-                    ..Default::default()
-                },
-            );
-            let (g, _) = trainer.gradients(&b).unwrap();
-            let g = AdamW::gradients(&trainer.model, &g.unwrap());
-            trainer
-                .model
-                .params()
-                .into_iter()
-                .zip(g)
-                .map(|((n, _), g)| {
-                    let v = match g {
-                        Grad::Vector(t) => t.as_vec(),
-                        Grad::Matrix(t) => t.as_vec(),
-                    };
-                    (n, v)
-                })
-                .collect()
-        };
+        let grads = |tasks: TaskWeights| named_gradients(&p, &b, tasks);
         let base = TaskWeights {
             ivlc: 1.0,
             id: 1.0,

@@ -283,16 +283,8 @@ fn text_learning_rate_scale_reaches_the_text_tower_only() {
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 4);
     let b = batch(&toys, &p, &tk, 0.5, 1);
-    let cfg = TrainConfig {
-        optim: OptimConfig {
-            lr: 1e-3,
-            warmup_steps: 0,
-            text_lr_scale: 0.0,
-            ..Default::default()
-        },
-        tasks: TaskWeights::default(),
-        ramp_steps: 1,
-    };
+    let mut cfg = quick_config(TaskWeights::default());
+    cfg.optim.text_lr_scale = 0.0;
     let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
     let snap = |m: &Plip<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
         m.params()

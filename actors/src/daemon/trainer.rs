@@ -227,8 +227,9 @@ fn train_loop<D: Device<f32>>(
     let tc = shared.cfg.trainer.clone();
     let mut preset = Preset::by_name(&tc.preset).map_err(|e| e.to_string())?;
     if !tc.joint_feature.is_empty() {
-        preset.joint =
-            plip_model::JointFeature::by_name(&tc.joint_feature).map_err(|e| e.to_string())?;
+        preset = preset
+            .with_joint(&tc.joint_feature)
+            .map_err(|e| e.to_string())?;
     }
     let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
         Some(t) => t,

@@ -4,7 +4,8 @@
 
 use plip_model::batch::{Batch, Sample};
 use plip_model::dfdx::prelude::Cpu;
-use plip_model::{Preset, Tokenizer};
+use plip_model::optim::{AdamW, Grad, OptimConfig};
+use plip_model::{Params, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::ops::Range;
@@ -108,4 +109,45 @@ pub fn batch(toys: &[Toy], p: &Preset, tk: &Tokenizer, ratio: f64, seed: u64) ->
 
 pub fn cpu() -> Cpu {
     Cpu::default()
+}
+
+/// A few quick steps' configuration: lr 1e-3 from the first step, no IAP ramp.
+pub fn quick_config(tasks: TaskWeights) -> TrainConfig {
+    TrainConfig {
+        optim: OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 0,
+            ..Default::default()
+        },
+        tasks,
+        ramp_steps: 1,
+    }
+}
+
+/// Every parameter's gradient for one batch, by name, from a fresh model of `p` (seed 11), in
+/// f64 for exact comparisons.
+pub fn named_gradients(p: &Preset, b: &Batch, tasks: TaskWeights) -> Vec<(String, Vec<f64>)> {
+    let model = Plip::<f64, Cpu>::new(&cpu(), p, 11).expect("model");
+    let trainer = Trainer::new(
+        model,
+        TrainConfig {
+            tasks,
+            ..Default::default()
+        },
+    );
+    let (g, _) = trainer.gradients(b).expect("gradients");
+    let g = AdamW::gradients(&trainer.model, &g.expect("a gradient"));
+    trainer
+        .model
+        .params()
+        .into_iter()
+        .zip(g)
+        .map(|((n, _), g)| {
+            let v = match g {
+                Grad::Vector(t) => t.as_vec(),
+                Grad::Matrix(t) => t.as_vec(),
+            };
+            (n, v)
+        })
+        .collect()
 }
