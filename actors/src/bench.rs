@@ -59,9 +59,10 @@ pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
             "supcon" => w.supcon = 1.0,
             "id" => w.id = d.id,
             "text_id" => w.text_id = d.text_id,
+            "proto" => w.proto = 1.0,
             other => {
                 return Err(format!(
-                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id"
+                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id, proto"
                 ))
             }
         }

@@ -193,6 +193,9 @@ pub struct TrainerConfig {
     pub text_id_running_stats: bool,
     /// The caption-identity loss leaves the identity head (neck and classifier) to the images.
     pub text_id_detached: bool,
+    /// Caption–prototype contrast: each caption against the running-mean image feature of
+    /// every person seen so far (needs a preset with the identity classifier).
+    pub w_proto: f64,
     /// The text tower's learning rate as a multiple of `lr`.
     pub text_lr_scale: f64,
     /// Augmentation: probability of a horizontal flip.
@@ -244,6 +247,7 @@ impl Default for TrainerConfig {
             ivlc_image_grad: false,
             text_id_running_stats: false,
             text_id_detached: false,
+            w_proto: 0.0,
             text_lr_scale: 0.3,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
@@ -365,6 +369,9 @@ impl Config {
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return Err("trainer.lr must be a positive number".into());
+        }
+        if !(t.w_proto >= 0.0 && t.w_proto.is_finite()) {
+            return Err("trainer.w_proto must be a number ≥ 0".into());
         }
         if !(t.text_lr_scale >= 0.0 && t.text_lr_scale.is_finite()) {
             return Err("trainer.text_lr_scale must be a number ≥ 0".into());

@@ -92,6 +92,9 @@ pub struct TrainArgs {
     /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
     #[arg(long)]
     pub conv_widths: Option<String>,
+    /// Override the number of transformer blocks of the text tower.
+    #[arg(long)]
+    pub text_layers: Option<usize>,
     /// Override the preset's joint image feature (`pooled` or `neck`).
     #[arg(long)]
     pub joint_feature: Option<String>,
@@ -142,6 +145,10 @@ pub struct TrainArgs {
     /// The caption-identity loss leaves the identity head (neck and classifier) to the images.
     #[arg(long)]
     pub text_id_detached: bool,
+    /// Weight of caption–prototype contrast: each caption against the running-mean image
+    /// feature of every person seen so far (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub w_proto: f64,
     /// Augmentation: probability of a horizontal flip.
     #[arg(long, default_value_t = 0.5)]
     pub aug_flip: f64,
@@ -267,6 +274,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             ivlc_image_grad: args.ivlc_image_grad,
             text_id_running_stats: args.text_id_running_stats,
             text_id_detached: args.text_id_detached,
+            proto: args.w_proto,
         },
         ramp_steps: args.ramp_steps,
     }
@@ -283,6 +291,13 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     if let Some(w) = &args.conv_widths {
         preset.conv_widths = parse_widths(w)?;
         preset.embed = preset.conv_widths[3];
+        preset.validate()?;
+    }
+    if let Some(layers) = args.text_layers {
+        if layers == 0 {
+            return Err("--text-layers must be at least 1".into());
+        }
+        preset.text_layers = layers;
         preset.validate()?;
     }
     if let Some(j) = &args.joint_feature {
@@ -537,7 +552,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 "{}",
                 serde_json::json!({
                     "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
-                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
                     "logit_scale": trainer.model.logit_scale_value(),

@@ -65,6 +65,8 @@ fn unknown_keys_and_bad_values_name_the_key() {
     );
     let e = err(write("c4.toml", "[trainer]\ntext_lr_scale = -1.0\n"));
     assert!(e.contains("trainer.text_lr_scale"), "{e}");
+    let e = err(write("c5.toml", "[trainer]\nw_proto = -0.5\n"));
+    assert!(e.contains("trainer.w_proto"), "{e}");
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
     if !plip_model::device::CUDA_BUILT {

@@ -4,11 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn plipd(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
+fn plipd_any(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_plipd"))
         .args(args)
         .output()
-        .expect("plipd runs");
+        .expect("plipd runs")
+}
+
+fn plipd(args: &[&str]) -> Output {
+    let out = plipd_any(args);
     assert!(
         out.status.success(),
         "plipd {args:?} failed: {}",
@@ -175,7 +179,78 @@ fn synth_tokenizer_train_eval_export() {
     ]);
     assert!(String::from_utf8_lossy(&more.stderr).contains("resuming from checkpoint"));
     assert_eq!(json_lines(&more).last().unwrap()["step"], 70);
-    for d in [data, state, report] {
+
+    // A one-block text tower and the caption–prototype loss: the overridden preset and the
+    // prototypes travel through checkpoints, export and evaluation, and resuming needs the
+    // same override.
+    let state2 = tmp("state-text1");
+    let run = |steps: &str, layers: &str| {
+        plipd_any(&[
+            "train",
+            "--data",
+            s(&data),
+            "--state",
+            s(&state2),
+            "--preset",
+            "test",
+            "--batch",
+            "16",
+            "--steps",
+            steps,
+            "--log-every",
+            "10",
+            "--text-layers",
+            layers,
+            "--w-proto",
+            "1",
+            "--report",
+            s(&report),
+        ])
+    };
+    let first = run("20", "1");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let lines = json_lines(&first);
+    assert!(lines[1]["proto"].as_f64().is_some_and(f64::is_finite));
+    let refused = run("30", "2");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("dimensions"));
+    let resumed = run("30", "1");
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(json_lines(&resumed).last().unwrap()["step"], 30);
+    let file2 = report.join("text1.safetensors");
+    plipd(&["export", "--state", s(&state2), "--out", s(&file2)]);
+    let from_state = json_lines(&plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--state",
+        s(&state2),
+        "--report",
+        s(&report),
+    ]));
+    let from_file = json_lines(&plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--weights",
+        s(&file2),
+        "--report",
+        s(&report),
+    ]));
+    assert_eq!(from_state[0]["image"], from_file[0]["image"]);
+    assert_eq!(
+        from_state[0]["text_to_image"],
+        from_file[0]["text_to_image"]
+    );
+    for d in [data, state, state2, report] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

@@ -173,6 +173,53 @@ fn host_mat<E: Dtype, D: Device<E>>(dev: &D, v: &[f64], r: usize, c: usize) -> M
     dev.tensor_from_vec(v.iter().map(|&x| scalar::<E>(x)).collect(), (r, c))
 }
 
+/// Caption–prototype contrast: every caption with a target against every identity prototype
+/// (`prototypes`: `(m, e)` row-major, any scale), logits s·cos(t_i, p_j), cross-entropy on the
+/// caption's own prototype, averaged over the captions with a target (`targets[i]`: an index
+/// into the prototypes, `None` for an unlabelled caption). Unlike IVLC, whose negatives are the
+/// batch's other 15 people, a caption here must pick its person among all the people seen.
+/// The prototypes are constants: only the text tower (and the scale) learn from it. `None` when
+/// no caption has a target.
+pub fn prototype_contrast<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    text: Mat<E, D, T>,
+    prototypes: &[f64],
+    targets: &[Option<usize>],
+    scale: Tensor<(), E, D, T>,
+) -> Option<Tensor<(), E, D, T>> {
+    let (n, e) = *text.shape();
+    let labelled = targets.iter().filter(|t| t.is_some()).count();
+    if labelled == 0 || e == 0 || prototypes.len() % e != 0 {
+        return None;
+    }
+    let m = prototypes.len() / e;
+    if m == 0 || targets.iter().flatten().any(|&j| j >= m) {
+        return None;
+    }
+    // Unit rows, laid out transposed (e, m) so the product needs no permuted operand.
+    let mut pt = vec![0.0; e * m];
+    for j in 0..m {
+        let row = &prototypes[j * e..(j + 1) * e];
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        for (k, x) in row.iter().enumerate() {
+            pt[k * m + j] = x / norm;
+        }
+    }
+    let dev = text.device().clone();
+    let pt = host_mat::<E, D>(&dev, &pt, e, m);
+    let logits = l2_normalize(text).matmul(pt) * scale.broadcast_like::<_, Axes2<0, 1>>(&(n, m));
+    let mut target = vec![0.0; n * m];
+    for (i, t) in targets.iter().enumerate() {
+        if let Some(j) = t {
+            target[i * m + j] = 1.0;
+        }
+    }
+    let target = host_mat::<E, D>(&dev, &target, n, m);
+    Some(
+        (logits.log_softmax::<Axis<1>>() * target).sum::<(), Axes2<0, 1>>()
+            * scalar::<E>(-1.0 / labelled as f64),
+    )
+}
+
 /// Batch-hard triplet loss (Hermans et al. 2017) on raw embeddings `(n, e)` (not normalised:
 /// on unit vectors the same margin measured far worse — PyTorch peer, README "Quality"): for
 /// each anchor with a positive and a negative in the batch,

@@ -32,6 +32,10 @@ pub type LayerStats = (usize, Vec<f64>, Vec<f64>);
 #[derive(Debug, Default)]
 pub struct BnStats {
     pub layers: RefCell<Vec<LayerStats>>,
+    /// The batch's unit joint image features by identity row, for the identity prototypes
+    /// ([`crate::heads::Prototypes`]); folded in, like the statistics, only after an applied
+    /// update.
+    pub prototypes: RefCell<Vec<(usize, Vec<f64>)>>,
 }
 
 /// How BatchNorm layers normalise.
@@ -166,6 +170,11 @@ impl BnStats {
             .borrow()
             .iter()
             .all(|(_, m, v)| m.iter().chain(v).all(|x| x.is_finite()))
+            && self
+                .prototypes
+                .borrow()
+                .iter()
+                .all(|(_, f)| f.iter().all(|x| x.is_finite()))
     }
 }
 

@@ -315,6 +315,14 @@ impl<D> Init<'_, D> {
             .collect();
         self.dev.tensor_from_vec(data, (rows, cols))
     }
+    /// A (rows, cols) matrix of zeros (draws nothing from the generator).
+    pub fn zeros<E: Dtype>(&mut self, rows: usize, cols: usize) -> Mat<E, D>
+    where
+        D: Device<E>,
+    {
+        self.dev
+            .tensor_from_vec(vec![E::default(); rows * cols], (rows, cols))
+    }
     /// A vector filled with one value.
     pub fn fill<E: Dtype>(&mut self, len: usize, value: f64) -> Vector<E, D>
     where

@@ -63,6 +63,11 @@ pub struct TaskWeights {
     /// classifier): captions align to the head the images train, and the image side learns as
     /// without the caption loss.
     pub text_id_detached: bool,
+    /// Weight of caption–prototype contrast ([`loss::prototype_contrast`]): each caption against
+    /// the identity prototypes of every person seen so far (running means of their joint image
+    /// features, [`crate::heads::Prototypes`]); needs a preset with `id_classes`; 0 switches it
+    /// off (and leaves the prototypes as they are).
+    pub proto: f64,
 }
 
 impl Default for TaskWeights {
@@ -78,6 +83,7 @@ impl Default for TaskWeights {
             ivlc_image_grad: false,
             text_id_running_stats: false,
             text_id_detached: false,
+            proto: 0.0,
         }
     }
 }
@@ -97,6 +103,7 @@ impl TaskWeights {
             ivlc_image_grad: true,
             text_id_running_stats: false,
             text_id_detached: false,
+            proto: 0.0,
         }
     }
 
@@ -127,6 +134,7 @@ pub struct LossValues {
     pub supcon: Option<f64>,
     pub id: Option<f64>,
     pub text_id: Option<f64>,
+    pub proto: Option<f64>,
     pub total: f64,
 }
 
@@ -241,6 +249,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             && weights.iap <= 0.0
             && weights.tic <= 0.0
             && weights.text_id <= 0.0
+            && weights.proto <= 0.0
             && !weights.image_losses()
         {
             return Err(crate::Error::Config(
@@ -264,6 +273,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         if weights.ivlc <= 0.0
             && weights.tic <= 0.0
             && weights.text_id <= 0.0
+            && weights.proto <= 0.0
             && !iap_active
             && !weights.image_losses()
         {
@@ -272,17 +282,18 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             ));
         }
         let mut kept = tape;
-        let pooled = if weights.ivlc > 0.0 || iap_active || weights.image_losses() {
-            let images = self.images_tensor(&batch.images, n).put_tape(T::default());
-            let (pooled, tape) = self.image.pooled(images, BnMode::Train(stats)).split_tape();
-            kept = kept.merge(tape);
-            Some(pooled)
-        } else {
-            None
-        };
+        let pooled =
+            if weights.ivlc > 0.0 || weights.proto > 0.0 || iap_active || weights.image_losses() {
+                let images = self.images_tensor(&batch.images, n).put_tape(T::default());
+                let (pooled, tape) = self.image.pooled(images, BnMode::Train(stats)).split_tape();
+                kept = kept.merge(tape);
+                Some(pooled)
+            } else {
+                None
+            };
         // The joint image embedding, shared by IVLC and the image losses.
         let img_emb = match &pooled {
-            Some(pooled) if weights.ivlc > 0.0 || weights.image_losses() => {
+            Some(pooled) if weights.ivlc > 0.0 || weights.proto > 0.0 || weights.image_losses() => {
                 let (e, tape) = self.image.project(pooled.retaped::<T>()).split_tape();
                 kept = kept.merge(tape);
                 Some(e)
@@ -291,7 +302,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         };
 
         // Caption pass: its embedding feeds IVLC, TIC and the caption identity loss.
-        let need_text = weights.ivlc > 0.0 || weights.tic > 0.0 || weights.text_id > 0.0;
+        let need_text =
+            weights.ivlc > 0.0 || weights.tic > 0.0 || weights.text_id > 0.0 || weights.proto > 0.0;
         let text_emb = if need_text {
             let (t, tape) = self
                 .text
@@ -317,6 +329,55 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             let l = loss::ivlc(img, text_emb.retaped::<T>(), self.scale::<T>(), &q);
             values.ivlc = Some(read(&l));
             terms.push(l * scalar::<E>(weights.ivlc));
+        }
+        if let (true, Some(head), Some(text_emb), Some(img)) =
+            (weights.proto > 0.0, &self.id, &text_emb, &img_emb)
+        {
+            // The batch's unit joint features by identity row (constants: the prototypes only
+            // teach the text tower), folded into the prototypes the loss ranks against.
+            let joint = self.neck_joint(detach(img), BnMode::Train(None));
+            let e = joint.shape().1;
+            let host = joint.as_vec();
+            let classes = head.classes() as u64;
+            let features: Vec<(usize, Vec<f64>)> = batch
+                .persons
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    let key = (*p)?;
+                    let f: Vec<f64> = host[i * e..(i + 1) * e]
+                        .iter()
+                        .map(|x| x.to_f64().unwrap_or(f64::NAN))
+                        .collect();
+                    let norm = f.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+                    Some((
+                        (key % classes) as usize,
+                        f.iter().map(|x| x / norm).collect(),
+                    ))
+                })
+                .collect();
+            let (rows, protos) = head.prototypes.seen_with(&features);
+            let targets: Vec<Option<usize>> = batch
+                .persons
+                .iter()
+                .map(|p| {
+                    let row = ((*p)? % classes) as usize;
+                    rows.binary_search(&row).ok()
+                })
+                .collect();
+            if let Some(stats) = stats {
+                stats.prototypes.borrow_mut().extend(features);
+            }
+            let l = loss::prototype_contrast(
+                text_emb.retaped::<T>(),
+                &protos,
+                &targets,
+                self.scale::<T>(),
+            );
+            if let Some(l) = l {
+                values.proto = Some(read(&l));
+                terms.push(l * scalar::<E>(weights.proto));
+            }
         }
         if let (true, Some(pooled)) = (iap_active, &pooled) {
             let (b, s) = (batch.masked.batch, batch.masked.len);

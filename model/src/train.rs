@@ -150,8 +150,13 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
         }
         self.opt
             .update(&mut self.model, g, info.scale, lr, &self.cfg.optim)?;
-        // Running statistics move only with an applied update (a skipped step leaves them).
+        // Running statistics and prototypes move only with an applied update (a skipped step
+        // leaves them).
+        let prototypes = stats.prototypes.take();
         apply_stats(&mut self.model, stats);
+        if let Some(head) = self.model.id.as_mut() {
+            head.prototypes.update(&prototypes);
+        }
         self.clamp_logit_scale();
         report.step = self.opt.step;
         report.skipped = false;
@@ -159,7 +164,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     }
 
     /// Forgets a person in the identity classifier: zeroes their row (`key mod classes`, see
-    /// [`crate::batch::person_key`]) and its Adam moments, so no trace of the row's training
+    /// [`crate::batch::person_key`]), its Adam moments and its prototype, so no trace of the row's training
     /// remains. Returns the row, or `None` for a model without a classifier. (The rest of the
     /// network cannot unlearn what the person's images taught it.)
     pub fn forget_person(&mut self, key: u64) -> Option<usize> {
@@ -175,6 +180,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
         };
         if let Some(head) = self.model.id.as_mut() {
             zero_row(&mut head.classifier);
+            head.prototypes.clear_row(row);
         }
         if let Some(i) = self.opt.names.iter().position(|n| n == "id.classifier") {
             if let crate::optim::Moments::Matrix(m, v) = &mut self.opt.moments[i] {

@@ -21,6 +21,10 @@ use std::collections::{BTreeMap, HashMap};
 /// Version of the layout written by this build.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The one tensor a weights file may lack: the identity prototypes (a buffer added after the
+/// format's first version; a file without it loads with no prototype seen).
+pub const OPTIONAL_BUFFER: &str = "id.prototypes";
+
 /// The metadata of a weights or optimiser blob.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlobMeta {
@@ -217,6 +221,11 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
     let st = SafeTensors::deserialize(bytes).map_err(werr)?;
     let mut values = Vec::new();
     for (name, p) in model.state() {
+        if name == OPTIONAL_BUFFER && !st.names().iter().any(|n| *n == OPTIONAL_BUFFER) {
+            // Written before the identity prototypes existed: none seen yet.
+            values.push(vec![E::default(); p.len()]);
+            continue;
+        }
         let view = st
             .tensor(&name)
             .map_err(|e| Error::Weights(format!("tensor {name}: {e}")))?;

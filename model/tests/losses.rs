@@ -209,7 +209,15 @@ fn non_finite_loss_skips_the_step() {
         let tk = tokenizer(&p);
         let toys = toy_samples(&p, 2, 2, 1);
         let model = Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap();
-        let mut trainer = Trainer::new(model, TrainConfig::default());
+        // The prototypes (fed by the caption–prototype loss) must not take the NaN either.
+        let cfg = TrainConfig {
+            tasks: plip_model::TaskWeights {
+                proto: 1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(model, cfg);
         let mut b = batch(&toys, &p, &tk, 0.5, 0);
         b.images[5] = f32::NAN;
         let before = trainer

@@ -47,6 +47,11 @@ fn trained(
             warmup_steps: 2,
             ..Default::default()
         },
+        // Every task, the caption–prototype contrast too, so resumption covers the prototypes.
+        tasks: plip_model::TaskWeights {
+            proto: 1.0,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut t = Trainer::new(Plip::new(&cpu(), &p, seed).unwrap(), cfg);

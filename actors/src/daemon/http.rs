@@ -500,6 +500,7 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
         ("supcon", t.supcon),
         ("id", t.id),
         ("text_id", t.text_id),
+        ("proto", t.proto),
     ] {
         if let Some(v) = v {
             losses.push((format!("{{task=\"{task}\"}}"), v));

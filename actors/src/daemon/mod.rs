@@ -235,6 +235,7 @@ pub struct TrainerStats {
     pub supcon: Option<f64>,
     pub id: Option<f64>,
     pub text_id: Option<f64>,
+    pub proto: Option<f64>,
     /// Identity-classifier rows zeroed by `forget` since the trainer started.
     pub forgotten_rows: u64,
     pub lr: Option<f64>,

@@ -266,6 +266,7 @@ fn train_loop<D: Device<f32>>(
             ivlc_image_grad: tc.ivlc_image_grad,
             text_id_running_stats: tc.text_id_running_stats,
             text_id_detached: tc.text_id_detached,
+            proto: tc.w_proto,
         },
         ramp_steps: tc.ramp_steps,
     };
@@ -474,6 +475,7 @@ fn train_loop<D: Device<f32>>(
                 t.supcon = report.losses.supcon;
                 t.id = report.losses.id;
                 t.text_id = report.losses.text_id;
+                t.proto = report.losses.proto;
                 t.lr = Some(report.lr);
             }
             if secs >= 5.0 || t.steps_per_s.is_none() {
