@@ -163,6 +163,9 @@ pub struct TrainerConfig {
     /// The joint image feature image and text queries are ranked by: `pooled` or `neck`
     /// (empty: the preset's own). Changes no weight: an existing state trains on under either.
     pub joint_feature: String,
+    /// Blocks of the text tower (0: the preset's). Checkpoints made with another depth are
+    /// refused with an error that names this key.
+    pub text_layers: usize,
     /// Device: `cpu` (a build with the `cuda` feature also takes `cuda` / `cuda:N`).
     pub device: String,
     /// Samples per step.
@@ -198,6 +201,8 @@ pub struct TrainerConfig {
     pub w_proto: f64,
     /// The text tower's learning rate as a multiple of `lr`.
     pub text_lr_scale: f64,
+    /// Clip the text side's gradient (text tower, logit scale) and the rest's each on its own.
+    pub clip_per_tower: bool,
     /// Augmentation: probability of a horizontal flip.
     pub aug_flip: f64,
     /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
@@ -231,6 +236,7 @@ impl Default for TrainerConfig {
             enabled: true,
             preset: "tiny".into(),
             joint_feature: String::new(),
+            text_layers: 0,
             device: "cpu".into(),
             batch: 64,
             images_per_id: 4,
@@ -249,6 +255,7 @@ impl Default for TrainerConfig {
             text_id_detached: false,
             w_proto: 0.0,
             text_lr_scale: 0.3,
+            clip_per_tower: false,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
             aug_erase: 0.5,
@@ -329,6 +336,9 @@ impl Config {
         let t = &self.trainer;
         let preset =
             plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
+        let preset = preset
+            .with_text_layers(t.text_layers)
+            .map_err(|e| format!("trainer.text_layers: {e}"))?;
         if !t.joint_feature.is_empty() {
             preset
                 .with_joint(&t.joint_feature)

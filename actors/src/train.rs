@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// The text tower's learning rate as a multiple of `--lr`.
     #[arg(long, default_value_t = 0.3)]
     pub text_lr_scale: f64,
+    /// Clip the text side's gradient and the image side's each on its own (default: one
+    /// global norm).
+    #[arg(long)]
+    pub clip_per_tower: bool,
     /// Warm-up steps.
     #[arg(long, default_value_t = 50)]
     pub warmup: u64,
@@ -257,6 +261,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             lr: args.lr,
             warmup_steps: args.warmup,
             text_lr_scale: args.text_lr_scale,
+            clip_per_tower: args.clip_per_tower,
             schedule: Schedule::Cosine {
                 total_steps: args.steps,
                 floor: 0.05,
@@ -297,8 +302,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         if layers == 0 {
             return Err("--text-layers must be at least 1".into());
         }
-        preset.text_layers = layers;
-        preset.validate()?;
+        preset = preset.with_text_layers(layers)?;
     }
     if let Some(j) = &args.joint_feature {
         preset = preset.with_joint(j)?;

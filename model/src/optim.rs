@@ -44,6 +44,17 @@ pub struct OptimConfig {
     /// The text tower's learning rate is `lr` times this (parameters named `text.*`).
     #[serde(default = "one")]
     pub text_lr_scale: f64,
+    /// Clip the text side (the text tower and the logit scale) and the rest (image tower and
+    /// heads) each to `clip_norm` on its own, so one side's gradient norm never scales the
+    /// other's step.
+    #[serde(default)]
+    pub clip_per_tower: bool,
+}
+
+/// True for the parameters of the text side when clipping per tower: the text tower and the
+/// logit scale (which only the image–text losses train).
+pub fn text_side(name: &str) -> bool {
+    name.starts_with("text.") || name == "logit_scale"
 }
 
 fn one() -> f64 {
@@ -61,6 +72,7 @@ impl Default for OptimConfig {
             warmup_steps: 100,
             schedule: Schedule::Constant,
             text_lr_scale: 1.0,
+            clip_per_tower: false,
         }
     }
 }
@@ -110,6 +122,17 @@ pub struct GradInfo {
     pub scale: f64,
 }
 
+impl GradInfo {
+    fn of(norm: f64, clip_norm: f64) -> Self {
+        let scale = if clip_norm > 0.0 && norm > clip_norm {
+            clip_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        GradInfo { norm, scale }
+    }
+}
+
 impl<E: Dtype, D: Device<E>> AdamW<E, D> {
     /// Zero moments for every parameter of `model`.
     pub fn new<M: Params<E, D>>(model: &M) -> Self {
@@ -147,21 +170,37 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
 
     /// Global norm and clip factor of a gradient set.
     pub fn clip_info(grads: &[Grad<E, D>], clip_norm: f64) -> GradInfo {
-        let sq: f64 = grads
-            .iter()
-            .map(|g| match g {
-                Grad::Vector(t) => t.clone().square().sum::<(), Axis<0>>().as_vec()[0],
-                Grad::Matrix(t) => t.clone().square().sum::<(), Axes2<0, 1>>().as_vec()[0],
-            })
-            .map(|x| x.to_f64().unwrap_or(f64::NAN))
-            .sum();
-        let norm = sq.sqrt();
-        let scale = if clip_norm > 0.0 && norm > clip_norm {
-            clip_norm / (norm + 1e-6)
-        } else {
-            1.0
+        let sq: f64 = grads.iter().map(Self::square_norm).sum();
+        GradInfo::of(sq.sqrt(), clip_norm)
+    }
+
+    /// Norms and clip factors of the text side ([`text_side`], by `names`) and of the rest:
+    /// `(rest, text)`.
+    pub fn clip_info_per_tower(
+        grads: &[Grad<E, D>],
+        names: &[String],
+        clip_norm: f64,
+    ) -> (GradInfo, GradInfo) {
+        let (mut rest, mut text) = (0.0, 0.0);
+        for (g, name) in grads.iter().zip(names) {
+            if text_side(name) {
+                text += Self::square_norm(g);
+            } else {
+                rest += Self::square_norm(g);
+            }
+        }
+        (
+            GradInfo::of(rest.sqrt(), clip_norm),
+            GradInfo::of(text.sqrt(), clip_norm),
+        )
+    }
+
+    fn square_norm(g: &Grad<E, D>) -> f64 {
+        let sq = match g {
+            Grad::Vector(t) => t.clone().square().sum::<(), Axis<0>>().as_vec()[0],
+            Grad::Matrix(t) => t.clone().square().sum::<(), Axes2<0, 1>>().as_vec()[0],
         };
-        GradInfo { norm, scale }
+        sq.to_f64().unwrap_or(f64::NAN)
     }
 
     /// Applies one update with learning rate `lr` to `model`, gradients multiplied by
@@ -177,6 +216,22 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         lr: f64,
         cfg: &OptimConfig,
     ) -> crate::Result<()> {
+        self.update_sides(model, grads, (grad_scale, grad_scale), lr, cfg)
+    }
+
+    /// As [`AdamW::update`], with the clip factors `(rest, text side)` ([`text_side`]).
+    ///
+    /// # Errors
+    /// As [`AdamW::update`].
+    pub fn update_sides<M: Params<E, D>>(
+        &mut self,
+        model: &mut M,
+        grads: Vec<Grad<E, D>>,
+        grad_scales: (f64, f64),
+        lr: f64,
+        cfg: &OptimConfig,
+    ) -> crate::Result<()> {
+        let grad_scale = grad_scales.0;
         let params = model.params_mut();
         if params.len() != self.moments.len() || grads.len() != params.len() {
             return Err(crate::Error::Shape(format!(
@@ -202,11 +257,19 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         };
         let text_h = Hyper {
             lr: lr * cfg.text_lr_scale,
+            gs: grad_scales.1,
+            ..h
+        };
+        // The logit scale: the base learning rate, the text side's clip factor.
+        let scale_h = Hyper {
+            gs: grad_scales.1,
             ..h
         };
         for (((name, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
             let h = if name.starts_with("text.") {
                 &text_h
+            } else if text_side(&name) {
+                &scale_h
             } else {
                 &h
             };

@@ -287,6 +287,16 @@ impl Preset {
         if same_weights == *self {
             return None;
         }
+        let same_but_text = Preset {
+            text_layers: self.text_layers,
+            ..same_weights.clone()
+        };
+        if stored.name == self.name && same_but_text == *self {
+            return Some(format!(
+                "the checkpoints were made with a {}-block text tower, this {:?} has {}; set trainer.text_layers = {} (plipd train --text-layers {}) to keep training them, or use a new state folder",
+                stored.text_layers, self.name, self.text_layers, stored.text_layers, stored.text_layers
+            ));
+        }
         if stored.name == self.name {
             let renamed = Preset::by_name(&format!("{}-vit", stored.name))
                 .ok()
@@ -306,6 +316,22 @@ impl Preset {
             "the checkpoints are of preset {:?}, not {:?}; use preset {:?} or another state folder",
             stored.name, self.name, stored.name
         ))
+    }
+
+    /// This preset with a text tower of `layers` blocks (0: as it is).
+    ///
+    /// # Errors
+    /// A preset that does not validate.
+    pub fn with_text_layers(&self, layers: usize) -> crate::Result<Preset> {
+        if layers == 0 {
+            return Ok(self.clone());
+        }
+        let p = Preset {
+            text_layers: layers,
+            ..self.clone()
+        };
+        p.validate()?;
+        Ok(p)
     }
 
     /// This preset with the joint feature named `name` (`pooled` or `neck`).

@@ -148,8 +148,15 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
             self.skipped_steps += 1;
             return Ok(report);
         }
+        let scales = if self.cfg.optim.clip_per_tower {
+            let (rest, text) =
+                AdamW::<E, D>::clip_info_per_tower(&g, &self.opt.names, self.cfg.optim.clip_norm);
+            (rest.scale, text.scale)
+        } else {
+            (info.scale, info.scale)
+        };
         self.opt
-            .update(&mut self.model, g, info.scale, lr, &self.cfg.optim)?;
+            .update_sides(&mut self.model, g, scales, lr, &self.cfg.optim)?;
         // Running statistics and prototypes move only with an applied update (a skipped step
         // leaves them).
         let prototypes = stats.prototypes.take();

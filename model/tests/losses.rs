@@ -314,3 +314,38 @@ fn text_learning_rate_scale_reaches_the_text_tower_only() {
     assert!(!text_moved, "a text parameter moved at text_lr_scale 0");
     assert!(image_moved, "no image parameter moved");
 }
+
+/// `clip_per_tower`: the text side is clipped on its own, so however large its gradient, the
+/// image tower and the heads take the same steps (three steps, so Adam sees the clip factors
+/// change); with one global clip a hundredfold image–text loss changes the image tower's steps.
+#[test]
+fn per_tower_clipping_keeps_the_image_steps_from_the_text_gradient() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let batches: Vec<_> = (0..3)
+        .map(|i| batch(&toy_samples(&p, 3, 2, 10 + i), &p, &tk, 0.5, i))
+        .collect();
+    let image_after = |ivlc: f64, per_tower: bool| -> Vec<(String, Vec<f32>)> {
+        let mut cfg = quick_config(TaskWeights {
+            ivlc,
+            iap: 0.0,
+            tic: 0.0,
+            text_id: 0.0,
+            ..TaskWeights::default()
+        });
+        cfg.optim.clip_norm = 0.1;
+        cfg.optim.clip_per_tower = per_tower;
+        let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
+        for b in &batches {
+            assert!(!t.step(b).unwrap().skipped);
+        }
+        t.model
+            .params()
+            .into_iter()
+            .filter(|(n, _)| !plip_model::optim::text_side(n))
+            .map(|(n, p)| (n, p.to_host()))
+            .collect()
+    };
+    assert_eq!(image_after(1.0, true), image_after(100.0, true));
+    assert_ne!(image_after(1.0, false), image_after(100.0, false));
+}

@@ -95,3 +95,21 @@ fn padding_leaves_text_embedding_unchanged() {
     let c = m.text.embed(&dev, &unmasked, NoneTape).as_vec();
     assert!(c.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
 }
+
+/// A text-depth override builds, and a checkpoint of another depth is refused with an error
+/// that says how to keep training it.
+#[test]
+fn text_depth_override_and_its_mismatch() {
+    let p = Preset::test();
+    assert_eq!(p.with_text_layers(0).unwrap(), p);
+    let one = p.with_text_layers(1).unwrap();
+    assert_eq!(one.text_layers, 1);
+    let m = Plip::<f32, Cpu>::new(&cpu(), &one, 0).unwrap();
+    assert!(m.num_params() < Plip::<f32, Cpu>::new(&cpu(), &p, 0).unwrap().num_params());
+    let why = p.mismatch(&one).expect("another depth is refused");
+    assert!(
+        why.contains("1-block text tower") && why.contains("trainer.text_layers = 1"),
+        "{why}"
+    );
+    assert!(one.mismatch(&one).is_none());
+}

@@ -225,7 +225,9 @@ fn train_loop<D: Device<f32>>(
     jobs: mpsc::Sender<Job>,
 ) -> Result<(), String> {
     let tc = shared.cfg.trainer.clone();
-    let mut preset = Preset::by_name(&tc.preset).map_err(|e| e.to_string())?;
+    let mut preset = Preset::by_name(&tc.preset)
+        .and_then(|p| p.with_text_layers(tc.text_layers))
+        .map_err(|e| e.to_string())?;
     if !tc.joint_feature.is_empty() {
         preset = preset
             .with_joint(&tc.joint_feature)
@@ -253,6 +255,7 @@ fn train_loop<D: Device<f32>>(
             warmup_steps: tc.warmup_steps,
             schedule: Schedule::Constant,
             text_lr_scale: tc.text_lr_scale,
+            clip_per_tower: tc.clip_per_tower,
             ..Default::default()
         },
         tasks: TaskWeights {
