@@ -217,7 +217,8 @@ fn synth_tokenizer_train_eval_export() {
     assert!(lines[1]["proto"].as_f64().is_some_and(f64::is_finite));
     let refused = run("30", "2");
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("dimensions"));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("--text-layers 1"), "{why}");
     let resumed = run("30", "1");
     assert!(
         resumed.status.success(),
