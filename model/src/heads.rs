@@ -169,12 +169,7 @@ impl<E: Dtype, D: Device<E>> Prototypes<E, D> {
     /// row-major. The loss ranks against these, so a batch's own people always have a row.
     pub fn seen_with(&self, features: &[(usize, Vec<f64>)]) -> (Vec<usize>, Vec<f64>) {
         let (r, c) = *self.0.shape();
-        let mut all: Vec<f64> = self
-            .0
-            .as_vec()
-            .iter()
-            .map(|x| x.to_f64().unwrap_or(0.0))
-            .collect();
+        let mut all = self.host();
         Self::mix(&mut all, c, features);
         let mut rows = Vec::new();
         let mut values = Vec::new();
@@ -196,15 +191,24 @@ impl<E: Dtype, D: Device<E>> Prototypes<E, D> {
             return;
         }
         let c = self.0.shape().1;
-        let mut all: Vec<f64> = self
-            .0
-            .as_vec()
-            .iter()
-            .map(|x| x.to_f64().unwrap_or(0.0))
-            .collect();
+        let mut all = self.host();
         Self::mix(&mut all, c, features);
         let values: Vec<E> = all.iter().map(|&x| crate::params::scalar(x)).collect();
         self.0.copy_from(&values);
+    }
+
+    /// True while no row has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_vec().iter().all(|x| *x == E::default())
+    }
+
+    /// The matrix on the host, in f64.
+    fn host(&self) -> Vec<f64> {
+        self.0
+            .as_vec()
+            .iter()
+            .map(|x| x.to_f64().unwrap_or(0.0))
+            .collect()
     }
 
     fn mix(all: &mut [f64], c: usize, features: &[(usize, Vec<f64>)]) {
