@@ -43,6 +43,10 @@ pub struct TrainBenchArgs {
     /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
     #[arg(long)]
     pub conv_widths: Option<String>,
+    /// Captions per image and step, as `trainer.captions_per_image` (the extra ones are the
+    /// other caption style, of the same length).
+    #[arg(long, default_value_t = 1)]
+    pub captions_per_image: usize,
 }
 
 /// Task weights for a comma-separated task list: the listed tasks at their default weights, the
@@ -133,7 +137,12 @@ fn synthetic(p: &Preset, n: usize, seed: u64) -> Vec<Synthetic> {
 
 /// `count` synthetic batches of `batch` samples (random pixels, SYNTH-PEDES-length captions,
 /// 4 images per identity, half the phrases masked), with a tokenizer trained on their captions.
-fn synthetic_batches(p: &Preset, count: usize, batch: usize) -> plip_model::Result<Vec<Batch>> {
+fn synthetic_batches(
+    p: &Preset,
+    count: usize,
+    batch: usize,
+    captions_per_image: usize,
+) -> plip_model::Result<Vec<Batch>> {
     let data = synthetic(p, batch * count, 7);
     let tokenizer = Tokenizer::train(data.iter().map(|s| s.caption.as_str()), p.vocab)?;
     let mut rng = StdRng::seed_from_u64(1);
@@ -149,7 +158,16 @@ fn synthetic_batches(p: &Preset, count: usize, batch: usize) -> plip_model::Resu
                     person: Some(s.identity),
                 })
                 .collect();
-            Batch::build(&samples, p, &tokenizer, 0.5, &mut rng)
+            let mut b = Batch::build(&samples, p, &tokenizer, 0.5, &mut rng)?;
+            // The other style's caption of a neighbour stands in for a sample's further ones.
+            let extra: Vec<(usize, &str)> = (0..chunk.len())
+                .flat_map(|row| {
+                    (1..captions_per_image)
+                        .map(move |k| (row, chunk[(row + k) % chunk.len()].caption.as_str()))
+                })
+                .collect();
+            b.add_captions(&extra, p, &tokenizer)?;
+            Ok(b)
         })
         .collect()
 }
@@ -252,7 +270,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let pool = plip_model::runtime::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
     let t0 = Instant::now();
-    let batches = synthetic_batches(&p, 2, args.batch)?;
+    let batches = synthetic_batches(&p, 2, args.batch, args.captions_per_image)?;
     let batch_build_ms = t0.elapsed().as_secs_f64() * 1e3 / batches.len() as f64;
 
     let tasks = tasks_from_list(&args.tasks)?;
@@ -387,7 +405,8 @@ fn rel(a: f64, b: f64) -> f64 {
 
 /// `plipd bench agree`: the same weights and the same batch on the CPU and on another device —
 /// embeddings, each loss, the gradients (one SGD step's update up to −lr) and the norm of one
-/// AdamW update compared; one JSON line, exit status 1 when any exceeds the tolerance.
+/// AdamW update compared; one JSON line, exit status 1 when any exceeds the tolerance. Each
+/// sample brings a second caption, so the extra-caption path is compared too.
 ///
 /// # Errors
 /// An unknown preset, an unusable device, a failed step.
@@ -395,7 +414,7 @@ pub fn agree(args: &AgreeArgs) -> Result<bool, Box<dyn std::error::Error>> {
     plip_model::runtime::tune_allocator();
     let p = Preset::by_name(&args.preset)?;
     let spec = DeviceSpec::parse(&args.device)?;
-    let batch = synthetic_batches(&p, 1, args.batch.max(2))?
+    let batch = synthetic_batches(&p, 1, args.batch.max(2), 2)?
         .pop()
         .ok_or("no batch")?;
     let reference = Plip::<f32, Cpu>::new(&Cpu::default(), &p, 0)?;

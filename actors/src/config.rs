@@ -203,6 +203,9 @@ pub struct TrainerConfig {
     pub text_lr_scale: f64,
     /// Clip the text side's gradient (text tower, logit scale) and the rest's each on its own.
     pub clip_per_tower: bool,
+    /// Captions read per image and step (up to the sample's count; at least 1): the others
+    /// feed the caption-side losses at the cost of a wider text pass only.
+    pub captions_per_image: usize,
     /// Augmentation: probability of a horizontal flip.
     pub aug_flip: f64,
     /// Augmentation: pad by this fraction of the width, then a random crop (0 = off).
@@ -256,6 +259,7 @@ impl Default for TrainerConfig {
             w_proto: 0.0,
             text_lr_scale: 0.3,
             clip_per_tower: false,
+            captions_per_image: 1,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
             aug_erase: 0.5,
@@ -382,6 +386,9 @@ impl Config {
         }
         if !(t.w_proto >= 0.0 && t.w_proto.is_finite()) {
             return Err("trainer.w_proto must be a number ≥ 0".into());
+        }
+        if t.captions_per_image == 0 {
+            return Err("trainer.captions_per_image must be at least 1".into());
         }
         if !(t.text_lr_scale >= 0.0 && t.text_lr_scale.is_finite()) {
             return Err("trainer.text_lr_scale must be a number ≥ 0".into());

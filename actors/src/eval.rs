@@ -39,6 +39,10 @@ pub struct EvalArgs {
     /// weights are the same).
     #[arg(long)]
     pub joint_feature: Option<String>,
+    /// Embed every image as the mean of itself and its mirror image (`true`), or not
+    /// (`false`); default: as the checkpoint says.
+    #[arg(long)]
+    pub flip_average: Option<bool>,
     /// Evaluate a baseline instead of a model: `color-histogram`.
     #[arg(long)]
     pub baseline: Option<String>,

@@ -271,6 +271,9 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     if let Some(j) = &args.joint_feature {
         lm.model.set_joint(j)?;
     }
+    if let Some(f) = args.flip_average {
+        lm.model.set_flip_average(f);
+    }
     let (q, bq) = load(&query_items, lm.model.preset(), &Default::default(), 0);
     let (g, bg) = load(&gallery_items, lm.model.preset(), &Default::default(), 0);
     report_skipped("image", &[bq, bg].concat());
@@ -284,7 +287,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     }
     println!(
         "{}",
-        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "queries": q.len(), "gallery": g.len(),
+        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "flip_average": lm.model.preset().flip_average, "queries": q.len(), "gallery": g.len(),
             "image": reid_json(&reid), "text_to_image": text_out, "cmc_png": png})
     );
     Ok(())

@@ -153,6 +153,11 @@ pub struct TrainArgs {
     /// feature of every person seen so far (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub w_proto: f64,
+    /// Captions read per image and step (up to the sample's count): the first feeds every
+    /// task, the others the caption-side losses (IVLC, caption identity) at the cost of a wider
+    /// text pass only.
+    #[arg(long, default_value_t = 1)]
+    pub captions_per_image: usize,
     /// Augmentation: probability of a horizontal flip.
     #[arg(long, default_value_t = 0.5)]
     pub aug_flip: f64,
@@ -309,6 +314,9 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
+    }
+    if args.captions_per_image == 0 {
+        return Err("--captions-per-image must be at least 1".into());
     }
     let ds = plip_ingest::datasets::open(&args.data)?;
     report_skipped("record", &ds.skipped);
@@ -501,9 +509,20 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     };
     while trainer.opt.step < args.steps {
         let picks = sampler.next(args.batch);
+        let caption_picks: Vec<Vec<usize>> = picks
+            .iter()
+            .map(|&(i, _)| {
+                plip_model::batch::pick_captions(
+                    loaded[i].captions.len(),
+                    args.captions_per_image,
+                    &mut rng,
+                )
+            })
+            .collect();
         let chosen: Vec<(usize, u64, usize)> = picks
             .iter()
-            .map(|&(i, g)| (i, g, rng.gen_range(0..loaded[i].captions.len())))
+            .zip(&caption_picks)
+            .map(|(&(i, g), c)| (i, g, c[0]))
             .collect();
         let spans: Vec<Vec<std::ops::Range<usize>>> = chosen
             .iter()
@@ -527,7 +546,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             })
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
-        let batch = Batch::build_augmented(
+        let mut batch = Batch::build_augmented(
             &samples,
             &preset,
             &tokenizer,
@@ -536,6 +555,15 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             &augment,
             (args.seed, trainer.opt.step),
         )?;
+        let mut extra: Vec<(usize, &str)> = Vec::new();
+        for (row, (&(i, _), c)) in picks.iter().zip(&caption_picks).enumerate() {
+            extra.extend(
+                c[1..]
+                    .iter()
+                    .map(|&k| (row, loaded[i].captions[k].text.as_str())),
+            );
+        }
+        batch.add_captions(&extra, &preset, &tokenizer)?;
         let report = plip_model::runtime::install(&pool, || trainer.step(&batch))?;
         images_seen += samples.len() as u64;
         window.1 += 1;

@@ -67,6 +67,8 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("trainer.text_lr_scale"), "{e}");
     let e = err(write("c5.toml", "[trainer]\nw_proto = -0.5\n"));
     assert!(e.contains("trainer.w_proto"), "{e}");
+    let e = err(write("c6.toml", "[trainer]\ncaptions_per_image = 0\n"));
+    assert!(e.contains("trainer.captions_per_image"), "{e}");
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
     if !plip_model::device::CUDA_BUILT {

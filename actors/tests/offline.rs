@@ -208,6 +208,8 @@ fn synth_tokenizer_train_eval_export() {
             layers,
             "--w-proto",
             "1",
+            "--captions-per-image",
+            "3",
             "--report",
             s(&report),
         ])

@@ -181,6 +181,19 @@ pub struct Batch {
     pub persons: Vec<Option<u64>>,
     /// Fraction of phrases masked in this batch.
     pub mask_ratio: f64,
+    /// Further captions of the batch's own samples ([`Batch::add_captions`]); they feed the
+    /// caption-side losses (IVLC and the caption identity loss) beside each sample's caption.
+    pub extra: Option<ExtraCaptions>,
+}
+
+/// Further captions of a batch's samples: more text per image at the cost of a wider text pass
+/// only (the images are not run again).
+#[derive(Debug, Clone)]
+pub struct ExtraCaptions {
+    /// Their tokens, padded to their longest.
+    pub tokens: TokenBatch,
+    /// The batch row (sample) each one describes.
+    pub rows: Vec<usize>,
 }
 
 /// The curriculum mask ratio of IAP: 0.2 + 0.6·√(step / ramp_steps), capped at 0.8.
@@ -200,6 +213,15 @@ pub fn normalize_rgb(rgb: &[u8], h: usize, w: usize) -> Vec<f32> {
         for c in 0..3 {
             out[c * h * w + i] = (px[c] as f32 / 255.0 - MEAN[c]) / STD[c];
         }
+    }
+    out
+}
+
+/// The mirror images (left and right swapped) of `(n, C, H, W)` images, any `n` and `C`.
+pub fn mirror(images: &[f32], w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(images.len());
+    for row in images.chunks(w.max(1)) {
+        out.extend(row.iter().rev());
     }
     out
 }
@@ -306,6 +328,7 @@ impl Batch {
             identities: Vec::with_capacity(n),
             persons: Vec::with_capacity(n),
             mask_ratio: ratio,
+            extra: None,
         };
         // Captions are padded only to the longest one in the batch (padding never changes the
         // result, and the text tower's cost grows with the length).
@@ -367,4 +390,100 @@ impl Batch {
         }
         Ok(batch)
     }
+}
+
+impl Batch {
+    /// Adds further captions of the batch's samples: `(row, caption)` pairs, `row` the sample
+    /// each describes. Replaces any added before.
+    ///
+    /// # Errors
+    /// A row outside the batch, or a tokenizer failure.
+    pub fn add_captions(
+        &mut self,
+        captions: &[(usize, &str)],
+        preset: &Preset,
+        tokenizer: &Tokenizer,
+    ) -> Result<()> {
+        if captions.is_empty() {
+            self.extra = None;
+            return Ok(());
+        }
+        if let Some(&(row, _)) = captions.iter().find(|(r, _)| *r >= self.n) {
+            return Err(crate::Error::Shape(format!(
+                "an extra caption names row {row} of a batch of {}",
+                self.n
+            )));
+        }
+        let encoded: Vec<_> = captions
+            .iter()
+            .map(|(_, c)| tokenizer.encode(c, preset.text_len))
+            .collect::<Result<_>>()?;
+        let len = encoded.iter().map(|e| e.real_len()).max().unwrap_or(2);
+        let mut tokens = TokenBatch {
+            ids: Vec::with_capacity(captions.len() * len),
+            mask: Vec::with_capacity(captions.len() * len),
+            batch: captions.len(),
+            len,
+        };
+        for enc in &encoded {
+            tokens.ids.extend(&enc.ids[..len]);
+            tokens.mask.extend(&enc.mask[..len]);
+        }
+        self.extra = Some(ExtraCaptions {
+            tokens,
+            rows: captions.iter().map(|(r, _)| *r).collect(),
+        });
+        Ok(())
+    }
+
+    /// Every caption of the batch: the samples' own (rows `0..n`) then the extra ones, padded
+    /// to the longest (padding does not change a caption's embedding).
+    pub fn all_captions(&self) -> std::borrow::Cow<'_, TokenBatch> {
+        let Some(extra) = &self.extra else {
+            return std::borrow::Cow::Borrowed(&self.tokens);
+        };
+        let len = self.tokens.len.max(extra.tokens.len);
+        let rows = self.tokens.batch + extra.tokens.batch;
+        let mut out = TokenBatch {
+            ids: Vec::with_capacity(rows * len),
+            mask: Vec::with_capacity(rows * len),
+            batch: rows,
+            len,
+        };
+        for t in [&self.tokens, &extra.tokens] {
+            for r in 0..t.batch {
+                out.ids.extend(&t.ids[r * t.len..(r + 1) * t.len]);
+                // Any id will do at a padded position: the mask hides it.
+                out.ids.extend(std::iter::repeat(0).take(len - t.len));
+                out.mask.extend(&t.mask[r * t.len..(r + 1) * t.len]);
+                out.mask.extend(std::iter::repeat(0.0).take(len - t.len));
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The sample row of each caption of [`Batch::all_captions`].
+    pub fn caption_rows(&self) -> Vec<usize> {
+        let mut rows: Vec<usize> = (0..self.n).collect();
+        if let Some(extra) = &self.extra {
+            rows.extend(&extra.rows);
+        }
+        rows
+    }
+}
+
+/// Which of a sample's `count` captions a training step reads: one drawn at random, then up to
+/// `per_image - 1` further distinct ones (fewer when the sample has fewer).
+pub fn pick_captions<R: Rng>(count: usize, per_image: usize, rng: &mut R) -> Vec<usize> {
+    if count == 0 {
+        return Vec::new();
+    }
+    let first = rng.gen_range(0..count);
+    if per_image <= 1 {
+        return vec![first];
+    }
+    let mut rest: Vec<usize> = (0..count).filter(|&c| c != first).collect();
+    rest.shuffle(rng);
+    rest.truncate(per_image.max(1) - 1);
+    std::iter::once(first).chain(rest).collect()
 }

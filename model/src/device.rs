@@ -281,6 +281,16 @@ impl Encoder {
         }
     }
 
+    /// Embed images as the mean of themselves and their mirror images (or not); see
+    /// [`Preset::flip_average`].
+    pub fn set_flip_average(&mut self, on: bool) {
+        match self {
+            Encoder::Cpu(m) => m.preset.flip_average = on,
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.preset.flip_average = on,
+        }
+    }
+
     pub fn preset(&self) -> &Preset {
         match self {
             Encoder::Cpu(m) => &m.preset,

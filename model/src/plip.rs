@@ -304,18 +304,35 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         // Caption pass: its embedding feeds IVLC, TIC and the caption identity loss.
         let need_text =
             weights.ivlc > 0.0 || weights.tic > 0.0 || weights.text_id > 0.0 || weights.proto > 0.0;
-        let text_emb = if need_text {
+        // With extra captions ([`Batch::add_captions`]) one pass embeds them all: `all_text`
+        // feeds IVLC and the caption identity loss, `text_emb` (each sample's own caption)
+        // the rest.
+        let caption_rows = batch.caption_rows();
+        let (text_emb, all_text) = if need_text {
             let (t, tape) = self
                 .text
-                .embed(&self.dev, &batch.tokens, T::default())
+                .embed(&self.dev, &batch.all_captions(), T::default())
                 .split_tape();
             kept = kept.merge(tape);
-            Some(t)
+            if caption_rows.len() > n {
+                // A gather, not `slice`: dfdx 0.13's slice backward assigns the slice's
+                // gradient instead of adding it, wiping what the other uses of `t` put there.
+                let rows = self.dev.tensor_from_vec((0..n).collect::<Vec<_>>(), (n,));
+                let (own, tape) = t.retaped::<T>().gather(rows).split_tape();
+                kept = kept.merge(tape);
+                (Some(own), Some(t))
+            } else {
+                (Some(t.clone()), Some(t))
+            }
         } else {
-            None
+            (None, None)
         };
+        let caption_ids: Vec<Option<u64>> =
+            caption_rows.iter().map(|&r| batch.identities[r]).collect();
+        let caption_persons: Vec<Option<u64>> =
+            caption_rows.iter().map(|&r| batch.persons[r]).collect();
 
-        if let (true, Some(text_emb), Some(img)) = (weights.ivlc > 0.0, &text_emb, &img_emb) {
+        if let (true, Some(text_all), Some(img)) = (weights.ivlc > 0.0, &all_text, &img_emb) {
             // The joint feature: the embedding itself, or its BNNeck on this batch's statistics
             // (the identity loss's pass already folds them into the running ones).
             let img = self.neck_joint(img.retaped::<T>(), BnMode::Train(None));
@@ -325,8 +342,18 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 // IVLC's gradient stops here.
                 detach(&img).put_tape(T::default())
             };
-            let q = loss::identity_targets(&batch.identities);
-            let l = loss::ivlc(img, text_emb.retaped::<T>(), self.scale::<T>(), &q);
+            // One image row per caption: a sample with k captions stands k times in the
+            // similarity matrix (with equal k per sample this is CMPM over all the captions).
+            let img = if caption_rows.len() > n {
+                let idx = self
+                    .dev
+                    .tensor_from_vec(caption_rows.clone(), (caption_rows.len(),));
+                img.gather(idx)
+            } else {
+                img
+            };
+            let q = loss::identity_targets(&caption_ids);
+            let l = loss::ivlc(img, text_all.retaped::<T>(), self.scale::<T>(), &q);
             values.ivlc = Some(read(&l));
             terms.push(l * scalar::<E>(weights.ivlc));
         }
@@ -431,7 +458,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 }
             }
         }
-        if let (true, Some(head), Some(text_emb)) = (weights.text_id > 0.0, &self.id, &text_emb) {
+        if let (true, Some(head), Some(text_all)) = (weights.text_id > 0.0, &self.id, &all_text) {
             // By default the captions are normalised by their own batch (the running statistics
             // stay the images'); the images' running statistics instead kept IVLC at its
             // uniform value in the equal-budget A/B (see `text_id_running_stats`).
@@ -441,11 +468,11 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 BnMode::Train(None)
             };
             let logits = if weights.text_id_detached {
-                head.detached().forward(text_emb.retaped::<T>(), mode)
+                head.detached().forward(text_all.retaped::<T>(), mode)
             } else {
-                head.forward(text_emb.retaped::<T>(), mode)
+                head.forward(text_all.retaped::<T>(), mode)
             };
-            if let Some(l) = loss::id_loss(logits, &batch.persons, loss::ID_LABEL_SMOOTHING) {
+            if let Some(l) = loss::id_loss(logits, &caption_persons, loss::ID_LABEL_SMOOTHING) {
                 values.text_id = Some(read(&l));
                 terms.push(l * scalar::<E>(weights.text_id));
             }
@@ -472,8 +499,29 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
     }
 
     /// L2-normalised image embeddings of normalised `(n, 3, H, W)` images, `batch_size` at a
-    /// time.
+    /// time; with [`Preset::flip_average`] the normalised sum of an image's embedding and its
+    /// mirror image's.
     pub fn embed_images(&self, images: &[f32], batch_size: usize) -> Embeddings {
+        let plain = self.embed_images_once(images, batch_size);
+        if !self.preset.flip_average {
+            return plain;
+        }
+        let w = self.preset.image_width;
+        let mirrored = self.embed_images_once(&crate::batch::mirror(images, w), batch_size);
+        let mut data: Vec<f32> = plain
+            .data
+            .iter()
+            .zip(&mirrored.data)
+            .map(|(a, b)| a + b)
+            .collect();
+        for row in data.chunks_mut(plain.dim.max(1)) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        Embeddings { data, ..plain }
+    }
+
+    fn embed_images_once(&self, images: &[f32], batch_size: usize) -> Embeddings {
         let len = self.preset.image_len();
         let rows = images.len() / len;
         let mut data = Vec::with_capacity(rows * self.preset.embed);

@@ -69,6 +69,11 @@ pub struct Preset {
     /// by, and what IVLC aligns captions to); files written before the field read as `pooled`.
     #[serde(default)]
     pub joint: JointFeature,
+    /// Embed each image as the mean of itself and its mirror image (unit vectors, summed and
+    /// normalised again) when serving and evaluating; training is unchanged. Changes no
+    /// weight; files written before the field read as `false`.
+    #[serde(default)]
+    pub flip_average: bool,
 }
 
 /// Which image feature is the joint embedding.
@@ -154,6 +159,7 @@ impl Preset {
             conv_strides: vec![1, 2, 1, 1],
             id_classes: 64,
             joint: JointFeature::Pooled,
+            flip_average: false,
             ..Self::test_vit()
         }
     }
@@ -182,6 +188,7 @@ impl Preset {
             conv_strides: Vec::new(),
             id_classes: 0,
             joint: JointFeature::Pooled,
+            flip_average: false,
         }
     }
 
@@ -196,6 +203,7 @@ impl Preset {
             conv_strides: vec![1, 2, 2, 1],
             id_classes: 8192,
             joint: JointFeature::Pooled,
+            flip_average: false,
             // Two blocks learn captions at least as fast per step as six, at a third of the
             // cost (README "Quality", runs tx1–tx4, abK, r7).
             text_layers: 2,
@@ -227,6 +235,7 @@ impl Preset {
             conv_strides: Vec::new(),
             id_classes: 0,
             joint: JointFeature::Pooled,
+            flip_average: false,
         }
     }
 
@@ -254,6 +263,7 @@ impl Preset {
             conv_strides: Vec::new(),
             id_classes: 0,
             joint: JointFeature::Pooled,
+            flip_average: false,
         }
     }
 
@@ -282,9 +292,11 @@ impl Preset {
     /// do; `None` when they match. A state folder from before `tiny` became a ResNet holds
     /// `tiny` checkpoints of the ViT: those point to `tiny-vit`.
     pub fn mismatch(&self, stored: &Preset) -> Option<String> {
-        // The joint feature changes no weight: a checkpoint trains on under either.
+        // The joint feature and flip averaging change no weight: a checkpoint trains on under
+        // either.
         let same_weights = Preset {
             joint: self.joint,
+            flip_average: self.flip_average,
             ..stored.clone()
         };
         if same_weights == *self {

@@ -63,6 +63,8 @@ impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
         let pos = self
             .pos
             .retaped::<T>()
+            // `pos` has no other use in the pass: dfdx 0.13's slice backward overwrites the
+            // gradient rather than adding to it.
             .slice((0..s, ..))
             .broadcast_like::<_, Axis<0>>(&(b, s, dim));
         (x.reshape_like(&(b, s, dim)) + pos).reshape_like(&(b * s, dim))

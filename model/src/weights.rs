@@ -167,8 +167,10 @@ fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> 
     }
     // The joint feature picks which of the same weights' outputs is the embedding, so a file
     // loads whichever one the model uses (a `pooled` checkpoint serves as `neck` and back).
+    // Flip averaging likewise.
     let same_weights = Preset {
         joint: preset.joint,
+        flip_average: preset.flip_average,
         ..meta.preset.clone()
     };
     if same_weights != *preset {

@@ -340,3 +340,52 @@ fn neck_joint_feature_uses_running_statistics() {
     bad.joint = JointFeature::Neck;
     assert!(bad.validate().is_err());
 }
+
+/// Flip averaging: an image's embedding is the normalised sum of its own and its mirror
+/// image's, so the image and its mirror embed identically; a mirror twice is the image; the
+/// setting changes no weight (a checkpoint loads either way).
+#[test]
+fn flip_average_is_the_mean_of_an_image_and_its_mirror() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let mut t = trainer(TaskWeights::default());
+    for _ in 0..3 {
+        t.step(&b).unwrap();
+    }
+    let w = p.image_width;
+    let mirrored = plip_model::batch::mirror(&b.images, w);
+    assert_ne!(mirrored, b.images);
+    assert_eq!(plip_model::batch::mirror(&mirrored, w), b.images);
+    // Row 0 of image 0's first channel, reversed.
+    assert_eq!(mirrored[0], b.images[w - 1]);
+
+    let plain = t.model.embed_images(&b.images, 6);
+    let of_mirror = t.model.embed_images(&mirrored, 6);
+    let mut flipping = t.model.clone();
+    flipping.preset.flip_average = true;
+    let averaged = flipping.embed_images(&b.images, 4);
+    let averaged_mirror = flipping.embed_images(&mirrored, 4);
+    for i in 0..6 {
+        let sum: Vec<f32> = plain
+            .row(i)
+            .iter()
+            .zip(of_mirror.row(i))
+            .map(|(a, b)| a + b)
+            .collect();
+        let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for ((a, s), m) in averaged.row(i).iter().zip(&sum).zip(averaged_mirror.row(i)) {
+            assert!(
+                (a - s / norm).abs() < 1e-5,
+                "image {i}: {a} vs {}",
+                s / norm
+            );
+            assert!((a - m).abs() < 1e-5, "image {i}: {a} vs its mirror's {m}");
+        }
+        assert_ne!(averaged.row(i), plain.row(i));
+    }
+    let bytes = save_weights(&t.model, tk.fingerprint(), 3, &BTreeMap::new()).unwrap();
+    load_weights(&mut flipping, &bytes, tk.fingerprint()).unwrap();
+    assert!(flipping.preset.flip_average);
+}

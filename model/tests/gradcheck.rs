@@ -10,7 +10,9 @@ use plip_model::{ImageArch, JointFeature, Plip, Preset, Stem, TaskWeights, Train
 
 // Before this check existed, two dfdx 0.13 backward bugs went unnoticed: `accurate_gelu`'s
 // derivative (off by √2 in one term) and `log_softmax` on a permuted input. Both produced
-// errors thousands of times the tolerance here.
+// errors thousands of times the tolerance here. A third, `slice`'s backward assigning the
+// gradient instead of adding it (wrong whenever the sliced tensor has another use), was caught
+// by captions.rs and is avoided with `gather`.
 
 /// Backpropagated gradients of the total loss (all three tasks, weights 1) agree with central
 /// finite differences (h = 1e-6, f64) for parameters of both towers, both heads and the logit
@@ -62,11 +64,25 @@ fn hmlp_stem_gradients_match_finite_differences() {
 }
 
 fn check_preset(tasks: TaskWeights, p: Preset) {
+    check_preset_with(tasks, p, false);
+}
+
+/// `extra_captions`: every sample also brings a second, differently worded caption (the
+/// caption-side losses then run over both).
+fn check_preset_with(tasks: TaskWeights, p: Preset, extra_captions: bool) {
     let all_on = tasks.ivlc > 0.0 && tasks.iap > 0.0 && tasks.tic > 0.0;
     let resnet = p.image_arch == ImageArch::Resnet;
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 5);
-    let b = batch(&toys, &p, &tk, 0.5, 9);
+    let mut b = batch(&toys, &p, &tk, 0.5, 9);
+    if extra_captions {
+        let reworded: Vec<String> = toys
+            .iter()
+            .map(|t| t.caption.replace("a person wearing", "someone in"))
+            .collect();
+        let extra: Vec<(usize, &str)> = reworded.iter().map(String::as_str).enumerate().collect();
+        b.add_captions(&extra, &p, &tk).unwrap();
+    }
     assert!(!b.iap_positions.is_empty());
     let mut model = Plip::<f64, Cpu>::new(&cpu(), &p, 11).unwrap();
     if resnet {
@@ -313,4 +329,24 @@ fn caption_identity_loss_can_leave_the_head_alone() {
         );
         assert!(text_trained, "{joint:?}: the text tower got no gradient");
     }
+}
+
+/// The gradient check with a second caption per sample: the rows gathered for IVLC and the
+/// slice of each sample's own caption backpropagate correctly.
+#[test]
+fn extra_captions_match_finite_differences() {
+    check_preset_with(
+        TaskWeights {
+            ivlc: 1.0,
+            iap: 1.0,
+            tic: 1.0,
+            triplet: 1.0,
+            id: 1.0,
+            text_id: 1.0,
+            ivlc_image_grad: true,
+            ..TaskWeights::none()
+        },
+        Preset::test(),
+        true,
+    );
 }

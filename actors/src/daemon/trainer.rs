@@ -16,7 +16,7 @@ use crate::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
-use plip_model::batch::{person_key, Augment, Batch, Sample};
+use plip_model::batch::{person_key, pick_captions, Augment, Batch, Sample};
 use plip_model::device::{run_on, OnDevice};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
@@ -408,6 +408,7 @@ fn train_loop<D: Device<f32>>(
         set_state(&shared, "training");
         let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
         let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
+        let mut extra_captions: Vec<(usize, Caption)> = Vec::new();
         for (i, g) in picks {
             let Some(s) = shared.store.get(&index.entries[i].id)? else {
                 continue; // evicted or forgotten since the index was built
@@ -418,7 +419,13 @@ fn train_loop<D: Device<f32>>(
             if s.meta.captions.is_empty() {
                 continue;
             }
-            let c = s.meta.captions[rng.gen_range(0..s.meta.captions.len())].clone();
+            let chosen = pick_captions(s.meta.captions.len(), tc.captions_per_image, &mut rng);
+            let c = s.meta.captions[chosen[0]].clone();
+            extra_captions.extend(
+                chosen[1..]
+                    .iter()
+                    .map(|&k| (loaded.len(), s.meta.captions[k].clone())),
+            );
             loaded.push((
                 pixels_at(&img, preset.image_height as u32, preset.image_width as u32),
                 c,
@@ -446,7 +453,7 @@ fn train_loop<D: Device<f32>>(
             })
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
-        let batch = Batch::build_augmented(
+        let mut batch = Batch::build_augmented(
             &samples,
             &preset,
             &tokenizer,
@@ -456,6 +463,13 @@ fn train_loop<D: Device<f32>>(
             (tc.seed, trainer.opt.step),
         )
         .map_err(|e| e.to_string())?;
+        let extra: Vec<(usize, &str)> = extra_captions
+            .iter()
+            .map(|(row, c)| (*row, c.text.as_str()))
+            .collect();
+        batch
+            .add_captions(&extra, &preset, &tokenizer)
+            .map_err(|e| e.to_string())?;
         let report = plip_model::runtime::install(&pool, || trainer.step(&batch))
             .map_err(|e| e.to_string())?;
         images_seen += samples.len() as u64;
