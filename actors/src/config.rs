@@ -62,6 +62,9 @@ pub struct ServingConfig {
     /// A candidate is promoted unless its gate metric is worse than the serving version's by
     /// more than this.
     pub gate_margin: f64,
+    /// Embed every image (gallery, probe split, image queries) as the normalised sum of its
+    /// own and its mirror image's embedding: twice the embedding work per image.
+    pub flip_average: bool,
     /// Request limits.
     pub limits: plip_ingest::reid::ReidLimits,
 }
@@ -75,6 +78,7 @@ impl Default for ServingConfig {
             poll_ms: 2000,
             gate_metric: "mAP".into(),
             gate_margin: 0.02,
+            flip_average: false,
             limits: plip_ingest::reid::ReidLimits::default(),
         }
     }
@@ -203,6 +207,8 @@ pub struct TrainerConfig {
     pub text_lr_scale: f64,
     /// Clip the text side's gradient (text tower, logit scale) and the rest's each on its own.
     pub clip_per_tower: bool,
+    /// The logit scale's learning rate as a multiple of `lr`.
+    pub logit_scale_lr_scale: f64,
     /// Captions read per image and step (up to the sample's count; at least 1): the others
     /// feed the caption-side losses at the cost of a wider text pass only.
     pub captions_per_image: usize,
@@ -259,6 +265,7 @@ impl Default for TrainerConfig {
             w_proto: 0.0,
             text_lr_scale: 0.3,
             clip_per_tower: false,
+            logit_scale_lr_scale: 1.0,
             captions_per_image: 1,
             aug_flip: 0.5,
             aug_pad_crop: 0.125,
@@ -386,6 +393,9 @@ impl Config {
         }
         if !(t.w_proto >= 0.0 && t.w_proto.is_finite()) {
             return Err("trainer.w_proto must be a number ≥ 0".into());
+        }
+        if !(t.logit_scale_lr_scale >= 0.0 && t.logit_scale_lr_scale.is_finite()) {
+            return Err("trainer.logit_scale_lr_scale must be a number ≥ 0".into());
         }
         if t.captions_per_image == 0 {
             return Err("trainer.captions_per_image must be at least 1".into());

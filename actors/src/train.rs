@@ -98,6 +98,10 @@ pub struct TrainArgs {
     /// Override the preset's joint image feature (`pooled` or `neck`).
     #[arg(long)]
     pub joint_feature: Option<String>,
+    /// Evaluate and save checkpoints that embed every image as the mean of itself and its
+    /// mirror image (`true`) or not (`false`); training is the same either way.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub flip_average: bool,
     /// Samples per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -117,6 +121,9 @@ pub struct TrainArgs {
     /// global norm).
     #[arg(long)]
     pub clip_per_tower: bool,
+    /// The logit scale's learning rate as a multiple of `--lr`.
+    #[arg(long, default_value_t = 1.0)]
+    pub logit_scale_lr_scale: f64,
     /// Warm-up steps.
     #[arg(long, default_value_t = 50)]
     pub warmup: u64,
@@ -267,6 +274,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             warmup_steps: args.warmup,
             text_lr_scale: args.text_lr_scale,
             clip_per_tower: args.clip_per_tower,
+            logit_scale_lr_scale: args.logit_scale_lr_scale,
             schedule: Schedule::Cosine {
                 total_steps: args.steps,
                 floor: 0.05,
@@ -312,6 +320,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     if let Some(j) = &args.joint_feature {
         preset = preset.with_joint(j)?;
     }
+    preset.flip_average = args.flip_average;
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
     }

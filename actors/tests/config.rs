@@ -69,6 +69,8 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("trainer.w_proto"), "{e}");
     let e = err(write("c6.toml", "[trainer]\ncaptions_per_image = 0\n"));
     assert!(e.contains("trainer.captions_per_image"), "{e}");
+    let e = err(write("c7.toml", "[trainer]\nlogit_scale_lr_scale = -1.0\n"));
+    assert!(e.contains("trainer.logit_scale_lr_scale"), "{e}");
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
     if !plip_model::device::CUDA_BUILT {

@@ -454,9 +454,9 @@ impl Batch {
             for r in 0..t.batch {
                 out.ids.extend(&t.ids[r * t.len..(r + 1) * t.len]);
                 // Any id will do at a padded position: the mask hides it.
-                out.ids.extend(std::iter::repeat(0).take(len - t.len));
+                out.ids.extend(std::iter::repeat_n(0, len - t.len));
                 out.mask.extend(&t.mask[r * t.len..(r + 1) * t.len]);
-                out.mask.extend(std::iter::repeat(0.0).take(len - t.len));
+                out.mask.extend(std::iter::repeat_n(0.0, len - t.len));
             }
         }
         std::borrow::Cow::Owned(out)

@@ -49,6 +49,11 @@ pub struct OptimConfig {
     /// other's step.
     #[serde(default)]
     pub clip_per_tower: bool,
+    /// The logit scale's learning rate is `lr` times this. Adam moves ln s by about the
+    /// learning rate per step, so at 1× a 625-step run can lift s from its initial 14.3 to 26
+    /// at most.
+    #[serde(default = "one")]
+    pub logit_scale_lr_scale: f64,
 }
 
 /// True for the parameters of the text side when clipping per tower: the text tower and the
@@ -73,6 +78,7 @@ impl Default for OptimConfig {
             schedule: Schedule::Constant,
             text_lr_scale: 1.0,
             clip_per_tower: false,
+            logit_scale_lr_scale: 1.0,
         }
     }
 }
@@ -260,8 +266,9 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
             gs: grad_scales.1,
             ..h
         };
-        // The logit scale: the base learning rate, the text side's clip factor.
+        // The logit scale: its own learning rate, the text side's clip factor.
         let scale_h = Hyper {
+            lr: lr * cfg.logit_scale_lr_scale,
             gs: grad_scales.1,
             ..h
         };

@@ -315,6 +315,43 @@ fn text_learning_rate_scale_reaches_the_text_tower_only() {
     assert!(image_moved, "no image parameter moved");
 }
 
+/// `logit_scale_lr_scale` multiplies the logit scale's learning rate alone: Adam's first step
+/// moves a parameter by about its learning rate, so ln s moves ten times as far at 10×, and
+/// nothing else moves differently.
+#[test]
+fn logit_scale_learning_rate_scale() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let run = |mult: f64| {
+        let mut cfg = quick_config(TaskWeights::default());
+        cfg.optim.logit_scale_lr_scale = mult;
+        let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
+        let before = t.model.logit_scale_value().ln();
+        t.step(&b).unwrap();
+        let rest: Vec<(String, Vec<f32>)> = t
+            .model
+            .params()
+            .into_iter()
+            .filter(|(n, _)| n != "logit_scale")
+            .map(|(n, p)| (n, p.to_host()))
+            .collect();
+        (t.model.logit_scale_value().ln() - before, rest)
+    };
+    let (one, rest1) = run(1.0);
+    let (ten, rest10) = run(10.0);
+    assert!(
+        one.abs() > 0.5e-3 && one.abs() < 1.5e-3,
+        "ln s moved {one} at 1x"
+    );
+    assert!(
+        (ten / one - 10.0).abs() < 0.5,
+        "ln s moved {ten} at 10x, {one} at 1x"
+    );
+    assert_eq!(rest1, rest10);
+}
+
 /// `clip_per_tower`: the text side is clipped on its own, so however large its gradient, the
 /// image tower and the heads take the same steps (three steps, so Adam sees the clip factors
 /// change); with one global clip a hundredfold image–text loss changes the image tower's steps.

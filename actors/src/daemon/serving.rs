@@ -86,6 +86,7 @@ fn load_version(shared: &Shared, version: u64) -> Result<(Encoder, Tokenizer, u6
     model
         .load_weights(&ck.weights, tokenizer.fingerprint())
         .map_err(|e| e.to_string())?;
+    model.set_flip_average(shared.cfg.serving.flip_average);
     Ok((model, tokenizer, ck.meta.step))
 }
 

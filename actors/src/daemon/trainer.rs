@@ -256,6 +256,7 @@ fn train_loop<D: Device<f32>>(
             schedule: Schedule::Constant,
             text_lr_scale: tc.text_lr_scale,
             clip_per_tower: tc.clip_per_tower,
+            logit_scale_lr_scale: tc.logit_scale_lr_scale,
             ..Default::default()
         },
         tasks: TaskWeights {
