@@ -21,7 +21,7 @@ pub enum Command {
     /// Writes a synthetic pedestrian data set (Market-1501 layout + SYNTH-PEDES-style JSON).
     Synth(crate::synth::SynthArgs),
     /// Trains the model offline from a data-set folder into a state folder.
-    Train(crate::train::TrainArgs),
+    Train(Box<crate::train::TrainArgs>),
     /// The caption tokenizer.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
