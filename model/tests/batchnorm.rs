@@ -127,9 +127,13 @@ fn statistics_move_with_training_only() {
     assert_eq!(before, buffers(&t.model));
 }
 
-/// In eval mode an image embedded alone equals the same image embedded inside a batch.
-#[test]
-fn alone_equals_in_batch() {
+/// The `test` preset's model after three default steps on a toy batch of six images.
+fn three_steps() -> (
+    Preset,
+    plip_model::Tokenizer,
+    plip_model::batch::Batch,
+    Trainer<f32, Cpu>,
+) {
     let p = Preset::test();
     let tk = tokenizer(&p);
     let toys = toy_samples(&p, 3, 2, 4);
@@ -138,6 +142,13 @@ fn alone_equals_in_batch() {
     for _ in 0..3 {
         t.step(&b).unwrap();
     }
+    (p, tk, b, t)
+}
+
+/// In eval mode an image embedded alone equals the same image embedded inside a batch.
+#[test]
+fn alone_equals_in_batch() {
+    let (p, _, b, t) = three_steps();
     let all = t.model.embed_images(&b.images, 6);
     let len = p.image_len();
     for i in 0..6 {
@@ -346,14 +357,7 @@ fn neck_joint_feature_uses_running_statistics() {
 /// setting changes no weight (a checkpoint loads either way).
 #[test]
 fn flip_average_is_the_mean_of_an_image_and_its_mirror() {
-    let p = Preset::test();
-    let tk = tokenizer(&p);
-    let toys = toy_samples(&p, 3, 2, 4);
-    let b = batch(&toys, &p, &tk, 0.5, 1);
-    let mut t = trainer(TaskWeights::default());
-    for _ in 0..3 {
-        t.step(&b).unwrap();
-    }
+    let (p, tk, b, t) = three_steps();
     let w = p.image_width;
     let mirrored = plip_model::batch::mirror(&b.images, w);
     assert_ne!(mirrored, b.images);

@@ -409,7 +409,7 @@ fn train_loop<D: Device<f32>>(
         set_state(&shared, "training");
         let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
         let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
-        let mut extra_captions: Vec<(usize, Caption)> = Vec::new();
+        let mut extra_captions: Vec<(usize, String)> = Vec::new();
         for (i, g) in picks {
             let Some(s) = shared.store.get(&index.entries[i].id)? else {
                 continue; // evicted or forgotten since the index was built
@@ -425,7 +425,7 @@ fn train_loop<D: Device<f32>>(
             extra_captions.extend(
                 chosen[1..]
                     .iter()
-                    .map(|&k| (loaded.len(), s.meta.captions[k].clone())),
+                    .map(|&k| (loaded.len(), s.meta.captions[k].text.clone())),
             );
             loaded.push((
                 pixels_at(&img, preset.image_height as u32, preset.image_width as u32),
@@ -466,7 +466,7 @@ fn train_loop<D: Device<f32>>(
         .map_err(|e| e.to_string())?;
         let extra: Vec<(usize, &str)> = extra_captions
             .iter()
-            .map(|(row, c)| (*row, c.text.as_str()))
+            .map(|(row, c)| (*row, c.as_str()))
             .collect();
         batch
             .add_captions(&extra, &preset, &tokenizer)
