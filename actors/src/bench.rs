@@ -64,9 +64,10 @@ pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
             "id" => w.id = d.id,
             "text_id" => w.text_id = d.text_id,
             "proto" => w.proto = 1.0,
+            "text_align" => w.text_align = 1.0,
             other => {
                 return Err(format!(
-                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id, proto"
+                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id, proto, text_align"
                 ))
             }
         }

@@ -164,7 +164,7 @@ pub struct TrainerConfig {
     pub enabled: bool,
     /// Model preset: `tiny` (CPU default, ResNet), `tiny-vit`, `small` (GPU), `test`, `test-vit`.
     pub preset: String,
-    /// The joint image feature image and text queries are ranked by: `pooled` or `neck`
+    /// The joint image feature image and text queries are ranked by: `pooled`, `neck` or `both`
     /// (empty: the preset's own). Changes no weight: an existing state trains on under either.
     pub joint_feature: String,
     /// Blocks of the text tower (0: the preset's). Checkpoints made with another depth are
@@ -203,6 +203,9 @@ pub struct TrainerConfig {
     /// Caption–prototype contrast: each caption against the running-mean image feature of
     /// every person seen so far (needs a preset with the identity classifier).
     pub w_proto: f64,
+    /// Caption–feature alignment: each caption regressed onto the mean joint feature of its
+    /// person's images in the batch (only the text tower learns from it).
+    pub w_text_align: f64,
     /// The text tower's learning rate as a multiple of `lr`.
     pub text_lr_scale: f64,
     /// Clip the text side's gradient (text tower, logit scale) and the rest's each on its own.
@@ -263,6 +266,7 @@ impl Default for TrainerConfig {
             text_id_running_stats: false,
             text_id_detached: false,
             w_proto: 0.0,
+            w_text_align: 0.0,
             text_lr_scale: 0.3,
             clip_per_tower: false,
             logit_scale_lr_scale: 1.0,
@@ -393,6 +397,9 @@ impl Config {
         }
         if !(t.w_proto >= 0.0 && t.w_proto.is_finite()) {
             return Err("trainer.w_proto must be a number ≥ 0".into());
+        }
+        if !(t.w_text_align >= 0.0 && t.w_text_align.is_finite()) {
+            return Err("trainer.w_text_align must be a number ≥ 0".into());
         }
         if !(t.logit_scale_lr_scale >= 0.0 && t.logit_scale_lr_scale.is_finite()) {
             return Err("trainer.logit_scale_lr_scale must be a number ≥ 0".into());

@@ -35,7 +35,7 @@ pub struct EvalArgs {
     /// An exported weights file (with its tokenizer inside) instead of a state folder.
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Rank by this joint image feature instead of the checkpoint's (`pooled` or `neck`; the
+    /// Rank by this joint image feature instead of the checkpoint's (`pooled`, `neck` or `both`; the
     /// weights are the same).
     #[arg(long)]
     pub joint_feature: Option<String>,
@@ -43,6 +43,12 @@ pub struct EvalArgs {
     /// (`false`); default: as the checkpoint says.
     #[arg(long)]
     pub flip_average: Option<bool>,
+    /// Also write every embedding to this JSON-lines file: one line per query and gallery
+    /// image (`kind` "image", `split`, `row` within it, `person`, `camera`, `attributes` when
+    /// known, `embedding`) and per query caption (`kind` "caption", `query_row` of its image,
+    /// `person`, `text`, `embedding`), for analysis outside plipd.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub embeddings: Option<PathBuf>,
     /// Evaluate a baseline instead of a model: `color-histogram`.
     #[arg(long)]
     pub baseline: Option<String>,

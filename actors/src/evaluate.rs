@@ -137,6 +137,56 @@ pub fn evaluate_model(
     Ok((reid, text))
 }
 
+/// Writes the embeddings `plipd eval --embeddings` asks for (see [`crate::eval::EvalArgs`]).
+fn write_embeddings(
+    lm: &LoadedModel,
+    query: &[Loaded],
+    gallery: &[Loaded],
+    path: &Path,
+) -> Result<(), Error> {
+    use std::io::Write;
+    let p = lm.model.preset();
+    let file = std::fs::File::create(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut write = |v: serde_json::Value| -> Result<(), Error> {
+        writeln!(out, "{v}").map_err(|e| format!("cannot write {}: {e}", path.display()).into())
+    };
+    for (split, loaded) in [("query", query), ("gallery", gallery)] {
+        let flat: Vec<f32> = loaded
+            .iter()
+            .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
+            .collect();
+        let e = lm.model.embed_images(&flat, 64);
+        for (r, l) in loaded.iter().enumerate() {
+            write(
+                serde_json::json!({"kind": "image", "split": split, "row": r,
+                "person": l.person, "camera": l.camera, "attributes": l.attributes,
+                "embedding": e.row(r)}),
+            )?;
+        }
+    }
+    let mut texts = Vec::new();
+    let mut owners = Vec::new();
+    for (r, l) in query.iter().enumerate() {
+        for c in &l.captions {
+            texts.push(c.text.clone());
+            owners.push((r, l.person.clone()));
+        }
+    }
+    let tokens = lm.tokenizer.encode_batch(&texts, p.text_len)?;
+    let e = lm.model.embed_texts(&tokens, 128);
+    for (r, (text, (row, person))) in texts.iter().zip(owners).enumerate() {
+        write(
+            serde_json::json!({"kind": "caption", "query_row": row, "person": person,
+            "text": text, "embedding": e.row(r)}),
+        )?;
+    }
+    out.flush()
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
 /// Normalised phrase text: lower case, single spaces, without a leading article.
 fn phrase_key(text: &str) -> String {
     let lower = text.to_lowercase();
@@ -278,6 +328,9 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     let (g, bg) = load(&gallery_items, lm.model.preset(), &Default::default(), 0);
     report_skipped("image", &[bq, bg].concat());
     let (reid, text) = pool.install(|| evaluate_model(&lm, &q, &g, max_rank))?;
+    if let Some(path) = &args.embeddings {
+        pool.install(|| write_embeddings(&lm, &q, &g, path).map_err(|e| e.to_string()))?;
+    }
     let png = args.report.join("cmc.png");
     crate::plots::cmc_curve(&[("PLIP image ReID", &reid.cmc)], &png)?;
     let mut text_out = text_json(&text);

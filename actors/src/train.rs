@@ -95,7 +95,7 @@ pub struct TrainArgs {
     /// Override the number of transformer blocks of the text tower.
     #[arg(long)]
     pub text_layers: Option<usize>,
-    /// Override the preset's joint image feature (`pooled` or `neck`).
+    /// Override the preset's joint image feature (`pooled`, `neck` or `both`).
     #[arg(long)]
     pub joint_feature: Option<String>,
     /// Evaluate and save checkpoints that embed every image as the mean of itself and its
@@ -160,6 +160,10 @@ pub struct TrainArgs {
     /// feature of every person seen so far (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub w_proto: f64,
+    /// Weight of caption–feature alignment: each caption regressed (1 − cosine) onto the mean
+    /// joint feature of its person's images in the batch, constants (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub w_text_align: f64,
     /// Captions read per image and step (up to the sample's count): the first feeds every
     /// task, the others the caption-side losses (IVLC, caption identity) at the cost of a wider
     /// text pass only.
@@ -293,6 +297,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             text_id_running_stats: args.text_id_running_stats,
             text_id_detached: args.text_id_detached,
             proto: args.w_proto,
+            text_align: args.w_text_align,
         },
         ramp_steps: args.ramp_steps,
     }
@@ -593,7 +598,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 "{}",
                 serde_json::json!({
                     "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
-                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "text_align": l.text_align, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
                     "logit_scale": trainer.model.logit_scale_value(),

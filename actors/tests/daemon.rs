@@ -1266,7 +1266,7 @@ fn offline_ranking(
     };
     // The stored sample is the canonical JPEG of the published one: embed that, as the daemon does.
     let store = state.samples(30).unwrap();
-    let mut index = plip_actors::index::Index::new(p.embed);
+    let mut index = plip_actors::index::Index::new(p.index_dim());
     let mut cams = Vec::new();
     for (id, _, c, _) in gallery {
         let s = store.get(id).unwrap().unwrap();

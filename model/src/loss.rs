@@ -333,3 +333,49 @@ pub fn id_loss<E: Dtype, D: Device<E>, T: Tape<E, D>>(
             * scalar::<E>(-1.0 / labelled as f64),
     )
 }
+
+/// Alignment targets for [`feature_alignment`]: for each caption (its image is batch row
+/// `caption_rows[c]`), the mean of the unit rows of `features` (`(n, e)` row-major) whose
+/// person equals that image's person, or the image's own unit row when it has no person id;
+/// each target a unit vector, `(captions, e)` row-major.
+pub fn person_means(
+    features: &[f64],
+    e: usize,
+    persons: &[Option<u64>],
+    caption_rows: &[usize],
+) -> Vec<f64> {
+    let unit: Vec<Vec<f64>> = features
+        .chunks(e.max(1))
+        .map(|r| {
+            let norm = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            r.iter().map(|x| x / norm).collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(caption_rows.len() * e);
+    for &r in caption_rows {
+        let mut mean = vec![0.0; e];
+        for (j, u) in unit.iter().enumerate() {
+            let same = j == r || (persons[r].is_some() && persons[j] == persons[r]);
+            if same {
+                mean.iter_mut().zip(u).for_each(|(m, x)| *m += x);
+            }
+        }
+        let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        out.extend(mean.iter().map(|x| x / norm));
+    }
+    out
+}
+
+/// Caption–feature alignment: mean over the captions of 1 − cos(t_i, target_i), `targets`
+/// `(n, e)` row-major unit vectors taken as constants ([`person_means`]): a regression of each
+/// caption onto where its person's images lie, a dense signal beside IVLC's in-batch contrast.
+pub fn feature_alignment<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    text: Mat<E, D, T>,
+    targets: &[f64],
+) -> Tensor<(), E, D, T> {
+    let (n, e) = *text.shape();
+    let dev = text.device().clone();
+    let target = host_mat::<E, D>(&dev, targets, n, e);
+    let cos = (l2_normalize(text) * target).sum::<(), Axes2<0, 1>>();
+    (cos * scalar::<E>(-1.0 / n.max(1) as f64)) + scalar::<E>(1.0)
+}

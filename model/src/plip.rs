@@ -68,6 +68,11 @@ pub struct TaskWeights {
     /// features, [`crate::heads::Prototypes`]); needs a preset with `id_classes`; 0 switches it
     /// off (and leaves the prototypes as they are).
     pub proto: f64,
+    /// Weight of caption–feature alignment ([`loss::feature_alignment`]): each caption's unit
+    /// embedding regressed (1 − cosine) onto the mean unit joint feature of its person's images
+    /// in the batch, taken as constants, so only the text tower learns from it; 0 switches it
+    /// off.
+    pub text_align: f64,
 }
 
 impl Default for TaskWeights {
@@ -84,6 +89,7 @@ impl Default for TaskWeights {
             text_id_running_stats: false,
             text_id_detached: false,
             proto: 0.0,
+            text_align: 0.0,
         }
     }
 }
@@ -104,6 +110,7 @@ impl TaskWeights {
             text_id_running_stats: false,
             text_id_detached: false,
             proto: 0.0,
+            text_align: 0.0,
         }
     }
 
@@ -135,6 +142,7 @@ pub struct LossValues {
     pub id: Option<f64>,
     pub text_id: Option<f64>,
     pub proto: Option<f64>,
+    pub text_align: Option<f64>,
     pub total: f64,
 }
 
@@ -250,6 +258,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             && weights.tic <= 0.0
             && weights.text_id <= 0.0
             && weights.proto <= 0.0
+            && weights.text_align <= 0.0
             && !weights.image_losses()
         {
             return Err(crate::Error::Config(
@@ -274,6 +283,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             && weights.tic <= 0.0
             && weights.text_id <= 0.0
             && weights.proto <= 0.0
+            && weights.text_align <= 0.0
             && !iap_active
             && !weights.image_losses()
         {
@@ -282,18 +292,18 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             ));
         }
         let mut kept = tape;
-        let pooled =
-            if weights.ivlc > 0.0 || weights.proto > 0.0 || iap_active || weights.image_losses() {
-                let images = self.images_tensor(&batch.images, n).put_tape(T::default());
-                let (pooled, tape) = self.image.pooled(images, BnMode::Train(stats)).split_tape();
-                kept = kept.merge(tape);
-                Some(pooled)
-            } else {
-                None
-            };
+        let aligned = weights.ivlc > 0.0 || weights.proto > 0.0 || weights.text_align > 0.0;
+        let pooled = if aligned || iap_active || weights.image_losses() {
+            let images = self.images_tensor(&batch.images, n).put_tape(T::default());
+            let (pooled, tape) = self.image.pooled(images, BnMode::Train(stats)).split_tape();
+            kept = kept.merge(tape);
+            Some(pooled)
+        } else {
+            None
+        };
         // The joint image embedding, shared by IVLC and the image losses.
         let img_emb = match &pooled {
-            Some(pooled) if weights.ivlc > 0.0 || weights.proto > 0.0 || weights.image_losses() => {
+            Some(pooled) if aligned || weights.image_losses() => {
                 let (e, tape) = self.image.project(pooled.retaped::<T>()).split_tape();
                 kept = kept.merge(tape);
                 Some(e)
@@ -302,8 +312,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         };
 
         // Caption pass: its embedding feeds IVLC, TIC and the caption identity loss.
-        let need_text =
-            weights.ivlc > 0.0 || weights.tic > 0.0 || weights.text_id > 0.0 || weights.proto > 0.0;
+        let need_text = aligned || weights.tic > 0.0 || weights.text_id > 0.0;
         // With extra captions ([`Batch::add_captions`]) one pass embeds them all: `all_text`
         // feeds IVLC and the caption identity loss, `text_emb` (each sample's own caption)
         // the rest.
@@ -406,6 +415,21 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 terms.push(l * scalar::<E>(weights.proto));
             }
         }
+        if let (true, Some(text_all), Some(img)) = (weights.text_align > 0.0, &all_text, &img_emb) {
+            // Targets: per caption, the mean unit joint feature of its person's images in the
+            // batch (its own image's when it has no person id), constants.
+            let joint = self.neck_joint(detach(img), BnMode::Train(None));
+            let e = joint.shape().1;
+            let host: Vec<f64> = joint
+                .as_vec()
+                .iter()
+                .map(|x| x.to_f64().unwrap_or(f64::NAN))
+                .collect();
+            let targets = loss::person_means(&host, e, &batch.persons, &caption_rows);
+            let l = loss::feature_alignment(text_all.retaped::<T>(), &targets);
+            values.text_align = Some(read(&l));
+            terms.push(l * scalar::<E>(weights.text_align));
+        }
         if let (true, Some(pooled)) = (iap_active, &pooled) {
             let (b, s) = (batch.masked.batch, batch.masked.len);
             let hidden = self.text.hidden(&self.dev, &batch.masked, T::default());
@@ -489,61 +513,88 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         Ok((total, values))
     }
 
-    /// The joint feature of image embeddings: the embedding itself, or its BNNeck when the
-    /// preset says `joint = neck`.
+    /// The image feature captions align to: the embedding itself, or its BNNeck when the
+    /// preset says `joint = neck` or `both`.
     fn neck_joint<T: Tape<E, D>>(&self, emb: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
         match (self.preset.joint, &self.id) {
-            (JointFeature::Neck, Some(head)) => head.neck.forward(emb, mode),
+            (JointFeature::Neck | JointFeature::Both, Some(head)) => head.neck.forward(emb, mode),
             _ => emb,
         }
     }
 
     /// L2-normalised image embeddings of normalised `(n, 3, H, W)` images, `batch_size` at a
-    /// time; with [`Preset::flip_average`] the normalised sum of an image's embedding and its
-    /// mirror image's.
+    /// time, [`Preset::index_dim`] wide (the gallery's rows and image queries alike); with
+    /// [`Preset::flip_average`] the normalised sum of an image's embedding and its mirror
+    /// image's. With the `both` joint feature a row is `[pooled ; neck] / sqrt 2` of the two
+    /// unit features, so the dot product of two rows is the mean of the two cosine
+    /// similarities.
     pub fn embed_images(&self, images: &[f32], batch_size: usize) -> Embeddings {
-        let plain = self.embed_images_once(images, batch_size);
-        if !self.preset.flip_average {
-            return plain;
+        let embed = self.preset.embed.max(1);
+        // Each feature to a unit vector times `share`.
+        let unit = |data: &mut [f32], share: f32| {
+            for part in data.chunks_mut(embed) {
+                let norm = part.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                part.iter_mut().for_each(|x| *x *= share / norm);
+            }
+        };
+        let mut out = self.embed_images_once(images, batch_size);
+        if self.preset.flip_average {
+            let w = self.preset.image_width;
+            let mut mirrored = self.embed_images_once(&crate::batch::mirror(images, w), batch_size);
+            unit(&mut out.data, 1.0);
+            unit(&mut mirrored.data, 1.0);
+            out.data
+                .iter_mut()
+                .zip(&mirrored.data)
+                .for_each(|(a, b)| *a += b);
         }
-        let w = self.preset.image_width;
-        let mirrored = self.embed_images_once(&crate::batch::mirror(images, w), batch_size);
-        let mut data: Vec<f32> = plain
-            .data
-            .iter()
-            .zip(&mirrored.data)
-            .map(|(a, b)| a + b)
-            .collect();
-        for row in data.chunks_mut(plain.dim.max(1)) {
-            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            row.iter_mut().for_each(|x| *x /= norm);
-        }
-        Embeddings { data, ..plain }
+        // The parts scaled so that the whole row is a unit vector.
+        let parts = (out.dim / embed).max(1);
+        unit(&mut out.data, 1.0 / (parts as f32).sqrt());
+        out
     }
 
+    /// Each image's joint feature(s), unnormalised: `embed` wide, or pooled and neck side by
+    /// side for the `both` joint feature.
     fn embed_images_once(&self, images: &[f32], batch_size: usize) -> Embeddings {
         let len = self.preset.image_len();
         let rows = images.len() / len;
-        let mut data = Vec::with_capacity(rows * self.preset.embed);
+        let embed = self.preset.embed;
+        let dim = self.preset.index_dim();
+        let mut data = Vec::with_capacity(rows * dim);
+        let host = |t: &Mat<E, D, NoneTape>| -> Vec<f32> {
+            t.as_vec()
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect()
+        };
         for chunk in images.chunks(batch_size.max(1) * len) {
             let n = chunk.len() / len;
-            let e = loss::l2_normalize(self.neck_joint(
-                self.image.embed(self.images_tensor(chunk, n), BnMode::Eval),
-                BnMode::Eval,
-            ));
-            data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
+            let pooled = self.image.embed(self.images_tensor(chunk, n), BnMode::Eval);
+            match (self.preset.joint, &self.id) {
+                (JointFeature::Both, Some(head)) => {
+                    let neck = host(&head.neck.forward(pooled.clone(), BnMode::Eval));
+                    let pooled = host(&pooled);
+                    for r in 0..n {
+                        data.extend_from_slice(&pooled[r * embed..(r + 1) * embed]);
+                        data.extend_from_slice(&neck[r * embed..(r + 1) * embed]);
+                    }
+                }
+                _ => data.extend(host(&self.neck_joint(pooled, BnMode::Eval))),
+            }
         }
-        Embeddings {
-            rows,
-            dim: self.preset.embed,
-            data,
-        }
+        Embeddings { rows, dim, data }
     }
 
     /// L2-normalised caption embeddings, `batch_size` captions at a time; each chunk is cut to
-    /// its longest caption (padding never changes an embedding).
+    /// its longest caption (padding never changes an embedding). [`Preset::index_dim`] wide:
+    /// with the `both` joint feature a row is `[0 ; sqrt 2 · caption]`, so its dot product
+    /// with a gallery row of [`Self::embed_images`] is exactly the cosine similarity of the
+    /// caption and the image's neck feature.
     pub fn embed_texts(&self, tokens: &TokenBatch, batch_size: usize) -> Embeddings {
-        let mut data = Vec::with_capacity(tokens.batch * self.preset.embed);
+        let both = self.preset.joint == JointFeature::Both;
+        let embed = self.preset.embed;
+        let mut data = Vec::with_capacity(tokens.batch * self.preset.index_dim());
         let bs = batch_size.max(1);
         for start in (0..tokens.batch).step_by(bs) {
             let rows = bs.min(tokens.batch - start);
@@ -571,11 +622,23 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                     .extend(&tokens.mask[rg.start..rg.start + longest]);
             }
             let e = loss::l2_normalize(self.text.embed(&self.dev, &chunk, NoneTape));
-            data.extend(e.as_vec().iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
+            let e: Vec<f32> = e
+                .as_vec()
+                .iter()
+                .map(|x| x.to_f32().unwrap_or(f32::NAN))
+                .collect();
+            if both {
+                for row in e.chunks(embed.max(1)) {
+                    data.extend(std::iter::repeat_n(0.0, embed));
+                    data.extend(row.iter().map(|x| x * std::f32::consts::SQRT_2));
+                }
+            } else {
+                data.extend(e);
+            }
         }
         Embeddings {
             rows: tokens.batch,
-            dim: self.preset.embed,
+            dim: self.preset.index_dim(),
             data,
         }
     }

@@ -88,9 +88,24 @@ pub enum JointFeature {
     /// spreads over [-1, 1] instead of the narrow cone of non-negative pooled features. Needs
     /// `id_classes`.
     Neck,
+    /// Both features in the gallery: IVLC aligns captions to the neck (as [`Self::Neck`]),
+    /// text queries are ranked by the neck and image queries by the mean of the two cosine
+    /// similarities (pooled and neck). A gallery row is the concatenation
+    /// `[pooled ; neck] / sqrt 2` of the two unit vectors, so one index serves both kinds of
+    /// query with exact cosine scores ([`Preset::index_dim`] wide). Needs `id_classes`.
+    Both,
 }
 
 impl JointFeature {
+    /// The name `by_name` parses.
+    pub fn name(self) -> &'static str {
+        match self {
+            JointFeature::Pooled => "pooled",
+            JointFeature::Neck => "neck",
+            JointFeature::Both => "both",
+        }
+    }
+
     /// Parses `pooled` or `neck`.
     ///
     /// # Errors
@@ -99,8 +114,9 @@ impl JointFeature {
         match name {
             "pooled" => Ok(JointFeature::Pooled),
             "neck" => Ok(JointFeature::Neck),
+            "both" => Ok(JointFeature::Both),
             other => Err(crate::Error::InvalidPreset(format!(
-                "unknown joint feature {other:?}; known: pooled, neck"
+                "unknown joint feature {other:?}; known: pooled, neck, both"
             ))),
         }
     }
@@ -386,6 +402,15 @@ impl Preset {
     pub fn tic_len(&self) -> usize {
         3 * self.tic_side() * self.tic_side()
     }
+    /// Width of the vectors the gallery index holds: `embed`, or twice that for the `both`
+    /// joint feature (pooled and neck side by side).
+    pub fn index_dim(&self) -> usize {
+        if self.joint == JointFeature::Both {
+            2 * self.embed
+        } else {
+            self.embed
+        }
+    }
     /// Scalars in one input image (3 channels).
     pub fn image_len(&self) -> usize {
         3 * self.image_height * self.image_width
@@ -445,10 +470,11 @@ impl Preset {
                 ));
             }
         }
-        if self.joint == JointFeature::Neck && self.id_classes == 0 {
-            return bad(
-                "the neck joint feature needs the identity classifier (id_classes > 0)".into(),
-            );
+        if self.joint != JointFeature::Pooled && self.id_classes == 0 {
+            return bad(format!(
+                "the {} joint feature needs the identity classifier (id_classes > 0)",
+                self.joint.name()
+            ));
         }
         if self.text_len < 3 || self.vocab < 8 {
             return bad("text length or vocabulary too small".into());

@@ -393,3 +393,73 @@ fn flip_average_is_the_mean_of_an_image_and_its_mirror() {
     load_weights(&mut flipping, &bytes, tk.fingerprint()).unwrap();
     assert!(flipping.preset.flip_average);
 }
+
+/// The `both` joint feature: a gallery row is `[pooled ; neck] / sqrt 2` of the two unit
+/// features, so an image row's dot product with another is the mean of the pooled and the neck
+/// cosine similarities, and a caption row's is exactly the caption's cosine with the neck;
+/// training aligns captions to the neck as `neck` does (the same losses), flip averaging
+/// averages each feature on its own, and the field picks no weights.
+#[test]
+fn both_joint_feature_ranks_images_by_both_and_captions_by_the_neck() {
+    use plip_model::JointFeature;
+    let (p, tk, b, t) = three_steps();
+    let with = |j: JointFeature, flip: bool| {
+        let mut m = t.model.clone();
+        m.preset.joint = j;
+        m.preset.flip_average = flip;
+        m
+    };
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let tokens = &b.tokens;
+    for flip in [false, true] {
+        let (both, pooled, neck) = (
+            with(JointFeature::Both, flip),
+            with(JointFeature::Pooled, flip),
+            with(JointFeature::Neck, flip),
+        );
+        assert_eq!(both.preset.index_dim(), 2 * p.embed);
+        let g = both.embed_images(&b.images, 4);
+        let (gp, gn) = (
+            pooled.embed_images(&b.images, 4),
+            neck.embed_images(&b.images, 4),
+        );
+        assert_eq!(g.dim, 2 * p.embed);
+        let te = both.embed_texts(tokens, 4);
+        let tn = neck.embed_texts(tokens, 4);
+        assert_eq!(te.dim, 2 * p.embed);
+        for i in 0..6 {
+            assert!(
+                (dot(g.row(i), g.row(i)) - 1.0).abs() < 1e-5,
+                "row {i} is not unit"
+            );
+            for j in 0..6 {
+                let mean = 0.5 * (dot(gp.row(i), gp.row(j)) + dot(gn.row(i), gn.row(j)));
+                let got = dot(g.row(i), g.row(j));
+                assert!((got - mean).abs() < 1e-5, "images {i},{j}: {got} vs {mean}");
+                let text = dot(tn.row(i), gn.row(j));
+                let got = dot(te.row(i), g.row(j));
+                assert!(
+                    (got - text).abs() < 1e-5,
+                    "caption {i}, image {j}: {got} vs {text}"
+                );
+            }
+        }
+    }
+    // Training sees the neck either way: the same losses as `neck`.
+    let both = with(JointFeature::Both, false);
+    let neck = with(JointFeature::Neck, false);
+    let w = TaskWeights::default();
+    let (_, lb) = both.losses(&b, &w, NoneTape).unwrap();
+    let (_, ln) = neck.losses(&b, &w, NoneTape).unwrap();
+    assert!(lb.ivlc.is_some());
+    assert_eq!(lb.ivlc, ln.ivlc);
+    assert_eq!(lb.total, ln.total);
+    // The field picks no weights, and the classifier is needed.
+    let bytes = save_weights(&both, tk.fingerprint(), 3, &BTreeMap::new()).unwrap();
+    let mut pooled = with(JointFeature::Pooled, false);
+    load_weights(&mut pooled, &bytes, tk.fingerprint()).unwrap();
+    assert_eq!(p.with_joint("both").unwrap().joint, JointFeature::Both);
+    let mut bad = Preset::test_vit();
+    bad.joint = JointFeature::Both;
+    assert!(bad.validate().is_err());
+}

@@ -501,6 +501,7 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
         ("id", t.id),
         ("text_id", t.text_id),
         ("proto", t.proto),
+        ("text_align", t.text_align),
     ] {
         if let Some(v) = v {
             losses.push((format!("{{task=\"{task}\"}}"), v));

@@ -236,6 +236,7 @@ pub struct TrainerStats {
     pub id: Option<f64>,
     pub text_id: Option<f64>,
     pub proto: Option<f64>,
+    pub text_align: Option<f64>,
     /// Identity-classifier rows zeroed by `forget` since the trainer started.
     pub forgotten_rows: u64,
     pub lr: Option<f64>,

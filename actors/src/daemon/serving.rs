@@ -170,7 +170,7 @@ fn build(
     metas: &HashMap<String, crate::store::SampleMeta>,
     metrics: BTreeMap<String, f64>,
 ) -> Serving {
-    let mut index = Index::new(model.preset().embed);
+    let mut index = Index::new(model.preset().index_dim());
     let mut rows = Vec::new();
     let mut cameras = HashMap::new();
     for (id, e) in embeddings {
@@ -603,7 +603,7 @@ fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> 
         return vec![Err(e); n];
     }
     let p = s.model.preset();
-    let dim = p.embed;
+    let dim = p.index_dim();
     let mut out: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
     let mut emb: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
     // Images: one pass.

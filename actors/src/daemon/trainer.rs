@@ -271,6 +271,7 @@ fn train_loop<D: Device<f32>>(
             text_id_running_stats: tc.text_id_running_stats,
             text_id_detached: tc.text_id_detached,
             proto: tc.w_proto,
+            text_align: tc.w_text_align,
         },
         ramp_steps: tc.ramp_steps,
     };
@@ -494,6 +495,7 @@ fn train_loop<D: Device<f32>>(
                 t.id = report.losses.id;
                 t.text_id = report.losses.text_id;
                 t.proto = report.losses.proto;
+                t.text_align = report.losses.text_align;
                 t.lr = Some(report.lr);
             }
             if secs >= 5.0 || t.steps_per_s.is_none() {
