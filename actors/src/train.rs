@@ -117,6 +117,11 @@ pub struct TrainArgs {
     /// The text tower's learning rate as a multiple of `--lr`.
     #[arg(long, default_value_t = 0.3)]
     pub text_lr_scale: f64,
+    /// Keep the text tower's learning rate at `--lr × --text-lr-scale` after the warm-up
+    /// instead of decaying it with the image side's cosine (the daemon's schedule is constant
+    /// anyway).
+    #[arg(long)]
+    pub text_constant_lr: bool,
     /// Clip the text side's gradient and the image side's each on its own (default: one
     /// global norm).
     #[arg(long)]
@@ -277,6 +282,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             lr: args.lr,
             warmup_steps: args.warmup,
             text_lr_scale: args.text_lr_scale,
+            text_constant_lr: args.text_constant_lr,
             clip_per_tower: args.clip_per_tower,
             logit_scale_lr_scale: args.logit_scale_lr_scale,
             schedule: Schedule::Cosine {

@@ -54,6 +54,10 @@ pub struct OptimConfig {
     /// at most.
     #[serde(default = "one")]
     pub logit_scale_lr_scale: f64,
+    /// The text tower's learning rate does not follow the schedule's decay: after the warm-up
+    /// it stays at `lr × text_lr_scale` (the image side still follows `schedule`).
+    #[serde(default)]
+    pub text_constant_lr: bool,
 }
 
 /// True for the parameters of the text side when clipping per tower: the text tower and the
@@ -79,6 +83,7 @@ impl Default for OptimConfig {
             text_lr_scale: 1.0,
             clip_per_tower: false,
             logit_scale_lr_scale: 1.0,
+            text_constant_lr: false,
         }
     }
 }
@@ -98,6 +103,23 @@ impl OptimConfig {
                 self.lr * (floor + (1.0 - floor) * cos)
             }
         }
+    }
+}
+
+impl OptimConfig {
+    /// The text tower's learning rate at 0-based step `step`: `lr_at(step) × text_lr_scale`, or
+    /// with `text_constant_lr` the warm-up alone and then `lr × text_lr_scale` throughout.
+    pub fn text_lr_at(&self, step: u64) -> f64 {
+        let base = if self.text_constant_lr {
+            OptimConfig {
+                schedule: Schedule::Constant,
+                ..*self
+            }
+            .lr_at(step)
+        } else {
+            self.lr_at(step)
+        };
+        base * self.text_lr_scale
     }
 }
 
@@ -261,8 +283,14 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
             eps: cfg.eps,
             gs: grad_scale,
         };
+        // `self.step` was already counted: the 0-based step being applied is one less.
+        let text_lr = if cfg.text_constant_lr {
+            cfg.text_lr_at(self.step - 1)
+        } else {
+            lr * cfg.text_lr_scale
+        };
         let text_h = Hyper {
-            lr: lr * cfg.text_lr_scale,
+            lr: text_lr,
             gs: grad_scales.1,
             ..h
         };

@@ -468,3 +468,69 @@ fn feature_alignment_teaches_the_text_tower_only() {
     let losses = train_task(weights, 60);
     assert_falls("text_align", &losses, 0.5);
 }
+
+/// `text_constant_lr`: the text tower's learning rate follows the warm-up and then stays at
+/// `lr × text_lr_scale` while the rest decays. On a cosine schedule that reaches 0 at the
+/// second step, that step has learning rate 0: without the switch nothing moves, with it the text tower
+/// still does and nothing else.
+#[test]
+fn text_constant_learning_rate_outlasts_the_cosine() {
+    let cosine = OptimConfig {
+        lr: 1e-3,
+        warmup_steps: 2,
+        text_lr_scale: 0.5,
+        text_constant_lr: true,
+        schedule: Schedule::Cosine {
+            total_steps: 6,
+            floor: 0.0,
+        },
+        ..Default::default()
+    };
+    assert!((cosine.text_lr_at(0) - 0.25e-3).abs() < 1e-15);
+    assert!((cosine.text_lr_at(6) - 0.5e-3).abs() < 1e-15);
+    assert_eq!(cosine.lr_at(6), 0.0);
+    let decayed = OptimConfig {
+        text_constant_lr: false,
+        ..cosine
+    };
+    assert!((decayed.text_lr_at(4) - 0.5 * decayed.lr_at(4)).abs() < 1e-15);
+    assert_eq!(decayed.text_lr_at(6), 0.0);
+
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 3, 2, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let moved = |constant: bool| -> (bool, Vec<String>) {
+        let mut cfg = quick_config(TaskWeights::default());
+        cfg.optim.warmup_steps = 0;
+        cfg.optim.text_constant_lr = constant;
+        cfg.optim.schedule = Schedule::Cosine {
+            total_steps: 1,
+            floor: 0.0,
+        };
+        let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
+        t.step(&b).unwrap();
+        let before: Vec<(String, Vec<f32>)> = t
+            .model
+            .params()
+            .into_iter()
+            .map(|(n, p)| (n, p.to_host()))
+            .collect();
+        assert_eq!(t.cfg.optim.lr_at(1), 0.0);
+        t.step(&b).unwrap();
+        let mut text = false;
+        let mut other = Vec::new();
+        for ((name, a), (_, p)) in before.iter().zip(t.model.params()) {
+            if *a != p.to_host() {
+                if name.starts_with("text.") {
+                    text = true;
+                } else {
+                    other.push(name.clone());
+                }
+            }
+        }
+        (text, other)
+    };
+    assert_eq!(moved(false), (false, vec![]));
+    assert_eq!(moved(true), (true, vec![]));
+}
