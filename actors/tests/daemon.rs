@@ -997,10 +997,15 @@ async fn ask(
 fn serves_queries_and_answers_every_bad_request() {
     let _serial = serial();
     let dir = tempdir("serving");
+    // The `both` joint feature here (the other daemon tests serve the preset's pooled one): the
+    // gallery holds pooled and neck side by side, and scores stay exact cosines.
     let mut d = Daemon::start(
         &dir,
         &trainer_toml(10),
-        &[("PLIP__SERVING__POLL_MS", "200".into())],
+        &[
+            ("PLIP__SERVING__POLL_MS", "200".into()),
+            ("PLIP__TRAINER__JOINT_FEATURE", "both".into()),
+        ],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t = d.topo.clone();
@@ -1088,6 +1093,14 @@ fn serves_queries_and_answers_every_bad_request() {
         let m = r["matches"].as_array().unwrap();
         assert!(!m.is_empty() && m.len() <= 96);
         assert!(m.iter().all(|x| x["camera_id"] != cam.as_str()), "exclude_camera");
+        // Without the exclusion the image finds its stored copy (the canonical JPEG of it)
+        // first, at a cosine near 1: the score is a cosine, not a sum over the two features.
+        let img = serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 3});
+        let r = ask(&ch, &t.reid_exchange, img.to_string().as_bytes(), json_props()).await;
+        let top = &r["matches"][0];
+        assert_eq!(top["id"], all[0].0.as_str(), "{r:#}");
+        let score = top["score"].as_f64().unwrap();
+        assert!(score > 0.95 && score < 1.0 + 1e-4, "self-match score {score}");
         // Every bad request kind: an error reply with its code.
         let old = BasicProperties::default()
             .with_content_type("application/json".into())
