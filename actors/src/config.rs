@@ -268,7 +268,7 @@ impl Default for TrainerConfig {
             w_proto: 0.0,
             w_text_align: 0.0,
             text_lr_scale: 0.3,
-            clip_per_tower: false,
+            clip_per_tower: true,
             logit_scale_lr_scale: 1.0,
             captions_per_image: 1,
             aug_flip: 0.5,

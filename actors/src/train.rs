@@ -118,13 +118,15 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.3)]
     pub text_lr_scale: f64,
     /// Keep the text tower's learning rate at `--lr × --text-lr-scale` after the warm-up
-    /// instead of decaying it with the image side's cosine (the daemon's schedule is constant
-    /// anyway).
-    #[arg(long)]
+    /// (`true`, the default: text→image R@1 kept rising where the cosine had stalled it) or
+    /// decay it with the image side's cosine (`false`). The daemon's schedule is constant
+    /// anyway.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub text_constant_lr: bool,
-    /// Clip the text side's gradient and the image side's each on its own (default: one
-    /// global norm).
-    #[arg(long)]
+    /// Clip the text side's gradient and the image side's each on its own (`true`, the
+    /// default), or both under one global norm (`false`: with the text tower's constant
+    /// learning rate the text gradient then took the image tower's steps, run h2).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub clip_per_tower: bool,
     /// The logit scale's learning rate as a multiple of `--lr`.
     #[arg(long, default_value_t = 1.0)]
