@@ -122,6 +122,14 @@ fn train_task(weights: TaskWeights, steps: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Every parameter's values by name, to see which ones a step moved.
+fn snapshot(m: &Plip<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
+    m.params()
+        .into_iter()
+        .map(|(n, p)| (n, p.to_host()))
+        .collect()
+}
+
 fn assert_falls(name: &str, losses: &[f64], factor: f64) {
     let first = losses[0];
     assert!(
@@ -294,15 +302,9 @@ fn text_learning_rate_scale_reaches_the_text_tower_only() {
     let mut cfg = quick_config(TaskWeights::default());
     cfg.optim.text_lr_scale = 0.0;
     let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
-    let snap = |m: &Plip<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
-        m.params()
-            .into_iter()
-            .map(|(n, p)| (n, p.to_host()))
-            .collect()
-    };
-    let before = snap(&t.model);
+    let before = snapshot(&t.model);
     t.step(&b).unwrap();
-    let after = snap(&t.model);
+    let after = snapshot(&t.model);
     let (mut text_moved, mut image_moved) = (false, false);
     for ((name, a), (_, z)) in before.iter().zip(&after) {
         if name.starts_with("text.") {
@@ -445,16 +447,10 @@ fn feature_alignment_teaches_the_text_tower_only() {
     let mut cfg = quick_config(weights);
     cfg.optim.weight_decay = 0.0;
     let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
-    let snap = |m: &Plip<f32, Cpu>| -> Vec<(String, Vec<f32>)> {
-        m.params()
-            .into_iter()
-            .map(|(n, p)| (n, p.to_host()))
-            .collect()
-    };
-    let before = snap(&t.model);
+    let before = snapshot(&t.model);
     let report = t.step(&b).unwrap();
     assert!(report.losses.text_align.is_some());
-    let after = snap(&t.model);
+    let after = snapshot(&t.model);
     let (mut text_moved, mut other_moved) = (false, Vec::new());
     for ((name, a), (_, z)) in before.iter().zip(&after) {
         if name.starts_with("text.") {
@@ -510,12 +506,7 @@ fn text_constant_learning_rate_outlasts_the_cosine() {
         };
         let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
         t.step(&b).unwrap();
-        let before: Vec<(String, Vec<f32>)> = t
-            .model
-            .params()
-            .into_iter()
-            .map(|(n, p)| (n, p.to_host()))
-            .collect();
+        let before = snapshot(&t.model);
         assert_eq!(t.cfg.optim.lr_at(1), 0.0);
         t.step(&b).unwrap();
         let mut text = false;
