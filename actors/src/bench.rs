@@ -235,6 +235,7 @@ fn time_steps_on<D: Device<f32>>(
         },
         tasks,
         ramp_steps: 1,
+        text_substeps: 0,
     };
     let mut trainer = Trainer::new(model, cfg);
     let mut times = Vec::new();
@@ -361,6 +362,7 @@ fn outcome_on<D: Device<f32>>(
         },
         tasks: TaskWeights::default(),
         ramp_steps: 1,
+        text_substeps: 0,
     };
     let mut trainer = Trainer::new(model, cfg);
     let (grads, losses) = trainer.gradients(batch)?;

@@ -7,6 +7,10 @@ use plip_ingest::wire::WireLimits;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The most text substeps a step may take (`trainer.text_substeps`, `plipd train
+/// --text-substeps`): each is one more text pass per step.
+pub const MAX_TEXT_SUBSTEPS: u32 = 16;
+
 /// Everything `plipd run` reads.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +210,9 @@ pub struct TrainerConfig {
     /// Caption–feature alignment: each caption regressed onto the mean joint feature of its
     /// person's images in the batch (only the text tower learns from it).
     pub w_text_align: f64,
+    /// Text substeps: after each step the text tower alone takes one more update against each
+    /// of the last N batches' captions and image features, kept in memory (0 = off).
+    pub text_substeps: u32,
     /// The text tower's learning rate as a multiple of `lr`.
     pub text_lr_scale: f64,
     /// Clip the text side's gradient (text tower, logit scale) and the rest's each on its own.
@@ -267,6 +274,7 @@ impl Default for TrainerConfig {
             text_id_detached: false,
             w_proto: 0.0,
             w_text_align: 0.0,
+            text_substeps: 0,
             text_lr_scale: 0.3,
             clip_per_tower: true,
             logit_scale_lr_scale: 1.0,
@@ -403,6 +411,12 @@ impl Config {
         }
         if !(t.logit_scale_lr_scale >= 0.0 && t.logit_scale_lr_scale.is_finite()) {
             return Err("trainer.logit_scale_lr_scale must be a number ≥ 0".into());
+        }
+        if t.text_substeps > MAX_TEXT_SUBSTEPS {
+            return Err(format!(
+                "trainer.text_substeps must be at most {MAX_TEXT_SUBSTEPS} (each is one more text pass per step)"
+            )
+            .into());
         }
         if t.captions_per_image == 0 {
             return Err("trainer.captions_per_image must be at least 1".into());

@@ -171,6 +171,11 @@ pub struct TrainArgs {
     /// joint feature of its person's images in the batch, constants (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub w_text_align: f64,
+    /// Text substeps: after each step the text tower alone takes one more update against each
+    /// of the last N batches' captions and their image features, kept in memory — more text
+    /// updates without reading or encoding an image (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub text_substeps: u32,
     /// Captions read per image and step (up to the sample's count): the first feeds every
     /// task, the others the caption-side losses (IVLC, caption identity) at the cost of a wider
     /// text pass only.
@@ -308,6 +313,7 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             text_align: args.w_text_align,
         },
         ramp_steps: args.ramp_steps,
+        text_substeps: args.text_substeps,
     }
 }
 
@@ -339,6 +345,13 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     }
     if args.captions_per_image == 0 {
         return Err("--captions-per-image must be at least 1".into());
+    }
+    if args.text_substeps > crate::config::MAX_TEXT_SUBSTEPS {
+        return Err(format!(
+            "--text-substeps must be at most {} (each is one more text pass per step)",
+            crate::config::MAX_TEXT_SUBSTEPS
+        )
+        .into());
     }
     let ds = plip_ingest::datasets::open(&args.data)?;
     report_skipped("record", &ds.skipped);
@@ -606,7 +619,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 "{}",
                 serde_json::json!({
                     "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
-                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "text_align": l.text_align, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "text_align": l.text_align, "text_substeps": l.text_substeps, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
                     "logit_scale": trainer.model.logit_scale_value(),

@@ -36,6 +36,10 @@ pub struct BnStats {
     /// ([`crate::heads::Prototypes`]); folded in, like the statistics, only after an applied
     /// update.
     pub prototypes: RefCell<Vec<(usize, Vec<f64>)>>,
+    /// The batch's joint image features as IVLC saw them (`rows × dim`, row-major, constants),
+    /// for the text substeps ([`crate::train::TrainConfig::text_substeps`]); empty when IVLC
+    /// was off.
+    pub joint: RefCell<(Vec<f64>, usize)>,
 }
 
 /// How BatchNorm layers normalise.

@@ -135,6 +135,10 @@ pub enum Moments<E: Dtype, D: Device<E>> {
 pub struct AdamW<E: Dtype, D: Device<E>> {
     /// Updates applied so far.
     pub step: u64,
+    /// Extra updates of the text tower alone ([`AdamW::update_text_only`], the text substeps):
+    /// the text tower's moments have seen `step + text_updates` updates, and their bias
+    /// correction counts them all.
+    pub text_updates: u64,
     /// Parameter names, in the model's order.
     pub names: Vec<String>,
     /// First and second moments, in the same order.
@@ -179,6 +183,7 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         }
         AdamW {
             step: 0,
+            text_updates: 0,
             names,
             moments,
         }
@@ -292,7 +297,7 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         let text_h = Hyper {
             lr: text_lr,
             gs: grad_scales.1,
-            ..h
+            ..self.text_bias_correction(h, cfg)
         };
         // The logit scale: its own learning rate, the text side's clip factor.
         let scale_h = Hyper {
@@ -314,6 +319,83 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
                 }
                 (ParamMut::Matrix(p), Moments::Matrix(m, v), Grad::Matrix(g)) => {
                     adamw_one(p, m, v, g, h, cfg.weight_decay)
+                }
+                _ => {
+                    return Err(crate::Error::Shape(
+                        "optimiser state does not match the model".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<E: Dtype, D: Device<E>> AdamW<E, D> {
+    /// `h` with the bias correction of the text tower's moments, which the text substeps update
+    /// more often than the rest.
+    fn text_bias_correction(&self, h: Hyper, cfg: &OptimConfig) -> Hyper {
+        let t = (self.step + self.text_updates) as i32;
+        let [b1, b2] = cfg.betas;
+        Hyper {
+            c1: 1.0 - b1.powi(t),
+            c2: 1.0 - b2.powi(t),
+            ..h
+        }
+    }
+
+    /// One extra update of the text tower's parameters (`text.*`) alone, at the text tower's
+    /// learning rate of the step last applied (`lr` is that step's scheduled rate), gradients
+    /// multiplied by `grad_scale`; every other parameter and moment is left as it is.
+    ///
+    /// # Errors
+    /// Gradients or state that do not match the model's parameters.
+    pub fn update_text_only<M: Params<E, D>>(
+        &mut self,
+        model: &mut M,
+        grads: Vec<Grad<E, D>>,
+        grad_scale: f64,
+        lr: f64,
+        cfg: &OptimConfig,
+    ) -> crate::Result<()> {
+        let params = model.params_mut();
+        if params.len() != self.moments.len() || grads.len() != params.len() {
+            return Err(crate::Error::Shape(format!(
+                "optimiser holds {} moments, model has {} parameters, {} gradients",
+                self.moments.len(),
+                params.len(),
+                grads.len()
+            )));
+        }
+        self.text_updates += 1;
+        let text_lr = if cfg.text_constant_lr {
+            cfg.text_lr_at(self.step.saturating_sub(1))
+        } else {
+            lr * cfg.text_lr_scale
+        };
+        let [b1, b2] = cfg.betas;
+        let h = self.text_bias_correction(
+            Hyper {
+                b1,
+                b2,
+                c1: 1.0,
+                c2: 1.0,
+                lr: text_lr,
+                eps: cfg.eps,
+                gs: grad_scale,
+            },
+            cfg,
+        );
+        for (((name, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
+            if !name.starts_with("text.") {
+                continue;
+            }
+            match (p, m, g) {
+                (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => {
+                    adamw_one(p, m, v, g, &h, 0.0)
+                }
+                (ParamMut::Matrix(p), Moments::Matrix(m, v), Grad::Matrix(g)) => {
+                    adamw_one(p, m, v, g, &h, cfg.weight_decay)
                 }
                 _ => {
                     return Err(crate::Error::Shape(

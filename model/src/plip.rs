@@ -143,6 +143,10 @@ pub struct LossValues {
     pub text_id: Option<f64>,
     pub proto: Option<f64>,
     pub text_align: Option<f64>,
+    /// Mean IVLC of the step's text substeps (the text tower alone against earlier batches'
+    /// image features); not part of `total`.
+    #[serde(default)]
+    pub text_substeps: Option<f64>,
     pub total: f64,
 }
 
@@ -222,6 +226,40 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             .clamp(-MAX_LOGIT_SCALE, MAX_LOGIT_SCALE)
             .exp()
             .reshape_like(&())
+    }
+
+    /// IVLC of `captions` against constant joint image features (`features`, one row of
+    /// `dim` per caption; `ids` the captions' identities): the loss of a text substep, whose
+    /// gradient reaches the text tower and the logit scale only.
+    ///
+    /// # Errors
+    /// Features that do not hold one row per caption.
+    pub fn text_substep_loss<T: Tape<E, D>>(
+        &self,
+        captions: &TokenBatch,
+        features: &[f64],
+        dim: usize,
+        ids: &[Option<u64>],
+        tape: T,
+    ) -> crate::Result<Tensor<(), E, D, T>> {
+        let rows = captions.batch;
+        if ids.len() != rows || features.len() != rows * dim || captions.len > self.preset.text_len
+        {
+            return Err(crate::Error::Shape(format!(
+                "text substep: {rows} captions of {} tokens, {} identities, {} feature values of width {dim}",
+                captions.len,
+                ids.len(),
+                features.len()
+            )));
+        }
+        let text = self.text.embed(&self.dev, captions, tape);
+        let values: Vec<E> = features.iter().map(|&x| scalar::<E>(x)).collect();
+        let img = self
+            .dev
+            .tensor_from_vec(values, (rows, dim))
+            .put_tape(T::default());
+        let q = loss::identity_targets(ids);
+        Ok(loss::ivlc(img, text, self.scale::<T>(), &q))
     }
 
     /// The weighted total loss of a batch (with its tape, for `backward`) and the values.
@@ -345,6 +383,12 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             // The joint feature: the embedding itself, or its BNNeck on this batch's statistics
             // (the identity loss's pass already folds them into the running ones).
             let img = self.neck_joint(img.retaped::<T>(), BnMode::Train(None));
+            if let Some(stats) = stats {
+                let dim = img.shape().1;
+                let host = img.as_vec();
+                let host = host.iter().map(|x| x.to_f64().unwrap_or(f64::NAN));
+                *stats.joint.borrow_mut() = (host.collect(), dim);
+            }
             let img = if weights.ivlc_image_grad || !weights.image_losses() {
                 img
             } else {

@@ -7,9 +7,11 @@ use crate::norm::{apply_stats, BnStats};
 use crate::optim::{AdamW, OptimConfig};
 use crate::params::{ParamMut, ParamRef, Params};
 use crate::plip::{LossValues, Plip, TaskWeights, MAX_LOGIT_SCALE};
+use crate::text::TokenBatch;
 use crate::Result;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 
 /// Everything that shapes training besides the data.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -19,6 +21,13 @@ pub struct TrainConfig {
     pub tasks: TaskWeights,
     /// Steps over which the IAP mask ratio rises from 0.2 to 0.8 (√ curriculum).
     pub ramp_steps: u64,
+    /// Text substeps: after each step the text tower alone takes one more update against each
+    /// of the last `text_substeps` batches' captions and their (then) joint image features,
+    /// kept in memory; no image is read or encoded for them (0 = off). The memory starts
+    /// empty in a new process, so a resumed run differs from an uninterrupted one in the first
+    /// `text_substeps` steps after the restart.
+    #[serde(default)]
+    pub text_substeps: u32,
 }
 
 impl Default for TrainConfig {
@@ -27,6 +36,7 @@ impl Default for TrainConfig {
             optim: OptimConfig::default(),
             tasks: TaskWeights::default(),
             ramp_steps: 10_000,
+            text_substeps: 0,
         }
     }
 }
@@ -63,6 +73,20 @@ pub struct Trainer<E: Dtype, D: Device<E>> {
     pub cfg: TrainConfig,
     /// Steps skipped because of a non-finite loss or gradient.
     pub skipped_steps: u64,
+    /// The last batches' captions and joint image features, newest last, for the text
+    /// substeps ([`TrainConfig::text_substeps`]).
+    pub text_memory: VecDeque<TextMemory>,
+}
+
+/// One batch remembered for the text substeps: its captions, their identities and the joint
+/// image feature of each caption's image as the batch's step computed it.
+#[derive(Debug, Clone)]
+pub struct TextMemory {
+    pub captions: TokenBatch,
+    pub ids: Vec<Option<u64>>,
+    /// `captions.batch × dim`, row-major.
+    pub features: Vec<f64>,
+    pub dim: usize,
 }
 
 impl<E: Dtype, D: Device<E>> Trainer<E, D> {
@@ -73,6 +97,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
             opt,
             cfg,
             skipped_steps: 0,
+            text_memory: VecDeque::new(),
         }
     }
 
@@ -160,6 +185,7 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
         // Running statistics and prototypes move only with an applied update (a skipped step
         // leaves them).
         let prototypes = stats.prototypes.take();
+        let (joint, dim) = stats.joint.take();
         apply_stats(&mut self.model, stats);
         if let Some(head) = self.model.id.as_mut() {
             head.prototypes.update(&prototypes);
@@ -167,7 +193,68 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
         self.clamp_logit_scale();
         report.step = self.opt.step;
         report.skipped = false;
+        if self.cfg.text_substeps > 0 {
+            report.losses.text_substeps = self.text_substeps(lr)?;
+            self.remember(batch, joint, dim);
+        }
         Ok(report)
+    }
+
+    /// Keeps the batch's captions and joint features for the next steps' text substeps.
+    fn remember(&mut self, batch: &Batch, joint: Vec<f64>, dim: usize) {
+        let rows = batch.caption_rows();
+        if dim == 0 || joint.len() != batch.n * dim || joint.iter().any(|x| !x.is_finite()) {
+            return;
+        }
+        let features = rows
+            .iter()
+            .flat_map(|&r| joint[r * dim..(r + 1) * dim].iter().copied())
+            .collect();
+        self.text_memory.push_back(TextMemory {
+            captions: batch.all_captions().into_owned(),
+            ids: rows.iter().map(|&r| batch.identities[r]).collect(),
+            features,
+            dim,
+        });
+        while self.text_memory.len() > self.cfg.text_substeps as usize {
+            self.text_memory.pop_front();
+        }
+    }
+
+    /// One update of the text tower alone per remembered batch, oldest first, at the text
+    /// tower's learning rate of the step just applied (`lr` its scheduled rate); the mean loss,
+    /// or `None` when nothing is remembered yet. A substep whose loss or gradient is not finite
+    /// is skipped.
+    fn text_substeps(&mut self, lr: f64) -> Result<Option<f64>> {
+        let memory: Vec<TextMemory> = self.text_memory.iter().cloned().collect();
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        for m in &memory {
+            let loss = self.model.text_substep_loss(
+                &m.captions,
+                &m.features,
+                m.dim,
+                &m.ids,
+                self.start_tape()?,
+            )?;
+            let value = loss.as_vec()[0].to_f64().unwrap_or(f64::NAN);
+            if !value.is_finite() {
+                continue;
+            }
+            let grads = loss.backward();
+            let g = AdamW::gradients(&self.model, &grads);
+            drop(grads);
+            let (_, text) =
+                AdamW::<E, D>::clip_info_per_tower(&g, &self.opt.names, self.cfg.optim.clip_norm);
+            if !text.norm.is_finite() {
+                continue;
+            }
+            self.opt
+                .update_text_only(&mut self.model, g, text.scale, lr, &self.cfg.optim)?;
+            sum += value;
+            count += 1;
+        }
+        Ok((count > 0).then(|| sum / count as f64))
     }
 
     /// Forgets a person in the identity classifier: zeroes their row (`key mod classes`, see

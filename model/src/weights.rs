@@ -237,6 +237,18 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
     Ok(meta)
 }
 
+/// The optimiser blob's metadata key for [`AdamW::text_updates`] (absent when 0, as in blobs
+/// written before the text substeps).
+const TEXT_UPDATES: &str = "text_updates";
+
+fn text_updates_extra(n: u64) -> BTreeMap<String, String> {
+    let mut extra = BTreeMap::new();
+    if n > 0 {
+        extra.insert(TEXT_UPDATES.to_string(), n.to_string());
+    }
+    extra
+}
+
 /// The optimiser state as safetensors bytes.
 ///
 /// # Errors
@@ -263,7 +275,7 @@ pub fn save_optimizer<E: Dtype, D: Device<E>>(
         preset,
         tokenizer,
         opt.step,
-        &BTreeMap::new(),
+        &text_updates_extra(opt.text_updates),
     )
 }
 
@@ -307,6 +319,12 @@ pub fn load_optimizer<E: Dtype, D: Device<E>>(
         }
     }
     opt.step = meta.step;
+    opt.text_updates = match meta.extra.get(TEXT_UPDATES) {
+        Some(v) => v
+            .parse()
+            .map_err(|e| Error::Weights(format!("optimizer {TEXT_UPDATES} {v:?}: {e}")))?,
+        None => 0,
+    };
     Ok(meta)
 }
 

@@ -112,6 +112,7 @@ fn train_task(weights: TaskWeights, steps: usize) -> Vec<f64> {
         },
         tasks: weights,
         ramp_steps: 0,
+        text_substeps: 0,
     };
     let mut trainer = Trainer::new(model, cfg);
     (0..steps)
@@ -524,4 +525,61 @@ fn text_constant_learning_rate_outlasts_the_cosine() {
     };
     assert_eq!(moved(false), (false, vec![]));
     assert_eq!(moved(true), (true, vec![]));
+}
+
+/// Text substeps: the first step has nothing remembered and equals a step without them; from
+/// the second on, the text tower alone takes one more update per remembered batch (every other
+/// parameter stays where the plain trainer puts it), the memory keeps the last N batches, and
+/// the text tower's extra update count — its moments' bias correction — survives the
+/// optimiser's save and load.
+#[test]
+fn text_substeps_train_the_text_tower_alone_against_remembered_batches() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 2, 4);
+    let batches: Vec<_> = (1..=3).map(|s| batch(&toys, &p, &tk, 0.5, s)).collect();
+    let trainer = |substeps: u32| {
+        let mut cfg = quick_config(TaskWeights::default());
+        cfg.text_substeps = substeps;
+        Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg)
+    };
+    let (mut plain, mut sub) = (trainer(0), trainer(2));
+
+    let r = sub.step(&batches[0]).unwrap();
+    plain.step(&batches[0]).unwrap();
+    assert_eq!(r.losses.text_substeps, None);
+    assert_eq!(snapshot(&sub.model), snapshot(&plain.model));
+    assert_eq!(sub.text_memory.len(), 1);
+    assert_eq!(sub.opt.text_updates, 0);
+
+    let r = sub.step(&batches[1]).unwrap();
+    plain.step(&batches[1]).unwrap();
+    let l = r.losses.text_substeps.expect("a substep ran");
+    assert!(l.is_finite() && l > 0.0, "substep loss {l}");
+    let (mut text_moved, mut other_moved) = (false, Vec::new());
+    for ((name, a), (_, z)) in snapshot(&sub.model).iter().zip(&snapshot(&plain.model)) {
+        if name.starts_with("text.") {
+            text_moved |= a != z;
+        } else if a != z {
+            other_moved.push(name.clone());
+        }
+    }
+    assert!(text_moved, "the substep moved no text parameter");
+    assert!(other_moved.is_empty(), "moved: {other_moved:?}");
+    assert_eq!(sub.opt.text_updates, 1);
+    assert_eq!(sub.text_memory.len(), 2);
+
+    sub.step(&batches[2]).unwrap();
+    assert_eq!(
+        sub.text_memory.len(),
+        2,
+        "the memory keeps the last 2 batches"
+    );
+    assert_eq!(sub.opt.text_updates, 3);
+    assert_eq!(plain.opt.text_updates, 0);
+
+    let bytes = plip_model::weights::save_optimizer(&sub.opt, &p, "tk").unwrap();
+    let mut loaded = plip_model::optim::AdamW::new(&sub.model);
+    plip_model::weights::load_optimizer(&mut loaded, &bytes, &p, "tk").unwrap();
+    assert_eq!((loaded.step, loaded.text_updates), (3, 3));
 }

@@ -502,6 +502,7 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
         ("text_id", t.text_id),
         ("proto", t.proto),
         ("text_align", t.text_align),
+        ("text_substeps", t.text_substeps),
     ] {
         if let Some(v) = v {
             losses.push((format!("{{task=\"{task}\"}}"), v));

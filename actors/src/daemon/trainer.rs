@@ -274,6 +274,7 @@ fn train_loop<D: Device<f32>>(
             text_align: tc.w_text_align,
         },
         ramp_steps: tc.ramp_steps,
+        text_substeps: tc.text_substeps,
     };
     let augment = Augment {
         flip: tc.aug_flip,
@@ -496,6 +497,7 @@ fn train_loop<D: Device<f32>>(
                 t.text_id = report.losses.text_id;
                 t.proto = report.losses.proto;
                 t.text_align = report.losses.text_align;
+                t.text_substeps = report.losses.text_substeps;
                 t.lr = Some(report.lr);
             }
             if secs >= 5.0 || t.steps_per_s.is_none() {

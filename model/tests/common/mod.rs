@@ -121,6 +121,7 @@ pub fn quick_config(tasks: TaskWeights) -> TrainConfig {
         },
         tasks,
         ramp_steps: 1,
+        text_substeps: 0,
     }
 }
 
