@@ -262,9 +262,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     plip_model::runtime::tune_allocator();
     let mut p = Preset::by_name(&args.preset)?;
     if let Some(w) = &args.conv_widths {
-        p.conv_widths = crate::train::parse_widths(w).map_err(|e| e.to_string())?;
-        p.embed = p.conv_widths[3];
-        p.validate()?;
+        p = p.with_conv_widths(&crate::train::parse_widths(w).map_err(|e| e.to_string())?)?;
     }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());

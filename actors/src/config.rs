@@ -174,6 +174,10 @@ pub struct TrainerConfig {
     /// Blocks of the text tower (0: the preset's). Checkpoints made with another depth are
     /// refused with an error that names this key.
     pub text_layers: usize,
+    /// The ResNet image tower's four stage widths (empty: the preset's own); the joint
+    /// embedding is as wide as the last. Checkpoints made with other widths are refused with an
+    /// error that names this key.
+    pub conv_widths: Vec<usize>,
     /// Device: `cpu` (a build with the `cuda` feature also takes `cuda` / `cuda:N`).
     pub device: String,
     /// Samples per step.
@@ -256,6 +260,7 @@ impl Default for TrainerConfig {
             preset: "tiny".into(),
             joint_feature: String::new(),
             text_layers: 0,
+            conv_widths: Vec::new(),
             device: "cpu".into(),
             batch: 64,
             images_per_id: 4,
@@ -361,7 +366,9 @@ impl Config {
             plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
         let preset = preset
             .with_text_layers(t.text_layers)
-            .map_err(|e| format!("trainer.text_layers: {e}"))?;
+            .map_err(|e| format!("trainer.text_layers: {e}"))?
+            .with_conv_widths(&t.conv_widths)
+            .map_err(|e| format!("trainer.conv_widths: {e}"))?;
         if !t.joint_feature.is_empty() {
             preset
                 .with_joint(&t.joint_feature)

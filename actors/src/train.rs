@@ -326,9 +326,7 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         preset.validate()?;
     }
     if let Some(w) = &args.conv_widths {
-        preset.conv_widths = parse_widths(w)?;
-        preset.embed = preset.conv_widths[3];
-        preset.validate()?;
+        preset = preset.with_conv_widths(&parse_widths(w)?)?;
     }
     if let Some(layers) = args.text_layers {
         if layers == 0 {

@@ -71,6 +71,8 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("trainer.captions_per_image"), "{e}");
     let e = err(write("c7.toml", "[trainer]\nlogit_scale_lr_scale = -1.0\n"));
     assert!(e.contains("trainer.logit_scale_lr_scale"), "{e}");
+    let e = err(write("c9.toml", "[trainer]\nconv_widths = [32, 64]\n"));
+    assert!(e.contains("trainer.conv_widths"), "{e}");
     let e = err(write("c8.toml", "[trainer]\ntext_substeps = 17\n"));
     assert!(
         e.contains("trainer.text_substeps") && e.contains("16"),

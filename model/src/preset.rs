@@ -331,6 +331,22 @@ impl Preset {
                 stored.text_layers, self.name, self.text_layers, stored.text_layers, stored.text_layers
             ));
         }
+        let same_but_widths = Preset {
+            conv_widths: self.conv_widths.clone(),
+            embed: self.embed,
+            ..same_but_text.clone()
+        };
+        if stored.name == self.name && same_but_widths == *self {
+            let w = stored
+                .conv_widths
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>();
+            return Some(format!(
+                "the checkpoints were made with ResNet stage widths {}, this {:?} has {:?}; set trainer.conv_widths = [{}] (plipd train --conv-widths {}) to keep training them, or use a new state folder",
+                w.join(","), self.name, self.conv_widths, w.join(", "), w.join(",")
+            ));
+        }
         if stored.name == self.name {
             let renamed = Preset::by_name(&format!("{}-vit", stored.name))
                 .ok()
@@ -362,6 +378,35 @@ impl Preset {
         }
         let p = Preset {
             text_layers: layers,
+            ..self.clone()
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// This preset with the ResNet stage widths `widths` (four; empty leaves the preset's own),
+    /// the joint embedding as wide as the last stage.
+    ///
+    /// # Errors
+    /// Not four widths, a zero width, or a preset without the ResNet image tower.
+    pub fn with_conv_widths(&self, widths: &[usize]) -> crate::Result<Preset> {
+        if widths.is_empty() {
+            return Ok(self.clone());
+        }
+        if self.image_arch != ImageArch::Resnet {
+            return Err(crate::Error::InvalidPreset(format!(
+                "preset {:?} has no ResNet image tower to set stage widths of",
+                self.name
+            )));
+        }
+        if widths.len() != 4 || widths.contains(&0) {
+            return Err(crate::Error::InvalidPreset(format!(
+                "ResNet stage widths {widths:?}: give four widths, none 0"
+            )));
+        }
+        let p = Preset {
+            conv_widths: widths.to_vec(),
+            embed: widths[3],
             ..self.clone()
         };
         p.validate()?;

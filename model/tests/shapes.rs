@@ -113,3 +113,30 @@ fn text_depth_override_and_its_mismatch() {
     );
     assert!(one.mismatch(&one).is_none());
 }
+
+/// A ResNet-width override builds a wider tower whose joint embedding is as wide as its last
+/// stage; a checkpoint of other widths is refused with an error that names the key to set;
+/// bad width lists and the ViT are refused.
+#[test]
+fn conv_width_override_and_its_mismatch() {
+    let p = Preset::test();
+    assert_eq!(p.with_conv_widths(&[]).unwrap(), p);
+    let wide = p.with_conv_widths(&[8, 16, 32, 48]).unwrap();
+    assert_eq!(
+        (wide.conv_widths.clone(), wide.embed),
+        (vec![8, 16, 32, 48], 48)
+    );
+    let m = Plip::<f32, Cpu>::new(&cpu(), &wide, 0).unwrap();
+    assert!(m.num_params() > Plip::<f32, Cpu>::new(&cpu(), &p, 0).unwrap().num_params());
+    let why = wide.mismatch(&p).expect("other widths are refused");
+    assert!(
+        why.contains("8,16,32,32") && why.contains("trainer.conv_widths = [8, 16, 32, 32]"),
+        "{why}"
+    );
+    assert!(wide.mismatch(&wide).is_none());
+    assert!(p.with_conv_widths(&[8, 16, 32]).is_err());
+    assert!(p.with_conv_widths(&[8, 16, 0, 32]).is_err());
+    assert!(Preset::test_vit()
+        .with_conv_widths(&[8, 16, 32, 32])
+        .is_err());
+}
