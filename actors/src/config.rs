@@ -422,8 +422,7 @@ impl Config {
         if t.text_substeps > MAX_TEXT_SUBSTEPS {
             return Err(format!(
                 "trainer.text_substeps must be at most {MAX_TEXT_SUBSTEPS} (each is one more text pass per step)"
-            )
-            .into());
+            ));
         }
         if t.captions_per_image == 0 {
             return Err("trainer.captions_per_image must be at least 1".into());

@@ -4,7 +4,7 @@
 //! |---|---|---|---|---|---|---|---|---|---|
 //! | `test` | ResNet, basic blocks 1-1-1-1, widths 8-16-32-32, strides 1-2-1-1 | 32×16 | 32 / 2 / 1 | 2 | 24 | 1024 | 32 | 64 | 147,049 |
 //! | `test-vit` | ViT, patch 8, 2 layers, linear stem | 32×16 | 32 / 2 / 1 | 2 | 24 | 1024 | 32 | — | 129,377 |
-//! | `tiny` (CPU default) | ResNet, basic blocks 2-2-2-2, widths 32-64-128-256, strides 1-2-2-1 (last stride 1) | 128×64 | 192 / 2 / 1 | 3 | 64 | 8192 | 256 | 8192 | 9,694,625 |
+//! | `tiny` (CPU default) | ResNet, basic blocks 2-2-2-2, widths 48-96-192-384, strides 1-2-2-1 (last stride 1) | 128×64 | 192 / 2 / 1 | 3 | 64 | 8192 | 384 | 8192 | 14,308,785 |
 //! | `tiny-vit` | ViT, patch 16, 6 layers, hMLP stem | 128×64 | 192 / 6 / 1 | 3 | 64 | 8192 | 256 | — | 9,302,177 |
 //! | `small` (GPU) | ViT, patch 16, 12 layers, hMLP stem | 256×128 | 384 / 12 / 2 | 6 | 64 | 16384 | 512 | — | 60,110,337 |
 //!
@@ -209,12 +209,17 @@ impl Preset {
     }
 
     /// The CPU default: a ResNet-18-shaped image tower (basic blocks 2-2-2-2, last stage
-    /// stride 1) at half ResNet-18's widths, 128×64 input, and the `tiny-vit` text tower.
+    /// stride 1) at three quarters of ResNet-18's widths, 128×64 input, a 384-wide joint space,
+    /// and the `tiny-vit` text tower at two blocks.
     pub fn tiny() -> Self {
         Preset {
             name: "tiny".into(),
             image_arch: ImageArch::Resnet,
-            conv_widths: vec![32, 64, 128, 256],
+            // 48-96-192-384 against half widths (32-64-128-256): image Rank-1 96.25% / mAP
+            // 88.9% against 94.0% / 84.5% at 40,000 images, text→image R@1 48.25% against
+            // 45.1%, at a 1.5× dearer step (README "Quality", runs w1, h1).
+            conv_widths: vec![48, 96, 192, 384],
+            embed: 384,
             conv_blocks: vec![2, 2, 2, 2],
             conv_strides: vec![1, 2, 2, 1],
             id_classes: 8192,
