@@ -264,38 +264,12 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         lr: f64,
         cfg: &OptimConfig,
     ) -> crate::Result<()> {
-        let grad_scale = grad_scales.0;
         let params = model.params_mut();
-        if params.len() != self.moments.len() || grads.len() != params.len() {
-            return Err(crate::Error::Shape(format!(
-                "optimiser holds {} moments, model has {} parameters, {} gradients",
-                self.moments.len(),
-                params.len(),
-                grads.len()
-            )));
-        }
+        self.check_matches(params.len(), grads.len())?;
         self.step += 1;
-        let t = self.step as i32;
-        let [b1, b2] = cfg.betas;
-        let c1 = 1.0 - b1.powi(t);
-        let c2 = 1.0 - b2.powi(t);
-        let h = Hyper {
-            b1,
-            b2,
-            c1,
-            c2,
-            lr,
-            eps: cfg.eps,
-            gs: grad_scale,
-        };
-        // `self.step` was already counted: the 0-based step being applied is one less.
-        let text_lr = if cfg.text_constant_lr {
-            cfg.text_lr_at(self.step - 1)
-        } else {
-            lr * cfg.text_lr_scale
-        };
+        let h = Self::hyper(self.step, lr, grad_scales.0, cfg);
         let text_h = Hyper {
-            lr: text_lr,
+            lr: self.text_lr(lr, cfg),
             gs: grad_scales.1,
             ..self.text_bias_correction(h, cfg)
         };
@@ -305,43 +279,15 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
             gs: grad_scales.1,
             ..h
         };
-        for (((name, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
-            let h = if name.starts_with("text.") {
-                &text_h
-            } else if text_side(&name) {
-                &scale_h
+        self.apply(params, grads, cfg, |name| {
+            Some(if name.starts_with("text.") {
+                text_h
+            } else if text_side(name) {
+                scale_h
             } else {
-                &h
-            };
-            match (p, m, g) {
-                (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => {
-                    adamw_one(p, m, v, g, h, 0.0)
-                }
-                (ParamMut::Matrix(p), Moments::Matrix(m, v), Grad::Matrix(g)) => {
-                    adamw_one(p, m, v, g, h, cfg.weight_decay)
-                }
-                _ => {
-                    return Err(crate::Error::Shape(
-                        "optimiser state does not match the model".into(),
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<E: Dtype, D: Device<E>> AdamW<E, D> {
-    /// `h` with the bias correction of the text tower's moments, which the text substeps update
-    /// more often than the rest.
-    fn text_bias_correction(&self, h: Hyper, cfg: &OptimConfig) -> Hyper {
-        let t = (self.step + self.text_updates) as i32;
-        let [b1, b2] = cfg.betas;
-        Hyper {
-            c1: 1.0 - b1.powi(t),
-            c2: 1.0 - b2.powi(t),
-            ..h
-        }
+                h
+            })
+        })
     }
 
     /// One extra update of the text tower's parameters (`text.*`) alone, at the text tower's
@@ -359,37 +305,77 @@ impl<E: Dtype, D: Device<E>> AdamW<E, D> {
         cfg: &OptimConfig,
     ) -> crate::Result<()> {
         let params = model.params_mut();
-        if params.len() != self.moments.len() || grads.len() != params.len() {
+        self.check_matches(params.len(), grads.len())?;
+        self.text_updates += 1;
+        let h = Hyper {
+            lr: self.text_lr(lr, cfg),
+            ..self.text_bias_correction(Self::hyper(self.step, lr, grad_scale, cfg), cfg)
+        };
+        self.apply(params, grads, cfg, |name| {
+            name.starts_with("text.").then_some(h)
+        })
+    }
+
+    fn check_matches(&self, params: usize, grads: usize) -> crate::Result<()> {
+        if params != self.moments.len() || grads != params {
             return Err(crate::Error::Shape(format!(
-                "optimiser holds {} moments, model has {} parameters, {} gradients",
+                "optimiser holds {} moments, model has {params} parameters, {grads} gradients",
                 self.moments.len(),
-                params.len(),
-                grads.len()
             )));
         }
-        self.text_updates += 1;
-        let text_lr = if cfg.text_constant_lr {
+        Ok(())
+    }
+
+    /// The hyper-parameters of update number `t` (1-based) at learning rate `lr`.
+    fn hyper(t: u64, lr: f64, grad_scale: f64, cfg: &OptimConfig) -> Hyper {
+        let [b1, b2] = cfg.betas;
+        Hyper {
+            b1,
+            b2,
+            c1: 1.0 - b1.powi(t as i32),
+            c2: 1.0 - b2.powi(t as i32),
+            lr,
+            eps: cfg.eps,
+            gs: grad_scale,
+        }
+    }
+
+    /// The text tower's learning rate of the step last counted in `self.step` (`lr` its
+    /// scheduled rate).
+    fn text_lr(&self, lr: f64, cfg: &OptimConfig) -> f64 {
+        if cfg.text_constant_lr {
+            // `self.step` was already counted: the 0-based step being applied is one less.
             cfg.text_lr_at(self.step.saturating_sub(1))
         } else {
             lr * cfg.text_lr_scale
-        };
+        }
+    }
+
+    /// `h` with the bias correction of the text tower's moments, which the text substeps update
+    /// more often than the rest.
+    fn text_bias_correction(&self, h: Hyper, cfg: &OptimConfig) -> Hyper {
+        let t = (self.step + self.text_updates) as i32;
         let [b1, b2] = cfg.betas;
-        let h = self.text_bias_correction(
-            Hyper {
-                b1,
-                b2,
-                c1: 1.0,
-                c2: 1.0,
-                lr: text_lr,
-                eps: cfg.eps,
-                gs: grad_scale,
-            },
-            cfg,
-        );
+        Hyper {
+            c1: 1.0 - b1.powi(t),
+            c2: 1.0 - b2.powi(t),
+            ..h
+        }
+    }
+
+    /// One AdamW update of each parameter `hyper` gives settings for (by name); the others and
+    /// their moments stay as they are.
+    fn apply(
+        &mut self,
+        params: Vec<(String, ParamMut<'_, E, D>)>,
+        grads: Vec<Grad<E, D>>,
+        cfg: &OptimConfig,
+        hyper: impl Fn(&str) -> Option<Hyper>,
+    ) -> crate::Result<()> {
         for (((name, p), m), g) in params.into_iter().zip(self.moments.iter_mut()).zip(grads) {
-            if !name.starts_with("text.") {
+            let Some(h) = hyper(&name) else {
                 continue;
-            }
+            };
             match (p, m, g) {
                 (ParamMut::Vector(p), Moments::Vector(m, v), Grad::Vector(g)) => {
                     adamw_one(p, m, v, g, &h, 0.0)

@@ -226,10 +226,16 @@ impl<E: Dtype, D: Device<E>> Trainer<E, D> {
     /// or `None` when nothing is remembered yet. A substep whose loss or gradient is not finite
     /// is skipped.
     fn text_substeps(&mut self, lr: f64) -> Result<Option<f64>> {
-        let memory: Vec<TextMemory> = self.text_memory.iter().cloned().collect();
+        let memory = std::mem::take(&mut self.text_memory);
+        let result = self.text_substeps_on(&memory, lr);
+        self.text_memory = memory;
+        result
+    }
+
+    fn text_substeps_on(&mut self, memory: &VecDeque<TextMemory>, lr: f64) -> Result<Option<f64>> {
         let mut sum = 0.0;
         let mut count = 0usize;
-        for m in &memory {
+        for m in memory {
             let loss = self.model.text_substep_loss(
                 &m.captions,
                 &m.features,

@@ -131,6 +131,21 @@ fn snapshot(m: &Plip<f32, Cpu>) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// Between two snapshots: whether any text-tower parameter differs, and the names of the other
+/// parameters that differ.
+fn moved(before: &[(String, Vec<f32>)], after: &[(String, Vec<f32>)]) -> (bool, Vec<String>) {
+    let mut text = false;
+    let mut other = Vec::new();
+    for ((name, a), (_, z)) in before.iter().zip(after) {
+        if name.starts_with("text.") {
+            text |= a != z;
+        } else if a != z {
+            other.push(name.clone());
+        }
+    }
+    (text, other)
+}
+
 fn assert_falls(name: &str, losses: &[f64], factor: f64) {
     let first = losses[0];
     assert!(
@@ -452,14 +467,7 @@ fn feature_alignment_teaches_the_text_tower_only() {
     let report = t.step(&b).unwrap();
     assert!(report.losses.text_align.is_some());
     let after = snapshot(&t.model);
-    let (mut text_moved, mut other_moved) = (false, Vec::new());
-    for ((name, a), (_, z)) in before.iter().zip(&after) {
-        if name.starts_with("text.") {
-            text_moved |= a != z;
-        } else if a != z {
-            other_moved.push(name.clone());
-        }
-    }
+    let (text_moved, other_moved) = moved(&before, &after);
     assert!(text_moved, "no text parameter moved");
     assert!(other_moved.is_empty(), "moved: {other_moved:?}");
     let losses = train_task(weights, 60);
@@ -556,14 +564,7 @@ fn text_substeps_train_the_text_tower_alone_against_remembered_batches() {
     plain.step(&batches[1]).unwrap();
     let l = r.losses.text_substeps.expect("a substep ran");
     assert!(l.is_finite() && l > 0.0, "substep loss {l}");
-    let (mut text_moved, mut other_moved) = (false, Vec::new());
-    for ((name, a), (_, z)) in snapshot(&sub.model).iter().zip(&snapshot(&plain.model)) {
-        if name.starts_with("text.") {
-            text_moved |= a != z;
-        } else if a != z {
-            other_moved.push(name.clone());
-        }
-    }
+    let (text_moved, other_moved) = moved(&snapshot(&plain.model), &snapshot(&sub.model));
     assert!(text_moved, "the substep moved no text parameter");
     assert!(other_moved.is_empty(), "moved: {other_moved:?}");
     assert_eq!(sub.opt.text_updates, 1);
