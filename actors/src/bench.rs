@@ -2,7 +2,7 @@
 //! synthetic batches and prints one JSON line. A peer — the same model trained with IVLC alone,
 //! measured in the same run — gives a ratio that is meaningful on a noisy shared machine.
 
-use plip_model::batch::{Batch, Sample};
+use plip_model::batch::{AttributeLabel, Batch, Sample};
 use plip_model::device::{run_on, OnDevice};
 use plip_model::dfdx::prelude::{Cpu, Device};
 use plip_model::optim::OptimConfig;
@@ -65,9 +65,11 @@ pub fn tasks_from_list(list: &str) -> Result<TaskWeights, String> {
             "text_id" => w.text_id = d.text_id,
             "proto" => w.proto = 1.0,
             "text_align" => w.text_align = 1.0,
+            "attr" => w.attr = 1.0,
+            "text_attr" => w.text_attr = 1.0,
             other => {
                 return Err(format!(
-                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id, proto, text_align"
+                    "unknown task {other:?}; known: ivlc, iap, tic, triplet, supcon, id, text_id, proto, text_align, attr, text_attr"
                 ))
             }
         }
@@ -147,16 +149,35 @@ fn synthetic_batches(
     let data = synthetic(p, batch * count, 7);
     let tokenizer = Tokenizer::train(data.iter().map(|s| s.caption.as_str()), p.vocab)?;
     let mut rng = StdRng::seed_from_u64(1);
+    // With the attribute head, each identity's attributes: one value per field, drawn from it.
+    let labels: Vec<Vec<AttributeLabel>> = data
+        .iter()
+        .map(|s| {
+            let mut start = 0;
+            p.attribute_fields
+                .iter()
+                .map(|&len| {
+                    let value = (s.identity as usize * 7 + start) % len;
+                    let l = AttributeLabel { start, len, value };
+                    start += len;
+                    l
+                })
+                .collect()
+        })
+        .collect();
     data.chunks(batch)
-        .map(|chunk| {
+        .zip(labels.chunks(batch))
+        .map(|(chunk, labels)| {
             let samples: Vec<Sample<'_>> = chunk
                 .iter()
-                .map(|s| Sample {
+                .zip(labels)
+                .map(|(s, attributes)| Sample {
                     rgb: &s.rgb,
                     caption: &s.caption,
                     phrases: &s.phrases,
                     identity: Some(s.identity),
                     person: Some(s.identity),
+                    attributes,
                 })
                 .collect();
             let mut b = Batch::build(&samples, p, &tokenizer, 0.5, &mut rng)?;
@@ -270,10 +291,13 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let pool = plip_model::runtime::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
     let t0 = Instant::now();
+    let tasks = tasks_from_list(&args.tasks)?;
+    if tasks.attr > 0.0 || tasks.text_attr > 0.0 {
+        p = p.with_attributes(plip_ingest::attributes::ATTRIBUTE_FIELDS);
+    }
     let batches = synthetic_batches(&p, 2, args.batch, args.captions_per_image)?;
     let batch_build_ms = t0.elapsed().as_secs_f64() * 1e3 / batches.len() as f64;
 
-    let tasks = tasks_from_list(&args.tasks)?;
     let (mut full, params, loss) = pool.install(|| time_steps(&p, tasks, &batches, args))?;
     let full_ms = median(&mut full);
     let mut out = serde_json::json!({

@@ -69,6 +69,10 @@ pub struct ServingConfig {
     /// Embed every image (gallery, probe split, image queries) as the normalised sum of its
     /// own and its mirror image's embedding: twice the embedding work per image.
     pub flip_average: bool,
+    /// Weight λ of attribute agreement in every ranking (models with the attribute head; 0 =
+    /// off): a score is cos + λ·(fraction of attribute fields on which the head's readings of
+    /// query and image agree); the index rows carry the readings.
+    pub attribute_weight: f64,
     /// Request limits.
     pub limits: plip_ingest::reid::ReidLimits,
 }
@@ -83,6 +87,7 @@ impl Default for ServingConfig {
             gate_metric: "mAP".into(),
             gate_margin: 0.02,
             flip_average: false,
+            attribute_weight: 0.0,
             limits: plip_ingest::reid::ReidLimits::default(),
         }
     }
@@ -214,6 +219,11 @@ pub struct TrainerConfig {
     /// Caption–feature alignment: each caption regressed onto the mean joint feature of its
     /// person's images in the batch (only the text tower learns from it).
     pub w_text_align: f64,
+    /// Attribute prediction from the image's joint feature by an attribute head shared with the
+    /// captions; samples whose producer sent attributes carry its labels.
+    pub w_attr: f64,
+    /// Attribute prediction from the caption embeddings by the same head.
+    pub w_text_attr: f64,
     /// Text substeps: after each step the text tower alone takes one more update against each
     /// of the last N batches' captions and image features, kept in memory (0 = off).
     pub text_substeps: u32,
@@ -279,6 +289,8 @@ impl Default for TrainerConfig {
             text_id_detached: false,
             w_proto: 0.0,
             w_text_align: 0.0,
+            w_attr: 0.0,
+            w_text_attr: 0.0,
             text_substeps: 0,
             text_lr_scale: 0.3,
             clip_per_tower: true,
@@ -416,6 +428,12 @@ impl Config {
         if !(t.w_text_align >= 0.0 && t.w_text_align.is_finite()) {
             return Err("trainer.w_text_align must be a number ≥ 0".into());
         }
+        if !(t.w_attr >= 0.0 && t.w_attr.is_finite()) {
+            return Err("trainer.w_attr must be a number ≥ 0".into());
+        }
+        if !(t.w_text_attr >= 0.0 && t.w_text_attr.is_finite()) {
+            return Err("trainer.w_text_attr must be a number ≥ 0".into());
+        }
         if !(t.logit_scale_lr_scale >= 0.0 && t.logit_scale_lr_scale.is_finite()) {
             return Err("trainer.logit_scale_lr_scale must be a number ≥ 0".into());
         }
@@ -450,6 +468,9 @@ impl Config {
         }
         if !["mAP", "rank1", "text_r1"].contains(&self.serving.gate_metric.as_str()) {
             return Err("serving.gate_metric must be mAP, rank1 or text_r1".into());
+        }
+        if !(self.serving.attribute_weight >= 0.0 && self.serving.attribute_weight.is_finite()) {
+            return Err("serving.attribute_weight must be a number ≥ 0".into());
         }
         if self.serving.prefetch == 0 {
             return Err("serving.prefetch must be at least 1".into());

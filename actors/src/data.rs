@@ -85,3 +85,21 @@ pub fn report_skipped(what: &str, skipped: &[BadRecord]) -> usize {
     }
     skipped.len()
 }
+
+/// The attribute head's labels of a sample's true attributes (none when they are unknown).
+pub fn attribute_labels(
+    attributes: Option<&plip_ingest::attributes::Attributes>,
+) -> Vec<plip_model::batch::AttributeLabel> {
+    attributes
+        .map(|a| {
+            a.labels()
+                .into_iter()
+                .map(|f| plip_model::batch::AttributeLabel {
+                    start: f.start,
+                    len: f.len,
+                    value: f.value,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -43,6 +43,10 @@ pub struct EvalArgs {
     /// (`false`); default: as the checkpoint says.
     #[arg(long)]
     pub flip_average: Option<bool>,
+    /// Weight of attribute agreement in the rankings (models with the attribute head; 0 =
+    /// off); default: as the checkpoint says.
+    #[arg(long)]
+    pub attribute_weight: Option<f64>,
     /// Also write every embedding to this JSON-lines file: one line per query and gallery
     /// image (`kind` "image", `split`, `row` within it, `person`, `camera`, `attributes` when
     /// known, `embedding`) and per query caption (`kind` "caption", `query_row` of its image,

@@ -137,6 +137,65 @@ pub fn evaluate_model(
     Ok((reid, text))
 }
 
+/// Text→image R@1 with the attribute head's agreement added to the cosine similarity, for each
+/// weight λ in `weights`: score = cos(caption, image) + λ · (1/F) Σ_fields Σ_v p_caption(v) ·
+/// p_image(v), the expected fraction of the F attribute fields on which the caption's and the
+/// image's attribute readings agree. `None` without the attribute head.
+pub fn attribute_text_r1(
+    lm: &LoadedModel,
+    query: &[Loaded],
+    gallery: &[Loaded],
+    weights: &[f64],
+) -> plip_model::Result<Option<Vec<(f64, f64)>>> {
+    let p = &lm.model.preset();
+    let fields = p.attribute_fields.len() as f64;
+    let values = p.attributes();
+    let images: Vec<f32> = gallery
+        .iter()
+        .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
+        .collect();
+    let Some(ga) = lm.model.image_attributes(&images, 64) else {
+        return Ok(None);
+    };
+    let ge = lm.model.embed_images(&images, 64);
+    let mut texts = Vec::new();
+    let mut tp = Vec::new();
+    for q in query {
+        for c in &q.captions {
+            texts.push(c.text.clone());
+            tp.push(q.person.clone().unwrap_or_default());
+        }
+    }
+    let tokens = lm.tokenizer.encode_batch(&texts, p.text_len)?;
+    let te = lm.model.embed_texts(&tokens, 128);
+    let Some(ta) = lm.model.text_attributes(&tokens, 128) else {
+        return Ok(None);
+    };
+    let cos = cosine_matrix(&te, &ge);
+    let ng = gallery.len();
+    let agree: Vec<f64> = (0..texts.len())
+        .flat_map(|i| {
+            let t = &ta[i * values..(i + 1) * values];
+            let ga = &ga;
+            (0..ng).map(move |j| {
+                let g = &ga[j * values..(j + 1) * values];
+                t.iter().zip(g).map(|(a, b)| (a * b) as f64).sum::<f64>() / fields
+            })
+        })
+        .collect();
+    let (gp, _) = labels(gallery);
+    let mut out = Vec::new();
+    for &w in weights {
+        let score: Vec<f64> = if w.is_infinite() {
+            agree.clone()
+        } else {
+            cos.iter().zip(&agree).map(|(c, a)| c + w * a).collect()
+        };
+        out.push((w, text_to_image(&score, &tp, &gp)?.r1));
+    }
+    Ok(Some(out))
+}
+
 /// Writes the embeddings `plipd eval --embeddings` asks for (see [`crate::eval::EvalArgs`]).
 fn write_embeddings(
     lm: &LoadedModel,
@@ -321,6 +380,12 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     if let Some(j) = &args.joint_feature {
         lm.model.set_joint(j)?;
     }
+    if let Some(w) = args.attribute_weight {
+        if !(w >= 0.0 && w.is_finite()) {
+            return Err("--attribute-weight must be a number ≥ 0".into());
+        }
+        lm.model.set_attribute_weight(w);
+    }
     if let Some(f) = args.flip_average {
         lm.model.set_flip_average(f);
     }
@@ -340,7 +405,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     }
     println!(
         "{}",
-        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "flip_average": lm.model.preset().flip_average, "queries": q.len(), "gallery": g.len(),
+        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "flip_average": lm.model.preset().flip_average, "attribute_weight": lm.model.preset().attribute_weight, "queries": q.len(), "gallery": g.len(),
             "image": reid_json(&reid), "text_to_image": text_out, "cmc_png": png})
     );
     Ok(())

@@ -102,6 +102,10 @@ pub struct TrainArgs {
     /// mirror image (`true`) or not (`false`); training is the same either way.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub flip_average: bool,
+    /// Evaluate and save checkpoints that rank by attribute agreement with this weight beside
+    /// the joint feature (with the attribute head; 0 = off); training is the same either way.
+    #[arg(long, default_value_t = 0.0)]
+    pub attribute_weight: f64,
     /// Samples per step.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -171,6 +175,13 @@ pub struct TrainArgs {
     /// joint feature of its person's images in the batch, constants (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub w_text_align: f64,
+    /// Weight of attribute prediction from the image's joint feature, by an attribute head
+    /// shared with the captions (data sets with true attributes; 0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub w_attr: f64,
+    /// Weight of attribute prediction from the caption embeddings by the same head (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub w_text_attr: f64,
     /// Text substeps: after each step the text tower alone takes one more update against each
     /// of the last N batches' captions and their image features, kept in memory — more text
     /// updates without reading or encoding an image (0 = off).
@@ -311,6 +322,8 @@ pub fn train_config(args: &TrainArgs) -> TrainConfig {
             text_id_detached: args.text_id_detached,
             proto: args.w_proto,
             text_align: args.w_text_align,
+            attr: args.w_attr,
+            text_attr: args.w_text_attr,
         },
         ramp_steps: args.ramp_steps,
         text_substeps: args.text_substeps,
@@ -338,6 +351,13 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         preset = preset.with_joint(j)?;
     }
     preset.flip_average = args.flip_average;
+    if !(args.attribute_weight >= 0.0 && args.attribute_weight.is_finite()) {
+        return Err("--attribute-weight must be a number ≥ 0".into());
+    }
+    preset.attribute_weight = args.attribute_weight;
+    if args.w_attr > 0.0 || args.w_text_attr > 0.0 {
+        preset = preset.with_attributes(plip_ingest::attributes::ATTRIBUTE_FIELDS);
+    }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
     }
@@ -445,7 +465,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     let Setup {
         args,
         state,
-        preset,
+        mut preset,
         tokenizer,
         loaded,
         eval_split,
@@ -466,6 +486,13 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
         if let Some(why) = preset.mismatch(&stored) {
             return Err(format!("--preset {}: {why}", preset.name).into());
         }
+        if preset.attribute_fields.is_empty() && !stored.attribute_fields.is_empty() {
+            // The checkpoints have the attribute head: it stays (untrained while its tasks are
+            // off).
+            preset = preset.with_attributes(&stored.attribute_fields);
+            let model = Plip::<f32, D>::new(&dev, &preset, args.seed)?;
+            trainer = Trainer::new(model, trainer.cfg.clone());
+        }
         load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())?;
         load_optimizer(
             &mut trainer.opt,
@@ -479,6 +506,17 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             ck.meta.version, ck.meta.step
         );
     }
+    // The attribute head's labels: the true attributes of the data set's samples.
+    let labels: Vec<Vec<plip_model::batch::AttributeLabel>> = loaded
+        .iter()
+        .map(|l| {
+            if preset.attributes() > 0 {
+                crate::data::attribute_labels(l.attributes.as_ref())
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     let start = trainer.opt.step;
     if start >= args.steps {
         eprintln!(
@@ -516,6 +554,12 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             m.insert("text_mAP".to_string(), text.map);
             if let Some(c) = text_ceiling {
                 m.insert("text_r1_ceiling".to_string(), c);
+            }
+            let sweep = pool.install(|| {
+                crate::evaluate::attribute_text_r1(&lm, q, g, &[0.5, 1.0, 2.0, 4.0, f64::INFINITY])
+            })?;
+            for (w, r1) in sweep.unwrap_or_default() {
+                m.insert(format!("text_r1_attr_{w}"), r1);
             }
             println!(
                 "{}",
@@ -576,6 +620,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 phrases: sp,
                 identity: Some(g),
                 person: loaded[i].person.as_deref().map(person_key),
+                attributes: &labels[i],
             })
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
@@ -617,7 +662,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
                 "{}",
                 serde_json::json!({
                     "step": trainer.opt.step, "images_seen": images_seen, "loss": l.total,
-                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "text_align": l.text_align, "text_substeps": l.text_substeps, "lr": report.lr, "grad_norm": report.grad_norm,
+                    "ivlc": l.ivlc, "iap": l.iap, "tic": l.tic, "triplet": l.triplet, "supcon": l.supcon, "id": l.id, "text_id": l.text_id, "proto": l.proto, "text_align": l.text_align, "attr": l.attr, "text_attr": l.text_attr, "text_substeps": l.text_substeps, "lr": report.lr, "grad_norm": report.grad_norm,
                     "mask_ratio": ratio, "steps_per_s": window.1 as f64 / secs,
                     "images_per_s": window.1 as f64 * args.batch as f64 / secs, "elapsed_s": t0.elapsed().as_secs_f64(),
                     "logit_scale": trainer.model.logit_scale_value(),

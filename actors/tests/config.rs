@@ -78,6 +78,10 @@ fn unknown_keys_and_bad_values_name_the_key() {
         e.contains("trainer.text_substeps") && e.contains("16"),
         "{e}"
     );
+    let e = err(write("c10.toml", "[trainer]\nw_text_attr = -1.0\n"));
+    assert!(e.contains("trainer.w_text_attr"), "{e}");
+    let e = err(write("c11.toml", "[serving]\nattribute_weight = -0.5\n"));
+    assert!(e.contains("serving.attribute_weight"), "{e}");
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
     if !plip_model::device::CUDA_BUILT {

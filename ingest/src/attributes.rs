@@ -193,3 +193,151 @@ impl Attributes {
         *self == Attributes::default()
     }
 }
+
+/// Width of the flat attribute value vocabulary of [`Attributes::labels`]: one slot per value
+/// of every field (16 fields, 102 values).
+pub const ATTRIBUTE_VALUES: usize = 102;
+
+/// The number of values of each field of [`Attributes::labels`], in order (they sum to
+/// [`ATTRIBUTE_VALUES`]).
+pub const ATTRIBUTE_FIELDS: &[usize] = &[2, 4, 16, 2, 2, 8, 16, 5, 5, 16, 16, 2, 2, 2, 2, 2];
+
+/// One known attribute as a field of the flat value vocabulary: `start..start + len` is the
+/// field, `value` the index of the known value inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldValue {
+    pub start: usize,
+    pub len: usize,
+    pub value: usize,
+}
+
+/// Collects the known fields in vocabulary order.
+struct Fields {
+    next: usize,
+    out: Vec<FieldValue>,
+}
+
+impl Fields {
+    fn enumerated<T: PartialEq + Copy>(&mut self, all: &[T], v: Option<T>) {
+        if let Some(value) = v.and_then(|v| all.iter().position(|a| *a == v)) {
+            self.out.push(FieldValue {
+                start: self.next,
+                len: all.len(),
+                value,
+            });
+        }
+        self.next += all.len();
+    }
+    fn flag(&mut self, v: Option<bool>) {
+        self.enumerated(&[false, true], v);
+    }
+}
+
+impl Attributes {
+    /// The known attributes as fields of a flat vocabulary of [`ATTRIBUTE_VALUES`] values
+    /// (gender, hair length, hair colour, hat, glasses, upper type, upper colour, pattern,
+    /// lower type, lower colour, shoe colour, then the five carried items, each yes/no); an
+    /// unknown attribute has no entry. A bald head's hair colour is left out, as the captions
+    /// leave it out.
+    pub fn labels(&self) -> Vec<FieldValue> {
+        let mut f = Fields {
+            next: 0,
+            out: Vec::new(),
+        };
+        let head = self.head.unwrap_or_default();
+        let upper = self.upper.unwrap_or_default();
+        let lower = self.lower.unwrap_or_default();
+        let shoes = self.shoes.unwrap_or_default();
+        let carried = self.belongings.unwrap_or_default();
+        f.enumerated(Gender::ALL, self.gender);
+        f.enumerated(HairLength::ALL, head.hair_length);
+        let bald = head.hair_length == Some(HairLength::Bald);
+        f.enumerated(Colour::ALL, head.hair_colour.filter(|_| !bald));
+        f.flag(head.hat);
+        f.flag(head.glasses);
+        f.enumerated(UpperType::ALL, upper.kind);
+        f.enumerated(Colour::ALL, upper.colour);
+        f.enumerated(Pattern::ALL, upper.pattern);
+        f.enumerated(LowerType::ALL, lower.kind);
+        f.enumerated(Colour::ALL, lower.colour);
+        f.enumerated(Colour::ALL, shoes.colour);
+        f.flag(carried.backpack);
+        f.flag(carried.handbag);
+        f.flag(carried.shoulder_bag);
+        f.flag(carried.umbrella);
+        f.flag(carried.suitcase);
+        debug_assert_eq!(f.next, ATTRIBUTE_VALUES);
+        f.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_cover_the_vocabulary_and_skip_unknowns() {
+        assert!(Attributes::default().labels().is_empty());
+        let all = Attributes {
+            gender: Some(Gender::Woman),
+            head: Some(Head {
+                hair_length: Some(HairLength::Long),
+                hair_colour: Some(Colour::Black),
+                hat: Some(false),
+                glasses: Some(true),
+            }),
+            upper: Some(Upper {
+                kind: Some(UpperType::Jacket),
+                colour: Some(Colour::Navy),
+                pattern: Some(Pattern::Striped),
+            }),
+            lower: Some(Lower {
+                kind: Some(LowerType::Jeans),
+                colour: Some(Colour::Denim),
+            }),
+            shoes: Some(Shoes {
+                colour: Some(Colour::Khaki),
+            }),
+            belongings: Some(Belongings {
+                backpack: Some(true),
+                handbag: Some(false),
+                shoulder_bag: Some(false),
+                umbrella: Some(false),
+                suitcase: Some(true),
+            }),
+        };
+        let l = all.labels();
+        assert_eq!(l.len(), 16);
+        // Fields tile the vocabulary in order, each value inside its field.
+        let mut next = 0;
+        for f in &l {
+            assert_eq!(f.start, next);
+            assert!(f.value < f.len);
+            next += f.len;
+        }
+        assert_eq!(next, ATTRIBUTE_VALUES);
+        let lens: Vec<usize> = l.iter().map(|f| f.len).collect();
+        assert_eq!(lens, ATTRIBUTE_FIELDS);
+        assert_eq!(l[0].value, 1); // woman
+        assert_eq!(l[6].start, 2 + 4 + 16 + 2 + 2 + 8); // upper colour
+        assert_eq!(l[6].value, 3); // navy
+        assert_eq!(l[15].value, 1); // suitcase carried
+                                    // Unknown fields have no entry but keep the others' places; a bald head has no colour.
+        let some = Attributes {
+            head: Some(Head {
+                hair_length: Some(HairLength::Bald),
+                hair_colour: Some(Colour::Grey),
+                ..Head::default()
+            }),
+            shoes: Some(Shoes {
+                colour: Some(Colour::Red),
+            }),
+            ..Attributes::default()
+        };
+        let l = some.labels();
+        assert_eq!(l.len(), 2);
+        assert_eq!((l[0].start, l[0].len, l[0].value), (2, 4, 0));
+        assert_eq!(l[1].start, 2 + 4 + 16 + 2 + 2 + 8 + 16 + 5 + 5 + 16);
+        assert_eq!(l[1].value, 7); // red
+    }
+}

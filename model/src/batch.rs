@@ -145,6 +145,19 @@ pub struct Sample<'a> {
     /// The person's stable key ([`person_key`] of the producer's person id), for the
     /// identity-level image losses and the identity classifier; `None` without a person id.
     pub person: Option<u64>,
+    /// The sample's known attributes, for the attribute head ([`Preset::attributes`]); empty
+    /// when none are known.
+    pub attributes: &'a [AttributeLabel],
+}
+
+/// One known attribute of a sample: its field is the range `start..start + len` of the
+/// attribute head's flat value vocabulary, `value` the index of the sample's value inside it.
+/// A field's values are mutually exclusive: the head's loss is a softmax over the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttributeLabel {
+    pub start: usize,
+    pub len: usize,
+    pub value: usize,
 }
 
 /// A stable 64-bit key of a person id (FNV-1a), the same in every process and run: the
@@ -184,6 +197,9 @@ pub struct Batch {
     /// Further captions of the batch's own samples ([`Batch::add_captions`]); they feed the
     /// caption-side losses (IVLC and the caption identity loss) beside each sample's caption.
     pub extra: Option<ExtraCaptions>,
+    /// Known attributes of each sample (empty where none are known, and for a preset without
+    /// the attribute head).
+    pub attributes: Vec<Vec<AttributeLabel>>,
 }
 
 /// Further captions of a batch's samples: more text per image at the cost of a wider text pass
@@ -329,6 +345,7 @@ impl Batch {
             persons: Vec::with_capacity(n),
             mask_ratio: ratio,
             extra: None,
+            attributes: Vec::with_capacity(n),
         };
         // Captions are padded only to the longest one in the batch (padding never changes the
         // result, and the text tower's cost grows with the length).
@@ -364,6 +381,20 @@ impl Batch {
             batch.gray.extend(normalize_gray(rgb, h, w));
             batch.identities.push(s.identity);
             batch.persons.push(s.person);
+            if preset.attributes() > 0 {
+                if let Some(bad) = s.attributes.iter().find(|a| !preset.is_attribute_field(a)) {
+                    return Err(crate::Error::Shape(format!(
+                        "sample {row}: attribute value {} of the field at {}..{} is not one of the preset's attribute fields {:?}",
+                        bad.value,
+                        bad.start,
+                        bad.start + bad.len,
+                        preset.attribute_fields
+                    )));
+                }
+                batch.attributes.push(s.attributes.to_vec());
+            } else {
+                batch.attributes.push(Vec::new());
+            }
 
             let mut masked_ids = enc.ids[..len].to_vec();
             let mut phrases: Vec<Vec<usize>> = s

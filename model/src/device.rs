@@ -291,6 +291,16 @@ impl Encoder {
         }
     }
 
+    /// Rank by attribute agreement with weight `weight` beside the joint feature (0 = off);
+    /// see [`Preset::attribute_weight`].
+    pub fn set_attribute_weight(&mut self, weight: f64) {
+        match self {
+            Encoder::Cpu(m) => m.preset.attribute_weight = weight,
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.preset.attribute_weight = weight,
+        }
+    }
+
     pub fn preset(&self) -> &Preset {
         match self {
             Encoder::Cpu(m) => &m.preset,
@@ -314,6 +324,24 @@ impl Encoder {
             Encoder::Cpu(m) => m.embed_texts(tokens, batch_size),
             #[cfg(feature = "cuda")]
             Encoder::Cuda(cuda::SharedPlip(m), _) => m.embed_texts(tokens, batch_size),
+        }
+    }
+
+    /// See [`Plip::image_attributes`].
+    pub fn image_attributes(&self, images: &[f32], batch_size: usize) -> Option<Vec<f32>> {
+        match self {
+            Encoder::Cpu(m) => m.image_attributes(images, batch_size),
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.image_attributes(images, batch_size),
+        }
+    }
+
+    /// See [`Plip::text_attributes`].
+    pub fn text_attributes(&self, tokens: &TokenBatch, batch_size: usize) -> Option<Vec<f32>> {
+        match self {
+            Encoder::Cpu(m) => m.text_attributes(tokens, batch_size),
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.text_attributes(tokens, batch_size),
         }
     }
 

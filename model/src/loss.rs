@@ -1,5 +1,6 @@
 //! The three pretext losses as tensor functions.
 
+use crate::batch::AttributeLabel;
 use crate::params::{scalar, Mat};
 use dfdx::prelude::*;
 
@@ -332,6 +333,41 @@ pub fn id_loss<E: Dtype, D: Device<E>, T: Tape<E, D>>(
         (logits.log_softmax::<Axis<1>>() * target).sum::<(), Axes2<0, 1>>()
             * scalar::<E>(-1.0 / labelled as f64),
     )
+}
+
+/// Attribute prediction: for every known attribute of every row, the cross-entropy of a
+/// softmax over that attribute's field of `logits` `(rows, values)`,
+///
+///   L_attr = −(1/m) Σ_{(r, f)} log softmax_{v ∈ f}(logits[r, v])[value(r, f)],
+///
+/// averaged over the m (row, field) pairs; `labels[r]` are row r's known attributes.
+/// `None` when no row has one.
+pub fn attribute_loss<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    logits: Mat<E, D, T>,
+    labels: &[&[AttributeLabel]],
+) -> Option<Tensor<(), E, D, T>> {
+    let values = logits.shape().1;
+    let items: Vec<(usize, AttributeLabel)> = labels
+        .iter()
+        .enumerate()
+        .flat_map(|(r, ls)| ls.iter().map(move |l| (r, *l)))
+        .filter(|(_, l)| l.start + l.len <= values && l.value < l.len)
+        .collect();
+    if items.is_empty() {
+        return None;
+    }
+    let m = items.len();
+    let dev = logits.device().clone();
+    let rows = dev.tensor_from_vec(items.iter().map(|(r, _)| *r).collect(), (m,));
+    // Values outside the item's field leave the softmax: a large negative bias (not −∞, which
+    // would turn 0·∞ into NaN in the backward pass).
+    let mut bias = vec![-1e4; m * values];
+    for (i, (_, l)) in items.iter().enumerate() {
+        bias[i * values + l.start..i * values + l.start + l.len].fill(0.0);
+    }
+    let bias = host_mat::<E, D>(&dev, &bias, m, values);
+    let targets: Vec<usize> = items.iter().map(|(_, l)| l.start + l.value).collect();
+    Some(cross_entropy(logits.gather(rows) + bias, &targets))
 }
 
 /// Alignment targets for [`feature_alignment`]: for each caption (its image is batch row

@@ -12,6 +12,7 @@
 use crate::batch::Batch;
 use crate::heads::{IapHead, IdHead, TicHead};
 use crate::impl_params;
+use crate::layers::Linear;
 use crate::loss;
 use crate::norm::{BnMode, BnStats};
 use crate::params::{detach, scalar, Init, Mat, Vector};
@@ -73,6 +74,14 @@ pub struct TaskWeights {
     /// in the batch, taken as constants, so only the text tower learns from it; 0 switches it
     /// off.
     pub text_align: f64,
+    /// Weight of attribute prediction from the image's joint feature
+    /// ([`loss::attribute_loss`], the attribute head shared with the captions); needs a preset
+    /// with `attributes`; 0 switches it off.
+    pub attr: f64,
+    /// Weight of attribute prediction from the caption embeddings by the same head (through
+    /// the BNNeck on the caption batch's statistics, as the caption identity loss): a caption
+    /// naming a navy jacket must point where navy-jacket images point. 0 switches it off.
+    pub text_attr: f64,
 }
 
 impl Default for TaskWeights {
@@ -90,6 +99,8 @@ impl Default for TaskWeights {
             text_id_detached: false,
             proto: 0.0,
             text_align: 0.0,
+            attr: 0.0,
+            text_attr: 0.0,
         }
     }
 }
@@ -111,6 +122,8 @@ impl TaskWeights {
             text_id_detached: false,
             proto: 0.0,
             text_align: 0.0,
+            attr: 0.0,
+            text_attr: 0.0,
         }
     }
 
@@ -127,7 +140,7 @@ impl TaskWeights {
     }
     /// True when an identity-level image loss is on.
     pub fn image_losses(&self) -> bool {
-        self.triplet > 0.0 || self.supcon > 0.0 || self.id > 0.0
+        self.triplet > 0.0 || self.supcon > 0.0 || self.id > 0.0 || self.attr > 0.0
     }
 }
 
@@ -143,6 +156,10 @@ pub struct LossValues {
     pub text_id: Option<f64>,
     pub proto: Option<f64>,
     pub text_align: Option<f64>,
+    #[serde(default)]
+    pub attr: Option<f64>,
+    #[serde(default)]
+    pub text_attr: Option<f64>,
     /// Mean IVLC of the step's text substeps (the text tower alone against earlier batches'
     /// image features); not part of `total`.
     #[serde(default)]
@@ -175,6 +192,9 @@ pub struct Plip<E: Dtype, D: Device<E>> {
     /// The identity classifier (presets with `id_classes`).
     pub id: Option<IdHead<E, D>>,
     pub logit_scale: Vector<E, D>,
+    /// The attribute head (presets with `attributes`): the joint feature → one logit per
+    /// attribute value, shared by images and captions.
+    pub attr: Option<Linear<E, D>>,
     pub preset: Preset,
     pub dev: D,
 }
@@ -184,7 +204,8 @@ impl_params!(Plip {
     iap,
     tic,
     id,
-    logit_scale
+    logit_scale,
+    attr
 });
 
 impl<E: Dtype, D: Device<E>> Plip<E, D> {
@@ -196,14 +217,24 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         preset.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut init = Init { dev, rng: &mut rng };
+        let image = ImageEncoder::new(&mut init, preset);
+        let text = TextEncoder::new(&mut init, preset);
+        let iap = IapHead::new(&mut init, preset);
+        let tic = TicHead::new(&mut init, preset);
+        let id = (preset.id_classes > 0)
+            .then(|| IdHead::new(&mut init, preset.embed, preset.id_classes));
+        let logit_scale = init.fill(1, INIT_LOGIT_SCALE);
+        // Drawn last, so the other weights are the same with and without the head.
+        let attr = (preset.attributes() > 0)
+            .then(|| Linear::new(&mut init, preset.embed, preset.attributes()));
         Ok(Plip {
-            image: ImageEncoder::new(&mut init, preset),
-            text: TextEncoder::new(&mut init, preset),
-            iap: IapHead::new(&mut init, preset),
-            tic: TicHead::new(&mut init, preset),
-            id: (preset.id_classes > 0)
-                .then(|| IdHead::new(&mut init, preset.embed, preset.id_classes)),
-            logit_scale: init.fill(1, INIT_LOGIT_SCALE),
+            image,
+            text,
+            iap,
+            tic,
+            id,
+            logit_scale,
+            attr,
             preset: preset.clone(),
             dev: dev.clone(),
         })
@@ -297,6 +328,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             && weights.text_id <= 0.0
             && weights.proto <= 0.0
             && weights.text_align <= 0.0
+            && weights.text_attr <= 0.0
             && !weights.image_losses()
         {
             return Err(crate::Error::Config(
@@ -322,6 +354,7 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             && weights.text_id <= 0.0
             && weights.proto <= 0.0
             && weights.text_align <= 0.0
+            && weights.text_attr <= 0.0
             && !iap_active
             && !weights.image_losses()
         {
@@ -350,7 +383,8 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         };
 
         // Caption pass: its embedding feeds IVLC, TIC and the caption identity loss.
-        let need_text = aligned || weights.tic > 0.0 || weights.text_id > 0.0;
+        let need_text =
+            aligned || weights.tic > 0.0 || weights.text_id > 0.0 || weights.text_attr > 0.0;
         // With extra captions ([`Batch::add_captions`]) one pass embeds them all: `all_text`
         // feeds IVLC and the caption identity loss, `text_emb` (each sample's own caption)
         // the rest.
@@ -545,6 +579,30 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 terms.push(l * scalar::<E>(weights.text_id));
             }
         }
+        if let Some(head) = &self.attr {
+            // The head reads unit features (scaled back to a BatchNorm output's norm), the
+            // image's joint feature and the caption embedding alike: what retrieval compares,
+            // and the same at serving time, where a caption has no batch to normalise with.
+            let labels: Vec<&[crate::batch::AttributeLabel]> =
+                batch.attributes.iter().map(Vec::as_slice).collect();
+            if let (true, Some(img)) = (weights.attr > 0.0, &img_emb) {
+                let feature = self.neck_joint(img.retaped::<T>(), BnMode::Train(None));
+                let logits = head.forward(self.attribute_input(feature));
+                if let Some(l) = loss::attribute_loss(logits, &labels) {
+                    values.attr = Some(read(&l));
+                    terms.push(l * scalar::<E>(weights.attr));
+                }
+            }
+            if let (true, Some(text_all)) = (weights.text_attr > 0.0, &all_text) {
+                let caption_labels: Vec<&[crate::batch::AttributeLabel]> =
+                    caption_rows.iter().map(|&r| labels[r]).collect();
+                let logits = head.forward(self.attribute_input(text_all.retaped::<T>()));
+                if let Some(l) = loss::attribute_loss(logits, &caption_labels) {
+                    values.text_attr = Some(read(&l));
+                    terms.push(l * scalar::<E>(weights.text_attr));
+                }
+            }
+        }
         let mut total = terms
             .pop()
             .ok_or_else(|| crate::Error::Shape("no loss term".into()))?;
@@ -555,6 +613,67 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         let total = total.put_tape(tape.merge(kept));
         values.total = read(&total);
         Ok((total, values))
+    }
+
+    /// The attribute head's input: unit rows scaled by √embed (the norm of a BatchNorm output
+    /// of that width).
+    fn attribute_input<T: Tape<E, D>>(&self, x: Mat<E, D, T>) -> Mat<E, D, T> {
+        let scale = (self.preset.embed as f64).sqrt();
+        loss::l2_normalize(x) * scalar::<E>(scale)
+    }
+
+    /// Per-field attribute probabilities `(rows, values)` of unnormalised features, row-major
+    /// (each field's values sum to 1); `None` without the attribute head.
+    fn attribute_probs(&self, features: Mat<E, D>) -> Option<Vec<f32>> {
+        let head = self.attr.as_ref()?;
+        let logits = head.forward(self.attribute_input(features));
+        let values = self.preset.attributes();
+        let mut out: Vec<f32> = logits
+            .as_vec()
+            .iter()
+            .map(|x| x.to_f32().unwrap_or(f32::NAN))
+            .collect();
+        for row in out.chunks_mut(values) {
+            let mut start = 0;
+            for &len in &self.preset.attribute_fields {
+                let field = &mut row[start..start + len];
+                let max = field.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                field.iter_mut().for_each(|x| *x = (*x - max).exp());
+                let sum: f32 = field.iter().sum();
+                field.iter_mut().for_each(|x| *x /= sum);
+                start += len;
+            }
+        }
+        Some(out)
+    }
+
+    /// The attribute head's per-field probabilities for normalised `(n, 3, H, W)` images
+    /// (from the joint feature, eval mode), `(n, values)` row-major; `None` without the head.
+    pub fn image_attributes(&self, images: &[f32], batch_size: usize) -> Option<Vec<f32>> {
+        self.attr.as_ref()?;
+        let len = self.preset.image_len();
+        let mut out = Vec::new();
+        for chunk in images.chunks(batch_size.max(1) * len) {
+            let n = chunk.len() / len;
+            let pooled = self.image.embed(self.images_tensor(chunk, n), BnMode::Eval);
+            out.extend(self.attribute_probs(self.neck_joint(pooled, BnMode::Eval))?);
+        }
+        Some(out)
+    }
+
+    /// The attribute head's per-field probabilities for captions, `(rows, values)` row-major;
+    /// `None` without the head.
+    pub fn text_attributes(&self, tokens: &TokenBatch, batch_size: usize) -> Option<Vec<f32>> {
+        self.attr.as_ref()?;
+        let bs = batch_size.max(1);
+        let mut out = Vec::new();
+        for start in (0..tokens.batch).step_by(bs) {
+            let rows = bs.min(tokens.batch - start);
+            let chunk = tokens.rows(start, rows);
+            let e = self.text.embed(&self.dev, &chunk, NoneTape);
+            out.extend(self.attribute_probs(e)?);
+        }
+        Some(out)
     }
 
     /// The image feature captions align to: the embedding itself, or its BNNeck when the
@@ -581,31 +700,68 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 part.iter_mut().for_each(|x| *x *= share / norm);
             }
         };
-        let mut out = self.embed_images_once(images, batch_size);
+        let (mut out, mut readings) = self.embed_images_once(images, batch_size);
         if self.preset.flip_average {
             let w = self.preset.image_width;
-            let mut mirrored = self.embed_images_once(&crate::batch::mirror(images, w), batch_size);
+            let (mut mirrored, mirrored_readings) =
+                self.embed_images_once(&crate::batch::mirror(images, w), batch_size);
             unit(&mut out.data, 1.0);
             unit(&mut mirrored.data, 1.0);
             out.data
                 .iter_mut()
                 .zip(&mirrored.data)
                 .for_each(|(a, b)| *a += b);
+            if let (Some(r), Some(m)) = (&mut readings, mirrored_readings) {
+                r.iter_mut().zip(m).for_each(|(a, b)| *a = 0.5 * (*a + b));
+            }
         }
         // The parts scaled so that the whole row is a unit vector.
         let parts = (out.dim / embed).max(1);
         unit(&mut out.data, 1.0 / (parts as f32).sqrt());
-        out
+        self.with_readings(out, readings)
+    }
+
+    /// `rows` with each row's attribute readings appended, scaled by √(λ/F), so that the dot
+    /// product of two rows adds λ times the expected fraction of the F fields on which they
+    /// agree ([`Preset::attribute_weight`]); `rows` unchanged when agreement does not rank.
+    fn with_readings(&self, rows: Embeddings, readings: Option<Vec<f32>>) -> Embeddings {
+        let values = self.preset.agreement_dim();
+        let (Some(readings), true) = (readings, values > 0) else {
+            return rows;
+        };
+        let fields = self.preset.attribute_fields.len().max(1) as f64;
+        let scale = (self.preset.attribute_weight / fields).sqrt() as f32;
+        let dim = rows.dim + values;
+        let mut data = Vec::with_capacity(rows.rows * dim);
+        for (row, reading) in rows
+            .data
+            .chunks(rows.dim.max(1))
+            .zip(readings.chunks(values))
+        {
+            data.extend_from_slice(row);
+            data.extend(reading.iter().map(|x| x * scale));
+        }
+        Embeddings {
+            rows: rows.rows,
+            dim,
+            data,
+        }
     }
 
     /// Each image's joint feature(s), unnormalised: `embed` wide, or pooled and neck side by
-    /// side for the `both` joint feature.
-    fn embed_images_once(&self, images: &[f32], batch_size: usize) -> Embeddings {
+    /// side for the `both` joint feature; with the attribute readings when agreement ranks.
+    fn embed_images_once(
+        &self,
+        images: &[f32],
+        batch_size: usize,
+    ) -> (Embeddings, Option<Vec<f32>>) {
         let len = self.preset.image_len();
         let rows = images.len() / len;
         let embed = self.preset.embed;
-        let dim = self.preset.index_dim();
+        let dim = self.preset.joint_dim();
+        let agreement = self.preset.agreement_dim() > 0;
         let mut data = Vec::with_capacity(rows * dim);
+        let mut readings = Vec::new();
         let host = |t: &Mat<E, D, NoneTape>| -> Vec<f32> {
             t.as_vec()
                 .iter()
@@ -615,19 +771,25 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         for chunk in images.chunks(batch_size.max(1) * len) {
             let n = chunk.len() / len;
             let pooled = self.image.embed(self.images_tensor(chunk, n), BnMode::Eval);
+            let joint = self.neck_joint(pooled.clone(), BnMode::Eval);
+            if agreement {
+                readings.extend(self.attribute_probs(joint.clone()).unwrap_or_default());
+            }
             match (self.preset.joint, &self.id) {
-                (JointFeature::Both, Some(head)) => {
-                    let neck = host(&head.neck.forward(pooled.clone(), BnMode::Eval));
+                (JointFeature::Both, Some(_)) => {
+                    let neck = host(&joint);
                     let pooled = host(&pooled);
                     for r in 0..n {
                         data.extend_from_slice(&pooled[r * embed..(r + 1) * embed]);
                         data.extend_from_slice(&neck[r * embed..(r + 1) * embed]);
                     }
                 }
-                _ => data.extend(host(&self.neck_joint(pooled, BnMode::Eval))),
+                _ => data.extend(host(&joint)),
             }
         }
-        Embeddings { rows, dim, data }
+        let readings =
+            (agreement && readings.len() == rows * self.preset.attributes()).then_some(readings);
+        (Embeddings { rows, dim, data }, readings)
     }
 
     /// L2-normalised caption embeddings, `batch_size` captions at a time; each chunk is cut to
@@ -638,34 +800,18 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
     pub fn embed_texts(&self, tokens: &TokenBatch, batch_size: usize) -> Embeddings {
         let both = self.preset.joint == JointFeature::Both;
         let embed = self.preset.embed;
-        let mut data = Vec::with_capacity(tokens.batch * self.preset.index_dim());
+        let mut data = Vec::with_capacity(tokens.batch * self.preset.joint_dim());
+        let agreement = self.preset.agreement_dim() > 0;
+        let mut readings = Vec::new();
         let bs = batch_size.max(1);
         for start in (0..tokens.batch).step_by(bs) {
             let rows = bs.min(tokens.batch - start);
-            let row = |r: usize| (start + r) * tokens.len..(start + r + 1) * tokens.len;
-            let longest = (0..rows)
-                .map(|r| {
-                    tokens.mask[row(r)]
-                        .iter()
-                        .rposition(|&m| m > 0.5)
-                        .map_or(1, |p| p + 1)
-                })
-                .max()
-                .unwrap_or(1);
-            let mut chunk = TokenBatch {
-                ids: Vec::new(),
-                mask: Vec::new(),
-                batch: rows,
-                len: longest,
-            };
-            for r in 0..rows {
-                let rg = row(r);
-                chunk.ids.extend(&tokens.ids[rg.start..rg.start + longest]);
-                chunk
-                    .mask
-                    .extend(&tokens.mask[rg.start..rg.start + longest]);
+            let chunk = tokens.rows(start, rows);
+            let raw = self.text.embed(&self.dev, &chunk, NoneTape);
+            if agreement {
+                readings.extend(self.attribute_probs(raw.clone()).unwrap_or_default());
             }
-            let e = loss::l2_normalize(self.text.embed(&self.dev, &chunk, NoneTape));
+            let e = loss::l2_normalize(raw);
             let e: Vec<f32> = e
                 .as_vec()
                 .iter()
@@ -680,11 +826,14 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 data.extend(e);
             }
         }
-        Embeddings {
+        let rows = Embeddings {
             rows: tokens.batch,
-            dim: self.preset.index_dim(),
+            dim: self.preset.joint_dim(),
             data,
-        }
+        };
+        let readings = (agreement && readings.len() == tokens.batch * self.preset.attributes())
+            .then_some(readings);
+        self.with_readings(rows, readings)
     }
 
     /// The current logit scale s.

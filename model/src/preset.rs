@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The dimensions of one model size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Preset {
     /// Name the configuration selects it by.
     pub name: String,
@@ -74,6 +74,19 @@ pub struct Preset {
     /// weight; files written before the field read as `false`.
     #[serde(default)]
     pub flip_average: bool,
+    /// The attribute head's fields (empty = no head): the number of values of each attribute
+    /// field, in order; the head has one output per value, each field a contiguous range of
+    /// them (the batch's labels name a field by its range, [`crate::batch::AttributeLabel`]).
+    /// Files written before the field read as empty.
+    #[serde(default)]
+    pub attribute_fields: Vec<usize>,
+    /// Weight λ of attribute agreement in retrieval (0 = off; needs the attribute head):
+    /// a caption's score against an image is cos + λ·a, a the expected fraction of attribute
+    /// fields on which the head's readings of the two agree, and an image query's likewise.
+    /// Index rows carry the readings after the joint feature(s) ([`Preset::index_dim`]).
+    /// Changes no weight; files written before the field read as 0.
+    #[serde(default)]
+    pub attribute_weight: f64,
 }
 
 /// Which image feature is the joint embedding.
@@ -205,6 +218,8 @@ impl Preset {
             id_classes: 0,
             joint: JointFeature::Pooled,
             flip_average: false,
+            attribute_fields: Vec::new(),
+            attribute_weight: 0.0,
         }
     }
 
@@ -260,6 +275,8 @@ impl Preset {
             id_classes: 0,
             joint: JointFeature::Pooled,
             flip_average: false,
+            attribute_fields: Vec::new(),
+            attribute_weight: 0.0,
         }
     }
 
@@ -288,6 +305,8 @@ impl Preset {
             id_classes: 0,
             joint: JointFeature::Pooled,
             flip_average: false,
+            attribute_fields: Vec::new(),
+            attribute_weight: 0.0,
         }
     }
 
@@ -321,6 +340,8 @@ impl Preset {
         let same_weights = Preset {
             joint: self.joint,
             flip_average: self.flip_average,
+            attribute_fields: self.adds_attribute_head(stored),
+            attribute_weight: self.attribute_weight,
             ..stored.clone()
         };
         if same_weights == *self {
@@ -431,6 +452,43 @@ impl Preset {
         Ok(p)
     }
 
+    /// This preset with an attribute head over `fields` (the number of values of each field;
+    /// empty: none).
+    pub fn with_attributes(&self, fields: &[usize]) -> Preset {
+        Preset {
+            attribute_fields: fields.to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// True when `label` names one of the attribute head's fields and a value inside it.
+    pub fn is_attribute_field(&self, label: &crate::batch::AttributeLabel) -> bool {
+        let mut start = 0;
+        for &len in &self.attribute_fields {
+            if start == label.start {
+                return len == label.len && label.value < len;
+            }
+            start += len;
+        }
+        false
+    }
+
+    /// The attribute fields a checkpoint of `stored` has once loaded into a model of `self`:
+    /// a checkpoint made without the attribute head takes `self`'s (the head is added, from
+    /// its initialisation), any other keeps its own.
+    pub fn adds_attribute_head(&self, stored: &Preset) -> Vec<usize> {
+        if stored.attribute_fields.is_empty() {
+            self.attribute_fields.clone()
+        } else {
+            stored.attribute_fields.clone()
+        }
+    }
+
+    /// Outputs of the attribute head: the values of all its fields (0 = no head).
+    pub fn attributes(&self) -> usize {
+        self.attribute_fields.iter().sum()
+    }
+
     /// Patches per image row.
     pub fn grid_w(&self) -> usize {
         self.image_width / self.patch
@@ -458,10 +516,25 @@ impl Preset {
     /// Width of the vectors the gallery index holds: `embed`, or twice that for the `both`
     /// joint feature (pooled and neck side by side).
     pub fn index_dim(&self) -> usize {
+        self.joint_dim() + self.agreement_dim()
+    }
+
+    /// Width of the joint feature(s) in an index row: `embed`, or twice that for `both`.
+    pub fn joint_dim(&self) -> usize {
         if self.joint == JointFeature::Both {
             2 * self.embed
         } else {
             self.embed
+        }
+    }
+
+    /// Width of the attribute readings in an index row: the head's values when attribute
+    /// agreement ranks ([`Preset::attribute_weight`] > 0), else 0.
+    pub fn agreement_dim(&self) -> usize {
+        if self.attribute_weight > 0.0 {
+            self.attributes()
+        } else {
+            0
         }
     }
     /// Scalars in one input image (3 channels).
@@ -531,6 +604,12 @@ impl Preset {
         }
         if self.text_len < 3 || self.vocab < 8 {
             return bad("text length or vocabulary too small".into());
+        }
+        if self.attribute_fields.iter().any(|&n| n < 2) {
+            return bad(format!(
+                "attribute fields {:?}: each needs at least two values",
+                self.attribute_fields
+            ));
         }
         Ok(())
     }

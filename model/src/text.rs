@@ -19,6 +19,35 @@ pub struct TokenBatch {
     pub len: usize,
 }
 
+impl TokenBatch {
+    /// Rows `start..start + rows`, cut to the longest of them (padding never changes an
+    /// embedding, and the text tower's cost grows with the length).
+    pub fn rows(&self, start: usize, rows: usize) -> TokenBatch {
+        let row = |r: usize| (start + r) * self.len..(start + r + 1) * self.len;
+        let longest = (0..rows)
+            .map(|r| {
+                self.mask[row(r)]
+                    .iter()
+                    .rposition(|&m| m > 0.5)
+                    .map_or(1, |p| p + 1)
+            })
+            .max()
+            .unwrap_or(1);
+        let mut chunk = TokenBatch {
+            ids: Vec::with_capacity(rows * longest),
+            mask: Vec::with_capacity(rows * longest),
+            batch: rows,
+            len: longest,
+        };
+        for r in 0..rows {
+            let rg = row(r);
+            chunk.ids.extend(&self.ids[rg.start..rg.start + longest]);
+            chunk.mask.extend(&self.mask[rg.start..rg.start + longest]);
+        }
+        chunk
+    }
+}
+
 /// The text encoder.
 #[derive(Clone, Debug)]
 pub struct TextEncoder<E: Dtype, D: Device<E>> {

@@ -168,9 +168,13 @@ fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> 
     // The joint feature picks which of the same weights' outputs is the embedding, so a file
     // loads whichever one the model uses (a `pooled` checkpoint serves as `neck` and back).
     // Flip averaging likewise.
+    // A file written without the attribute head loads into a model with one: the head keeps
+    // its initialisation.
     let same_weights = Preset {
         joint: preset.joint,
         flip_average: preset.flip_average,
+        attribute_fields: preset.adds_attribute_head(&meta.preset),
+        attribute_weight: preset.attribute_weight,
         ..meta.preset.clone()
     };
     if same_weights != *preset {
@@ -186,6 +190,12 @@ fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> 
         });
     }
     Ok(())
+}
+
+/// True for a parameter of the attribute head when `stored` (a file's preset) has none: the
+/// head was added after the file was written.
+fn added_head(stored: &Preset, name: &str) -> bool {
+    stored.attribute_fields.is_empty() && name.starts_with("attr.")
 }
 
 /// The model's weights as safetensors bytes.
@@ -226,6 +236,10 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
         if name == OPTIONAL_BUFFER && !st.names().iter().any(|n| *n == OPTIONAL_BUFFER) {
             // Written before the identity prototypes existed: none seen yet.
             values.push(vec![E::default(); p.len()]);
+            continue;
+        }
+        if added_head(&meta.preset, &name) {
+            values.push(p.to_host());
             continue;
         }
         let view = st
@@ -304,6 +318,12 @@ pub fn load_optimizer<E: Dtype, D: Device<E>>(
                 .map_err(|e| Error::Weights(format!("tensor {k}: {e}")))?;
             from_view::<E>(&k, &view, &dims)
         };
+        if added_head(&meta.preset, name) {
+            // The head is new: its moments start at zero.
+            let zeros = vec![E::default(); dims.iter().product()];
+            values.push((zeros.clone(), zeros));
+            continue;
+        }
         values.push((get(format!("m.{name}"))?, get(format!("v.{name}"))?));
     }
     for (m, (a, b)) in opt.moments.iter_mut().zip(values) {

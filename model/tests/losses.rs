@@ -584,3 +584,155 @@ fn text_substeps_train_the_text_tower_alone_against_remembered_batches() {
     plip_model::weights::load_optimizer(&mut loaded, &bytes, &p, "tk").unwrap();
     assert_eq!((loaded.step, loaded.text_updates), (3, 3));
 }
+
+/// Attribute prediction against a hand computation: 5 values in two fields (0..2 and 2..5);
+/// row 0 knows both fields, row 1 only the second. Each (row, field) pair is a softmax over
+/// its field alone, averaged over the 3 pairs.
+#[test]
+fn attribute_loss_values() {
+    use plip_model::batch::AttributeLabel;
+    let dev = cpu();
+    let logits: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(
+        vec![
+            0.5, -1.0, 2.0, 0.0, 1.0, /* row 1 */ 3.0, 3.0, -2.0, 0.5, 1.5,
+        ],
+        (2, 5),
+    );
+    let a = |value| AttributeLabel {
+        start: 0,
+        len: 2,
+        value,
+    };
+    let b = |value| AttributeLabel {
+        start: 2,
+        len: 3,
+        value,
+    };
+    let row0 = [a(1), b(0)];
+    let row1 = [b(2)];
+    let l = loss::attribute_loss(logits.clone(), &[&row0, &row1])
+        .unwrap()
+        .as_vec()[0];
+    let lse = |xs: &[f64]| xs.iter().map(|x| x.exp()).sum::<f64>().ln();
+    let want = ((lse(&[0.5, -1.0]) + 1.0)
+        + (lse(&[2.0, 0.0, 1.0]) - 2.0)
+        + (lse(&[-2.0, 0.5, 1.5]) - 1.5))
+        / 3.0;
+    assert!((l - want).abs() < 1e-9, "{l} vs {want}");
+    // No known attribute anywhere: no loss.
+    assert!(loss::attribute_loss(logits, &[&[], &[]]).is_none());
+}
+
+/// The attribute head is shared: from the captions alone (`text_attr`) a step moves the text
+/// tower and the head but no image parameter; from the images alone (`attr`) the image tower
+/// and the head but no text parameter; and on the toy problem (attributes that follow the
+/// identity) each loss falls.
+#[test]
+fn attribute_prediction_trains_one_head_from_either_side() {
+    use plip_model::batch::{AttributeLabel, Batch, Sample};
+    use rand::SeedableRng;
+    let p = Preset::test().with_attributes(&[3, 4]);
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 2, 4);
+    // Two fields: 0..3 and 3..7, values keyed by the identity.
+    let labels: Vec<[AttributeLabel; 2]> = (0..4)
+        .map(|i| {
+            [
+                AttributeLabel {
+                    start: 0,
+                    len: 3,
+                    value: i % 3,
+                },
+                AttributeLabel {
+                    start: 3,
+                    len: 4,
+                    value: (i + 1) % 4,
+                },
+            ]
+        })
+        .collect();
+    let batch_of = |seed: u64| {
+        let samples: Vec<Sample<'_>> = toys
+            .iter()
+            .map(|t| Sample {
+                attributes: &labels[t.identity as usize % 4],
+                ..t.sample()
+            })
+            .collect();
+        Batch::build(
+            &samples,
+            &p,
+            &tk,
+            0.5,
+            &mut rand::rngs::StdRng::seed_from_u64(seed),
+        )
+        .unwrap()
+    };
+    for (weights, text_side) in [
+        (
+            TaskWeights {
+                text_attr: 1.0,
+                ..TaskWeights::none()
+            },
+            true,
+        ),
+        (
+            TaskWeights {
+                attr: 1.0,
+                ..TaskWeights::none()
+            },
+            false,
+        ),
+    ] {
+        let mut cfg = quick_config(weights);
+        cfg.optim.weight_decay = 0.0;
+        cfg.optim.lr = 2e-3;
+        let mut t = Trainer::new(Plip::<f32, Cpu>::new(&cpu(), &p, 3).unwrap(), cfg);
+        let before = snapshot(&t.model);
+        let first = t.step(&batch_of(0)).unwrap();
+        let value = if text_side {
+            first.losses.text_attr
+        } else {
+            first.losses.attr
+        };
+        assert!(value.is_some(), "{weights:?}: no attribute loss");
+        let after = snapshot(&t.model);
+        let (text_moved, other) = moved(&before, &after);
+        assert_eq!(
+            text_moved, text_side,
+            "{weights:?}: text moved {text_moved}"
+        );
+        assert!(other.iter().any(|n| n.starts_with("attr.")), "{other:?}");
+        assert_eq!(
+            other.iter().any(|n| n.starts_with("image.")),
+            !text_side,
+            "{weights:?}: {other:?}"
+        );
+        let losses: Vec<f64> = std::iter::once(first.losses.total)
+            .chain((1..60).map(|i| t.step(&batch_of(i)).unwrap().losses.total))
+            .collect();
+        assert_falls(if text_side { "text_attr" } else { "attr" }, &losses, 0.5);
+    }
+    // A label outside the preset's vocabulary is refused when the batch is built.
+    let wide = [AttributeLabel {
+        start: 5,
+        len: 3,
+        value: 0,
+    }];
+    let samples: Vec<Sample<'_>> = toys
+        .iter()
+        .map(|t| Sample {
+            attributes: &wide,
+            ..t.sample()
+        })
+        .collect();
+    let err = Batch::build(
+        &samples,
+        &p,
+        &tk,
+        0.5,
+        &mut rand::rngs::StdRng::seed_from_u64(0),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("attribute"), "{err}");
+}

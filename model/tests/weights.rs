@@ -220,3 +220,37 @@ fn weights_cross_dtypes() {
         t.model.embed_images(&batches[0].images, 8)
     );
 }
+
+/// A checkpoint written without the attribute head loads into a model with one: every other
+/// tensor comes from the file, the head keeps its initialisation, and its optimiser moments
+/// start at zero. The other way round the checkpoint's head is refused unless the model has it.
+#[test]
+fn a_checkpoint_without_the_attribute_head_gains_one() {
+    let (t, _, tk) = trained(2, 1);
+    let fp = tk.fingerprint();
+    let w = save_weights(&t.model, fp, 2, &BTreeMap::new()).unwrap();
+    let o = save_optimizer(&t.opt, &t.model.preset, fp).unwrap();
+    let with_head = Preset::test().with_attributes(&[3, 4]);
+    assert_eq!(with_head.mismatch(&t.model.preset), None);
+    let mut m = Plip::<f32, Cpu>::new(&cpu(), &with_head, 9).unwrap();
+    let head_init = m.attr.as_ref().unwrap().weight.as_vec();
+    load_weights(&mut m, &w, fp).unwrap();
+    let mut opt = AdamW::new(&m);
+    load_optimizer(&mut opt, &o, &with_head, fp).unwrap();
+    assert_eq!(opt.step, t.opt.step);
+    let loaded: BTreeMap<String, Vec<f32>> = m
+        .params()
+        .into_iter()
+        .map(|(n, p)| (n, p.to_host()))
+        .collect();
+    for (name, p) in t.model.params() {
+        assert_eq!(loaded[&name], p.to_host(), "{name}");
+    }
+    assert_eq!(loaded["attr.weight"], head_init);
+    // A checkpoint with the head, into a model without one: refused (the trainers adopt the
+    // checkpoint's head instead).
+    let w2 = save_weights(&m, fp, 2, &BTreeMap::new()).unwrap();
+    let mut plain = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 9).unwrap();
+    assert!(load_weights(&mut plain, &w2, fp).is_err());
+    assert!(Preset::test().mismatch(&with_head).is_some());
+}

@@ -502,6 +502,8 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
         ("text_id", t.text_id),
         ("proto", t.proto),
         ("text_align", t.text_align),
+        ("attr", t.attr),
+        ("text_attr", t.text_attr),
         ("text_substeps", t.text_substeps),
     ] {
         if let Some(v) = v {

@@ -237,6 +237,8 @@ pub struct TrainerStats {
     pub text_id: Option<f64>,
     pub proto: Option<f64>,
     pub text_align: Option<f64>,
+    pub attr: Option<f64>,
+    pub text_attr: Option<f64>,
     /// Mean IVLC of the last step's text substeps (`trainer.text_substeps`).
     pub text_substeps: Option<f64>,
     /// Identity-classifier rows zeroed by `forget` since the trainer started.

@@ -87,6 +87,7 @@ fn load_version(shared: &Shared, version: u64) -> Result<(Encoder, Tokenizer, u6
         .load_weights(&ck.weights, tokenizer.fingerprint())
         .map_err(|e| e.to_string())?;
     model.set_flip_average(shared.cfg.serving.flip_average);
+    model.set_attribute_weight(shared.cfg.serving.attribute_weight);
     Ok((model, tokenizer, ck.meta.step))
 }
 

@@ -16,7 +16,7 @@ use crate::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
-use plip_model::batch::{person_key, pick_captions, Augment, Batch, Sample};
+use plip_model::batch::{person_key, pick_captions, AttributeLabel, Augment, Batch, Sample};
 use plip_model::device::{run_on, OnDevice};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
@@ -234,6 +234,9 @@ fn train_loop<D: Device<f32>>(
             .with_joint(&tc.joint_feature)
             .map_err(|e| e.to_string())?;
     }
+    if tc.w_attr > 0.0 || tc.w_text_attr > 0.0 {
+        preset = preset.with_attributes(plip_ingest::attributes::ATTRIBUTE_FIELDS);
+    }
     let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
         Some(t) => t,
         None => {
@@ -273,6 +276,8 @@ fn train_loop<D: Device<f32>>(
             text_id_detached: tc.text_id_detached,
             proto: tc.w_proto,
             text_align: tc.w_text_align,
+            attr: tc.w_attr,
+            text_attr: tc.w_text_attr,
         },
         ramp_steps: tc.ramp_steps,
         text_substeps: tc.text_substeps,
@@ -294,6 +299,13 @@ fn train_loop<D: Device<f32>>(
         let stored = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
         if let Some(why) = preset.mismatch(&stored) {
             return Err(format!("trainer.preset = {:?}: {why}", preset.name));
+        }
+        if preset.attribute_fields.is_empty() && !stored.attribute_fields.is_empty() {
+            // The checkpoints have the attribute head: it stays (untrained while its tasks are
+            // off).
+            preset = preset.with_attributes(&stored.attribute_fields);
+            let model = Plip::<f32, D>::new(&dev, &preset, tc.seed).map_err(|e| e.to_string())?;
+            trainer = Trainer::new(model, trainer.cfg.clone());
         }
         load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())
             .map_err(|e| e.to_string())?;
@@ -412,6 +424,7 @@ fn train_loop<D: Device<f32>>(
         set_state(&shared, "training");
         let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
         let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
+        let mut labels: Vec<Vec<AttributeLabel>> = Vec::with_capacity(picks.len());
         let mut extra_captions: Vec<(usize, String)> = Vec::new();
         for (i, g) in picks {
             let Some(s) = shared.store.get(&index.entries[i].id)? else {
@@ -436,6 +449,11 @@ fn train_loop<D: Device<f32>>(
                 g,
                 s.meta.person_id.as_deref().map(person_key),
             ));
+            labels.push(if preset.attributes() > 0 {
+                crate::data::attribute_labels(s.meta.attributes.as_ref())
+            } else {
+                Vec::new()
+            });
         }
         if loaded.len() < 2 {
             index = Index::build(&shared);
@@ -448,12 +466,14 @@ fn train_loop<D: Device<f32>>(
         let samples: Vec<Sample<'_>> = loaded
             .iter()
             .zip(&spans)
-            .map(|((rgb, c, g, person), sp)| Sample {
+            .zip(&labels)
+            .map(|(((rgb, c, g, person), sp), attributes)| Sample {
                 rgb,
                 caption: &c.text,
                 phrases: sp,
                 identity: Some(*g),
                 person: *person,
+                attributes,
             })
             .collect();
         let ratio = trainer.cfg.mask_ratio(trainer.opt.step);
@@ -498,6 +518,8 @@ fn train_loop<D: Device<f32>>(
                 t.text_id = report.losses.text_id;
                 t.proto = report.losses.proto;
                 t.text_align = report.losses.text_align;
+                t.attr = report.losses.attr;
+                t.text_attr = report.losses.text_attr;
                 t.text_substeps = report.losses.text_substeps;
                 t.lr = Some(report.lr);
             }

@@ -34,6 +34,7 @@ impl Toy {
             phrases: &self.phrases,
             identity: Some(self.identity),
             person: Some(self.identity),
+            attributes: &[],
         }
     }
 }
