@@ -177,10 +177,10 @@ pub struct TrainArgs {
     pub w_text_align: f64,
     /// Weight of attribute prediction from the image's joint feature, by an attribute head
     /// shared with the captions (data sets with true attributes; 0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub w_attr: f64,
     /// Weight of attribute prediction from the caption embeddings by the same head (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub w_text_attr: f64,
     /// Text substeps: after each step the text tower alone takes one more update against each
     /// of the last N batches' captions and their image features, kept in memory — more text
@@ -491,7 +491,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             // off).
             preset = preset.with_attributes(&stored.attribute_fields);
             let model = Plip::<f32, D>::new(&dev, &preset, args.seed)?;
-            trainer = Trainer::new(model, trainer.cfg.clone());
+            trainer = Trainer::new(model, trainer.cfg);
         }
         load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())?;
         load_optimizer(

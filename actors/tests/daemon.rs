@@ -238,7 +238,13 @@ fn trainer_checkpoints_and_resumes_exactly() {
         let state = plip_actors::state::State::open(&dir.join("state")).unwrap();
         let ck = state.latest_valid(|_| {}).unwrap().unwrap();
         let tk = state.tokenizer().unwrap().unwrap();
-        let preset = plip_model::Preset::test();
+        // The checkpoint's own dimensions: `test` with the attribute head the default tasks add.
+        let preset = plip_model::weights::read_meta(&ck.weights).unwrap().preset;
+        assert_eq!(preset.name, "test");
+        assert_eq!(
+            preset.attribute_fields,
+            plip_ingest::attributes::ATTRIBUTE_FIELDS
+        );
         let mut model = plip_model::Plip::<f32, plip_model::dfdx::prelude::Cpu>::new(
             &Default::default(),
             &preset,

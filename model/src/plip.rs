@@ -99,8 +99,11 @@ impl Default for TaskWeights {
             text_id_detached: false,
             proto: 0.0,
             text_align: 0.0,
-            attr: 0.0,
-            text_attr: 0.0,
+            // Attribute prediction from both sides (with a preset that has the attribute head):
+            // image mAP 90.95% against 88.9%, text→image R@1 52.8% against 48.25% at 40,000
+            // images (README "Quality", runs a1, b1 against w1).
+            attr: 1.0,
+            text_attr: 1.0,
         }
     }
 }
@@ -134,6 +137,8 @@ impl TaskWeights {
             supcon: 0.0,
             id: 0.0,
             text_id: 0.0,
+            attr: 0.0,
+            text_attr: 0.0,
             ivlc_image_grad: true,
             ..Default::default()
         }

@@ -305,7 +305,7 @@ fn train_loop<D: Device<f32>>(
             // off).
             preset = preset.with_attributes(&stored.attribute_fields);
             let model = Plip::<f32, D>::new(&dev, &preset, tc.seed).map_err(|e| e.to_string())?;
-            trainer = Trainer::new(model, trainer.cfg.clone());
+            trainer = Trainer::new(model, trainer.cfg);
         }
         load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())
             .map_err(|e| e.to_string())?;
