@@ -108,14 +108,34 @@ pub fn evaluate_model(
     gallery: &[Loaded],
     max_rank: usize,
 ) -> plip_model::Result<(ReidMetrics, RetrievalMetrics)> {
+    let (reid, text, _) = evaluate_with_attributes(lm, query, gallery, max_rank, &[])?;
+    Ok((reid, text))
+}
+
+/// Text→image R@1 for each attribute-agreement weight: `(λ, R@1)` pairs.
+pub type AttributeSweep = Vec<(f64, f64)>;
+
+/// As [`evaluate_model`], with text→image R@1 for each attribute-agreement weight λ in
+/// `weights` from the same embeddings: score = cos(caption, image) + λ · (1/F) Σ_fields Σ_v
+/// p_caption(v) · p_image(v), the expected fraction of the F attribute fields on which the
+/// caption's and the image's readings agree (λ = ∞: agreement alone). The sweep is `None`
+/// without the attribute head or without weights.
+pub fn evaluate_with_attributes(
+    lm: &LoadedModel,
+    query: &[Loaded],
+    gallery: &[Loaded],
+    max_rank: usize,
+    weights: &[f64],
+) -> plip_model::Result<(ReidMetrics, RetrievalMetrics, Option<AttributeSweep>)> {
     let p = &lm.model.preset();
     let norm = |l: &[Loaded]| -> Vec<f32> {
         l.iter()
             .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
             .collect()
     };
+    let gallery_images = norm(gallery);
     let qe = lm.model.embed_images(&norm(query), 64);
-    let ge = lm.model.embed_images(&norm(gallery), 64);
+    let ge = lm.model.embed_images(&gallery_images, 64);
     let dist: Vec<f64> = cosine_matrix(&qe, &ge)
         .into_iter()
         .map(|s| 1.0 - s)
@@ -133,67 +153,35 @@ pub fn evaluate_model(
     }
     let tokens = lm.tokenizer.encode_batch(&texts, p.text_len)?;
     let te = lm.model.embed_texts(&tokens, 128);
-    let text = text_to_image(&cosine_matrix(&te, &ge), &tp, &gp)?;
-    Ok((reid, text))
-}
-
-/// Text→image R@1 with the attribute head's agreement added to the cosine similarity, for each
-/// weight λ in `weights`: score = cos(caption, image) + λ · (1/F) Σ_fields Σ_v p_caption(v) ·
-/// p_image(v), the expected fraction of the F attribute fields on which the caption's and the
-/// image's attribute readings agree. `None` without the attribute head.
-pub fn attribute_text_r1(
-    lm: &LoadedModel,
-    query: &[Loaded],
-    gallery: &[Loaded],
-    weights: &[f64],
-) -> plip_model::Result<Option<Vec<(f64, f64)>>> {
-    let p = &lm.model.preset();
-    let fields = p.attribute_fields.len() as f64;
-    let values = p.attributes();
-    let images: Vec<f32> = gallery
-        .iter()
-        .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
-        .collect();
-    let Some(ga) = lm.model.image_attributes(&images, 64) else {
-        return Ok(None);
-    };
-    let ge = lm.model.embed_images(&images, 64);
-    let mut texts = Vec::new();
-    let mut tp = Vec::new();
-    for q in query {
-        for c in &q.captions {
-            texts.push(c.text.clone());
-            tp.push(q.person.clone().unwrap_or_default());
-        }
-    }
-    let tokens = lm.tokenizer.encode_batch(&texts, p.text_len)?;
-    let te = lm.model.embed_texts(&tokens, 128);
-    let Some(ta) = lm.model.text_attributes(&tokens, 128) else {
-        return Ok(None);
-    };
     let cos = cosine_matrix(&te, &ge);
-    let ng = gallery.len();
-    let agree: Vec<f64> = (0..texts.len())
-        .flat_map(|i| {
-            let t = &ta[i * values..(i + 1) * values];
-            let ga = &ga;
-            (0..ng).map(move |j| {
-                let g = &ga[j * values..(j + 1) * values];
-                t.iter().zip(g).map(|(a, b)| (a * b) as f64).sum::<f64>() / fields
-            })
+    let text = text_to_image(&cos, &tp, &gp)?;
+    if weights.is_empty() {
+        return Ok((reid, text, None));
+    }
+    let (Some(ga), Some(ta)) = (
+        lm.model.image_attributes(&gallery_images, 64),
+        lm.model.text_attributes(&tokens, 128),
+    ) else {
+        return Ok((reid, text, None));
+    };
+    let (fields, values) = (p.attribute_fields.len() as f64, p.attributes());
+    let agree: Vec<f64> = ta
+        .chunks(values)
+        .flat_map(|t| {
+            ga.chunks(values)
+                .map(move |g| t.iter().zip(g).map(|(a, b)| (a * b) as f64).sum::<f64>() / fields)
         })
         .collect();
-    let (gp, _) = labels(gallery);
-    let mut out = Vec::new();
+    let mut sweep = Vec::new();
     for &w in weights {
         let score: Vec<f64> = if w.is_infinite() {
             agree.clone()
         } else {
             cos.iter().zip(&agree).map(|(c, a)| c + w * a).collect()
         };
-        out.push((w, text_to_image(&score, &tp, &gp)?.r1));
+        sweep.push((w, text_to_image(&score, &tp, &gp)?.r1));
     }
-    Ok(Some(out))
+    Ok((reid, text, Some(sweep)))
 }
 
 /// Writes the embeddings `plipd eval --embeddings` asks for (see [`crate::eval::EvalArgs`]).

@@ -222,24 +222,18 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         preset.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut init = Init { dev, rng: &mut rng };
-        let image = ImageEncoder::new(&mut init, preset);
-        let text = TextEncoder::new(&mut init, preset);
-        let iap = IapHead::new(&mut init, preset);
-        let tic = TicHead::new(&mut init, preset);
-        let id = (preset.id_classes > 0)
-            .then(|| IdHead::new(&mut init, preset.embed, preset.id_classes));
-        let logit_scale = init.fill(1, INIT_LOGIT_SCALE);
-        // Drawn last, so the other weights are the same with and without the head.
-        let attr = (preset.attributes() > 0)
-            .then(|| Linear::new(&mut init, preset.embed, preset.attributes()));
+        // Fields are initialised in the literal's order; the attribute head comes last, so the
+        // other weights are the same with and without it.
         Ok(Plip {
-            image,
-            text,
-            iap,
-            tic,
-            id,
-            logit_scale,
-            attr,
+            image: ImageEncoder::new(&mut init, preset),
+            text: TextEncoder::new(&mut init, preset),
+            iap: IapHead::new(&mut init, preset),
+            tic: TicHead::new(&mut init, preset),
+            id: (preset.id_classes > 0)
+                .then(|| IdHead::new(&mut init, preset.embed, preset.id_classes)),
+            logit_scale: init.fill(1, INIT_LOGIT_SCALE),
+            attr: (preset.attributes() > 0)
+                .then(|| Linear::new(&mut init, preset.embed, preset.attributes())),
             preset: preset.clone(),
             dev: dev.clone(),
         })
