@@ -3,6 +3,12 @@ model's image space, next to what the model's text tower does.
 
   attribute_probe.py split DATA OUT          a query/gallery folder of DATA's training people
   attribute_probe.py probe TRAIN.jsonl TEST.jsonl [pooled|neck]
+  attribute_probe.py readings TEST.jsonl
+
+`readings` reads the attribute head's outputs from `plipd eval --embeddings` (a model with the
+head): its accuracy per field on the images and on the captions, and text→image R@1 when the
+captions rank the gallery by each way of matching the two sides' readings — alone and beside
+the cosine similarity — and by the captions' *true* attributes (a perfect caption reader).
 
 `split` writes OUT with two query images per training person (different cameras) and the rest
 as gallery, for `plipd eval --data OUT --embeddings ...`. `probe` fits ridge regression from the
@@ -90,7 +96,66 @@ def probe(train, test, part):
     print(json.dumps(out))
 
 
+def readings(test):
+    imgs, caps = [], []
+    for line in open(test):
+        r = json.loads(line)
+        if 'attribute_readings' not in r:
+            sys.exit('no attribute readings: the model has no attribute head')
+        r['p'] = np.array(r['attribute_readings'])
+        e = np.array(r['embedding'])
+        r['e'] = e / (np.linalg.norm(e) + 1e-12)
+        (imgs if r['kind'] == 'image' else caps).append(r)
+    gal = [r for r in imgs if r['split'] == 'gallery']
+    qry = [r for r in imgs if r['split'] == 'query']
+    fields = sorted({(a[0], a[1]) for r in imgs for a in r['attribute_labels']})
+    out = {"fields": len(fields), "gallery": len(gal), "captions": len(caps)}
+
+    def acc(rows):
+        per = []
+        for (s, n) in fields:
+            hit = [int(np.argmax(r['p'][s:s + n])) == a[2]
+                   for r in rows for a in r['attribute_labels'] if a[0] == s]
+            per.append(round(float(np.mean(hit)), 3) if hit else None)
+        return per
+    out["image_field_accuracy"] = acc(gal + qry)
+    out["caption_field_accuracy"] = acc(caps)
+
+    g = np.stack([r['p'] for r in gal])
+    logg = np.log(np.clip(g, 1e-4, 1))
+    c = np.stack([r['p'] for r in caps])
+    onehot = np.zeros_like(c)
+    truth = np.zeros_like(c)
+    for i, r in enumerate(caps):
+        for (s, n) in fields:
+            onehot[i, s + int(np.argmax(r['p'][s:s + n]))] = 1
+        for a in r['attribute_labels']:
+            truth[i, a[0] + a[2]] = 1
+    cos = np.stack([r['e'] for r in caps]) @ np.stack([r['e'] for r in gal]).T
+    gp = np.array([r['person'] for r in gal])
+    cp = np.array([r['person'] for r in caps])
+    F = len(fields)
+
+    def r1(score):
+        return round(float(np.mean(gp[score.argmax(1)] == cp)), 4)
+    scores = {
+        "agreement": c @ g.T / F,
+        "loglik": c @ logg.T / F,
+        "loglik_argmax": onehot @ logg.T / F,
+        "loglik_true_caption": truth @ logg.T / F,
+    }
+    out["cos"] = r1(cos)
+    for k, v in scores.items():
+        out[k] = r1(v)
+        for lam in (0.1, 0.25, 0.5, 1, 2):
+            out[f"cos+{lam}*{k}"] = r1(cos + lam * v)
+    print(json.dumps(out, indent=1))
+
+
 if __name__ == '__main__':
+    if len(sys.argv) >= 3 and sys.argv[1] == 'readings':
+        readings(sys.argv[2])
+        sys.exit(0)
     if len(sys.argv) >= 4 and sys.argv[1] == 'split':
         split(sys.argv[2], sys.argv[3])
     elif len(sys.argv) >= 4 and sys.argv[1] == 'probe':

@@ -261,6 +261,11 @@ pub struct TrainerConfig {
     pub threads: usize,
     /// Seed of the initial weights and the sampler.
     pub seed: u64,
+    /// Before each checkpoint, re-estimate the BNNeck's running statistics from up to this
+    /// many of the most recently trained images, un-augmented (0 = keep the training batches'
+    /// running averages). Changes no weight; the checkpoint (and the model served from it)
+    /// then normalises clean images as training normalised its batches.
+    pub calibrate_neck: usize,
 }
 
 impl Default for TrainerConfig {
@@ -308,6 +313,7 @@ impl Default for TrainerConfig {
             keep_checkpoints: 5,
             threads: 0,
             seed: 0,
+            calibrate_neck: 512,
         }
     }
 }

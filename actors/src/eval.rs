@@ -50,9 +50,15 @@ pub struct EvalArgs {
     /// Also write every embedding to this JSON-lines file: one line per query and gallery
     /// image (`kind` "image", `split`, `row` within it, `person`, `camera`, `attributes` when
     /// known, `embedding`) and per query caption (`kind` "caption", `query_row` of its image,
-    /// `person`, `text`, `embedding`), for analysis outside plipd.
+    /// `person`, `text`, `embedding`), for analysis outside plipd. With the attribute head,
+    /// each line also holds the head's per-field probabilities (`attribute_readings`) and the
+    /// sample's true attributes as `[start, len, value]` triples (`attribute_labels`).
     #[arg(long, value_name = "FILE.jsonl")]
     pub embeddings: Option<PathBuf>,
+    /// Re-estimate the BNNeck's running statistics from this many clean training images of
+    /// the data set (spread over its training split) before evaluating; 0 = as stored.
+    #[arg(long, value_name = "N")]
+    pub calibrate_neck: Option<usize>,
     /// Evaluate a baseline instead of a model: `color-histogram`.
     #[arg(long)]
     pub baseline: Option<String>,

@@ -193,6 +193,7 @@ fn write_embeddings(
 ) -> Result<(), Error> {
     use std::io::Write;
     let p = lm.model.preset();
+    let values = p.attributes();
     let file = std::fs::File::create(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
@@ -205,12 +206,13 @@ fn write_embeddings(
             .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
             .collect();
         let e = lm.model.embed_images(&flat, 64);
+        let readings = lm.model.image_attributes(&flat, 64);
         for (r, l) in loaded.iter().enumerate() {
-            write(
-                serde_json::json!({"kind": "image", "split": split, "row": r,
+            let mut line = serde_json::json!({"kind": "image", "split": split, "row": r,
                 "person": l.person, "camera": l.camera, "attributes": l.attributes,
-                "embedding": e.row(r)}),
-            )?;
+                "embedding": e.row(r)});
+            with_attribute_fields(&mut line, readings.as_deref(), r, values, l);
+            write(line)?;
         }
     }
     let mut texts = Vec::new();
@@ -223,15 +225,37 @@ fn write_embeddings(
     }
     let tokens = lm.tokenizer.encode_batch(&texts, p.text_len)?;
     let e = lm.model.embed_texts(&tokens, 128);
+    let readings = lm.model.text_attributes(&tokens, 128);
     for (r, (text, (row, person))) in texts.iter().zip(owners).enumerate() {
-        write(
-            serde_json::json!({"kind": "caption", "query_row": row, "person": person,
-            "text": text, "embedding": e.row(r)}),
-        )?;
+        let mut line = serde_json::json!({"kind": "caption", "query_row": row,
+            "person": person, "text": text, "embedding": e.row(r)});
+        with_attribute_fields(&mut line, readings.as_deref(), r, values, &query[row]);
+        write(line)?;
     }
     out.flush()
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(())
+}
+
+/// Adds to an embeddings line, for a model with the attribute head, the head's per-field
+/// probabilities (`attribute_readings`, row `r` of `readings`) and the sample's true attributes
+/// as `[start, len, value]` triples of the head's value vocabulary (`attribute_labels`).
+fn with_attribute_fields(
+    line: &mut serde_json::Value,
+    readings: Option<&[f32]>,
+    r: usize,
+    values: usize,
+    sample: &Loaded,
+) {
+    let Some(row) = readings.and_then(|x| x.get(r * values..(r + 1) * values)) else {
+        return;
+    };
+    line["attribute_readings"] = serde_json::json!(row);
+    let labels: Vec<[usize; 3]> = crate::data::attribute_labels(sample.attributes.as_ref())
+        .iter()
+        .map(|a| [a.start, a.len, a.value])
+        .collect();
+    line["attribute_labels"] = serde_json::json!(labels);
 }
 
 /// Normalised phrase text: lower case, single spaces, without a leading article.
@@ -306,7 +330,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     let ds = plip_ingest::datasets::open(data)?;
     report_skipped("record", &ds.skipped);
     let query_items = split(ds.items.clone(), Split::Query);
-    let gallery_items = split(ds.items, Split::Gallery);
+    let gallery_items = split(ds.items.clone(), Split::Gallery);
     if query_items.is_empty() || gallery_items.is_empty() {
         return Err(format!(
             "{} has no query/gallery split (Market-1501 query/ and bounding_box_test/)",
@@ -380,6 +404,27 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     let (q, bq) = load(&query_items, lm.model.preset(), &Default::default(), 0);
     let (g, bg) = load(&gallery_items, lm.model.preset(), &Default::default(), 0);
     report_skipped("image", &[bq, bg].concat());
+    let calibrated = match args.calibrate_neck {
+        Some(n) if n > 0 => {
+            let train: Vec<_> = ds
+                .items
+                .iter()
+                .filter(|i| matches!(i.split, None | Some(Split::Train)))
+                .cloned()
+                .collect();
+            let step = (train.len() / n).max(1);
+            let picked: Vec<_> = train.into_iter().step_by(step).take(n).collect();
+            let (t, bt) = load(&picked, lm.model.preset(), &Default::default(), 0);
+            report_skipped("image", &bt);
+            let p = lm.model.preset().clone();
+            let flat: Vec<f32> = t
+                .iter()
+                .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
+                .collect();
+            pool.install(|| lm.model.calibrate_neck(&flat, 64))
+        }
+        _ => 0,
+    };
     let (reid, text) = pool.install(|| evaluate_model(&lm, &q, &g, max_rank))?;
     if let Some(path) = &args.embeddings {
         pool.install(|| write_embeddings(&lm, &q, &g, path).map_err(|e| e.to_string()))?;
@@ -393,7 +438,7 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
     }
     println!(
         "{}",
-        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "flip_average": lm.model.preset().flip_average, "attribute_weight": lm.model.preset().attribute_weight, "queries": q.len(), "gallery": g.len(),
+        serde_json::json!({"method": "plip", "model": lm.source, "joint_feature": lm.model.preset().joint, "flip_average": lm.model.preset().flip_average, "attribute_weight": lm.model.preset().attribute_weight, "neck_calibrated_on": calibrated, "queries": q.len(), "gallery": g.len(),
             "image": reid_json(&reid), "text_to_image": text_out, "cmc_png": png})
     );
     Ok(())

@@ -6,7 +6,7 @@
 use crate::data::{load, report_skipped, Loaded};
 use crate::state::{Checkpoint, State};
 use plip_ingest::synth::Split;
-use plip_model::batch::{person_key, Augment, Batch, Sample};
+use plip_model::batch::{normalize_rgb, person_key, Augment, Batch, Sample};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
@@ -95,6 +95,14 @@ pub struct TrainArgs {
     /// Override the number of transformer blocks of the text tower.
     #[arg(long)]
     pub text_layers: Option<usize>,
+    /// Re-estimate the BNNeck's running statistics from this many clean training images
+    /// before every evaluation and checkpoint (0 = keep the training batches' running
+    /// averages); changes no weight and no training step.
+    #[arg(long, default_value_t = 512)]
+    pub calibrate_neck: usize,
+    /// Override the rows of the text tower's hashed bigram embedding (0 = none).
+    #[arg(long)]
+    pub text_bigrams: Option<usize>,
     /// Override the preset's joint image feature (`pooled`, `neck` or `both`).
     #[arg(long)]
     pub joint_feature: Option<String>,
@@ -347,6 +355,9 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
         }
         preset = preset.with_text_layers(layers)?;
     }
+    if let Some(rows) = args.text_bigrams {
+        preset = preset.with_text_bigrams(rows);
+    }
     if let Some(j) = &args.joint_feature {
         preset = preset.with_joint(j)?;
     }
@@ -591,6 +602,27 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
         state.prune(args.keep, &state.protected_versions()?)?;
         Ok(v)
     };
+    // Clean training images (spread over the set) the BNNeck's running statistics are
+    // re-estimated from before every evaluation and checkpoint (`Plip::calibrate_neck`): the
+    // statistics then describe un-augmented images in eval mode, as the served ones are. Only
+    // running statistics change, which no training loss reads: training is the same either
+    // way, and a checkpoint's statistics depend only on its weights (resume equivalence).
+    let calibration: Vec<f32> = if args.calibrate_neck > 0 && trainer.model.id.is_some() {
+        let step = (loaded.len() / args.calibrate_neck).max(1);
+        loaded
+            .iter()
+            .step_by(step)
+            .take(args.calibrate_neck)
+            .flat_map(|l| normalize_rgb(&l.rgb, preset.image_height, preset.image_width))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let calibrate = |trainer: &mut Trainer<f32, D>| {
+        if !calibration.is_empty() {
+            plip_model::runtime::install(&pool, || trainer.model.calibrate_neck(&calibration, 64));
+        }
+    };
     while trainer.opt.step < args.steps {
         let picks = sampler.next(args.batch);
         let caption_picks: Vec<Vec<usize>> = picks
@@ -680,17 +712,23 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
         let eval_now = args.eval_every > 0
             && trainer.opt.step % args.eval_every == 0
             && trainer.opt.step < args.steps;
+        let save_now =
+            trainer.opt.step % args.checkpoint_every == 0 && trainer.opt.step < args.steps;
+        if eval_now || save_now {
+            calibrate(&mut trainer);
+        }
         let evaluated = if eval_now {
             evaluate(&trainer, images_seen)?
         } else {
             BTreeMap::new()
         };
-        if trainer.opt.step % args.checkpoint_every == 0 && trainer.opt.step < args.steps {
+        if save_now {
             save(&trainer, images_seen, report.losses.total, evaluated)?;
         }
     }
     bar.finish_and_clear();
     let loss = last.map_or(f64::NAN, |r| r.losses.total);
+    calibrate(&mut trainer);
     let evaluated = if args.eval_every > 0 {
         evaluate(&trainer, images_seen)?
     } else {

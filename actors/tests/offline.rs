@@ -122,6 +122,50 @@ fn synth_tokenizer_train_eval_export() {
     }
     assert!(e["text_to_image"]["r1"].as_f64().is_some());
     assert!(report.join("cmc.png").is_file());
+
+    // The embeddings file: one line per query and gallery image and per query caption, each
+    // with the attribute head's readings (a probability distribution per field) and the
+    // sample's true attributes.
+    let file = report.join("embeddings.jsonl");
+    plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--state",
+        s(&state),
+        "--report",
+        s(&report),
+        "--embeddings",
+        s(&file),
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let kinds = |k: &str| lines.iter().filter(|l| l["kind"] == k).count();
+    assert_eq!(
+        kinds("image"),
+        20 + 20,
+        "10 test people: 20 queries, 20 gallery images"
+    );
+    assert!(kinds("caption") >= 20, "{} captions", kinds("caption"));
+    for l in &lines {
+        let readings: Vec<f64> = serde_json::from_value(l["attribute_readings"].clone())
+            .unwrap_or_else(|e| panic!("no readings in {l}: {e}"));
+        assert_eq!(readings.len(), 102);
+        let labels: Vec<[usize; 3]> =
+            serde_json::from_value(l["attribute_labels"].clone()).unwrap();
+        assert!(labels.len() >= 12, "{labels:?}");
+        for [start, len, value] in labels {
+            assert!(value < len && start + len <= 102);
+            let field: f64 = readings[start..start + len].iter().sum();
+            assert!(
+                (field - 1.0).abs() < 1e-4,
+                "field at {start} sums to {field}"
+            );
+        }
+    }
     // 60 steps of the ResNet `test` preset learn: 20 queries against the gallery of 10 people
     // put chance Rank-1 near 1/10, so 4 of 20 right is twice chance (training is not
     // bit-reproducible across runs — thread scheduling and the tokenizer trainer — so the

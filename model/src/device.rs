@@ -327,6 +327,15 @@ impl Encoder {
         }
     }
 
+    /// See [`Plip::calibrate_neck`].
+    pub fn calibrate_neck(&mut self, images: &[f32], batch_size: usize) -> usize {
+        match self {
+            Encoder::Cpu(m) => m.calibrate_neck(images, batch_size),
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(cuda::SharedPlip(m), _) => m.calibrate_neck(images, batch_size),
+        }
+    }
+
     /// See [`Plip::image_attributes`].
     pub fn image_attributes(&self, images: &[f32], batch_size: usize) -> Option<Vec<f32>> {
         match self {

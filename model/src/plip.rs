@@ -222,9 +222,10 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
         preset.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut init = Init { dev, rng: &mut rng };
-        // Fields are initialised in the literal's order; the attribute head comes last, so the
-        // other weights are the same with and without it.
-        Ok(Plip {
+        // Fields are initialised in the literal's order; the attribute head comes last, then
+        // the text tower's bigram table, so the other weights are the same with and without
+        // them.
+        let mut plip = Plip {
             image: ImageEncoder::new(&mut init, preset),
             text: TextEncoder::new(&mut init, preset),
             iap: IapHead::new(&mut init, preset),
@@ -236,7 +237,11 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
                 .then(|| Linear::new(&mut init, preset.embed, preset.attributes())),
             preset: preset.clone(),
             dev: dev.clone(),
-        })
+        };
+        if preset.text_bigrams > 0 {
+            plip.text.bigram_embed = Some(init.normal(preset.text_bigrams, preset.dim, 0.02));
+        }
+        Ok(plip)
     }
 
     fn to_e(v: &[f32]) -> Vec<E> {
@@ -644,6 +649,51 @@ impl<E: Dtype, D: Device<E>> Plip<E, D> {
             }
         }
         Some(out)
+    }
+
+    /// Re-estimates the BNNeck's running statistics from the eval-mode pooled features of
+    /// `images` (normalised `(n, 3, H, W)`, clean: no augmentation), `batch_size` at a time:
+    /// their mean and unbiased variance replace the running ones. During training the neck
+    /// normalises each batch of *augmented* images by that batch's own statistics, and its
+    /// running statistics average those; clean images embedded in eval mode sit elsewhere, so
+    /// the joint feature the captions and the attribute head were trained against carries a
+    /// common offset at serving time. After calibration a clean image's neck feature is
+    /// normalised as a training batch's was. Returns the number of images used; nothing
+    /// changes without the identity head (no neck) or with fewer than two images.
+    pub fn calibrate_neck(&mut self, images: &[f32], batch_size: usize) -> usize {
+        let len = self.preset.image_len();
+        let n = images.len() / len.max(1);
+        if n < 2 || self.id.is_none() {
+            return 0;
+        }
+        let c = self.preset.embed;
+        let mut sum = vec![0f64; c];
+        let mut sq = vec![0f64; c];
+        for chunk in images[..n * len].chunks(batch_size.max(1) * len) {
+            let rows = chunk.len() / len;
+            let pooled = self
+                .image
+                .embed(self.images_tensor(chunk, rows), BnMode::Eval);
+            for row in pooled.as_vec().chunks(c) {
+                for (j, x) in row.iter().enumerate() {
+                    let x = x.to_f64().unwrap_or(0.0);
+                    sum[j] += x;
+                    sq[j] += x * x;
+                }
+            }
+        }
+        let nf = n as f64;
+        let mean: Vec<f64> = sum.iter().map(|s| s / nf).collect();
+        let var: Vec<f64> = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| ((q / nf - m * m) * nf / (nf - 1.0)).max(0.0))
+            .collect();
+        if let Some(head) = &mut self.id {
+            // Momentum 1: the new statistics replace the old.
+            head.neck.update_running(&mean, &var, 1.0);
+        }
+        n
     }
 
     /// The attribute head's per-field probabilities for normalised `(n, 3, H, W)` images

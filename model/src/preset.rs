@@ -87,6 +87,12 @@ pub struct Preset {
     /// Changes no weight; files written before the field read as 0.
     #[serde(default)]
     pub attribute_weight: f64,
+    /// Rows of the text tower's hashed bigram embedding (0 = none): each token also adds the
+    /// embedding of (itself, the next token) hashed to one of these rows, so a word and its
+    /// neighbour ("navy" "jacket") reach the blocks as one feature. Files written before the
+    /// field read as 0.
+    #[serde(default)]
+    pub text_bigrams: usize,
 }
 
 /// Which image feature is the joint embedding.
@@ -220,6 +226,7 @@ impl Preset {
             flip_average: false,
             attribute_fields: Vec::new(),
             attribute_weight: 0.0,
+            text_bigrams: 0,
         }
     }
 
@@ -277,6 +284,7 @@ impl Preset {
             flip_average: false,
             attribute_fields: Vec::new(),
             attribute_weight: 0.0,
+            text_bigrams: 0,
         }
     }
 
@@ -307,6 +315,7 @@ impl Preset {
             flip_average: false,
             attribute_fields: Vec::new(),
             attribute_weight: 0.0,
+            text_bigrams: 0,
         }
     }
 
@@ -408,6 +417,15 @@ impl Preset {
         };
         p.validate()?;
         Ok(p)
+    }
+
+    /// This preset with a hashed bigram embedding of `rows` rows in the text tower
+    /// ([`Preset::text_bigrams`]; 0 = none).
+    pub fn with_text_bigrams(&self, rows: usize) -> Preset {
+        Preset {
+            text_bigrams: rows,
+            ..self.clone()
+        }
     }
 
     /// This preset with the ResNet stage widths `widths` (four; empty leaves the preset's own),

@@ -1,4 +1,4 @@
-//! The text tower: token embedding + learned positions → pre-LN blocks with a key padding mask →
+//! The text tower: token embedding (+ hashed bigram embedding) + learned positions → pre-LN blocks with a key padding mask →
 //! final LayerNorm → mean over the real (unpadded) tokens → Linear to the joint embedding.
 //!
 //! Sequences may be shorter than the preset's `text_len` (serving pads a batch only to its
@@ -56,14 +56,41 @@ pub struct TextEncoder<E: Dtype, D: Device<E>> {
     pub blocks: Vec<Block<E, D>>,
     pub ln: LayerNorm<E, D>,
     pub proj: Linear<E, D>,
+    /// The hashed bigram embedding ([`Preset::text_bigrams`] rows), when the preset has one.
+    pub bigram_embed: Option<Mat<E, D>>,
 }
 impl_params!(TextEncoder {
     token_embed,
     pos,
     blocks,
     ln,
-    proj
+    proj,
+    bigram_embed
 });
+
+/// The bigram row of each position of `tokens` in a table of `rows` rows: the pair (token,
+/// next real token) hashed, with an end marker after a caption's last real token, so that a
+/// caption's rows are the same alone and padded inside a batch.
+pub fn bigram_ids(tokens: &TokenBatch, rows: usize) -> Vec<usize> {
+    const END: u64 = u32::MAX as u64;
+    let s = tokens.len;
+    let mut out = Vec::with_capacity(tokens.ids.len());
+    for (i, &id) in tokens.ids.iter().enumerate() {
+        let t = i % s.max(1);
+        let next = if t + 1 < s && tokens.mask[i + 1] > 0.5 {
+            tokens.ids[i + 1] as u64
+        } else {
+            END
+        };
+        // splitmix64 of the pair.
+        let mut z = ((id as u64) << 32 | next).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out.push((z % rows.max(1) as u64) as usize);
+    }
+    out
+}
 
 impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
     pub fn new(init: &mut Init<D>, p: &Preset) -> Self {
@@ -75,6 +102,8 @@ impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
                 .collect(),
             ln: LayerNorm::new(init, p.dim),
             proj: Linear::new(init, p.dim, p.embed),
+            // Drawn by `Plip::new` after every other weight (see there).
+            bigram_embed: None,
         }
     }
 
@@ -89,6 +118,14 @@ impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
         let dim = self.token_embed.shape().1;
         let ids = dev.tensor_from_vec(tokens.ids.clone(), (b * s,));
         let x = self.token_embed.clone().put_tape(tape).gather(ids);
+        let x = match &self.bigram_embed {
+            Some(table) => {
+                let rows = table.shape().0;
+                let ids = dev.tensor_from_vec(bigram_ids(tokens, rows), (b * s,));
+                x + table.retaped::<T>().gather(ids)
+            }
+            None => x,
+        };
         let pos = self
             .pos
             .retaped::<T>()

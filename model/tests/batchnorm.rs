@@ -463,3 +463,70 @@ fn both_joint_feature_ranks_images_by_both_and_captions_by_the_neck() {
     bad.joint = JointFeature::Both;
     assert!(bad.validate().is_err());
 }
+
+/// Neck calibration: the running statistics become the mean and unbiased variance of the clean
+/// images' eval-mode pooled features, so their neck features come out with mean β and variance
+/// γ² per channel; the other buffers and every parameter stay as they were.
+#[test]
+fn calibrate_neck_normalises_clean_images_as_a_batch() {
+    let p = Preset::test();
+    let tk = tokenizer(&p);
+    let toys = toy_samples(&p, 4, 3, 4);
+    let b = batch(&toys, &p, &tk, 0.5, 1);
+    let mut t = trainer(TaskWeights::default());
+    for _ in 0..3 {
+        t.step(&b).unwrap();
+    }
+    let mut m = t.model;
+    let params_before: Vec<Vec<f32>> = m.params().iter().map(|(_, p)| p.to_host()).collect();
+    let buffers_before = buffers(&m);
+    let n = b.images.len() / p.image_len();
+    assert_eq!(
+        m.calibrate_neck(&b.images, 5),
+        n,
+        "every image used, 5 at a time"
+    );
+    assert_eq!(
+        m.calibrate_neck(&b.images[..p.image_len()], 5),
+        0,
+        "one image is refused"
+    );
+
+    let params_after: Vec<Vec<f32>> = m.params().iter().map(|(_, p)| p.to_host()).collect();
+    assert_eq!(
+        params_before, params_after,
+        "calibration changes no parameter"
+    );
+    let mut changed = Vec::new();
+    for ((name, before), (_, after)) in buffers_before.iter().zip(buffers(&m)) {
+        if *before != after {
+            changed.push(name.clone());
+        }
+    }
+    assert_eq!(changed, ["id.neck.running_mean", "id.neck.running_var"]);
+
+    let dev = cpu();
+    let imgs = dev.tensor_from_vec(b.images.clone(), (n, 3, p.image_height, p.image_width));
+    let head = m.id.as_ref().unwrap();
+    let neck = head
+        .neck
+        .forward(m.image.embed(imgs, BnMode::Eval), BnMode::Eval)
+        .as_vec();
+    let (gamma, beta) = (head.neck.weight.as_vec(), head.neck.bias.as_vec());
+    let d = p.embed;
+    for j in 0..d {
+        let col: Vec<f64> = (0..n).map(|i| neck[i * d + j] as f64).collect();
+        let mean = col.iter().sum::<f64>() / n as f64;
+        let var = col.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        assert!(
+            (mean - beta[j] as f64).abs() < 1e-3,
+            "channel {j}: mean {mean}"
+        );
+        let want = (gamma[j] as f64).powi(2);
+        // ε = 1e-5 in the denominator: the variance lands just under γ².
+        assert!(
+            (var - want).abs() < 1e-2 * want.max(1e-3),
+            "channel {j}: var {var} vs {want}"
+        );
+    }
+}

@@ -49,10 +49,14 @@ fn presets_have_documented_sizes_and_shapes() {
 }
 
 /// Adding padding to a caption leaves its text embedding unchanged: the same tokens at length
-/// 9 and 24, and beside a longer caption in one batch.
+/// 9 and 24, and beside a longer caption in one batch; with the hashed bigram embedding too.
 #[test]
 fn padding_leaves_text_embedding_unchanged() {
-    let p = Preset::test();
+    padding_leaves_text_embedding_unchanged_for(Preset::test());
+    padding_leaves_text_embedding_unchanged_for(Preset::test().with_text_bigrams(64));
+}
+
+fn padding_leaves_text_embedding_unchanged_for(p: Preset) {
     let tk = tokenizer(&p);
     let m = Plip::<f32, Cpu>::new(&cpu(), &p, 4).unwrap();
     let short = "a person wearing a red shirt";
@@ -94,6 +98,58 @@ fn padding_leaves_text_embedding_unchanged() {
     unmasked.mask = vec![1.0; 24];
     let c = m.text.embed(&dev, &unmasked, NoneTape).as_vec();
     assert!(c.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
+}
+
+/// The hashed bigram embedding: its rows add `rows × dim` parameters (drawn after everything
+/// else, so the other weights initialise as without it); a token's row depends on the next
+/// real token, with the same end marker after the last real token alone and padded; and the
+/// rows change the caption's embedding.
+#[test]
+fn bigram_embedding_reads_each_token_with_its_neighbour() {
+    use plip_model::text::bigram_ids;
+    let p = Preset::test();
+    let q = p.with_text_bigrams(64);
+    let plain = Plip::<f32, Cpu>::new(&cpu(), &p, 4).unwrap();
+    let with = Plip::<f32, Cpu>::new(&cpu(), &q, 4).unwrap();
+    assert_eq!(with.num_params(), plain.num_params() + 64 * p.dim);
+    let other: Vec<Vec<f32>> = plain.params().iter().map(|(_, t)| t.to_host()).collect();
+    let same: Vec<Vec<f32>> = with
+        .params()
+        .iter()
+        .filter(|(n, _)| n != "text.bigram_embed")
+        .map(|(_, t)| t.to_host())
+        .collect();
+    assert_eq!(
+        other, same,
+        "the other weights initialise as without bigrams"
+    );
+    let padded = TokenBatch {
+        ids: vec![5, 6, 7, 0, 0, 5, 7, 6, 8, 9],
+        mask: vec![1., 1., 1., 0., 0., 1., 1., 1., 1., 1.],
+        batch: 2,
+        len: 5,
+    };
+    let ids = bigram_ids(&padded, 64);
+    assert!(ids.iter().all(|&i| i < 64));
+    let alone = TokenBatch {
+        ids: vec![5, 6, 7],
+        mask: vec![1.; 3],
+        batch: 1,
+        len: 3,
+    };
+    assert_eq!(
+        bigram_ids(&alone, 64),
+        ids[..3],
+        "end marker differs alone and padded"
+    );
+    // (5, 6) in the first caption and (5, 7) in the second: the next token picks the row.
+    let wide = bigram_ids(&padded, 1 << 20);
+    assert_ne!(wide[0], wide[5]);
+    assert_eq!(bigram_ids(&alone, 1 << 20)[0], wide[0]);
+    let dev = cpu();
+    let a = plain.text.embed(&dev, &alone, NoneTape).as_vec();
+    let b = with.text.embed(&dev, &alone, NoneTape).as_vec();
+    assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-4));
 }
 
 /// A text-depth override builds, and a checkpoint of another depth is refused with an error

@@ -16,7 +16,9 @@ use crate::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
-use plip_model::batch::{person_key, pick_captions, AttributeLabel, Augment, Batch, Sample};
+use plip_model::batch::{
+    normalize_rgb, person_key, pick_captions, AttributeLabel, Augment, Batch, Sample,
+};
 use plip_model::device::{run_on, OnDevice};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
@@ -394,6 +396,23 @@ fn train_loop<D: Device<f32>>(
             );
             Ok(Some(v))
         };
+    // The most recently trained images, un-augmented, for the neck calibration before each
+    // checkpoint (`trainer.calibrate_neck`).
+    let mut recent: std::collections::VecDeque<Vec<u8>> =
+        std::collections::VecDeque::with_capacity(tc.calibrate_neck);
+    let calibrate = |trainer: &mut Trainer<f32, D>,
+                     recent: &std::collections::VecDeque<Vec<u8>>| {
+        // Fewer than a batch's worth of images would give noisy statistics: keep the old ones.
+        if recent.len() < 64 || trainer.model.id.is_none() {
+            return;
+        }
+        let flat: Vec<f32> = recent
+            .iter()
+            .flat_map(|rgb| normalize_rgb(rgb, preset.image_height, preset.image_width))
+            .collect();
+        let n = plip_model::runtime::install(&pool, || trainer.model.calibrate_neck(&flat, 64));
+        tracing::debug!(images = n, "neck_calibrated");
+    };
     while !shared.stopping() {
         let forgotten: Vec<String> =
             std::mem::take(&mut *shared.forget_rows.lock().unwrap_or_else(|e| e.into_inner()));
@@ -497,6 +516,14 @@ fn train_loop<D: Device<f32>>(
         let report = plip_model::runtime::install(&pool, || trainer.step(&batch))
             .map_err(|e| e.to_string())?;
         images_seen += samples.len() as u64;
+        if tc.calibrate_neck > 0 {
+            for (rgb, ..) in &loaded {
+                if recent.len() == tc.calibrate_neck {
+                    recent.pop_front();
+                }
+                recent.push_back(rgb.clone());
+            }
+        }
         window.1 += 1;
         if !report.skipped {
             last_loss = report.losses.total;
@@ -535,11 +562,13 @@ fn train_loop<D: Device<f32>>(
             && last_ckpt.0.elapsed() >= Duration::from_secs(tc.checkpoint_every_s);
         if (due_steps || due_time) && trainer.opt.step > last_ckpt.1 {
             // Written or postponed, the next one is due an interval from now.
+            calibrate(&mut trainer, &recent);
             checkpoint(&trainer, images_seen, last_loss)?;
             last_ckpt = (Instant::now(), trainer.opt.step);
         }
     }
     if trainer.opt.step > last_ckpt.1 {
+        calibrate(&mut trainer, &recent);
         checkpoint(&trainer, images_seen, last_loss)?;
     }
     set_state(&shared, "stopped");
