@@ -179,6 +179,10 @@ pub struct TrainerConfig {
     /// Blocks of the text tower (0: the preset's). Checkpoints made with another depth are
     /// refused with an error that names this key.
     pub text_layers: usize,
+    /// Rows of the text tower's hashed bigram embedding (absent: the preset's own; 0 = none).
+    /// A checkpoint made without the table gains one, starting at zero (the embeddings are
+    /// at first exactly the checkpoint's).
+    pub text_bigrams: Option<usize>,
     /// The ResNet image tower's four stage widths (empty: the preset's own); the joint
     /// embedding is as wide as the last. Checkpoints made with other widths are refused with an
     /// error that names this key.
@@ -275,6 +279,7 @@ impl Default for TrainerConfig {
             preset: "tiny".into(),
             joint_feature: String::new(),
             text_layers: 0,
+            text_bigrams: None,
             conv_widths: Vec::new(),
             device: "cpu".into(),
             batch: 64,

@@ -175,6 +175,7 @@ fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> 
         flip_average: preset.flip_average,
         attribute_fields: preset.adds_attribute_head(&meta.preset),
         attribute_weight: preset.attribute_weight,
+        text_bigrams: preset.adds_text_bigrams(&meta.preset),
         ..meta.preset.clone()
     };
     if same_weights != *preset {
@@ -192,11 +193,16 @@ fn check_meta(meta: &BlobMeta, kind: &str, preset: &Preset, tokenizer: &str) -> 
     Ok(())
 }
 
-/// True for a parameter of the attribute head when `stored` (a file's preset) has none: the
-/// head was added after the file was written.
+/// True for a parameter of the attribute head when `stored` (a file's preset) has none, and
+/// for the text tower's bigram table when `stored` has none: added after the file was written.
 fn added_head(stored: &Preset, name: &str) -> bool {
-    stored.attribute_fields.is_empty() && name.starts_with("attr.")
+    (stored.attribute_fields.is_empty() && name.starts_with("attr."))
+        || (stored.text_bigrams == 0 && name == BIGRAMS)
 }
+
+/// The text tower's hashed bigram table. Gained by a file written without it, it starts at
+/// zero, so that the model's embeddings are at first exactly the file's.
+const BIGRAMS: &str = "text.bigram_embed";
 
 /// The model's weights as safetensors bytes.
 ///
@@ -239,7 +245,11 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
             continue;
         }
         if added_head(&meta.preset, &name) {
-            values.push(p.to_host());
+            values.push(if name == BIGRAMS {
+                vec![E::default(); p.len()]
+            } else {
+                p.to_host()
+            });
             continue;
         }
         let view = st

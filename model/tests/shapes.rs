@@ -14,7 +14,7 @@ fn presets_have_documented_sizes_and_shapes() {
     let documented = [
         ("test", 147_049usize),
         ("test-vit", 129_377),
-        ("tiny", 14_308_785),
+        ("tiny", 15_881_649),
         ("tiny-vit", 9_302_177),
         ("small", 60_110_337),
     ];

@@ -254,3 +254,45 @@ fn a_checkpoint_without_the_attribute_head_gains_one() {
     assert!(load_weights(&mut plain, &w2, fp).is_err());
     assert!(Preset::test().mismatch(&with_head).is_some());
 }
+
+/// A checkpoint written without the text tower's bigram table loads into a model with one: the
+/// table starts at zero (captions embed exactly as the checkpoint embeds them), its moments at
+/// zero, every other tensor from the file; the other way round is refused with a message
+/// naming the setting.
+#[test]
+fn a_checkpoint_without_the_bigram_table_gains_one_at_zero() {
+    use plip_model::dfdx::prelude::NoneTape;
+    let (t, _, tk) = trained(2, 1);
+    let fp = tk.fingerprint();
+    let w = save_weights(&t.model, fp, 2, &BTreeMap::new()).unwrap();
+    let o = save_optimizer(&t.opt, &t.model.preset, fp).unwrap();
+    let with = Preset::test().with_text_bigrams(32);
+    assert_eq!(with.mismatch(&t.model.preset), None);
+    let mut m = Plip::<f32, Cpu>::new(&cpu(), &with, 9).unwrap();
+    load_weights(&mut m, &w, fp).unwrap();
+    let mut opt = AdamW::new(&m);
+    load_optimizer(&mut opt, &o, &with, fp).unwrap();
+    assert_eq!(opt.step, t.opt.step);
+    let loaded: BTreeMap<String, Vec<f32>> = m
+        .params()
+        .into_iter()
+        .map(|(n, p)| (n, p.to_host()))
+        .collect();
+    for (name, p) in t.model.params() {
+        assert_eq!(loaded[&name], p.to_host(), "{name}");
+    }
+    assert!(loaded["text.bigram_embed"].iter().all(|&x| x == 0.0));
+    let tokens = tk
+        .encode_batch(&["a woman in a navy jacket and grey trousers"], 24)
+        .unwrap();
+    let dev = cpu();
+    assert_eq!(
+        m.text.embed(&dev, &tokens, NoneTape).as_vec(),
+        t.model.text.embed(&dev, &tokens, NoneTape).as_vec()
+    );
+    let w2 = save_weights(&m, fp, 2, &BTreeMap::new()).unwrap();
+    let mut plain = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 9).unwrap();
+    assert!(load_weights(&mut plain, &w2, fp).is_err());
+    let why = Preset::test().mismatch(&with).unwrap();
+    assert!(why.contains("text_bigrams = 32"), "{why}");
+}

@@ -230,6 +230,10 @@ fn train_loop<D: Device<f32>>(
     let mut preset = Preset::by_name(&tc.preset)
         .and_then(|p| p.with_text_layers(tc.text_layers))
         .and_then(|p| p.with_conv_widths(&tc.conv_widths))
+        .map(|p| match tc.text_bigrams {
+            Some(rows) => p.with_text_bigrams(rows),
+            None => p,
+        })
         .map_err(|e| e.to_string())?;
     if !tc.joint_feature.is_empty() {
         preset = preset
