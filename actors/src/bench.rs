@@ -43,6 +43,9 @@ pub struct TrainBenchArgs {
     /// Override the ResNet's four stage widths, e.g. `64,128,256,512`.
     #[arg(long)]
     pub conv_widths: Option<String>,
+    /// Override the rows of the text tower's hashed bigram embedding (0 = none).
+    #[arg(long)]
+    pub text_bigrams: Option<usize>,
     /// Captions per image and step, as `trainer.captions_per_image` (the extra ones are the
     /// other caption style, of the same length).
     #[arg(long, default_value_t = 1)]
@@ -284,6 +287,9 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut p = Preset::by_name(&args.preset)?;
     if let Some(w) = &args.conv_widths {
         p = p.with_conv_widths(&crate::train::parse_widths(w).map_err(|e| e.to_string())?)?;
+    }
+    if let Some(rows) = args.text_bigrams {
+        p = p.with_text_bigrams(rows);
     }
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
