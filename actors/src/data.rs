@@ -8,6 +8,24 @@ use plip_ingest::image::{canonical, decode, pixels_at, IntakeLimits};
 use plip_model::Preset;
 use rayon::prelude::*;
 
+/// The images of `loaded`, normalised for `preset` and laid end to end: the encoder's input.
+pub fn normalized<'a>(loaded: impl IntoIterator<Item = &'a Loaded>, preset: &Preset) -> Vec<f32> {
+    loaded
+        .into_iter()
+        .flat_map(|x| {
+            plip_model::batch::normalize_rgb(&x.rgb, preset.image_height, preset.image_width)
+        })
+        .collect()
+}
+
+/// Up to `n` of `items`, spread evenly over them (every `len / n`-th).
+pub fn spread<T>(items: &[T], n: usize) -> impl Iterator<Item = &T> {
+    items
+        .iter()
+        .step_by((items.len() / n.max(1)).max(1))
+        .take(n)
+}
+
 /// An item ready for the model.
 pub struct Loaded {
     /// `H×W×3` bytes at the preset's input size.

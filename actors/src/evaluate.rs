@@ -6,7 +6,6 @@ use crate::eval::EvalArgs;
 use crate::state::State;
 use plip_ingest::baseline;
 use plip_ingest::synth::Split;
-use plip_model::batch::normalize_rgb;
 use plip_model::metrics::{
     cosine_matrix, market1501, text_to_image, ReidMetrics, RetrievalMetrics,
 };
@@ -128,11 +127,7 @@ pub fn evaluate_with_attributes(
     weights: &[f64],
 ) -> plip_model::Result<(ReidMetrics, RetrievalMetrics, Option<AttributeSweep>)> {
     let p = &lm.model.preset();
-    let norm = |l: &[Loaded]| -> Vec<f32> {
-        l.iter()
-            .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
-            .collect()
-    };
+    let norm = |l: &[Loaded]| crate::data::normalized(l, p);
     let gallery_images = norm(gallery);
     let qe = lm.model.embed_images(&norm(query), 64);
     let ge = lm.model.embed_images(&gallery_images, 64);
@@ -201,10 +196,7 @@ fn write_embeddings(
         writeln!(out, "{v}").map_err(|e| format!("cannot write {}: {e}", path.display()).into())
     };
     for (split, loaded) in [("query", query), ("gallery", gallery)] {
-        let flat: Vec<f32> = loaded
-            .iter()
-            .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
-            .collect();
+        let flat = crate::data::normalized(loaded, p);
         let e = lm.model.embed_images(&flat, 64);
         let readings = lm.model.image_attributes(&flat, 64);
         for (r, l) in loaded.iter().enumerate() {
@@ -410,17 +402,11 @@ pub fn run(args: &EvalArgs, data: &Path) -> Result<(), Error> {
                 .items
                 .iter()
                 .filter(|i| matches!(i.split, None | Some(Split::Train)))
-                .cloned()
                 .collect();
-            let step = (train.len() / n).max(1);
-            let picked: Vec<_> = train.into_iter().step_by(step).take(n).collect();
+            let picked: Vec<_> = crate::data::spread(&train, n).map(|&i| i.clone()).collect();
             let (t, bt) = load(&picked, lm.model.preset(), &Default::default(), 0);
             report_skipped("image", &bt);
-            let p = lm.model.preset().clone();
-            let flat: Vec<f32> = t
-                .iter()
-                .flat_map(|x| normalize_rgb(&x.rgb, p.image_height, p.image_width))
-                .collect();
+            let flat = crate::data::normalized(&t, lm.model.preset());
             pool.install(|| lm.model.calibrate_neck(&flat, 64))
         }
         _ => 0,

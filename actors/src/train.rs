@@ -6,7 +6,7 @@
 use crate::data::{load, report_skipped, Loaded};
 use crate::state::{Checkpoint, State};
 use plip_ingest::synth::Split;
-use plip_model::batch::{normalize_rgb, person_key, Augment, Batch, Sample};
+use plip_model::batch::{person_key, Augment, Batch, Sample};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
@@ -608,13 +608,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     // running statistics change, which no training loss reads: training is the same either
     // way, and a checkpoint's statistics depend only on its weights (resume equivalence).
     let calibration: Vec<f32> = if args.calibrate_neck > 0 && trainer.model.id.is_some() {
-        let step = (loaded.len() / args.calibrate_neck).max(1);
-        loaded
-            .iter()
-            .step_by(step)
-            .take(args.calibrate_neck)
-            .flat_map(|l| normalize_rgb(&l.rgb, preset.image_height, preset.image_width))
-            .collect()
+        crate::data::normalized(crate::data::spread(&loaded, args.calibrate_neck), &preset)
     } else {
         Vec::new()
     };
