@@ -246,7 +246,28 @@ pub struct Conv2d<E: Dtype, D: Device<E>> {
     pub weight: Mat<E, D>,
     pub win: Window,
 }
-crate::impl_params!(Conv2d { weight });
+
+impl<E: Dtype, D: Device<E>> crate::params::Params<E, D> for Conv2d<E, D> {
+    fn visit<'a>(&'a self, name: &str, out: &mut Vec<(String, crate::params::ParamRef<'a, E, D>)>) {
+        self.weight.visit(&crate::params::join(name, "weight"), out);
+    }
+    fn visit_mut<'a>(
+        &'a mut self,
+        name: &str,
+        out: &mut Vec<(String, crate::params::ParamMut<'a, E, D>)>,
+    ) {
+        self.weight
+            .visit_mut(&crate::params::join(name, "weight"), out);
+    }
+    fn visit_convs(&self, name: &str, out: &mut Vec<(String, [usize; 4])>) {
+        let (c_out, cols) = *self.weight.shape();
+        let k = self.win.k;
+        out.push((
+            crate::params::join(name, "weight"),
+            [c_out, cols / (k * k).max(1), k, k],
+        ));
+    }
+}
 
 impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
     /// Kaiming-normal weights, fan-out mode, ReLU gain (torchvision's ResNet initialisation):

@@ -50,6 +50,6 @@ pub use dfdx;
 pub use error::{Error, Result};
 pub use params::Params;
 pub use plip::{Embeddings, LossValues, Plip, TaskWeights};
-pub use preset::{ImageArch, JointFeature, Preset, Stem};
+pub use preset::{ConvBlock, ImageArch, JointFeature, Preset, Stem};
 pub use tokenizer::Tokenizer;
 pub use train::{StepReport, TrainConfig, Trainer};

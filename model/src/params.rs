@@ -102,6 +102,10 @@ pub trait Params<E: Dtype, D: Device<E>> {
     }
     /// Every BatchNorm layer, for applying running-statistics updates.
     fn batchnorms_mut<'a>(&'a mut self, _out: &mut Vec<&'a mut crate::norm::BatchNorm<E, D>>) {}
+    /// Appends `(name, [c_out, c_in, k, k])` for every convolution weight: held in memory as
+    /// `(c_out, k·k·c_in)` with columns in `(ky, kx, c_in)` order, written to files in
+    /// PyTorch's `(O, I, kH, kW)` order ([`crate::weights`]). None by default.
+    fn visit_convs(&self, _name: &str, _out: &mut Vec<(String, [usize; 4])>) {}
 
     /// All parameters with their names.
     fn params(&self) -> Vec<(String, ParamRef<'_, E, D>)> {
@@ -212,6 +216,11 @@ impl<E: Dtype, D: Device<E>, P: Params<E, D>> Params<E, D> for Vec<P> {
             p.batchnorms_mut(out);
         }
     }
+    fn visit_convs(&self, name: &str, out: &mut Vec<(String, [usize; 4])>) {
+        for (i, p) in self.iter().enumerate() {
+            p.visit_convs(&join(name, &i.to_string()), out);
+        }
+    }
 }
 
 impl<E: Dtype, D: Device<E>, P: Params<E, D>> Params<E, D> for Option<P> {
@@ -244,12 +253,31 @@ impl<E: Dtype, D: Device<E>, P: Params<E, D>> Params<E, D> for Option<P> {
             p.batchnorms_mut(out);
         }
     }
+    fn visit_convs(&self, name: &str, out: &mut Vec<(String, [usize; 4])>) {
+        if let Some(p) = self {
+            p.visit_convs(name, out);
+        }
+    }
 }
 
-/// Implements [`Params`] for a struct `Name<E, D>` by listing its parameter fields in order.
+/// The name a field of [`impl_params!`](crate::impl_params) is saved under: its own, or the
+/// `as` literal (`downsample.0` where torchvision's `Sequential` numbers its parts).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! param_name {
+    ($field:ident) => {
+        stringify!($field)
+    };
+    ($field:ident, $alias:literal) => {
+        $alias
+    };
+}
+
+/// Implements [`Params`] for a struct `Name<E, D>` by listing its parameter fields in order;
+/// `field as "0"` saves a field under another name.
 #[macro_export]
 macro_rules! impl_params {
-    ($ty:ident { $($field:ident),* $(,)? }) => {
+    ($ty:ident { $($field:ident $(as $alias:literal)?),* $(,)? }) => {
         impl<E: dfdx::prelude::Dtype, D: dfdx::prelude::Device<E>> $crate::params::Params<E, D>
             for $ty<E, D>
         {
@@ -258,34 +286,37 @@ macro_rules! impl_params {
                 name: &str,
                 out: &mut Vec<(String, $crate::params::ParamRef<'a, E, D>)>,
             ) {
-                $( self.$field.visit(&$crate::params::join(name, stringify!($field)), out); )*
+                $( self.$field.visit(&$crate::params::join(name, $crate::param_name!($field $(, $alias)?)), out); )*
             }
             fn visit_mut<'a>(
                 &'a mut self,
                 name: &str,
                 out: &mut Vec<(String, $crate::params::ParamMut<'a, E, D>)>,
             ) {
-                $( self.$field.visit_mut(&$crate::params::join(name, stringify!($field)), out); )*
+                $( self.$field.visit_mut(&$crate::params::join(name, $crate::param_name!($field $(, $alias)?)), out); )*
             }
             fn visit_buffers<'a>(
                 &'a self,
                 name: &str,
                 out: &mut Vec<(String, $crate::params::ParamRef<'a, E, D>)>,
             ) {
-                $( self.$field.visit_buffers(&$crate::params::join(name, stringify!($field)), out); )*
+                $( self.$field.visit_buffers(&$crate::params::join(name, $crate::param_name!($field $(, $alias)?)), out); )*
             }
             fn visit_buffers_mut<'a>(
                 &'a mut self,
                 name: &str,
                 out: &mut Vec<(String, $crate::params::ParamMut<'a, E, D>)>,
             ) {
-                $( self.$field.visit_buffers_mut(&$crate::params::join(name, stringify!($field)), out); )*
+                $( self.$field.visit_buffers_mut(&$crate::params::join(name, $crate::param_name!($field $(, $alias)?)), out); )*
             }
             fn batchnorms_mut<'a>(
                 &'a mut self,
                 out: &mut Vec<&'a mut $crate::norm::BatchNorm<E, D>>,
             ) {
                 $( self.$field.batchnorms_mut(out); )*
+            }
+            fn visit_convs(&self, name: &str, out: &mut Vec<(String, [usize; 4])>) {
+                $( self.$field.visit_convs(&$crate::params::join(name, $crate::param_name!($field $(, $alias)?)), out); )*
             }
         }
     };

@@ -6,7 +6,8 @@
 //! | `test-vit` | ViT, patch 8, 2 layers, linear stem | 32×16 | 32 / 2 / 1 | 2 | 24 | 1024 | 32 | — | 129,377 |
 //! | `tiny` (CPU default) | ResNet, basic blocks 2-2-2-2, widths 48-96-192-384, strides 1-2-2-1 (last stride 1) | 128×64 | 192 / 2 / 1, 8192 bigram rows | 3 | 64 | 8192 | 384 | 8192 | 15,881,649 |
 //! | `tiny-vit` | ViT, patch 16, 6 layers, hMLP stem | 128×64 | 192 / 6 / 1 | 3 | 64 | 8192 | 256 | — | 9,302,177 |
-//! | `small` (GPU) | ViT, patch 16, 12 layers, hMLP stem | 256×128 | 384 / 12 / 2 | 6 | 64 | 16384 | 512 | — | 60,110,337 |
+//! | `small` (GPU, round 1) | ViT, patch 16, 12 layers, hMLP stem | 256×128 | 384 / 12 / 2 | 6 | 64 | 16384 | 512 | — | 60,110,337 |
+//! | `rn50` (GPU) | ResNet-50: bottleneck blocks 3-4-6-3, widths 64-128-256-512 (→ 2048), strides 1-2-2-1 (last stride 1) | 256×128 | 512 / 4 / 1, 8192 bigram rows | 8 | 64 | 16384 | 2048 | 8192 | 81,109,761 |
 //!
 //! The ResNet's stem strides 4, so its last feature map is the patch grid (H/patch × W/patch,
 //! 8×4 for `tiny`), one position per patch TIC colours. The parameter counts are checked by a
@@ -54,9 +55,12 @@ pub struct Preset {
     /// ResNet: widths of the four stages (the stem has the first stage's width).
     #[serde(default)]
     pub conv_widths: Vec<usize>,
-    /// ResNet: basic blocks per stage.
+    /// ResNet: blocks per stage.
     #[serde(default)]
     pub conv_blocks: Vec<usize>,
+    /// ResNet: the kind of block; files written before bottlenecks existed read as `basic`.
+    #[serde(default)]
+    pub conv_block: ConvBlock,
     /// ResNet: stride of each stage's first block; the stem strides 4, so
     /// 4·Π strides = `patch` (the last feature map is the patch grid TIC colours).
     #[serde(default)]
@@ -152,6 +156,17 @@ pub enum ImageArch {
     Resnet,
 }
 
+/// The ResNet's residual block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvBlock {
+    /// Two 3×3 convolutions (ResNet-18/34); a stage's output is its width.
+    #[default]
+    Basic,
+    /// 1×1, 3×3, 1×1 (ResNet-50/101); a stage's output is 4× its width.
+    Bottleneck,
+}
+
 /// The image tower's patch embedding.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -191,6 +206,7 @@ impl Preset {
             image_arch: ImageArch::Resnet,
             conv_widths: vec![8, 16, 32, 32],
             conv_blocks: vec![1, 1, 1, 1],
+            conv_block: ConvBlock::Basic,
             conv_strides: vec![1, 2, 1, 1],
             id_classes: 64,
             joint: JointFeature::Pooled,
@@ -220,6 +236,7 @@ impl Preset {
             image_arch: ImageArch::Vit,
             conv_widths: Vec::new(),
             conv_blocks: Vec::new(),
+            conv_block: ConvBlock::Basic,
             conv_strides: Vec::new(),
             id_classes: 0,
             joint: JointFeature::Pooled,
@@ -243,6 +260,7 @@ impl Preset {
             conv_widths: vec![48, 96, 192, 384],
             embed: 384,
             conv_blocks: vec![2, 2, 2, 2],
+            conv_block: ConvBlock::Basic,
             conv_strides: vec![1, 2, 2, 1],
             id_classes: 8192,
             // Captions align to the BNNeck and queries rank by it: text→image R@1 41% against
@@ -282,6 +300,7 @@ impl Preset {
             image_arch: ImageArch::Vit,
             conv_widths: Vec::new(),
             conv_blocks: Vec::new(),
+            conv_block: ConvBlock::Basic,
             conv_strides: Vec::new(),
             id_classes: 0,
             joint: JointFeature::Pooled,
@@ -313,6 +332,7 @@ impl Preset {
             image_arch: ImageArch::Vit,
             conv_widths: Vec::new(),
             conv_blocks: Vec::new(),
+            conv_block: ConvBlock::Basic,
             conv_strides: Vec::new(),
             id_classes: 0,
             joint: JointFeature::Pooled,
@@ -323,8 +343,34 @@ impl Preset {
         }
     }
 
+    /// The GPU preset of the paper's RN50 shape: ResNet-50 (bottleneck blocks 3-4-6-3, widths
+    /// 64-128-256-512 → 2048, last stride 1) at the ReID standard 256×128, a 2048-wide joint
+    /// space (the pooled feature, as `tiny`'s) and a 4-block, 512-wide text tower; `tiny`'s
+    /// recipe otherwise (identity classifier, BNNeck joint feature, bigram table).
+    pub fn rn50() -> Self {
+        Preset {
+            name: "rn50".into(),
+            image_height: 256,
+            image_width: 128,
+            patch: 16,
+            dim: 512,
+            text_layers: 4,
+            fusion_layers: 1,
+            heads: 8,
+            mlp: 2048,
+            text_len: 64,
+            vocab: 16384,
+            conv_widths: vec![64, 128, 256, 512],
+            conv_blocks: vec![3, 4, 6, 3],
+            conv_block: ConvBlock::Bottleneck,
+            conv_strides: vec![1, 2, 2, 1],
+            embed: 512 * crate::resnet::BOTTLENECK_EXPANSION,
+            ..Self::tiny()
+        }
+    }
+
     /// Names of all presets.
-    pub const NAMES: [&'static str; 5] = ["test", "test-vit", "tiny", "tiny-vit", "small"];
+    pub const NAMES: [&'static str; 6] = ["test", "test-vit", "tiny", "tiny-vit", "small", "rn50"];
 
     /// Looks a preset up by name.
     ///
@@ -337,6 +383,7 @@ impl Preset {
             "tiny" => Ok(Self::tiny()),
             "tiny-vit" => Ok(Self::tiny_vit()),
             "small" => Ok(Self::small()),
+            "rn50" => Ok(Self::rn50()),
             other => Err(crate::Error::UnknownPreset(format!(
                 "unknown model preset {other:?}; known presets: {}",
                 Self::NAMES.join(", ")
@@ -443,8 +490,16 @@ impl Preset {
         }
     }
 
+    /// Output channels of a ResNet stage per channel of its width: 4 for bottleneck blocks.
+    pub fn conv_expansion(&self) -> usize {
+        match self.conv_block {
+            ConvBlock::Basic => 1,
+            ConvBlock::Bottleneck => crate::resnet::BOTTLENECK_EXPANSION,
+        }
+    }
+
     /// This preset with the ResNet stage widths `widths` (four; empty leaves the preset's own),
-    /// the joint embedding as wide as the last stage.
+    /// the joint embedding as wide as the last stage's output.
     ///
     /// # Errors
     /// Not four widths, a zero width, or a preset without the ResNet image tower.
@@ -465,7 +520,7 @@ impl Preset {
         }
         let p = Preset {
             conv_widths: widths.to_vec(),
-            embed: widths[3],
+            embed: widths[3] * self.conv_expansion(),
             ..self.clone()
         };
         p.validate()?;
@@ -626,10 +681,11 @@ impl Preset {
                     "a ResNet needs four positive stage widths, block counts and strides".into(),
                 );
             }
-            if self.conv_widths[3] != self.embed {
+            if self.conv_widths[3] * self.conv_expansion() != self.embed {
                 return bad(format!(
-                    "the ResNet's last stage width {} must equal the joint width {} (its pooled feature is the joint embedding)",
-                    self.conv_widths[3], self.embed
+                    "the ResNet's last stage output width {} must equal the joint width {} (its pooled feature is the joint embedding)",
+                    self.conv_widths[3] * self.conv_expansion(),
+                    self.embed
                 ));
             }
             let stride = 4 * self.conv_strides.iter().product::<usize>();

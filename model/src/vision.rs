@@ -93,6 +93,9 @@ impl<E: Dtype, D: Device<E>> Params<E, D> for ImageEncoder<E, D> {
     fn batchnorms_mut<'a>(&'a mut self, out: &mut Vec<&'a mut BatchNorm<E, D>>) {
         self.resnet.batchnorms_mut(out);
     }
+    fn visit_convs(&self, name: &str, out: &mut Vec<(String, [usize; 4])>) {
+        self.resnet.visit_convs(name, out);
+    }
 }
 
 /// What one pass of the image tower yields.

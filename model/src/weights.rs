@@ -1,9 +1,16 @@
 //! Weights and optimiser state as safetensors bytes with metadata.
 //!
 //! Weights files hold the parameters and the buffers (BatchNorm running statistics, named
-//! `….running_mean` / `….running_var` as PyTorch names them). Tensor names are the dotted paths (`image.blocks.0.attn.q.weight`, shapes as
-//! PyTorch's `nn.Linear` stores them: `(out, in)`), so a PyTorch user can load the file with
-//! `safetensors.torch.load_file`. Optimiser files hold `m.<name>` and `v.<name>`.
+//! `….running_mean` / `….running_var` as PyTorch names them). Tensor names are the dotted
+//! paths (`image.layer1.0.conv1.weight`, `text.blocks.0.attn.q.weight`), shapes as PyTorch's
+//! modules store them — `nn.Linear` `(out, in)`, `nn.Conv2d` `(out, in, kH, kW)` — so a PyTorch
+//! user can load the file with `safetensors.torch.load_file`, and the ResNet image tower
+//! (`image.` stripped) into torchvision's `resnet18`/`resnet50` (README, "Weights in PyTorch").
+//! Optimiser files hold `m.<name>` and `v.<name>` in the model's own layout.
+//!
+//! Format versions: 1 stored convolution weights as the model holds them, `(c_out, k·k·c_in)`
+//! channels last, and named shortcuts `downsample.conv` / `downsample.bn`; 2 (this build)
+//! writes torchvision's layout and names. Both read.
 //!
 //! Metadata keys: `format` = `plip`, `format_version`, `kind` (`weights` | `optimizer`),
 //! `preset` (name), `dims` (the preset as JSON), `tokenizer` (fingerprint), `step`, `extra`
@@ -19,7 +26,64 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
 
 /// Version of the layout written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The name a tensor had in format 1 files, where it differs (the shortcut's parts, named by
+/// position since format 2 as torchvision's `Sequential` names them).
+fn legacy_name(name: &str) -> Option<String> {
+    let renamed = name
+        .replace(".downsample.0.", ".downsample.conv.")
+        .replace(".downsample.1.", ".downsample.bn.");
+    (renamed != name).then_some(renamed)
+}
+
+/// `name`'s tensor in `st`, or its format-1 name's.
+fn tensor<'a>(st: &'a SafeTensors<'a>, name: &str) -> Result<TensorView<'a>> {
+    match st.tensor(name) {
+        Ok(v) => Ok(v),
+        Err(e) => legacy_name(name)
+            .and_then(|old| st.tensor(&old).ok())
+            .ok_or_else(|| Error::Weights(format!("tensor {name}: {e}"))),
+    }
+}
+
+/// A convolution weight from the model's `(c_out, ky, kx, c_in)` to PyTorch's
+/// `(c_out, c_in, ky, kx)`.
+pub fn conv_to_torch<E: Copy>(v: &[E], [o, i, kh, kw]: [usize; 4]) -> Vec<E> {
+    let mut out = Vec::with_capacity(v.len());
+    for oc in 0..o {
+        for ic in 0..i {
+            for y in 0..kh {
+                for x in 0..kw {
+                    out.push(v[((oc * kh + y) * kw + x) * i + ic]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`conv_to_torch`].
+pub fn conv_from_torch<E: Copy + Default>(v: &[E], [o, i, kh, kw]: [usize; 4]) -> Vec<E> {
+    let mut out = vec![E::default(); v.len()];
+    for oc in 0..o {
+        for ic in 0..i {
+            for y in 0..kh {
+                for x in 0..kw {
+                    out[((oc * kh + y) * kw + x) * i + ic] = v[((oc * i + ic) * kh + y) * kw + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The model's convolution weights by name, with their PyTorch shapes.
+fn conv_shapes<E: Dtype, D: Device<E>>(model: &Plip<E, D>) -> HashMap<String, [usize; 4]> {
+    let mut out = Vec::new();
+    model.visit_convs("", &mut out);
+    out.into_iter().collect()
+}
 
 /// The one tensor a weights file may lack: the identity prototypes (a buffer added after the
 /// format's first version; a file without it loads with no prototype seen).
@@ -214,12 +278,19 @@ pub fn save_weights<E: Dtype, D: Device<E>>(
     step: u64,
     extra: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
+    let convs = conv_shapes(model);
     let tensors = model
         .state()
         .into_iter()
-        .map(|(name, p)| {
-            let (dt, data) = to_bytes(&p.to_host());
-            (name, dt, p.dims(), data)
+        .map(|(name, p)| match convs.get(&name) {
+            Some(&shape) => {
+                let (dt, data) = to_bytes(&conv_to_torch(&p.to_host(), shape));
+                (name, dt, shape.to_vec(), data)
+            }
+            None => {
+                let (dt, data) = to_bytes(&p.to_host());
+                (name, dt, p.dims(), data)
+            }
         })
         .collect();
     serialize(tensors, "weights", &model.preset, tokenizer, step, extra)
@@ -237,6 +308,7 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
     let meta = read_meta(bytes)?;
     check_meta(&meta, "weights", &model.preset, tokenizer)?;
     let st = SafeTensors::deserialize(bytes).map_err(werr)?;
+    let convs = conv_shapes(model);
     let mut values = Vec::new();
     for (name, p) in model.state() {
         if name == OPTIONAL_BUFFER && !st.names().iter().any(|n| *n == OPTIONAL_BUFFER) {
@@ -252,10 +324,14 @@ pub fn load_weights<E: Dtype, D: Device<E>>(
             });
             continue;
         }
-        let view = st
-            .tensor(&name)
-            .map_err(|e| Error::Weights(format!("tensor {name}: {e}")))?;
-        values.push(from_view::<E>(&name, &view, &p.dims())?);
+        let view = tensor(&st, &name)?;
+        values.push(match convs.get(&name) {
+            // Format 2: PyTorch's (O, I, kH, kW); format 1 files hold the model's own layout.
+            Some(&shape) if view.shape().len() == 4 => {
+                conv_from_torch(&from_view::<E>(&name, &view, &shape)?, shape)
+            }
+            _ => from_view::<E>(&name, &view, &p.dims())?,
+        });
     }
     model.for_each_state_mut(|i, _, mut p| p.copy_from_host(&values[i]));
     Ok(meta)
@@ -323,9 +399,7 @@ pub fn load_optimizer<E: Dtype, D: Device<E>>(
             Moments::Matrix(a, _) => vec![a.shape().0, a.shape().1],
         };
         let get = |k: String| -> Result<Vec<E>> {
-            let view = st
-                .tensor(&k)
-                .map_err(|e| Error::Weights(format!("tensor {k}: {e}")))?;
+            let view = tensor(&st, &k)?;
             from_view::<E>(&k, &view, &dims)
         };
         if added_head(&meta.preset, name) {

@@ -7,6 +7,62 @@ use plip_model::dfdx::prelude::*;
 use plip_model::text::TokenBatch;
 use plip_model::{Params, Plip, Preset};
 
+/// The ResNet image towers have exactly torchvision's tensors: ResNet-50's body (23,508,032
+/// parameters: `resnet50` without its 1000-way `fc`) in `rn50`, ResNet-18's (11,176,512) in
+/// `tiny` at torchvision's widths, each with its running statistics, under `image.` with the
+/// same names and (for convolutions, in files) the same `(O, I, kH, kW)` shapes.
+#[test]
+fn resnet_towers_have_torchvisions_tensors() {
+    for (p, body, convs) in [
+        (Preset::rn50(), 23_508_032usize, 53usize),
+        (
+            Preset::tiny()
+                .with_conv_widths(&[64, 128, 256, 512])
+                .unwrap(),
+            11_176_512,
+            20,
+        ),
+    ] {
+        let m = Plip::<f32, Cpu>::new(&cpu(), &p, 1).unwrap();
+        let is_body = |n: &str| {
+            n.starts_with("image.conv1")
+                || n.starts_with("image.bn1")
+                || n.starts_with("image.layer")
+        };
+        let params: usize = m
+            .params()
+            .iter()
+            .filter(|(n, _)| is_body(n))
+            .map(|(_, t)| t.len())
+            .sum();
+        assert_eq!(params, body, "{}", p.name);
+        let names: Vec<String> = m.state().into_iter().map(|(n, _)| n).collect();
+        for n in [
+            "image.conv1.weight",
+            "image.bn1.running_var",
+            "image.layer2.0.downsample.0.weight",
+            "image.layer2.0.downsample.1.running_mean",
+            "image.layer4.1.conv2.weight",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{}: no {n}", p.name);
+        }
+        let mut shapes = Vec::new();
+        m.visit_convs("", &mut shapes);
+        assert_eq!(shapes.len(), convs, "{}", p.name);
+        assert!(shapes.contains(&("image.conv1.weight".to_string(), [64, 3, 7, 7])));
+    }
+    let m = Plip::<f32, Cpu>::new(&cpu(), &Preset::rn50(), 1).unwrap();
+    let mut shapes = Vec::new();
+    m.visit_convs("", &mut shapes);
+    for (name, shape) in [
+        ("image.layer1.0.conv3.weight", [256, 64, 1, 1]),
+        ("image.layer3.5.conv2.weight", [256, 256, 3, 3]),
+        ("image.layer4.0.downsample.0.weight", [2048, 1024, 1, 1]),
+    ] {
+        assert!(shapes.contains(&(name.to_string(), shape)), "{name}");
+    }
+}
+
 /// Each preset builds, has the parameter count its documentation states, and embeds images and
 /// captions to unit-length rows of the joint width.
 #[test]
@@ -17,6 +73,7 @@ fn presets_have_documented_sizes_and_shapes() {
         ("tiny", 15_881_649),
         ("tiny-vit", 9_302_177),
         ("small", 60_110_337),
+        ("rn50", 81_109_761),
     ];
     for (name, count) in documented {
         let p = Preset::by_name(name).unwrap();

@@ -164,7 +164,7 @@ fn corrupt_and_mismatched_blobs_are_refused() {
     ));
     let newer = replace_once(
         &wrong_fp,
-        b"\"format_version\":\"1\"",
+        format!("\"format_version\":\"{}\"", weights::FORMAT_VERSION).as_bytes(),
         b"\"format_version\":\"9\"",
     );
     assert!(matches!(
@@ -194,6 +194,90 @@ fn corrupt_and_mismatched_blobs_are_refused() {
         "a refused load changed the model"
     );
     assert!(weights::read_meta(&bytes).is_ok());
+}
+
+/// Files hold convolution weights in PyTorch's `(O, I, kH, kW)` order under torchvision's
+/// names; a format-1 file (the model's own `(c_out, k·k·c_in)` layout, shortcuts named
+/// `downsample.conv` / `downsample.bn`) still loads to the same model.
+#[test]
+fn convolutions_are_stored_as_pytorch_does_and_format_1_files_still_load() {
+    use safetensors::tensor::{SafeTensors, TensorView};
+    let (t, batches, tk) = trained(1, 1);
+    let fp = tk.fingerprint();
+    let bytes = save_weights(&t.model, fp, 1, &BTreeMap::new()).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |v: &TensorView<'_>| -> Vec<f32> {
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    // conv1: (8, 3, 7, 7) in the file; element [o, i, y, x] is the model's [o, (y·7 + x)·3 + i].
+    let conv1 = st.tensor("image.conv1.weight").unwrap();
+    assert_eq!(conv1.shape(), &[8, 3, 7, 7]);
+    let file = f32s(&conv1);
+    let held = t.model.image.resnet.as_ref().unwrap().conv1.weight.as_vec();
+    for (o, i, y, x) in [(0, 0, 0, 0), (3, 2, 1, 5), (7, 1, 6, 6)] {
+        assert_eq!(
+            file[((o * 3 + i) * 7 + y) * 7 + x],
+            held[o * 147 + (y * 7 + x) * 3 + i]
+        );
+    }
+    assert!(st
+        .names()
+        .iter()
+        .any(|n| *n == "image.layer2.0.downsample.0.weight"));
+
+    // The same weights written as format 1 did.
+    let mut shapes = Vec::new();
+    t.model.visit_convs("", &mut shapes);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let old = name
+                .replace(".downsample.0.", ".downsample.conv.")
+                .replace(".downsample.1.", ".downsample.bn.");
+            match shapes.iter().find(|(n, _)| *n == name) {
+                Some((_, shape)) => {
+                    let held = weights::conv_from_torch(&f32s(&v), *shape);
+                    let dims = vec![shape[0], shape[1] * shape[2] * shape[3]];
+                    (
+                        old,
+                        dims,
+                        held.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    )
+                }
+                None => (old, v.shape().to_vec(), v.data().to_vec()),
+            }
+        })
+        .collect();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut md = meta.metadata().clone().unwrap();
+    md.insert("format_version".into(), "1".into());
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, d.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let v1 = safetensors::tensor::serialize(views, &Some(md)).unwrap();
+    assert!(!SafeTensors::deserialize(&v1)
+        .unwrap()
+        .names()
+        .iter()
+        .any(|n| *n == "image.layer2.0.downsample.0.weight"));
+    let mut fresh = Plip::<f32, Cpu>::new(&cpu(), &Preset::test(), 999).unwrap();
+    let meta = load_weights(&mut fresh, &v1, fp).unwrap();
+    assert_eq!(meta.format_version, 1);
+    assert_eq!(all_values(&fresh), all_values(&t.model));
+    assert_eq!(
+        fresh.embed_images(&batches[0].images, 3),
+        t.model.embed_images(&batches[0].images, 3)
+    );
 }
 
 fn replace_once(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
