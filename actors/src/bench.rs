@@ -50,6 +50,71 @@ pub struct TrainBenchArgs {
     /// other caption style, of the same length).
     #[arg(long, default_value_t = 1)]
     pub captions_per_image: usize,
+    /// Also time the PyTorch peer of the image tower in the same run (`scripts/torch_peer.py
+    /// --bench`: the same ResNet, batch, identities per batch and thread count, triplet + SupCon
+    /// on the pooled feature, AdamW; PyTorch installed into the git-ignored `.venv-torch` by
+    /// the script on first use). Needs `--tasks triplet,supcon` and a basic-block ResNet.
+    #[arg(long)]
+    pub torch_peer: bool,
+    /// The script that runs the PyTorch peer.
+    #[arg(long, default_value = "scripts/torch-peer.sh")]
+    pub torch_peer_script: std::path::PathBuf,
+}
+
+/// Why `--torch-peer` cannot measure a peer of this run, if it cannot.
+fn torch_peer_mismatch(p: &Preset, tasks: &str) -> Option<String> {
+    let mut t: Vec<&str> = tasks.split(',').map(str::trim).collect();
+    t.sort_unstable();
+    if t != ["supcon", "triplet"] {
+        return Some(format!(
+            "the PyTorch peer trains the image tower with triplet + SupCon only; run --tasks triplet,supcon with --torch-peer (not {tasks})"
+        ));
+    }
+    if p.image_arch != plip_model::ImageArch::Resnet || p.conv_block != plip_model::ConvBlock::Basic
+    {
+        return Some(format!(
+            "the PyTorch peer is a ResNet of basic blocks; preset {:?} is not",
+            p.name
+        ));
+    }
+    None
+}
+
+/// Times the PyTorch peer ([`TrainBenchArgs::torch_peer`]): its median step in ms.
+fn torch_peer_ms(p: &Preset, args: &TrainBenchArgs, threads: usize) -> Result<f64, String> {
+    let list = |v: &[usize]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let script = &args.torch_peer_script;
+    let out = std::process::Command::new(script)
+        .args(["--data", "unused", "--feature", "pooled", "--per-id", "4"])
+        .args(["--bench", &args.steps.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--widths", &list(&p.conv_widths)])
+        .args(["--blocks", &list(&p.conv_blocks)])
+        .args(["--strides", &list(&p.conv_strides)])
+        .args(["--embed", &p.embed.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the PyTorch peer {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "the PyTorch peer {} failed ({}): {stdout}",
+            script.display(),
+            out.status
+        ));
+    }
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| v["median_step_ms"].as_f64())
+        .ok_or_else(|| format!("the PyTorch peer printed no median_step_ms: {stdout}"))
 }
 
 /// Task weights for a comma-separated task list: the listed tasks at their default weights, the
@@ -294,6 +359,11 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.batch < 2 || args.steps == 0 {
         return Err("--batch must be at least 2 and --steps at least 1".into());
     }
+    if args.torch_peer {
+        if let Some(why) = torch_peer_mismatch(&p, &args.tasks) {
+            return Err(why.into());
+        }
+    }
     let pool = plip_model::runtime::thread_pool(args.threads)?;
     let threads = pool.current_num_threads();
     let t0 = Instant::now();
@@ -334,6 +404,11 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             serde_json::json!((full_ms / peer_ms * 100.0).round() / 100.0);
     }
     out["peak_rss_mib"] = serde_json::json!(peak_rss_mib().map(|m| m.round()));
+    if args.torch_peer {
+        let peer_ms = torch_peer_ms(&p, args, threads)?;
+        out["peer_pytorch_median_step_ms"] = serde_json::json!((peer_ms * 10.0).round() / 10.0);
+        out["ratio_to_pytorch"] = serde_json::json!((full_ms / peer_ms * 100.0).round() / 100.0);
+    }
     println!("{out}");
     Ok(())
 }

@@ -150,8 +150,12 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
     bytes[sos..].windows(2).any(|w| w == [0xff, 0xd9])
 }
 
-/// Resizes to the canonical 256×128 (H×W) sample size (triangle filter).
+/// Resizes to the canonical 256×128 (H×W) sample size (triangle filter); an image already of
+/// that size is kept as it is.
 pub fn canonical(img: &RgbImage) -> RgbImage {
+    if img.dimensions() == (CANONICAL_WIDTH, CANONICAL_HEIGHT) {
+        return img.clone();
+    }
     image::imageops::resize(
         img,
         CANONICAL_WIDTH,
