@@ -220,6 +220,8 @@ impl<E: Dtype, D: Device<E>> Bottleneck<E, D> {
 }
 
 /// One residual block of either kind (the preset's [`ConvBlock`]).
+// A model holds a few dozen blocks: the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Block<E: Dtype, D: Device<E>> {
     Basic(BasicBlock<E, D>),
