@@ -6,7 +6,9 @@ use common::*;
 use plip_model::dfdx::prelude::*;
 use plip_model::optim::{AdamW, Grad};
 use plip_model::params::{ParamMut, Params};
-use plip_model::{ImageArch, JointFeature, Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer};
+use plip_model::{
+    ConvBlock, ImageArch, JointFeature, Plip, Preset, Stem, TaskWeights, TrainConfig, Trainer,
+};
 
 // Before this check existed, two dfdx 0.13 backward bugs went unnoticed: `accurate_gelu`'s
 // derivative (off by √2 in one term) and `log_softmax` on a permuted input. Both produced
@@ -58,6 +60,31 @@ fn hmlp_stem_gradients_match_finite_differences() {
             triplet: 1.0,
             supcon: 1.0,
             ..TaskWeights::none()
+        },
+        p,
+    );
+}
+
+/// Bottleneck blocks (`rn50`'s) on `test` dimensions: three convolutions per block and the
+/// 4× expansion, every task on.
+#[test]
+fn bottleneck_gradients_match_finite_differences() {
+    let p = Preset {
+        conv_block: ConvBlock::Bottleneck,
+        ..Preset::test()
+    }
+    .with_conv_widths(&[8, 8, 8, 8])
+    .unwrap();
+    assert_eq!(p.embed, 32);
+    check_preset(
+        TaskWeights {
+            ivlc: 1.0,
+            iap: 1.0,
+            tic: 1.0,
+            // The finite difference sees IVLC's path into the image tower, so the gradient
+            // must take it too (the default stops it there).
+            ivlc_image_grad: true,
+            ..TaskWeights::default()
         },
         p,
     );
@@ -146,7 +173,17 @@ fn check_preset_with(tasks: TaskWeights, p: Preset, extra_captions: bool) {
         "tic.fc2.weight",
         "logit_scale",
     ];
-    let checked = tower.iter().copied().chain(checked);
+    let bottleneck: &[&str] = if p.conv_block == ConvBlock::Bottleneck {
+        &[
+            "image.layer1.0.conv3.weight",
+            "image.layer1.0.bn3.bias",
+            "image.layer3.0.conv2.weight",
+            "image.layer4.0.conv3.weight",
+        ]
+    } else {
+        &[]
+    };
+    let checked = tower.iter().chain(bottleneck).copied().chain(checked);
     let loss_of =
         |t: &Trainer<f64, Cpu>| t.model.losses(&b, &t.cfg.tasks, NoneTape).unwrap().1.total;
     let h = 1e-6;
