@@ -120,6 +120,137 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
         }
     }
 
+    /// `relu(forward(x))`. In train mode on the CPU with a tape, one fused op: per-channel
+    /// statistics, normalisation, affine map and ReLU in two multi-threaded passes over the
+    /// host copy of `x`, and a backward of two more (dfdx's composed form makes about twenty
+    /// single-threaded passes, forward and backward; README "Performance"). Elsewhere the
+    /// composed form. The two are checked equal, values and gradients, in the tests.
+    pub fn forward_relu<T: Tape<E, D>>(&self, x: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
+        match mode {
+            BnMode::Train(record)
+                if T::OWNS_TAPE
+                    && std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
+                    && !composed_bn_on_cpu() =>
+            {
+                self.train_relu_host(x, record)
+            }
+            _ => self.forward(x, mode).relu(),
+        }
+    }
+
+    /// The fused train-mode BatchNorm + ReLU of [`BatchNorm::forward_relu`].
+    fn train_relu_host<T: Tape<E, D>>(
+        &self,
+        x: Mat<E, D, T>,
+        record: Option<&BnStats>,
+    ) -> Mat<E, D, T> {
+        use rayon::prelude::*;
+        let (n, c) = *x.shape();
+        let (x, mut tape) = x.split_tape();
+        let dev = x.device().clone();
+        let xs: Vec<E> = x.as_vec();
+        let gamma: Vec<f64> = f64s(&self.weight.as_vec());
+        let beta: Vec<f64> = f64s(&self.bias.as_vec());
+        // Rows per task: whole rows, about 64 KiB of input each.
+        let rows = (16384 / c.max(1)).max(1);
+        let chunk = rows * c;
+        let sums = |f: &(dyn Fn(usize, f64) -> f64 + Sync)| -> Vec<f64> {
+            xs.par_chunks(chunk)
+                .map(|part| {
+                    let mut acc = vec![0.0f64; c];
+                    for row in part.chunks_exact(c) {
+                        for (j, (a, v)) in acc.iter_mut().zip(row).enumerate() {
+                            *a += f(j, v.to_f64().unwrap_or(0.0));
+                        }
+                    }
+                    acc
+                })
+                .reduce(|| vec![0.0; c], add)
+        };
+        let inv_n = 1.0 / n.max(1) as f64;
+        let mean: Vec<f64> = sums(&|_, v| v).iter().map(|s| s * inv_n).collect();
+        let var: Vec<f64> = sums(&|j, v| (v - mean[j]) * (v - mean[j]))
+            .iter()
+            .map(|s| s * inv_n)
+            .collect();
+        if let Some(record) = record {
+            let unbias = n as f64 / (n.max(2) - 1) as f64;
+            let v = var.iter().map(|v| v * unbias).collect();
+            record.layers.borrow_mut().push((self.id, mean.clone(), v));
+        }
+        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
+        let mut ys = vec![E::default(); n * c];
+        ys.par_chunks_mut(chunk)
+            .zip(xs.par_chunks(chunk))
+            .for_each(|(out, inp)| {
+                for (o, v) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)) {
+                    for j in 0..c {
+                        let xh = (v[j].to_f64().unwrap_or(0.0) - mean[j]) * inv_std[j];
+                        o[j] = scalar((gamma[j] * xh + beta[j]).max(0.0));
+                    }
+                }
+            });
+        let y: Mat<E, D> = dev.tensor_from_vec(ys, (n, c));
+        let y_keep = y.clone();
+        let (w_keep, b_keep) = (self.weight.clone(), self.bias.clone());
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&y_keep)?;
+            let gy = grads.get(&y_keep).as_vec();
+            let xhat = |v: &E, j: usize| (v.to_f64().unwrap_or(0.0) - mean[j]) * inv_std[j];
+            // The gradient through the ReLU: zero where the output was clamped.
+            let g = |gv: &E, v: &E, j: usize| {
+                if gamma[j] * xhat(v, j) + beta[j] > 0.0 {
+                    gv.to_f64().unwrap_or(0.0)
+                } else {
+                    0.0
+                }
+            };
+            // Σ g and Σ g·x̂ per channel: β's and γ's gradients.
+            let (sum_g, sum_gx) = gy
+                .par_chunks(chunk)
+                .zip(xs.par_chunks(chunk))
+                .map(|(gp, xp)| {
+                    let (mut a, mut b) = (vec![0.0f64; c], vec![0.0f64; c]);
+                    for (gr, xr) in gp.chunks_exact(c).zip(xp.chunks_exact(c)) {
+                        for j in 0..c {
+                            let gj = g(&gr[j], &xr[j], j);
+                            a[j] += gj;
+                            b[j] += gj * xhat(&xr[j], j);
+                        }
+                    }
+                    (a, b)
+                })
+                .reduce(
+                    || (vec![0.0; c], vec![0.0; c]),
+                    |(a1, b1), (a2, b2)| (add(a1, a2), add(b1, b2)),
+                );
+            // dx = γ/σ · (g − mean(g) − x̂·mean(g·x̂)).
+            let mut gx = vec![E::default(); n * c];
+            gx.par_chunks_mut(chunk)
+                .zip(gy.par_chunks(chunk).zip(xs.par_chunks(chunk)))
+                .for_each(|(out, (gp, xp))| {
+                    for (o, (gr, xr)) in out
+                        .chunks_exact_mut(c)
+                        .zip(gp.chunks_exact(c).zip(xp.chunks_exact(c)))
+                    {
+                        for j in 0..c {
+                            let gj = g(&gr[j], &xr[j], j);
+                            let d = gj - sum_g[j] * inv_n - xhat(&xr[j], j) * sum_gx[j] * inv_n;
+                            o[j] = scalar(gamma[j] * inv_std[j] * d);
+                        }
+                    }
+                });
+            let dev = y_keep.device().clone();
+            let gx = dev.tensor_from_vec(gx, (n, c));
+            crate::conv::accumulate(grads, &x, gx);
+            let to_e = |v: Vec<f64>| v.into_iter().map(scalar::<E>).collect::<Vec<E>>();
+            crate::conv::accumulate(grads, &w_keep, dev.tensor_from_vec(to_e(sum_gx), (c,)));
+            crate::conv::accumulate(grads, &b_keep, dev.tensor_from_vec(to_e(sum_g), (c,)));
+            Ok(())
+        });
+        y.put_tape(tape)
+    }
+
     /// Folds a batch's statistics into the running ones.
     pub fn update_running(&mut self, mean: &[f64], var: &[f64], momentum: f64) {
         let mix = |r: &mut Vector<E, D>, s: &[f64]| {
@@ -134,6 +265,24 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
         mix(&mut self.running_mean, mean);
         mix(&mut self.running_var, var);
     }
+}
+
+fn f64s<E: Dtype>(v: &[E]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64().unwrap_or(0.0)).collect()
+}
+
+fn add(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
+/// `PLIP_COMPOSED_BN` set: the CPU takes dfdx's composed BatchNorm + ReLU too (for measuring
+/// one against the other). Read once.
+fn composed_bn_on_cpu() -> bool {
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COMPOSED.get_or_init(|| std::env::var_os("PLIP_COMPOSED_BN").is_some())
 }
 
 impl<E: Dtype, D: Device<E>> Params<E, D> for BatchNorm<E, D> {

@@ -69,7 +69,7 @@ fn conv_bn_relu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let y = conv.forward(x);
     let (b, h, w) = (y.b, y.h, y.w);
     Fmap {
-        x: bn.forward(y.x, mode).relu(),
+        x: bn.forward_relu(y.x, mode),
         b,
         h,
         w,
@@ -372,7 +372,7 @@ impl<E: Dtype, D: Device<E>> ResNetBody<E, D> {
         mode: BnMode<'_>,
     ) -> Fmap<E, D, T> {
         let Fmap { x, b, h, w } = self.conv1.forward_input(from_nchw(images));
-        let x = self.bn1.forward(x, mode).relu();
+        let x = self.bn1.forward_relu(x, mode);
         let mut x = max_pool(
             Fmap { x, b, h, w },
             Window {

@@ -530,3 +530,64 @@ fn calibrate_neck_normalises_clean_images_as_a_batch() {
         );
     }
 }
+
+/// The fused CPU BatchNorm + ReLU of training equals dfdx's composed form: outputs, the batch
+/// statistics it reports, and the gradients of a loss through it for the input, γ and β.
+#[test]
+fn fused_batchnorm_relu_equals_the_composed_form() {
+    let dev = cpu();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut init = Init {
+        dev: &dev,
+        rng: &mut rng,
+    };
+    let mut bn: BatchNorm<f64, Cpu> = BatchNorm::new(&mut init, 5);
+    bn.weight.copy_from(&[0.5, 1.5, -0.7, 1.0, 2.0]);
+    bn.bias.copy_from(&[0.1, -0.2, 0.3, 0.0, -1.0]);
+    let n = 3000; // more rows than one task's chunk, so the per-chunk sums are reduced
+    let xs: Vec<f64> = (0..n * 5)
+        .map(|i| ((i * 37 % 101) as f64 / 17.0).sin() * (1.0 + (i % 5) as f64))
+        .collect();
+    let weights: Vec<f64> = (0..n * 5).map(|i| ((i % 13) as f64 - 6.0) / 7.0).collect();
+    let run = |fused: bool| {
+        let x: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(xs.clone(), (n, 5));
+        let w = dev.tensor_from_vec(weights.clone(), (n, 5));
+        let stats = BnStats::default();
+        let mode = BnMode::Train(Some(&stats));
+        let xt = x.clone().leaky_traced();
+        let y = if fused {
+            bn.forward_relu(xt, mode)
+        } else {
+            bn.forward(xt, mode).relu()
+        };
+        let values = y.as_vec();
+        let loss = (y * w).sum::<(), _>();
+        let g = loss.backward();
+        let grads = (
+            g.get(&x).as_vec(),
+            g.get(&bn.weight).as_vec(),
+            g.get(&bn.bias).as_vec(),
+        );
+        let layers = stats.layers.borrow().clone();
+        (values, grads, layers)
+    };
+    let (v1, (gx1, gw1, gb1), s1) = run(true);
+    let (v2, (gx2, gw2, gb2), s2) = run(false);
+    let close = |a: &[f64], b: &[f64], what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-9, "{what}: differs by {worst}");
+    };
+    close(&v1, &v2, "outputs");
+    assert!(v1.iter().any(|&v| v == 0.0) && v1.iter().any(|&v| v > 0.0));
+    close(&gx1, &gx2, "input gradient");
+    close(&gw1, &gw2, "γ gradient");
+    close(&gb1, &gb2, "β gradient");
+    assert_eq!(s1.len(), 1);
+    close(&s1[0].1, &s2[0].1, "batch mean");
+    close(&s1[0].2, &s2[0].2, "batch variance");
+}
