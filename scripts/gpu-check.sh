@@ -4,8 +4,8 @@
 # GPU, then
 #   (a) CPU-vs-CUDA agreement: same weights, same batch — embeddings, each loss, the gradients
 #       (one SGD step's update) and the AdamW update norm within 1e-3 relative;
-#   (b) training throughput: median step time and images/s for tiny and small at batch 64, and
-#       small at a larger batch when it fits;
+#   (b) training throughput: median step time and images/s for tiny, small and rn50 (the GPU
+#       preset, ResNet-50) at batch 64, and small and rn50 at a larger batch when it fits;
 #   (c) continuous training on CUDA from a synthetic data folder into a state folder, with
 #       checkpoints, a CPU→CUDA resume, and an evaluation of the last checkpoint on the CPU
 #       (checkpoints move between devices),
@@ -57,6 +57,8 @@ bench() { # preset batch
 bench tiny 64
 bench small 64
 bench small 256 || true
+bench rn50 64
+bench rn50 256 || true
 # The same on the CPU of this machine, for the ratio.
 out=$("$P" bench train --device cpu --preset tiny --batch 64 --steps 3 --warmup 1 --no-peer 2>/dev/null)
 ROWS+=("| train step, tiny, batch 64, CPU ($(nproc) cores) | $(echo "$out" | json "'%.1f ms' % d['median_step_ms']") | $(echo "$out" | json "'%.0f images/s' % d['images_per_s']") |")

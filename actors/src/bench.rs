@@ -15,7 +15,7 @@ use std::time::Instant;
 /// Options of `plipd bench train`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainBenchArgs {
-    /// Model preset (test, tiny, small).
+    /// Model preset (test, tiny, rn50, small, …).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Samples per step.
@@ -416,7 +416,7 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// Options of `plipd bench agree`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgreeArgs {
-    /// Model preset (test, tiny, small).
+    /// Model preset (test, tiny, rn50, small, …).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Samples in the batch both devices see.

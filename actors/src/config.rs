@@ -171,7 +171,8 @@ impl Default for CaptionConfig {
 pub struct TrainerConfig {
     /// Train at all (a serving-only daemon sets false).
     pub enabled: bool,
-    /// Model preset: `tiny` (CPU default, ResNet), `tiny-vit`, `small` (GPU), `test`, `test-vit`.
+    /// Model preset: `tiny` (CPU default, ResNet-18-shaped), `rn50` (GPU, ResNet-50), `tiny-vit`,
+    /// `small` (the round-1 GPU ViT), `test`, `test-vit`.
     pub preset: String,
     /// The joint image feature image and text queries are ranked by: `pooled`, `neck` or `both`
     /// (empty: the preset's own). Changes no weight: an existing state trains on under either.
