@@ -167,12 +167,42 @@ fn im2col_host<E: Dtype, D: Device<E>, T: Tape<E, D>>(
             grads.try_alloc_for(&y_keep)?;
             let gy = grads.get(&y_keep).as_vec();
             let gx = cols_backward(&gy, &g);
-            let gx = dev.tensor_from_vec(gx, *x_keep.shape());
-            accumulate(grads, &x_keep, gx);
+            accumulate_host(grads, &x_keep, gx);
             Ok(())
         });
     }
     (y.put_tape(tape), g.ho, g.wo)
+}
+
+/// Adds host values `g` (row-major, `x`'s logical order) to the gradient of `x` inside a
+/// backward op. On the CPU they are added into dfdx's gradient buffer directly, in parallel
+/// (`Gradients::get_or_alloc_mut`); elsewhere through [`accumulate`]. `x` must be laid out
+/// contiguously (a fresh op output, as every input of the project's custom ops is): the
+/// buffer is in `x`'s storage order.
+pub fn accumulate_host<S: Shape, E: Dtype, D: Device<E>>(
+    grads: &mut Gradients<E, D>,
+    x: &Tensor<S, E, D>,
+    g: Vec<E>,
+) {
+    use std::any::Any;
+    let on_cpu = (grads as &mut dyn Any).downcast_mut::<Gradients<E, Cpu>>();
+    let x_cpu = (x as &dyn Any).downcast_ref::<Tensor<S, E, Cpu>>();
+    if let (Some(grads), Some(x)) = (on_cpu, x_cpu) {
+        if let Ok(buf) = grads.get_or_alloc_mut(x) {
+            if buf.len() == g.len() {
+                buf.par_chunks_mut(1 << 14)
+                    .zip(g.par_chunks(1 << 14))
+                    .for_each(|(d, s)| {
+                        for (d, s) in d.iter_mut().zip(s) {
+                            *d += *s;
+                        }
+                    });
+                return;
+            }
+        }
+    }
+    let g = x.device().tensor_from_vec(g, *x.shape());
+    accumulate(grads, x, g);
 }
 
 /// Adds `g` to the gradient of `x` inside a backward op, through dfdx's own product rule:

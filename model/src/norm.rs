@@ -240,12 +240,11 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
                         }
                     }
                 });
-            let dev = y_keep.device().clone();
-            let gx = dev.tensor_from_vec(gx, (n, c));
-            crate::conv::accumulate(grads, &x, gx);
+            use crate::conv::accumulate_host;
+            accumulate_host(grads, &x, gx);
             let to_e = |v: Vec<f64>| v.into_iter().map(scalar::<E>).collect::<Vec<E>>();
-            crate::conv::accumulate(grads, &w_keep, dev.tensor_from_vec(to_e(sum_gx), (c,)));
-            crate::conv::accumulate(grads, &b_keep, dev.tensor_from_vec(to_e(sum_g), (c,)));
+            accumulate_host(grads, &w_keep, to_e(sum_gx));
+            accumulate_host(grads, &b_keep, to_e(sum_g));
             Ok(())
         });
         y.put_tape(tape)
