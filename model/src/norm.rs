@@ -132,21 +132,51 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
                     && std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
                     && !composed_bn_on_cpu() =>
             {
-                self.train_relu_host(x, record)
+                self.train_relu_host(x, None, record)
             }
             _ => self.forward(x, mode).relu(),
         }
     }
 
-    /// The fused train-mode BatchNorm + ReLU of [`BatchNorm::forward_relu`].
+    /// `relu(forward(x) + residual)`: a residual block's last BatchNorm, its shortcut sum and
+    /// ReLU; fused on the CPU in train mode as [`BatchNorm::forward_relu`] is.
+    pub fn forward_add_relu<T: Tape<E, D>>(
+        &self,
+        x: Mat<E, D, T>,
+        residual: Mat<E, D, T>,
+        mode: BnMode<'_>,
+    ) -> Mat<E, D, T> {
+        match mode {
+            BnMode::Train(record)
+                if T::OWNS_TAPE
+                    && std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
+                    && !composed_bn_on_cpu() =>
+            {
+                self.train_relu_host(x, Some(residual), record)
+            }
+            _ => (self.forward(x, mode) + residual).relu(),
+        }
+    }
+
+    /// The fused train-mode BatchNorm (+ residual) + ReLU of [`BatchNorm::forward_relu`] and
+    /// [`BatchNorm::forward_add_relu`].
     fn train_relu_host<T: Tape<E, D>>(
         &self,
         x: Mat<E, D, T>,
+        residual: Option<Mat<E, D, T>>,
         record: Option<&BnStats>,
     ) -> Mat<E, D, T> {
         use rayon::prelude::*;
         let (n, c) = *x.shape();
         let (x, mut tape) = x.split_tape();
+        // The residual's tape joins the output's; its values enter the sum before the ReLU.
+        let residual = residual.map(|r| {
+            let (r, r_tape) = r.split_tape();
+            tape = std::mem::take(&mut tape).merge(r_tape);
+            r
+        });
+        let rv: Vec<E> = residual.as_ref().map(|r| r.as_vec()).unwrap_or_default();
+        let res = |i: usize| rv.get(i).map_or(0.0, |v| v.to_f64().unwrap_or(0.0));
         let dev = x.device().clone();
         let xs: Vec<E> = x.as_vec();
         let gamma: Vec<f64> = f64s(&self.weight.as_vec());
@@ -182,11 +212,13 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
         let mut ys = vec![E::default(); n * c];
         ys.par_chunks_mut(chunk)
             .zip(xs.par_chunks(chunk))
-            .for_each(|(out, inp)| {
-                for (o, v) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)) {
+            .enumerate()
+            .for_each(|(k, (out, inp))| {
+                for (i, (o, v)) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)).enumerate() {
+                    let base = k * chunk + i * c;
                     for j in 0..c {
                         let xh = (v[j].to_f64().unwrap_or(0.0) - mean[j]) * inv_std[j];
-                        o[j] = scalar((gamma[j] * xh + beta[j]).max(0.0));
+                        o[j] = scalar((gamma[j] * xh + beta[j] + res(base + j)).max(0.0));
                     }
                 }
             });
@@ -197,9 +229,10 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
             grads.try_alloc_for(&y_keep)?;
             let gy = grads.get(&y_keep).as_vec();
             let xhat = |v: &E, j: usize| (v.to_f64().unwrap_or(0.0) - mean[j]) * inv_std[j];
+            let res = |i: usize| rv.get(i).map_or(0.0, |v| v.to_f64().unwrap_or(0.0));
             // The gradient through the ReLU: zero where the output was clamped.
-            let g = |gv: &E, v: &E, j: usize| {
-                if gamma[j] * xhat(v, j) + beta[j] > 0.0 {
+            let g = |gv: &E, v: &E, j: usize, at: usize| {
+                if gamma[j] * xhat(v, j) + beta[j] + res(at) > 0.0 {
                     gv.to_f64().unwrap_or(0.0)
                 } else {
                     0.0
@@ -209,11 +242,12 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
             let (sum_g, sum_gx) = gy
                 .par_chunks(chunk)
                 .zip(xs.par_chunks(chunk))
-                .map(|(gp, xp)| {
+                .enumerate()
+                .map(|(k, (gp, xp))| {
                     let (mut a, mut b) = (vec![0.0f64; c], vec![0.0f64; c]);
-                    for (gr, xr) in gp.chunks_exact(c).zip(xp.chunks_exact(c)) {
+                    for (i, (gr, xr)) in gp.chunks_exact(c).zip(xp.chunks_exact(c)).enumerate() {
                         for j in 0..c {
-                            let gj = g(&gr[j], &xr[j], j);
+                            let gj = g(&gr[j], &xr[j], j, k * chunk + i * c + j);
                             a[j] += gj;
                             b[j] += gj * xhat(&xr[j], j);
                         }
@@ -226,15 +260,29 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
                 );
             // dx = γ/σ · (g − mean(g) − x̂·mean(g·x̂)).
             let mut gx = vec![E::default(); n * c];
+            // The residual's gradient: the output's, through the ReLU (empty without one).
+            let mut gr_out = vec![E::default(); if residual.is_some() { n * c } else { 0 }];
+            let chunks = (n * c).div_ceil(chunk);
+            let gr_chunks: Vec<Option<&mut [E]>> = if gr_out.is_empty() {
+                (0..chunks).map(|_| None).collect()
+            } else {
+                gr_out.chunks_mut(chunk).map(Some).collect()
+            };
             gx.par_chunks_mut(chunk)
                 .zip(gy.par_chunks(chunk).zip(xs.par_chunks(chunk)))
-                .for_each(|(out, (gp, xp))| {
-                    for (o, (gr, xr)) in out
+                .zip(gr_chunks.into_par_iter())
+                .enumerate()
+                .for_each(|(k, ((out, (gp, xp)), mut gres))| {
+                    for (i, (o, (gr, xr))) in out
                         .chunks_exact_mut(c)
                         .zip(gp.chunks_exact(c).zip(xp.chunks_exact(c)))
+                        .enumerate()
                     {
                         for j in 0..c {
-                            let gj = g(&gr[j], &xr[j], j);
+                            let gj = g(&gr[j], &xr[j], j, k * chunk + i * c + j);
+                            if let Some(dst) = gres.as_mut() {
+                                dst[i * c + j] = scalar(gj);
+                            }
                             let d = gj - sum_g[j] * inv_n - xhat(&xr[j], j) * sum_gx[j] * inv_n;
                             o[j] = scalar(gamma[j] * inv_std[j] * d);
                         }
@@ -242,6 +290,9 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
                 });
             use crate::conv::accumulate_host;
             accumulate_host(grads, &x, gx);
+            if let Some(r) = &residual {
+                accumulate_host(grads, r, gr_out);
+            }
             let to_e = |v: Vec<f64>| v.into_iter().map(scalar::<E>).collect::<Vec<E>>();
             accumulate_host(grads, &w_keep, to_e(sum_gx));
             accumulate_host(grads, &b_keep, to_e(sum_g));

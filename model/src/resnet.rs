@@ -122,7 +122,6 @@ impl<E: Dtype, D: Device<E>> BasicBlock<E, D> {
         let y = conv_bn_relu(&self.conv1, &self.bn1, Fmap { x, b, h, w }, mode);
         let y = self.conv2.forward(y);
         let (ho, wo) = (y.h, y.w);
-        let y = self.bn2.forward(y.x, mode);
         let s = match &self.downsample {
             Some(d) => d.forward(
                 Fmap {
@@ -136,7 +135,7 @@ impl<E: Dtype, D: Device<E>> BasicBlock<E, D> {
             None => shortcut_in,
         };
         Fmap {
-            x: (y + s).relu(),
+            x: self.bn2.forward_add_relu(y.x, s, mode),
             b,
             h: ho,
             w: wo,
@@ -197,7 +196,7 @@ impl<E: Dtype, D: Device<E>> Bottleneck<E, D> {
         let y = conv_bn_relu(&self.conv1, &self.bn1, Fmap { x, b, h, w }, mode);
         let y = conv_bn_relu(&self.conv2, &self.bn2, y, mode);
         let (ho, wo) = (y.h, y.w);
-        let y = self.bn3.forward(self.conv3.forward(y).x, mode);
+        let y = self.conv3.forward(y).x;
         let s = match &self.downsample {
             Some(d) => d.forward(
                 Fmap {
@@ -211,7 +210,7 @@ impl<E: Dtype, D: Device<E>> Bottleneck<E, D> {
             None => shortcut_in,
         };
         Fmap {
-            x: (y + s).relu(),
+            x: self.bn3.forward_add_relu(y, s, mode),
             b,
             h: ho,
             w: wo,

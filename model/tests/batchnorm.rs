@@ -531,8 +531,9 @@ fn calibrate_neck_normalises_clean_images_as_a_batch() {
     }
 }
 
-/// The fused CPU BatchNorm + ReLU of training equals dfdx's composed form: outputs, the batch
-/// statistics it reports, and the gradients of a loss through it for the input, γ and β.
+/// The fused CPU BatchNorm + ReLU of training (and with a residual summed before the ReLU)
+/// equals dfdx's composed form: outputs, the batch statistics it reports, and the gradients of
+/// a loss through it for the input, γ and β.
 #[test]
 fn fused_batchnorm_relu_equals_the_composed_form() {
     let dev = cpu();
@@ -549,16 +550,29 @@ fn fused_batchnorm_relu_equals_the_composed_form() {
         .map(|i| ((i * 37 % 101) as f64 / 17.0).sin() * (1.0 + (i % 5) as f64))
         .collect();
     let weights: Vec<f64> = (0..n * 5).map(|i| ((i % 13) as f64 - 6.0) / 7.0).collect();
-    let run = |fused: bool| {
+    let residual: Vec<f64> = (0..n * 5)
+        .map(|i| ((i * 11 % 23) as f64 - 11.0) / 9.0)
+        .collect();
+    // with_residual: relu(bn(x) + r), the block's last norm, where r is a function of x too (as
+    // an identity shortcut is), so both paths of x's gradient meet.
+    let run = |fused: bool, with_residual: bool| {
         let x: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(xs.clone(), (n, 5));
+        let r0: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(residual.clone(), (n, 5));
         let w = dev.tensor_from_vec(weights.clone(), (n, 5));
         let stats = BnStats::default();
         let mode = BnMode::Train(Some(&stats));
         let xt = x.clone().leaky_traced();
-        let y = if fused {
-            bn.forward_relu(xt, mode)
-        } else {
-            bn.forward(xt, mode).relu()
+        let y = match (fused, with_residual) {
+            (true, false) => bn.forward_relu(xt, mode),
+            (false, false) => bn.forward(xt, mode).relu(),
+            (fused, true) => {
+                let r = xt.retaped::<OwnedTape<f64, Cpu>>() * 0.5 + r0;
+                if fused {
+                    bn.forward_add_relu(xt, r, mode)
+                } else {
+                    (bn.forward(xt, mode) + r).relu()
+                }
+            }
         };
         let values = y.as_vec();
         let loss = (y * w).sum::<(), _>();
@@ -571,23 +585,25 @@ fn fused_batchnorm_relu_equals_the_composed_form() {
         let layers = stats.layers.borrow().clone();
         (values, grads, layers)
     };
-    let (v1, (gx1, gw1, gb1), s1) = run(true);
-    let (v2, (gx2, gw2, gb2), s2) = run(false);
-    let close = |a: &[f64], b: &[f64], what: &str| {
-        assert_eq!(a.len(), b.len(), "{what}");
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(worst < 1e-9, "{what}: differs by {worst}");
-    };
-    close(&v1, &v2, "outputs");
-    assert!(v1.contains(&0.0) && v1.iter().any(|&v| v > 0.0));
-    close(&gx1, &gx2, "input gradient");
-    close(&gw1, &gw2, "γ gradient");
-    close(&gb1, &gb2, "β gradient");
-    assert_eq!(s1.len(), 1);
-    close(&s1[0].1, &s2[0].1, "batch mean");
-    close(&s1[0].2, &s2[0].2, "batch variance");
+    for with_residual in [false, true] {
+        let (v1, (gx1, gw1, gb1), s1) = run(true, with_residual);
+        let (v2, (gx2, gw2, gb2), s2) = run(false, with_residual);
+        let close = |a: &[f64], b: &[f64], what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-9, "{what}: differs by {worst}");
+        };
+        close(&v1, &v2, "outputs");
+        assert!(v1.contains(&0.0) && v1.iter().any(|&v| v > 0.0));
+        close(&gx1, &gx2, "input gradient");
+        close(&gw1, &gw2, "γ gradient");
+        close(&gb1, &gb2, "β gradient");
+        assert_eq!(s1.len(), 1);
+        close(&s1[0].1, &s2[0].1, "batch mean");
+        close(&s1[0].2, &s2[0].2, "batch variance");
+    }
 }
