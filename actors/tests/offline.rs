@@ -1,41 +1,13 @@
 //! The offline workflow a newcomer runs, end to end on the `test` preset:
 //! synth → tokenizer train → train → eval → export → eval --weights.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli;
 
-fn plipd_any(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_plipd"))
-        .args(args)
-        .output()
-        .expect("plipd runs")
-}
-
-fn plipd(args: &[&str]) -> Output {
-    let out = plipd_any(args);
-    assert!(
-        out.status.success(),
-        "plipd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
+use cli::{json_lines, plipd, plipd_any, s};
+use std::path::PathBuf;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("plipd-offline-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
+    cli::tmp("offline", name)
 }
 
 /// The outputs exist, the loss fell, and the exported file's tensors are the state's.

@@ -4,37 +4,15 @@
 //! `PLIP_TORCH_PYTHON`), torchvision's `resnet50` loaded from the file embeds every image as
 //! plipd does, to 1e-4.
 
+mod cli;
+
+use cli::{json_lines, plipd, s};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn plipd(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
-        .args(args)
-        .output()
-        .expect("plipd runs");
-    assert!(
-        out.status.success(),
-        "plipd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
+use std::process::Command;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("plipd-rn50-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
+    cli::tmp("rn50", name)
 }
 
 /// A Python that imports torch, torchvision and safetensors, if there is one.

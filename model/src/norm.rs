@@ -127,13 +127,7 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
     /// composed form. The two are checked equal, values and gradients, in the tests.
     pub fn forward_relu<T: Tape<E, D>>(&self, x: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
         match mode {
-            BnMode::Train(record)
-                if T::OWNS_TAPE
-                    && std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
-                    && !composed_bn_on_cpu() =>
-            {
-                self.train_relu_host(x, None, record)
-            }
+            BnMode::Train(record) if Self::fused::<T>() => self.train_relu_host(x, None, record),
             _ => self.forward(x, mode).relu(),
         }
     }
@@ -147,15 +141,19 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
         mode: BnMode<'_>,
     ) -> Mat<E, D, T> {
         match mode {
-            BnMode::Train(record)
-                if T::OWNS_TAPE
-                    && std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
-                    && !composed_bn_on_cpu() =>
-            {
+            BnMode::Train(record) if Self::fused::<T>() => {
                 self.train_relu_host(x, Some(residual), record)
             }
             _ => (self.forward(x, mode) + residual).relu(),
         }
+    }
+
+    /// True where the fused forms run: training with a tape, on the CPU, unless
+    /// `PLIP_COMPOSED_BN` asks for the composed form.
+    fn fused<T: Tape<E, D>>() -> bool {
+        T::OWNS_TAPE
+            && std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
+            && !composed_bn_on_cpu()
     }
 
     /// The fused train-mode BatchNorm (+ residual) + ReLU of [`BatchNorm::forward_relu`] and

@@ -59,6 +59,19 @@ impl<E: Dtype, D: Device<E>> Downsample<E, D> {
     }
 }
 
+/// A block's shortcut of its input `x`: `x` itself, or the 1×1 projection when the block
+/// changes width or resolution.
+fn shortcut<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    downsample: &Option<Downsample<E, D>>,
+    x: Fmap<E, D, T>,
+    mode: BnMode<'_>,
+) -> Mat<E, D, T> {
+    match downsample {
+        Some(d) => d.forward(x, mode),
+        None => x.x,
+    }
+}
+
 /// Convolution → BN → ReLU, the step every block repeats.
 fn conv_bn_relu<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     conv: &Conv2d<E, D>,
@@ -122,18 +135,16 @@ impl<E: Dtype, D: Device<E>> BasicBlock<E, D> {
         let y = conv_bn_relu(&self.conv1, &self.bn1, Fmap { x, b, h, w }, mode);
         let y = self.conv2.forward(y);
         let (ho, wo) = (y.h, y.w);
-        let s = match &self.downsample {
-            Some(d) => d.forward(
-                Fmap {
-                    x: shortcut_in,
-                    b,
-                    h,
-                    w,
-                },
-                mode,
-            ),
-            None => shortcut_in,
-        };
+        let s = shortcut(
+            &self.downsample,
+            Fmap {
+                x: shortcut_in,
+                b,
+                h,
+                w,
+            },
+            mode,
+        );
         Fmap {
             x: self.bn2.forward_add_relu(y.x, s, mode),
             b,
@@ -197,18 +208,16 @@ impl<E: Dtype, D: Device<E>> Bottleneck<E, D> {
         let y = conv_bn_relu(&self.conv2, &self.bn2, y, mode);
         let (ho, wo) = (y.h, y.w);
         let y = self.conv3.forward(y).x;
-        let s = match &self.downsample {
-            Some(d) => d.forward(
-                Fmap {
-                    x: shortcut_in,
-                    b,
-                    h,
-                    w,
-                },
-                mode,
-            ),
-            None => shortcut_in,
-        };
+        let s = shortcut(
+            &self.downsample,
+            Fmap {
+                x: shortcut_in,
+                b,
+                h,
+                w,
+            },
+            mode,
+        );
         Fmap {
             x: self.bn3.forward_add_relu(y, s, mode),
             b,
