@@ -1366,10 +1366,13 @@ fn swaps_gates_rolls_back_and_forgets() {
     assert!(s["serving"]["promotions"].as_u64() >= Some(3), "{s:#}");
     // Train on until the serving encoder is clearly better than chance on the probe split
     // (the re-initialised encoder below scores a probe mAP of 0.27 on this split; the gate
-    // refuses it when the serving one is above 0.29).
+    // refuses it when the serving one is above 0.29), and the trainer has taken 1,500 steps, so
+    // the serving version is the gate's best of at least that many. The trainer's step, not the
+    // serving version's: a version that scores high early is never displaced by the gate, so
+    // its own step can stay below any bound.
     d.wait_for("a trained serving encoder", Duration::from_secs(240), |s| {
         s["serving"]["metrics"]["mAP"].as_f64() >= Some(0.33)
-            && s["serving"]["step"].as_u64() >= Some(1500)
+            && s["trainer"]["step"].as_u64() >= Some(1500)
     });
     d.stop();
     // Replies recomputed offline with the version each names.

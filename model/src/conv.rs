@@ -242,9 +242,15 @@ fn cols_forward<E: Dtype>(x: &[E], g: &Geo) -> Vec<E> {
 }
 
 fn cols_backward<E: Dtype>(gy: &[E], g: &Geo) -> Vec<E> {
+    let mut gx = vec![E::default(); g.b * g.h * g.w * g.c];
+    cols_backward_into(gy, g, &mut gx);
+    gx
+}
+
+/// col2im: adds the column gradient `gy` into `gx` (`(b·h·w, c)`), one image per task.
+fn cols_backward_into<E: Dtype>(gy: &[E], g: &Geo, gx: &mut [E]) {
     let kkc = g.win.k * g.win.k * g.c;
     let per_image = g.h * g.w * g.c;
-    let mut gx = vec![E::default(); g.b * per_image];
     gx.par_chunks_mut(per_image)
         .enumerate()
         .for_each(|(bi, img)| {
@@ -266,7 +272,6 @@ fn cols_backward<E: Dtype>(gy: &[E], g: &Geo) -> Vec<E> {
                 }
             }
         });
-    gx
 }
 
 /// A 2-D convolution without bias (a BatchNorm follows every one): `W: (c_out, k·k·c_in)`,
@@ -310,8 +315,19 @@ impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
         }
     }
 
-    /// `(b·h·w, c_in)` → `(b·ho·wo, c_out)`. A 1×1 stride-1 convolution skips im2col.
+    /// `(b·h·w, c_in)` → `(b·ho·wo, c_out)`. On the CPU (f32, f64) one fused op
+    /// ([`Conv2d::forward_fused`]); elsewhere [`Conv2d::forward_composed`].
     pub fn forward<T: Tape<E, D>>(&self, x: Fmap<E, D, T>) -> Fmap<E, D, T> {
+        if fused_conv::<E, D>() {
+            self.forward_fused(x, true)
+        } else {
+            self.forward_composed(x)
+        }
+    }
+
+    /// im2col, then dfdx's matrix product with `Wᵀ`, each on the tape. A 1×1 stride-1
+    /// convolution skips im2col.
+    pub fn forward_composed<T: Tape<E, D>>(&self, x: Fmap<E, D, T>) -> Fmap<E, D, T> {
         let w = self
             .weight
             .retaped::<T>()
@@ -340,6 +356,9 @@ impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
     /// As [`Conv2d::forward`] for an input that needs no gradient (the images): im2col runs
     /// without a tape, so the backward skips col2im (the stem's is the largest of the network).
     pub fn forward_input<T: Tape<E, D>>(&self, x: Fmap<E, D, T>) -> Fmap<E, D, T> {
+        if fused_conv::<E, D>() {
+            return self.forward_fused(x, false);
+        }
         let Fmap { x, b, h, w } = x;
         let (x, tape) = x.split_tape();
         let (cols, ho, wo) = im2col(Fmap { x, b, h, w }, self.win);
@@ -354,6 +373,201 @@ impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
             w: wo,
         }
     }
+}
+
+impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
+    /// The convolution as one custom op on dfdx's tape, on the host: im2col into a buffer the
+    /// op owns, and the product `cols · Wᵀ` by `gemm` (dfdx's own product crate) straight
+    /// from it. The backward reads the output's gradient once, adds `gyᵀ · cols` into the
+    /// weight's gradient buffer in place, and — when `input_grad` — computes `gy · W` into a
+    /// buffer of its own and scatters it (col2im) straight into the input's gradient buffer;
+    /// a 1×1 stride-1 convolution has no im2col and its product lands in that buffer directly.
+    ///
+    /// Against the composed form this drops the column matrix's dfdx tensor and its
+    /// zero-filled gradient buffer, three element-by-element copies (`as_vec`) and a sum per
+    /// custom op. Only where [`fused_conv`] holds (the CPU, f32 or f64); the two forms are
+    /// checked equal, values and both gradients, in the tests. `x` must be laid out
+    /// contiguously, as every op output is.
+    pub fn forward_fused<T: Tape<E, D>>(
+        &self,
+        x: Fmap<E, D, T>,
+        input_grad: bool,
+    ) -> Fmap<E, D, T> {
+        let g = geometry(&x, self.win);
+        let Fmap { x, b, .. } = x;
+        let (x, tape) = x.split_tape();
+        let dev = x.device().clone();
+        let (c_out, kkc) = *self.weight.shape();
+        let rows = g.b * g.ho * g.wo;
+        let pointwise = self.win.k == 1 && self.win.stride == 1 && self.win.pad == 0;
+        let xs = host_values(&x);
+        let cols = if pointwise { xs } else { cols_forward(&xs, &g) };
+        let w = host_values(&self.weight);
+        // y (rows, c_out) = cols (rows, kkc) · Wᵀ; Wᵀ[k][n] = W[n][k].
+        let mut ys = vec![E::default(); rows * c_out];
+        // SAFETY: every pointer covers the extent its strides and sizes address.
+        unsafe {
+            product(
+                (rows, c_out, kkc),
+                (ys.as_mut_ptr(), 1, c_out),
+                false,
+                (cols.as_ptr(), 1, kkc),
+                (w.as_ptr(), kkc, 1),
+            );
+        }
+        let y: Mat<E, D> = dev.tensor_from_vec(ys, (rows, c_out));
+        if !T::OWNS_TAPE {
+            return Fmap {
+                x: y.put_tape(tape),
+                b,
+                h: g.ho,
+                w: g.wo,
+            };
+        }
+        let mut tape = tape;
+        let y_keep = y.clone();
+        let w_keep = self.weight.clone();
+        tape.add_backward_op(move |grads| {
+            use std::any::Any;
+            // Allocation (the only fallible part) through dfdx's generic path, so its error
+            // is the device's; the CPU buffers below then exist.
+            grads.try_alloc_for(&y_keep)?;
+            grads.try_alloc_for(&w_keep)?;
+            if input_grad {
+                grads.try_alloc_for(&x)?;
+            }
+            let grads = (grads as &mut dyn Any)
+                .downcast_mut::<Gradients<E, Cpu>>()
+                .expect("the fused convolution runs on the CPU only");
+            let gy: Vec<E> = buffer(grads, as_cpu(&y_keep)).to_vec();
+            // dW (c_out, kkc) += gyᵀ (c_out, rows) · cols (rows, kkc).
+            let gw = buffer(grads, as_cpu(&w_keep));
+            // SAFETY: as above; `gw` holds c_out·kkc values.
+            unsafe {
+                product(
+                    (c_out, kkc, rows),
+                    (gw.as_mut_ptr(), 1, kkc),
+                    true,
+                    (gy.as_ptr(), c_out, 1),
+                    (cols.as_ptr(), 1, kkc),
+                );
+            }
+            if !input_grad {
+                return Ok(());
+            }
+            let x_cpu = as_cpu(&x);
+            if pointwise {
+                // dx (rows, c_in) += gy (rows, c_out) · W (c_out, c_in).
+                let gx = buffer(grads, x_cpu);
+                // SAFETY: as above; `gx` holds rows·c_in values.
+                unsafe {
+                    product(
+                        (rows, kkc, c_out),
+                        (gx.as_mut_ptr(), 1, kkc),
+                        true,
+                        (gy.as_ptr(), 1, c_out),
+                        (w.as_ptr(), 1, kkc),
+                    );
+                }
+                return Ok(());
+            }
+            // dcols (rows, kkc) = gy · W, then col2im into dx.
+            let mut gcols = vec![E::default(); rows * kkc];
+            // SAFETY: as above.
+            unsafe {
+                product(
+                    (rows, kkc, c_out),
+                    (gcols.as_mut_ptr(), 1, kkc),
+                    false,
+                    (gy.as_ptr(), 1, c_out),
+                    (w.as_ptr(), 1, kkc),
+                );
+            }
+            drop(gy);
+            let gx = buffer(grads, x_cpu);
+            cols_backward_into(&gcols, &g, gx);
+            Ok(())
+        });
+        Fmap {
+            x: y.put_tape(tape),
+            b,
+            h: g.ho,
+            w: g.wo,
+        }
+    }
+}
+
+/// `t` as the CPU tensor it is where the fused convolution runs.
+fn as_cpu<S: Shape, E: Dtype, D: Device<E>>(t: &Tensor<S, E, D>) -> &Tensor<S, E, Cpu> {
+    (t as &dyn std::any::Any)
+        .downcast_ref::<Tensor<S, E, Cpu>>()
+        .expect("the fused convolution runs on the CPU only")
+}
+
+/// The CPU gradient buffer of `t`, allocated beforehand.
+fn buffer<'a, S: Shape, E: Dtype>(
+    grads: &'a mut Gradients<E, Cpu>,
+    t: &Tensor<S, E, Cpu>,
+) -> &'a mut [E] {
+    grads
+        .get_or_alloc_mut(t)
+        .expect("the gradient buffer was allocated before")
+}
+
+/// True where [`Conv2d::forward_fused`] runs: the CPU, f32 or f64, unless
+/// `PLIP_COMPOSED_CONV` asks for the composed form (read once).
+pub fn fused_conv<E: Dtype, D: Device<E>>() -> bool {
+    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    TypeId::of::<D>() == TypeId::of::<Cpu>()
+        && (TypeId::of::<E>() == TypeId::of::<f32>() || TypeId::of::<E>() == TypeId::of::<f64>())
+        && !*COMPOSED.get_or_init(|| std::env::var_os("PLIP_COMPOSED_CONV").is_some())
+}
+
+/// A tensor's values in storage order, by one bulk copy (dfdx's `as_vec` walks the logical
+/// index element by element). The tensor must be laid out contiguously, as op outputs are.
+pub fn host_values<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Vec<E> {
+    let mut v = vec![E::default(); t.shape().num_elements()];
+    t.copy_into(&mut v);
+    v
+}
+
+/// `dst (m, n) [+]= lhs (m, k) · rhs (k, n)`, each operand given as (pointer, column stride,
+/// row stride); `accumulate` adds to `dst` instead of overwriting it. gemm on the calling
+/// rayon pool's threads, as dfdx's own products run. `E` is f32 or f64 ([`fused_conv`]).
+///
+/// # Safety
+/// Each pointer must address every element its sizes and strides reach.
+unsafe fn product<E: Dtype>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut E, usize, usize),
+    accumulate: bool,
+    lhs: (*const E, usize, usize),
+    rhs: (*const E, usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1 as isize,
+        dst.2 as isize,
+        accumulate,
+        lhs.0,
+        lhs.1 as isize,
+        lhs.2 as isize,
+        rhs.0,
+        rhs.1 as isize,
+        rhs.2 as isize,
+        E::ONE,
+        E::ONE,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    );
 }
 
 /// Max pooling over `win` with zero padding. The ResNet stem pools after a ReLU, where every

@@ -343,3 +343,124 @@ fn max_pool_gradient_goes_to_the_maxima() {
         assert!((a - e).abs() < 1e-12, "{a} vs {e}");
     }
 }
+
+/// Values, input gradient and weight gradient of `conv` on `x` by one form: `fused` (the CPU
+/// op) or composed (im2col + dfdx's product). The loss also uses `x` directly, so the
+/// convolution's input gradient must add to what is there, not overwrite it.
+fn conv_and_grads(
+    conv: &Conv2d<f64, Cpu>,
+    x: &Tensor<(usize, usize), f64, Cpu>,
+    (b, h, w): (usize, usize, usize),
+    fused: bool,
+    input_grad: bool,
+) -> (Vec<f64>, Option<Vec<f64>>, Vec<f64>) {
+    let dev = Cpu::default();
+    let traced = x.leaky_trace();
+    let fm = Fmap {
+        x: traced.retaped(),
+        b,
+        h,
+        w,
+    };
+    let y = match (fused, input_grad) {
+        (true, grad) => conv.forward_fused(fm, grad),
+        (false, true) => conv.forward_composed(fm),
+        (false, false) => {
+            // The composed form of `forward_input`: the input off the tape.
+            let Fmap { x, b, h, w } = fm;
+            let (x, _) = x.split_tape();
+            conv.forward_composed(Fmap {
+                x: x.leaky_traced(),
+                b,
+                h,
+                w,
+            })
+        }
+    };
+    let values = y.x.as_vec();
+    let up: Tensor<(usize, usize), f64, Cpu> =
+        dev.tensor_from_vec(random(values.len(), 77), *y.x.shape());
+    let loss = (y.x * up).sum::<(), _>() + traced.square().sum::<(), _>();
+    let grads = loss.backward();
+    let gx = input_grad.then(|| grads.get(x).as_vec());
+    (values, gx, grads.get(&conv.weight).as_vec())
+}
+
+/// The fused CPU convolution (`Conv2d::forward_fused`: im2col and gemm in one op, gradients
+/// written into dfdx's buffers) equals the composed form — values, the input's gradient and
+/// the weight's — for 1×1, 3×3 and 7×7 kernels, strides 1–3 and paddings 0/1/3; without the
+/// input gradient (the stem's `forward_input`) the weight's gradient is the same.
+#[test]
+fn fused_convolution_matches_the_composed_form() {
+    let dev = Cpu::default();
+    let win = |k, stride, pad| Window { k, stride, pad };
+    let cases = [
+        (2, 7, 5, 3, 4, win(3, 1, 1)),
+        (1, 9, 6, 2, 3, win(3, 2, 1)),
+        (2, 11, 7, 3, 5, win(7, 2, 3)),
+        (1, 8, 5, 4, 2, win(1, 2, 0)),
+        (2, 5, 5, 3, 6, win(1, 1, 0)),
+        (1, 10, 9, 2, 2, win(3, 3, 0)),
+    ];
+    for (i, &(b, h, w, c, o, win)) in cases.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(50 + i as u64);
+        let mut init = Init {
+            dev: &dev,
+            rng: &mut rng,
+        };
+        let conv: Conv2d<f64, Cpu> = Conv2d::new(&mut init, c, o, win);
+        let x: Tensor<(usize, usize), f64, Cpu> =
+            dev.tensor_from_vec(random(b * h * w * c, 60 + i as u64), (b * h * w, c));
+        for input_grad in [true, false] {
+            let (fv, fgx, fgw) = conv_and_grads(&conv, &x, (b, h, w), true, input_grad);
+            let (cv, cgx, cgw) = conv_and_grads(&conv, &x, (b, h, w), false, input_grad);
+            let close = |a: &[f64], e: &[f64], what: &str| {
+                assert_eq!(a.len(), e.len(), "case {i} {what}");
+                for (a, e) in a.iter().zip(e) {
+                    assert!((a - e).abs() < 1e-9, "case {i} {what}: {a} vs {e}");
+                }
+            };
+            close(&fv, &cv, "values");
+            close(&fgw, &cgw, "weight gradient");
+            assert!(
+                fgw.iter().any(|v| v.abs() > 1e-6),
+                "case {i}: no weight gradient"
+            );
+            if let (Some(f), Some(c)) = (fgx, cgx) {
+                close(&f, &c, "input gradient");
+            }
+        }
+    }
+}
+
+/// The fused convolution in f32 (gemm's single-precision kernels) equals the f64 naive loop.
+#[test]
+fn fused_convolution_in_f32_equals_naive() {
+    let dev = Cpu::default();
+    let (b, h, w, c, o) = (2, 9, 7, 5, 6);
+    let win = Window {
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let x = random(b * h * w * c, 90);
+    let wt = random(o * 9 * c, 91);
+    let conv: Conv2d<f32, Cpu> = Conv2d {
+        weight: dev.tensor_from_vec(wt.iter().map(|v| *v as f32).collect(), (o, 9 * c)),
+        win,
+    };
+    let y = conv.forward_fused(
+        Fmap {
+            x: dev.tensor_from_vec(x.iter().map(|v| *v as f32).collect(), (b * h * w, c)),
+            b,
+            h,
+            w,
+        },
+        true,
+    );
+    let (want, ho, wo) = naive_conv(&x, (b, h, w, c), &wt, o, win);
+    assert_eq!((y.h, y.w), (ho, wo));
+    for (g, e) in y.x.as_vec().iter().zip(&want) {
+        assert!((*g as f64 - e).abs() < 1e-4, "{g} vs {e}");
+    }
+}
