@@ -157,21 +157,37 @@ fn im2col_host<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let g = geometry(&x, win);
     let (x, mut tape) = x.x.split_tape();
     let dev = x.device().clone();
-    let cols = cols_forward(&x.as_vec(), &g);
+    let cols = cols_forward(&host_values(&x), &g);
     let kkc = win.k * win.k * g.c;
     let y: Mat<E, D> = dev.tensor_from_vec(cols, (g.b * g.ho * g.wo, kkc));
     if T::OWNS_TAPE {
         let y_keep = y.clone();
         let x_keep = x.clone();
         tape.add_backward_op(move |grads| {
-            grads.try_alloc_for(&y_keep)?;
-            let gy = grads.get(&y_keep).as_vec();
+            let gy = grad_values(grads, &y_keep)?;
             let gx = cols_backward(&gy, &g);
             accumulate_host(grads, &x_keep, gx);
             Ok(())
         });
     }
     (y.put_tape(tape), g.ho, g.wo)
+}
+
+/// The gradient of `t` inside a backward op, as host values in storage order (allocated as
+/// zeros when no op wrote one): on the CPU one bulk copy of dfdx's buffer, elsewhere
+/// `Gradients::get` and `as_vec` (which walk the logical index element by element).
+pub fn grad_values<S: Shape, E: Dtype, D: Device<E>>(
+    grads: &mut Gradients<E, D>,
+    t: &Tensor<S, E, D>,
+) -> Result<Vec<E>, D::Err> {
+    use std::any::Any;
+    grads.try_alloc_for(t)?;
+    let on_cpu = (grads as &mut dyn Any).downcast_mut::<Gradients<E, Cpu>>();
+    let t_cpu = (t as &dyn Any).downcast_ref::<Tensor<S, E, Cpu>>();
+    if let (Some(grads), Some(t)) = (on_cpu, t_cpu) {
+        return Ok(buffer(grads, t).to_vec());
+    }
+    Ok(grads.get(t).as_vec())
 }
 
 /// Adds host values `g` (row-major, `x`'s logical order) to the gradient of `x` inside a
@@ -404,17 +420,14 @@ impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
         let cols = if pointwise { xs } else { cols_forward(&xs, &g) };
         let w = host_values(&self.weight);
         // y (rows, c_out) = cols (rows, kkc) · Wᵀ; Wᵀ[k][n] = W[n][k].
-        let mut ys = vec![E::default(); rows * c_out];
-        // SAFETY: every pointer covers the extent its strides and sizes address.
-        unsafe {
-            product(
+        // SAFETY: `cols` holds rows·kkc values, `w` c_out·kkc.
+        let ys = unsafe {
+            product_new(
                 (rows, c_out, kkc),
-                (ys.as_mut_ptr(), 1, c_out),
-                false,
                 (cols.as_ptr(), 1, kkc),
                 (w.as_ptr(), kkc, 1),
-            );
-        }
+            )
+        };
         let y: Mat<E, D> = dev.tensor_from_vec(ys, (rows, c_out));
         if !T::OWNS_TAPE {
             return Fmap {
@@ -472,17 +485,14 @@ impl<E: Dtype, D: Device<E>> Conv2d<E, D> {
                 return Ok(());
             }
             // dcols (rows, kkc) = gy · W, then col2im into dx.
-            let mut gcols = vec![E::default(); rows * kkc];
-            // SAFETY: as above.
-            unsafe {
-                product(
+            // SAFETY: `gy` holds rows·c_out values, `w` c_out·kkc.
+            let gcols = unsafe {
+                product_new(
                     (rows, kkc, c_out),
-                    (gcols.as_mut_ptr(), 1, kkc),
-                    false,
                     (gy.as_ptr(), 1, c_out),
                     (w.as_ptr(), 1, kkc),
-                );
-            }
+                )
+            };
             drop(gy);
             let gx = buffer(grads, x_cpu);
             cols_backward_into(&gcols, &g, gx);
@@ -531,6 +541,26 @@ pub fn host_values<S: Shape, E: Dtype, D: Device<E>, T>(t: &Tensor<S, E, D, T>) 
     v
 }
 
+/// `lhs (m, k) · rhs (k, n)` into a new row-major `(m, n)` buffer that gemm fills without
+/// zeroing it first (it writes every element when it does not read the destination, `k = 0`
+/// included).
+///
+/// # Safety
+/// As [`product`].
+unsafe fn product_new<E: Dtype>(
+    (m, n, k): (usize, usize, usize),
+    lhs: (*const E, usize, usize),
+    rhs: (*const E, usize, usize),
+) -> Vec<E> {
+    let mut out: Vec<E> = Vec::with_capacity(m * n);
+    if m > 0 && n > 0 {
+        product((m, n, k), (out.as_mut_ptr(), 1, n), false, lhs, rhs);
+        // SAFETY: gemm wrote all m·n elements (read_dst = false).
+        out.set_len(m * n);
+    }
+    out
+}
+
 /// `dst (m, n) [+]= lhs (m, k) · rhs (k, n)`, each operand given as (pointer, column stride,
 /// row stride); `accumulate` adds to `dst` instead of overwriting it. gemm on the calling
 /// rayon pool's threads, as dfdx's own products run. `E` is f32 or f64 ([`fused_conv`]).
@@ -574,6 +604,104 @@ unsafe fn product<E: Dtype>(
 /// value is ≥ 0 and every window holds at least one real pixel, so zero padding equals
 /// PyTorch's −∞ padding there; callers elsewhere must keep that precondition.
 pub fn max_pool<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    x: Fmap<E, D, T>,
+    win: Window,
+) -> Fmap<E, D, T> {
+    if fused_conv::<E, D>() && x.b * x.h * x.w * x.c() < PADDING as usize {
+        max_pool_host(x, win)
+    } else {
+        max_pool_composed(x, win)
+    }
+}
+
+/// Where a pooled maximum came from: the padding.
+const PADDING: u32 = u32::MAX;
+
+/// [`max_pool`] as one custom op on the host, multi-threaded (one output row per task): the
+/// maximum and the index it came from (the first of equal values, as PyTorch picks), and a
+/// backward that adds each output's gradient to that input alone (ties after a ReLU are
+/// zeros whose gradient the ReLU stops anyway).
+fn max_pool_host<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    x: Fmap<E, D, T>,
+    win: Window,
+) -> Fmap<E, D, T> {
+    let g = geometry(&x, win);
+    let (x, tape) = x.x.split_tape();
+    let dev = x.device().clone();
+    let c = g.c;
+    let xs = host_values(&x);
+    let out = g.b * g.ho * g.wo * c;
+    let zero = E::default();
+    let mut ys = vec![zero; out];
+    let mut arg = vec![PADDING; out];
+    ys.par_chunks_mut(g.wo * c)
+        .zip(arg.par_chunks_mut(g.wo * c))
+        .enumerate()
+        .for_each(|(row, (yrow, arow))| {
+            let (bi, oy) = (row / g.ho, row % g.ho);
+            for ox in 0..g.wo {
+                let best = &mut yrow[ox * c..(ox + 1) * c];
+                let at = &mut arow[ox * c..(ox + 1) * c];
+                let mut first = true;
+                for ky in 0..win.k {
+                    for kx in 0..win.k {
+                        match g.source(bi, oy, ox, ky, kx) {
+                            Some(src) => {
+                                let v = &xs[src * c..(src + 1) * c];
+                                for j in 0..c {
+                                    if first || v[j] > best[j] {
+                                        best[j] = v[j];
+                                        at[j] = (src * c + j) as u32;
+                                    }
+                                }
+                            }
+                            None => {
+                                // Zero padding: a value of 0.
+                                for j in 0..c {
+                                    if first || zero > best[j] {
+                                        best[j] = zero;
+                                        at[j] = PADDING;
+                                    }
+                                }
+                            }
+                        }
+                        first = false;
+                    }
+                }
+            }
+        });
+    let y: Mat<E, D> = dev.tensor_from_vec(ys, (g.b * g.ho * g.wo, c));
+    let mut tape = tape;
+    if T::OWNS_TAPE {
+        let y_keep = y.clone();
+        tape.add_backward_op(move |grads| {
+            let gy = grad_values(grads, &y_keep)?;
+            let per_in = g.h * g.w * c;
+            let per_out = g.ho * g.wo * c;
+            let mut gx = vec![E::default(); g.b * per_in];
+            gx.par_chunks_mut(per_in).enumerate().for_each(|(bi, img)| {
+                let base = bi * per_in;
+                let range = bi * per_out..(bi + 1) * per_out;
+                for (gv, &src) in gy[range.clone()].iter().zip(&arg[range]) {
+                    if src != PADDING {
+                        img[src as usize - base] += *gv;
+                    }
+                }
+            });
+            accumulate_host(grads, &x, gx);
+            Ok(())
+        });
+    }
+    Fmap {
+        x: y.put_tape(tape),
+        b: g.b,
+        h: g.ho,
+        w: g.wo,
+    }
+}
+
+/// [`max_pool`] from dfdx ops: im2col, then the maximum over each window.
+pub fn max_pool_composed<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Fmap<E, D, T>,
     win: Window,
 ) -> Fmap<E, D, T> {

@@ -120,6 +120,21 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
         }
     }
 
+    /// [`BatchNorm::forward`], fused on the CPU in train mode as [`BatchNorm::forward_relu`]
+    /// is, without the ReLU (the shortcuts' BatchNorms).
+    pub fn forward_train_fused<T: Tape<E, D>>(
+        &self,
+        x: Mat<E, D, T>,
+        mode: BnMode<'_>,
+    ) -> Mat<E, D, T> {
+        match mode {
+            BnMode::Train(record) if Self::fused::<T>() => {
+                self.train_host::<T, false>(x, None, record)
+            }
+            _ => self.forward(x, mode),
+        }
+    }
+
     /// `relu(forward(x))`. In train mode on the CPU with a tape, one fused op: per-channel
     /// statistics, normalisation, affine map and ReLU in two multi-threaded passes over the
     /// host copy of `x`, and a backward of two more (dfdx's composed form makes about twenty
@@ -127,7 +142,9 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
     /// composed form. The two are checked equal, values and gradients, in the tests.
     pub fn forward_relu<T: Tape<E, D>>(&self, x: Mat<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
         match mode {
-            BnMode::Train(record) if Self::fused::<T>() => self.train_relu_host(x, None, record),
+            BnMode::Train(record) if Self::fused::<T>() => {
+                self.train_host::<T, true>(x, None, record)
+            }
             _ => self.forward(x, mode).relu(),
         }
     }
@@ -142,7 +159,7 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
     ) -> Mat<E, D, T> {
         match mode {
             BnMode::Train(record) if Self::fused::<T>() => {
-                self.train_relu_host(x, Some(residual), record)
+                self.train_host::<T, true>(x, Some(residual), record)
             }
             _ => (self.forward(x, mode) + residual).relu(),
         }
@@ -156,14 +173,16 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
             && !composed_bn_on_cpu()
     }
 
-    /// The fused train-mode BatchNorm (+ residual) + ReLU of [`BatchNorm::forward_relu`] and
-    /// [`BatchNorm::forward_add_relu`].
-    fn train_relu_host<T: Tape<E, D>>(
+    /// The fused train-mode BatchNorm (+ residual) (+ ReLU when `RELU`) of
+    /// [`BatchNorm::forward_relu`], [`BatchNorm::forward_add_relu`] and
+    /// [`BatchNorm::forward_train_fused`].
+    fn train_host<T: Tape<E, D>, const RELU: bool>(
         &self,
         x: Mat<E, D, T>,
         residual: Option<Mat<E, D, T>>,
         record: Option<&BnStats>,
     ) -> Mat<E, D, T> {
+        use crate::conv::{grad_values, host_values};
         use rayon::prelude::*;
         let (n, c) = *x.shape();
         let (x, mut tape) = x.split_tape();
@@ -173,13 +192,14 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
             tape = std::mem::take(&mut tape).merge(r_tape);
             r
         });
-        let rv: Vec<E> = residual.as_ref().map(|r| r.as_vec()).unwrap_or_default();
-        let res = |i: usize| rv.get(i).map_or(0.0, |v| v.to_f64().unwrap_or(0.0));
+        let rv: Vec<E> = residual.as_ref().map(host_values).unwrap_or_default();
         let dev = x.device().clone();
-        let xs: Vec<E> = x.as_vec();
+        let xs: Vec<E> = host_values(&x);
         let gamma: Vec<f64> = f64s(&self.weight.as_vec());
         let beta: Vec<f64> = f64s(&self.bias.as_vec());
-        // Rows per task: whole rows, about 64 KiB of input each.
+        // Rows per task: whole rows, about 64 KiB of input each. Statistics are summed in f64
+        // per task and across tasks; the per-element passes run in `E`, per-channel
+        // coefficients precomputed, so they vectorise.
         let rows = (16384 / c.max(1)).max(1);
         let chunk = rows * c;
         let sums = |f: &(dyn Fn(usize, f64) -> f64 + Sync)| -> Vec<f64> {
@@ -207,16 +227,37 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
             record.layers.borrow_mut().push((self.id, mean.clone(), v));
         }
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
-        let mut ys = vec![E::default(); n * c];
+        // y = relu(x·a + b [+ r]) with a = γ/σ, b = β − μ·a.
+        let a: Vec<E> = (0..c).map(|j| scalar(gamma[j] * inv_std[j])).collect();
+        let b: Vec<E> = (0..c)
+            .map(|j| scalar(beta[j] - mean[j] * gamma[j] * inv_std[j]))
+            .collect();
+        let zero = E::default();
+        let pre = move |v: E, j: usize, r: Option<E>| {
+            let p = v * a[j] + b[j];
+            r.map_or(p, |r| p + r)
+        };
+        let mut ys = vec![zero; n * c];
         ys.par_chunks_mut(chunk)
             .zip(xs.par_chunks(chunk))
             .enumerate()
             .for_each(|(k, (out, inp))| {
+                let res = rv.get(k * chunk..k * chunk + inp.len());
                 for (i, (o, v)) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)).enumerate() {
-                    let base = k * chunk + i * c;
-                    for j in 0..c {
-                        let xh = (v[j].to_f64().unwrap_or(0.0) - mean[j]) * inv_std[j];
-                        o[j] = scalar((gamma[j] * xh + beta[j] + res(base + j)).max(0.0));
+                    match res {
+                        Some(res) => {
+                            let r = &res[i * c..(i + 1) * c];
+                            for j in 0..c {
+                                let p = pre(v[j], j, Some(r[j]));
+                                o[j] = if p > zero || !RELU { p } else { zero };
+                            }
+                        }
+                        None => {
+                            for j in 0..c {
+                                let p = pre(v[j], j, None);
+                                o[j] = if p > zero || !RELU { p } else { zero };
+                            }
+                        }
                     }
                 }
             });
@@ -224,42 +265,57 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
         let y_keep = y.clone();
         let (w_keep, b_keep) = (self.weight.clone(), self.bias.clone());
         tape.add_backward_op(move |grads| {
-            grads.try_alloc_for(&y_keep)?;
-            let gy = grads.get(&y_keep).as_vec();
-            let xhat = |v: &E, j: usize| (v.to_f64().unwrap_or(0.0) - mean[j]) * inv_std[j];
-            let res = |i: usize| rv.get(i).map_or(0.0, |v| v.to_f64().unwrap_or(0.0));
+            let gy = grad_values(grads, &y_keep)?;
+            let has_res = !rv.is_empty();
             // The gradient through the ReLU: zero where the output was clamped.
-            let g = |gv: &E, v: &E, j: usize, at: usize| {
-                if gamma[j] * xhat(v, j) + beta[j] + res(at) > 0.0 {
-                    gv.to_f64().unwrap_or(0.0)
+            let masked = |gv: E, v: E, j: usize, at: usize| {
+                let r = has_res.then(|| rv[at]);
+                if !RELU || pre(v, j, r) > zero {
+                    gv
                 } else {
-                    0.0
+                    zero
                 }
             };
-            // Σ g and Σ g·x̂ per channel: β's and γ's gradients.
-            let (sum_g, sum_gx) = gy
+            // Σ g and Σ g·(x − μ) per channel, in `E` within a task and f64 across tasks;
+            // Σ g·x̂ = Σ g·(x − μ)/σ. β's gradient is Σ g, γ's Σ g·x̂.
+            let mean_e: Vec<E> = mean.iter().map(|m| scalar(*m)).collect();
+            let (sum_g, sum_gxc) = gy
                 .par_chunks(chunk)
                 .zip(xs.par_chunks(chunk))
                 .enumerate()
                 .map(|(k, (gp, xp))| {
-                    let (mut a, mut b) = (vec![0.0f64; c], vec![0.0f64; c]);
+                    let (mut s1, mut s2) = (vec![zero; c], vec![zero; c]);
                     for (i, (gr, xr)) in gp.chunks_exact(c).zip(xp.chunks_exact(c)).enumerate() {
                         for j in 0..c {
-                            let gj = g(&gr[j], &xr[j], j, k * chunk + i * c + j);
-                            a[j] += gj;
-                            b[j] += gj * xhat(&xr[j], j);
+                            let gj = masked(gr[j], xr[j], j, k * chunk + i * c + j);
+                            s1[j] += gj;
+                            s2[j] += gj * (xr[j] - mean_e[j]);
                         }
                     }
-                    (a, b)
+                    (f64s(&s1), f64s(&s2))
                 })
                 .reduce(
                     || (vec![0.0; c], vec![0.0; c]),
                     |(a1, b1), (a2, b2)| (add(a1, a2), add(b1, b2)),
                 );
-            // dx = γ/σ · (g − mean(g) − x̂·mean(g·x̂)).
-            let mut gx = vec![E::default(); n * c];
+            let sum_gx: Vec<f64> = (0..c).map(|j| sum_gxc[j] * inv_std[j]).collect();
+            // dx = γ/σ · (g − mean(g) − x̂·mean(g·x̂)) = A·g + B·x + C per channel, with
+            // A = γ/σ, B = −A·mean(g·x̂)/σ, C = −A·mean(g) + A·μ·mean(g·x̂)/σ.
+            let coef = |j: usize| {
+                let big_a = gamma[j] * inv_std[j];
+                let mgx = sum_gx[j] * inv_n * inv_std[j];
+                (
+                    big_a,
+                    -big_a * mgx,
+                    -big_a * sum_g[j] * inv_n + big_a * mean[j] * mgx,
+                )
+            };
+            let ka: Vec<E> = (0..c).map(|j| scalar(coef(j).0)).collect();
+            let kb: Vec<E> = (0..c).map(|j| scalar(coef(j).1)).collect();
+            let kc: Vec<E> = (0..c).map(|j| scalar(coef(j).2)).collect();
+            let mut gx = vec![zero; n * c];
             // The residual's gradient: the output's, through the ReLU (empty without one).
-            let mut gr_out = vec![E::default(); if residual.is_some() { n * c } else { 0 }];
+            let mut gr_out = vec![zero; if has_res { n * c } else { 0 }];
             let chunks = (n * c).div_ceil(chunk);
             let gr_chunks: Vec<Option<&mut [E]>> = if gr_out.is_empty() {
                 (0..chunks).map(|_| None).collect()
@@ -277,12 +333,11 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
                         .enumerate()
                     {
                         for j in 0..c {
-                            let gj = g(&gr[j], &xr[j], j, k * chunk + i * c + j);
+                            let gj = masked(gr[j], xr[j], j, k * chunk + i * c + j);
                             if let Some(dst) = gres.as_mut() {
-                                dst[i * c + j] = scalar(gj);
+                                dst[i * c + j] = gj;
                             }
-                            let d = gj - sum_g[j] * inv_n - xhat(&xr[j], j) * sum_gx[j] * inv_n;
-                            o[j] = scalar(gamma[j] * inv_std[j] * d);
+                            o[j] = ka[j] * gj + kb[j] * xr[j] + kc[j];
                         }
                     }
                 });

@@ -55,7 +55,7 @@ impl<E: Dtype, D: Device<E>> Downsample<E, D> {
 
     /// The shortcut of `x`.
     fn forward<T: Tape<E, D>>(&self, x: Fmap<E, D, T>, mode: BnMode<'_>) -> Mat<E, D, T> {
-        self.bn.forward(self.conv.forward(x).x, mode)
+        self.bn.forward_train_fused(self.conv.forward(x).x, mode)
     }
 }
 

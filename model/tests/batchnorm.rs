@@ -531,8 +531,8 @@ fn calibrate_neck_normalises_clean_images_as_a_batch() {
     }
 }
 
-/// The fused CPU BatchNorm + ReLU of training (and with a residual summed before the ReLU)
-/// equals dfdx's composed form: outputs, the batch statistics it reports, and the gradients of
+/// The fused CPU BatchNorm + ReLU of training (with a residual summed before the ReLU, and
+/// without the ReLU as the shortcuts use it) equals dfdx's composed form: outputs, the batch statistics it reports, and the gradients of
 /// a loss through it for the input, γ and β.
 #[test]
 fn fused_batchnorm_relu_equals_the_composed_form() {
@@ -555,17 +555,20 @@ fn fused_batchnorm_relu_equals_the_composed_form() {
         .collect();
     // with_residual: relu(bn(x) + r), the block's last norm, where r is a function of x too (as
     // an identity shortcut is), so both paths of x's gradient meet.
-    let run = |fused: bool, with_residual: bool| {
+    // variant 0: relu(bn(x)); 1: relu(bn(x) + r); 2: bn(x) alone (the shortcuts').
+    let run = |fused: bool, variant: u8| {
         let x: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(xs.clone(), (n, 5));
         let r0: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(residual.clone(), (n, 5));
         let w = dev.tensor_from_vec(weights.clone(), (n, 5));
         let stats = BnStats::default();
         let mode = BnMode::Train(Some(&stats));
         let xt = x.clone().leaky_traced();
-        let y = match (fused, with_residual) {
-            (true, false) => bn.forward_relu(xt, mode),
-            (false, false) => bn.forward(xt, mode).relu(),
-            (fused, true) => {
+        let y = match (fused, variant) {
+            (true, 0) => bn.forward_relu(xt, mode),
+            (false, 0) => bn.forward(xt, mode).relu(),
+            (true, 2) => bn.forward_train_fused(xt, mode),
+            (false, 2) => bn.forward(xt, mode),
+            (fused, _) => {
                 let r = xt.retaped::<OwnedTape<f64, Cpu>>() * 0.5 + r0;
                 if fused {
                     bn.forward_add_relu(xt, r, mode)
@@ -585,9 +588,9 @@ fn fused_batchnorm_relu_equals_the_composed_form() {
         let layers = stats.layers.borrow().clone();
         (values, grads, layers)
     };
-    for with_residual in [false, true] {
-        let (v1, (gx1, gw1, gb1), s1) = run(true, with_residual);
-        let (v2, (gx2, gw2, gb2), s2) = run(false, with_residual);
+    for variant in [0, 1, 2] {
+        let (v1, (gx1, gw1, gb1), s1) = run(true, variant);
+        let (v2, (gx2, gw2, gb2), s2) = run(false, variant);
         let close = |a: &[f64], b: &[f64], what: &str| {
             assert_eq!(a.len(), b.len(), "{what}");
             let worst = a
@@ -598,7 +601,11 @@ fn fused_batchnorm_relu_equals_the_composed_form() {
             assert!(worst < 1e-9, "{what}: differs by {worst}");
         };
         close(&v1, &v2, "outputs");
-        assert!(v1.contains(&0.0) && v1.iter().any(|&v| v > 0.0));
+        if variant == 2 {
+            assert!(v1.iter().any(|&v| v < 0.0), "no ReLU on the plain form");
+        } else {
+            assert!(v1.contains(&0.0) && v1.iter().any(|&v| v > 0.0));
+        }
         close(&gx1, &gx2, "input gradient");
         close(&gw1, &gw2, "γ gradient");
         close(&gb1, &gb2, "β gradient");

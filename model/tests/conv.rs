@@ -1,7 +1,9 @@
 //! The im2col convolution and the pooling ops against naive loops, on odd sizes, strides and
 //! paddings; the CPU custom op against the gather form (values and gradients).
 
-use plip_model::conv::{avg_pool, im2col, im2col_gather, max_pool, Conv2d, Fmap, Window};
+use plip_model::conv::{
+    avg_pool, im2col, im2col_gather, max_pool, max_pool_composed, Conv2d, Fmap, Window,
+};
 use plip_model::dfdx::prelude::*;
 use plip_model::params::Init;
 use rand::rngs::StdRng;
@@ -462,5 +464,61 @@ fn fused_convolution_in_f32_equals_naive() {
     assert_eq!((y.h, y.w), (ho, wo));
     for (g, e) in y.x.as_vec().iter().zip(&want) {
         assert!((*g as f64 - e).abs() < 1e-4, "{g} vs {e}");
+    }
+}
+
+/// The CPU max-pooling op (`max_pool`: maxima and their indices, one output row per task)
+/// equals the composed form (im2col + dfdx's maximum), values and the input's gradient, on
+/// non-negative input with windows over the padding.
+#[test]
+fn host_max_pool_matches_the_composed_form() {
+    let dev = Cpu::default();
+    for (i, win) in [
+        Window {
+            k: 3,
+            stride: 2,
+            pad: 1,
+        },
+        Window {
+            k: 2,
+            stride: 2,
+            pad: 0,
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (b, h, w, c) = (3, 9, 7, 5);
+        let x: Tensor<(usize, usize), f64, Cpu> = dev.tensor_from_vec(
+            random(b * h * w * c, 30 + i as u64)
+                .into_iter()
+                .map(f64::abs)
+                .collect(),
+            (b * h * w, c),
+        );
+        let run = |host: bool| {
+            let fm = Fmap {
+                x: x.leaky_trace(),
+                b,
+                h,
+                w,
+            };
+            let y = if host {
+                max_pool(fm, win)
+            } else {
+                max_pool_composed(fm, win)
+            };
+            let values = y.x.as_vec();
+            let up: Tensor<(usize, usize), f64, Cpu> =
+                dev.tensor_from_vec(random(values.len(), 40), *y.x.shape());
+            let g = (y.x * up).sum::<(), _>().backward().get(&x).as_vec();
+            (values, g)
+        };
+        let ((hv, hg), (cv, cg)) = (run(true), run(false));
+        assert_eq!(hv, cv, "window {win:?}");
+        for (a, e) in hg.iter().zip(&cg) {
+            assert!((a - e).abs() < 1e-12, "window {win:?}: {a} vs {e}");
+        }
+        assert!(hg.iter().any(|v| *v != 0.0));
     }
 }
