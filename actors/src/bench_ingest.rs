@@ -2,6 +2,11 @@
 //! broker's own ceiling for the same messages on the same machine (a bare lapin consume + ack
 //! loop, measured in the same run), and the daemon's peak RSS while it drains the backlog.
 //!
+//! A third peer needs no broker: **decode-only** — the same message bodies parsed, validated and
+//! their images fully decoded by the daemon's own decoder (`plip_ingest::wire::decode_message`),
+//! nothing stored, on the machine's cores (and on one thread, for scale). It is the floor for any
+//! daemon that validates images.
+//!
 //! Both sides drain a backlog published beforehand (so publishing speed is not measured): the
 //! peer from a plain queue, the daemon (`plipd run`, trainer off, a temporary state folder and
 //! topology) from its ingest queue, timed from the first delivery to the last sample flushed.
@@ -145,6 +150,40 @@ async fn publish_all(
     Ok(())
 }
 
+/// The decode-only peer: images/s of parsing and decoding every message on `threads` threads
+/// (messages spread over them), nothing stored; the best of three passes.
+fn decode_only(bodies: &[Vec<u8>], images: usize, threads: usize) -> Result<f64, Error> {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let limits = plip_ingest::wire::WireLimits::default();
+    let headers = std::collections::HashMap::<String, String>::new();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let decoded: usize = pool.install(|| {
+            bodies
+                .par_iter()
+                .map(|b| {
+                    plip_ingest::wire::decode_message(
+                        Some("application/msgpack"),
+                        &headers,
+                        b,
+                        &limits,
+                    )
+                    .map_or(0, |d| d.accepted.len())
+                })
+                .sum()
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+        if decoded != images {
+            return Err(format!("decode-only peer: {decoded} of {images} images decoded").into());
+        }
+    }
+    Ok(images as f64 / best)
+}
+
 /// The bare consumer: images/s of consume + ack alone.
 async fn peer(args: &IngestBenchArgs, bodies: &[Vec<u8>], images: usize) -> Result<f64, Error> {
     let conn = connect(&args.url).await?;
@@ -206,6 +245,9 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
         .worker_threads(1)
         .enable_all()
         .build()?;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let decode_ips = decode_only(&bodies, images, threads)?;
+    let decode_ips_1 = decode_only(&bodies, images, 1)?;
     let peer_ips = if args.no_peer {
         None
     } else {
@@ -285,6 +327,9 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             "messages": bodies.len(), "backlog_bytes": bytes, "prefetch": args.prefetch,
             "daemon_images_per_s": ips, "daemon_seconds": secs,
             "peer_images_per_s": peer_ips, "ratio": peer_ips.map(|p| ips / p),
+            "decode_only_images_per_s": decode_ips, "decode_only_threads": threads,
+            "decode_only_1_thread_images_per_s": decode_ips_1,
+            "ratio_to_decode_only": ips / decode_ips,
             "daemon_peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
         })
     );

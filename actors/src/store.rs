@@ -151,7 +151,7 @@ impl SampleStore {
         Ok(fresh)
     }
 
-    /// Stores one validated image (canonical JPEG, metadata, arrival entry and captioning ticket
+    /// Stores one validated image (the producer's JPEG or the canonical one, metadata, arrival entry and captioning ticket
     /// in one transaction) without flushing; returns whether its id was new. A delivery may be
     /// acknowledged only after [`SampleStore::flush`] has returned.
     ///
@@ -161,7 +161,12 @@ impl SampleStore {
         injected_stall();
         injected_fault()?;
         let seq = self.db.generate_id().map_err(|e| e.to_string())?;
-        let jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
+        // The producer's JPEG when it is small enough (metadata stripped at intake); otherwise
+        // the canonical 256×128 form, encoded once. Readers decode and resize at use.
+        let jpeg = match &img.encoded {
+            Some(bytes) => bytes.clone(),
+            None => to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?,
+        };
         let meta = SampleMeta {
             id: img.id.clone(),
             person_id: img.person_id.clone(),

@@ -21,6 +21,7 @@ fn img(id: &str, person: &str, purpose: Purpose) -> ValidImage {
         attributes: None,
         purpose,
         pixels: RgbImage::from_pixel(40, 90, Rgb([200, 30, 30])),
+        encoded: None,
     }
 }
 
@@ -89,4 +90,58 @@ fn probe_split_is_deterministic() {
         is_probe(Some("0042"), "b", 10)
     );
     assert!(!is_probe(Some("0042"), "a", 0));
+}
+
+/// Images arriving through intake (`IntakeImage::decode`): a JPEG within 256×128 is stored as
+/// the producer's bytes (its Exif segment removed), one larger is stored as the canonical
+/// 256×128 JPEG; both decode to what the producer sent, at their stored sizes.
+#[test]
+fn small_jpegs_are_stored_as_sent_and_large_ones_canonical() {
+    use plip_ingest::image::IntakeLimits;
+    use plip_ingest::wire::IntakeImage;
+    let dir = tmp("as-sent");
+    let st = State::open(&dir).unwrap();
+    let s = st.samples(10).unwrap();
+    let jpeg = |w: u32, h: u32| {
+        let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x * 5 % 256) as u8, (y % 256) as u8, 90]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        let plain = out.into_inner();
+        // An Exif segment after the start-of-image marker.
+        let exif = b"Exif\0\0GPS 48.85N 2.35E";
+        let mut tagged = plain[..2].to_vec();
+        tagged.extend_from_slice(&[0xff, 0xe1]);
+        tagged.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+        tagged.extend_from_slice(exif);
+        tagged.extend_from_slice(&plain[2..]);
+        (plain, tagged)
+    };
+    let intake = |id: &str, bytes: Vec<u8>, (w, h): (u32, u32)| {
+        IntakeImage {
+            id: id.into(),
+            person_id: Some("1".into()),
+            camera_id: Some("c1".into()),
+            captions: vec!["a man in a blue coat".into()],
+            attributes: None,
+            purpose: Purpose::Train,
+            bytes,
+            width: w,
+            height: h,
+        }
+        .decode(&IntakeLimits::default())
+        .unwrap()
+    };
+    let (small_plain, small) = jpeg(64, 128);
+    let (_, large) = jpeg(200, 400);
+    s.put_batch(&[
+        intake("small", small, (64, 128)),
+        intake("large", large, (200, 400)),
+    ])
+    .unwrap();
+    let got = s.get("small").unwrap().unwrap();
+    assert_eq!(got.jpeg, small_plain, "the producer's bytes, without Exif");
+    let large = s.get("large").unwrap().unwrap();
+    let decoded = image::load_from_memory(&large.jpeg).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (128, 256));
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -150,6 +150,60 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
     bytes[sos..].windows(2).any(|w| w == [0xff, 0xd9])
 }
 
+/// The producer's JPEG as it may be stored: when `bytes` is a JPEG (already decoded and
+/// validated) no larger than the canonical size on either side, the same bytes without their
+/// metadata segments — APP1 (Exif, XMP: camera, time, GPS), APP13 (IPTC) and comments — and
+/// `None` otherwise (other formats, larger images, or a marker layout this parser does not
+/// follow), for which the store encodes the canonical form. Decoding the result gives the
+/// pixels decoding `bytes` gives: those segments carry no pixel data, and the decoder ignores
+/// Exif orientation on every path alike; APP0 (JFIF), APP2 (ICC) and APP14 (Adobe: CMYK and
+/// colour transform) are kept.
+pub fn storable_jpeg(bytes: &[u8], width: u32, height: u32) -> Option<Vec<u8>> {
+    if width > CANONICAL_WIDTH || height > CANONICAL_HEIGHT || !bytes.starts_with(&[0xff, 0xd8]) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..2]);
+    let mut at = 2;
+    loop {
+        // A marker: 0xFF, optional fill bytes 0xFF, then the code.
+        if *bytes.get(at)? != 0xff {
+            return None;
+        }
+        let mut code_at = at + 1;
+        while *bytes.get(code_at)? == 0xff {
+            code_at += 1;
+        }
+        let code = bytes[code_at];
+        match code {
+            // Start of scan: the entropy-coded data and everything after it, as they are.
+            0xda => {
+                out.extend_from_slice(&bytes[at..]);
+                return Some(out);
+            }
+            // Markers without a length.
+            0x01 | 0xd0..=0xd7 => {
+                out.extend_from_slice(&bytes[at..=code_at]);
+                at = code_at + 1;
+            }
+            _ => {
+                let len = usize::from(u16::from_be_bytes([
+                    *bytes.get(code_at + 1)?,
+                    *bytes.get(code_at + 2)?,
+                ]));
+                let end = code_at + 1 + len;
+                if len < 2 || end > bytes.len() {
+                    return None;
+                }
+                if !matches!(code, 0xe1 | 0xed | 0xfe) {
+                    out.extend_from_slice(&bytes[at..end]);
+                }
+                at = end;
+            }
+        }
+    }
+}
+
 /// Resizes to the canonical 256×128 (H×W) sample size (triangle filter); an image already of
 /// that size is kept as it is.
 pub fn canonical(img: &RgbImage) -> RgbImage {

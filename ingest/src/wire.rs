@@ -302,6 +302,10 @@ pub struct ValidImage {
     pub purpose: Purpose,
     /// Decoded pixels (any size; the store resizes to the canonical 256×128).
     pub pixels: RgbImage,
+    /// The producer's bytes when they may be stored as they are
+    /// ([`crate::image::storable_jpeg`]: a JPEG within 256×128, metadata stripped); `None`
+    /// when the store must encode the canonical form from `pixels`.
+    pub encoded: Option<Vec<u8>>,
 }
 
 /// An image that passed every check that needs no pixel decoding (id, labels, captions, the
@@ -336,6 +340,7 @@ impl IntakeImage {
     pub fn decode(self, limits: &IntakeLimits) -> Result<ValidImage, RejectedImage> {
         match decode(&self.bytes, limits) {
             Ok(pixels) => Ok(ValidImage {
+                encoded: crate::image::storable_jpeg(&self.bytes, pixels.width(), pixels.height()),
                 id: self.id,
                 person_id: self.person_id,
                 camera_id: self.camera_id,

@@ -2,7 +2,9 @@
 //! bomb is refused from its header.
 
 use image::{ImageFormat, Rgb, RgbImage};
-use plip_ingest::image::{canonical, decode, inspect, to_jpeg, ImageError, IntakeLimits};
+use plip_ingest::image::{
+    canonical, decode, inspect, storable_jpeg, to_jpeg, ImageError, IntakeLimits,
+};
 use std::io::Cursor;
 use std::time::Instant;
 
@@ -125,4 +127,60 @@ fn colour_histogram_baseline() {
     }
     assert!(cosine_distance(&d, &descriptor(&red)) < 1e-9);
     assert!(cosine_distance(&d, &descriptor(&blue)) > 0.99);
+}
+
+/// A JPEG of `w × h` with varied pixels, and the same bytes with an Exif APP1 segment (a GPS
+/// tag's worth of text) and a comment inserted after the start-of-image marker.
+fn jpeg_with_metadata(w: u32, h: u32) -> (Vec<u8>, Vec<u8>) {
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 3 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    let plain = encode(&img, ImageFormat::Jpeg);
+    let mut tagged = plain[..2].to_vec();
+    let exif = b"Exif\0\0GPS 51.5N 0.12W camera serial 12345";
+    tagged.extend_from_slice(&[0xff, 0xe1]);
+    tagged.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+    tagged.extend_from_slice(exif);
+    let comment = b"taken at the north gate";
+    tagged.extend_from_slice(&[0xff, 0xfe]);
+    tagged.extend_from_slice(&((comment.len() + 2) as u16).to_be_bytes());
+    tagged.extend_from_slice(comment);
+    tagged.extend_from_slice(&plain[2..]);
+    (plain, tagged)
+}
+
+/// A small JPEG is kept as the producer sent it, its metadata segments removed: the result
+/// has no Exif or comment bytes, is the plain encoding byte for byte, and decodes to the same
+/// pixels. Larger images, PNGs and broken marker layouts are not kept (the store encodes the
+/// canonical form for them).
+#[test]
+fn small_jpegs_are_kept_without_their_metadata() {
+    let limits = IntakeLimits::default();
+    let (plain, tagged) = jpeg_with_metadata(64, 128);
+    let kept = storable_jpeg(&tagged, 64, 128).expect("a 128×64 JPEG is kept");
+    assert_eq!(kept, plain);
+    assert!(!kept.windows(4).any(|w| w == b"Exif"));
+    assert!(!kept.windows(10).any(|w| w == b"north gate"));
+    assert_eq!(
+        decode(&kept, &limits).unwrap().as_raw(),
+        decode(&tagged, &limits).unwrap().as_raw()
+    );
+    // At the canonical size exactly: kept; one pixel wider or taller: not.
+    let (_, at_size) = jpeg_with_metadata(128, 256);
+    assert!(storable_jpeg(&at_size, 128, 256).is_some());
+    let (_, wide) = jpeg_with_metadata(129, 100);
+    assert!(storable_jpeg(&wide, 129, 100).is_none());
+    let (_, tall) = jpeg_with_metadata(100, 257);
+    assert!(storable_jpeg(&tall, 100, 257).is_none());
+    let png = encode(&sample(), ImageFormat::Png);
+    assert!(storable_jpeg(&png, 8, 8).is_none());
+    // A segment length running past the end: not followed, not kept.
+    let mut broken = tagged.clone();
+    broken[4] = 0xff;
+    broken[5] = 0xff;
+    assert!(storable_jpeg(&broken, 64, 128).is_none());
 }
