@@ -416,8 +416,8 @@ fn resident_mib() -> u64 {
         .map_or(0, |pages| pages * 4096 / (1 << 20))
 }
 
-/// Stores a delivery's checked images: one at a time against the budget of decoded pixels in
-/// flight, each decoded and stored as it goes, then one flush that makes them durable. Returns
+/// Stores a delivery's checked images: in groups that fit the budget of decoded pixels in
+/// flight, each image decoded and stored as it goes, then one flush that makes them durable. Returns
 /// the stored ids and whether each was new; images that fail to decode join `rejected`.
 ///
 /// # Errors
@@ -439,34 +439,50 @@ async fn store_images(
     crate::disk::check(&cfg.dir, cfg.min_free_bytes, need).map_err(Stop::Storage)?;
     let stall = Duration::from_secs(cfg.stall_timeout_s.max(1));
     let budget = limits.decoded_pixels_in_flight.min(u64::from(u32::MAX));
-    for img in images {
-        let cost = img.pixels().clamp(1, budget) as u32;
+    // Groups of images whose pixels together fit the budget, each group decoded and stored in
+    // one blocking task (one task per image cost more in hand-offs than a small image's
+    // decode); deliveries in flight run their groups side by side on both cores.
+    let mut rest = images.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut group = Vec::new();
+        let mut cost = 0u64;
+        while let Some(img) =
+            rest.next_if(|img| group.is_empty() || cost + img.pixels().clamp(1, budget) <= budget)
+        {
+            cost += img.pixels().clamp(1, budget);
+            group.push(img);
+        }
         let permit = shared
             .pixels
             .clone()
-            .acquire_many_owned(cost)
+            .acquire_many_owned(cost as u32)
             .await
             .map_err(|e| Stop::Broker(format!("pixel budget closed: {e}")))?;
         shared
             .decoded_since_trim
-            .fetch_add(u64::from(cost), std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
         let store = shared.store.clone();
         let image_limits = limits.image;
         let stored = blocking_storage(stall, move || {
             let _permit = permit;
-            match img.decode(&image_limits) {
-                Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
-                Err(refused) => Ok(Err(refused)),
-            }
+            group
+                .into_iter()
+                .map(|img| match img.decode(&image_limits) {
+                    Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
+                    Err(refused) => Ok(Err(refused)),
+                })
+                .collect::<Result<Vec<_>, String>>()
         })
         .await
         .map_err(Stop::StorageFailed)?;
-        match stored {
-            Ok((id, f)) => {
-                ids.push(id);
-                fresh.push(f);
+        for one in stored {
+            match one {
+                Ok((id, f)) => {
+                    ids.push(id);
+                    fresh.push(f);
+                }
+                Err(refused) => rejected.push(refused),
             }
-            Err(refused) => rejected.push(refused),
         }
     }
     if !ids.is_empty() {
