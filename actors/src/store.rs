@@ -30,13 +30,19 @@ pub struct SampleMeta {
     pub probe: bool,
     /// Arrival order.
     pub seq: u64,
+    /// For an image stored without captions or attributes: its colours, estimated from the
+    /// pixels intake decoded anyway, so the captioner need not decode the image again (absent
+    /// in records written before; the captioner then decodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colours: Option<plip_ingest::attributes::Attributes>,
 }
 
 /// A stored sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredSample {
     pub meta: SampleMeta,
-    /// Canonical 256×128 JPEG.
+    /// The stored JPEG: the producer's (within 256×128, metadata stripped) or the canonical
+    /// 256×128 one.
     pub jpeg: Vec<u8>,
 }
 
@@ -183,6 +189,8 @@ impl SampleStore {
             purpose: img.purpose,
             probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
             seq,
+            colours: (img.captions.is_empty() && img.attributes.is_none())
+                .then(|| plip_ingest::captions::estimate_colours(&img.pixels)),
         };
         let needs_captions = meta.captions.is_empty();
         let value = encode(&StoredSample { meta, jpeg })?;

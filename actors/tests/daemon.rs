@@ -1271,11 +1271,7 @@ fn offline_ranking(
     let p = lm.model.preset().clone();
     let embed = |jpeg: &[u8]| {
         let img = plip_ingest::image::decode(jpeg, &Default::default()).unwrap();
-        let rgb = plip_ingest::image::pixels_at(
-            &plip_ingest::image::canonical(&img),
-            p.image_height as u32,
-            p.image_width as u32,
-        );
+        let rgb = plip_ingest::image::pixels_at(&img, p.image_height as u32, p.image_width as u32);
         lm.model
             .embed_images(
                 &plip_model::batch::normalize_rgb(&rgb, p.image_height, p.image_width),
@@ -1283,7 +1279,8 @@ fn offline_ranking(
             )
             .data
     };
-    // The stored sample is the canonical JPEG of the published one: embed that, as the daemon does.
+    // The stored sample (the published JPEG, or its canonical form when larger): embed that,
+    // resized straight to the model's input, as the daemon does.
     let store = state.samples(30).unwrap();
     let mut index = plip_actors::index::Index::new(p.index_dim());
     let mut cams = Vec::new();

@@ -57,7 +57,7 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
             let captions = match &sample {
                 None => vec![],
                 Some(s) => {
-                    let attrs = match s.meta.attributes {
+                    let attrs = match s.meta.attributes.or(s.meta.colours) {
                         Some(a) => a,
                         None => match decode(&s.jpeg, &IntakeLimits::default()) {
                             Ok(img) => estimate_colours(&img),

@@ -297,7 +297,7 @@ async fn handle(
             accepted: images,
             mut rejected,
         }) => {
-            let (ids, fresh) = match store_images(shared, images, &mut rejected).await {
+            let ids = match store_images(shared, images, &mut rejected).await {
                 Ok(stored) => stored,
                 Err(stop) => {
                     // Nothing of this delivery was acknowledged: back to the broker with it
@@ -312,10 +312,8 @@ async fn handle(
                 }
             };
             {
+                // `stored` and `duplicates` were counted as each image was written.
                 let mut st = shared.stats();
-                let new = fresh.iter().filter(|&&f| f).count() as u64;
-                st.stored += new;
-                st.duplicates += fresh.len() as u64 - new;
                 for r in &rejected {
                     *st.rejected.entry(r.code.as_str().to_string()).or_default() += 1;
                 }
@@ -417,21 +415,21 @@ fn resident_mib() -> u64 {
 }
 
 /// Stores a delivery's checked images: in groups that fit the budget of decoded pixels in
-/// flight, each image decoded and stored as it goes, then one flush that makes them durable. Returns
-/// the stored ids and whether each was new; images that fail to decode join `rejected`.
+/// flight, each image decoded and stored as it goes, then one flush that makes them durable.
+/// Returns the stored ids (new or already stored: each is counted as it is written); images
+/// that fail to decode join `rejected`.
 ///
 /// # Errors
 /// [`Stop::Storage`] when the disk is below its reserve (nothing written), or
 /// [`Stop::StorageFailed`] when a write or the flush failed or stalled: the caller nacks.
 async fn store_images(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     images: Vec<IntakeImage>,
     rejected: &mut Vec<RejectedImage>,
-) -> Result<(Vec<String>, Vec<bool>), Stop> {
+) -> Result<Vec<String>, Stop> {
     let mut ids = Vec::with_capacity(images.len());
-    let mut fresh = Vec::with_capacity(images.len());
     if images.is_empty() {
-        return Ok((ids, fresh));
+        return Ok(ids);
     }
     let (cfg, limits) = (&shared.cfg.state, shared.cfg.limits);
     // Room for what this delivery may add, above the reserve.
@@ -461,14 +459,26 @@ async fn store_images(
         shared
             .decoded_since_trim
             .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
-        let store = shared.store.clone();
+        let counted = shared.clone();
         let image_limits = limits.image;
+        // Each image is counted (stored or duplicate) as it is written, inside the blocking
+        // task: a group runs to its end even when the delivery's task is dropped (a closed
+        // connection), and what it wrote is then found again by id on redelivery.
         let stored = blocking_storage(stall, move || {
             let _permit = permit;
             group
                 .into_iter()
                 .map(|img| match img.decode(&image_limits) {
-                    Ok(valid) => store.put_one(&valid).map(|f| Ok((valid.id, f))),
+                    Ok(valid) => {
+                        let fresh = counted.store.put_one(&valid)?;
+                        let mut st = counted.stats();
+                        if fresh {
+                            st.stored += 1;
+                        } else {
+                            st.duplicates += 1;
+                        }
+                        Ok(Ok(valid.id))
+                    }
                     Err(refused) => Ok(Err(refused)),
                 })
                 .collect::<Result<Vec<_>, String>>()
@@ -477,10 +487,7 @@ async fn store_images(
         .map_err(Stop::StorageFailed)?;
         for one in stored {
             match one {
-                Ok((id, f)) => {
-                    ids.push(id);
-                    fresh.push(f);
-                }
+                Ok(id) => ids.push(id),
                 Err(refused) => rejected.push(refused),
             }
         }
@@ -491,7 +498,7 @@ async fn store_images(
             .await
             .map_err(Stop::StorageFailed)?;
     }
-    Ok((ids, fresh))
+    Ok(ids)
 }
 
 /// Runs a storage call on the blocking pool; one that has not returned after `stall` counts

@@ -29,7 +29,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use plip_ingest::dead_letter::{
     bounded_error, check_headers, dead_letter_properties, properties_without_headers,
 };
-use plip_ingest::image::{canonical, decode, pixels_at, IntakeLimits};
+use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::reid::{decode_request, Match, QueryKind, ReidErrorReply, ReidReply};
 use plip_ingest::wire::{Code, Purpose, WireError};
 use plip_model::batch::normalize_rgb;
@@ -616,8 +616,8 @@ fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> 
             .iter()
             .flat_map(|&i| match &reqs[i].query {
                 QueryKind::Image(img) => {
-                    let rgb =
-                        pixels_at(&canonical(img), p.image_height as u32, p.image_width as u32);
+                    // Straight to the model's input, as the gallery's stored images are.
+                    let rgb = pixels_at(img, p.image_height as u32, p.image_width as u32);
                     normalize_rgb(&rgb, p.image_height, p.image_width)
                 }
                 QueryKind::Text(_) => Vec::new(),
