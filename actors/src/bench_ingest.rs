@@ -2,6 +2,10 @@
 //! broker's own ceiling for the same messages on the same machine (a bare lapin consume + ack
 //! loop, measured in the same run), and the daemon's peak RSS while it drains the backlog.
 //!
+//! The JSON also gives the median latency of a 4 KiB write + fsync on the state folder's file
+//! system, measured in the same run, and how many images the caption workers (running during
+//! the drain, not waited for) had captioned when the last sample was flushed.
+//!
 //! A third peer needs no broker: **decode-only** — the same message bodies parsed, validated and
 //! their images fully decoded by the daemon's own decoder (`plip_ingest::wire::decode_message`),
 //! nothing stored, on the machine's cores (and on one thread, for scale). It is the floor for any
@@ -226,6 +230,26 @@ async fn peer(args: &IngestBenchArgs, bodies: &[Vec<u8>], images: usize) -> Resu
     Ok(images as f64 / secs)
 }
 
+/// Median latency of a 4 KiB write + fsync in `dir` (the state folder's file system), over 20
+/// rounds, in microseconds: what each delivery's flush pays at least once before its ack.
+fn fsync_latency_us(dir: &std::path::Path) -> Result<f64, Error> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let block = [0u8; 4096];
+    let mut times = Vec::with_capacity(20);
+    for _ in 0..20 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 fn rss_peak_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -256,6 +280,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     // The daemon: its topology and backlog first, then the process.
     let dir = std::env::temp_dir().join(format!("plipd-{run}"));
     std::fs::create_dir_all(&dir)?;
+    let fsync_us = fsync_latency_us(&dir)?;
     let topo = Topology::with_suffix(&run);
     rt.block_on(async {
         let conn = connect(&args.url).await?;
@@ -286,10 +311,12 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut t0 = None;
     let mut stored = 0u64;
+    let mut captioned = 0u64;
     while Instant::now() < deadline {
         if let Some(Ok(s)) = crate::daemon::http::get(&http, "/status") {
             let deliveries = s["ingest"]["deliveries"].as_u64().unwrap_or(0);
             stored = s["ingest"]["stored"].as_u64().unwrap_or(0);
+            captioned = s["ingest"]["captioned"].as_u64().unwrap_or(0);
             if deliveries > 0 {
                 t0.get_or_insert_with(Instant::now);
             }
@@ -331,6 +358,10 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             "decode_only_1_thread_images_per_s": decode_ips_1,
             "ratio_to_decode_only": ips / decode_ips,
             "daemon_peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
+            "fsync_4k_median_us": fsync_us,
+            // The caption workers run during the drain (as in production) but are not waited
+            // for: the clock stops at the last sample flushed.
+            "captioned_when_drained": captioned,
         })
     );
     Ok(())

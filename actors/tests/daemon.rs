@@ -1678,3 +1678,51 @@ fn demo_runs_and_reports() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `plipd bench ingest` end to end on a small backlog against the real broker: the daemon
+/// stores every image, and the JSON line carries the daemon's rate, both peers' rates (the
+/// bare consume + ack loop and decode-only), the ratios, the fsync latency and the peak RSS.
+#[test]
+fn bench_ingest_reports_the_daemon_and_its_peers() {
+    let _serial = serial();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plipd"))
+        .args([
+            "bench",
+            "ingest",
+            "--images",
+            "96",
+            "--batch",
+            "16",
+            "--url",
+            &url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let j: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(j["images"], 96);
+    assert_eq!(j["messages"], 6);
+    for key in [
+        "daemon_images_per_s",
+        "peer_images_per_s",
+        "decode_only_images_per_s",
+        "decode_only_1_thread_images_per_s",
+        "ratio",
+        "ratio_to_decode_only",
+        "fsync_4k_median_us",
+        "daemon_peak_rss_mib",
+    ] {
+        let v = j[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{key}: {j}");
+    }
+    // Decoding without storing is faster than decoding and storing.
+    assert!(
+        j["decode_only_images_per_s"].as_f64() > j["daemon_images_per_s"].as_f64(),
+        "{j}"
+    );
+}
