@@ -157,8 +157,8 @@ impl SampleStore {
         Ok(fresh)
     }
 
-    /// Stores one validated image (the producer's JPEG or the canonical one, metadata, arrival entry and captioning ticket
-    /// in one transaction) without flushing; returns whether its id was new. A delivery may be
+    /// Stores one validated image (the producer's JPEG or the canonical one, metadata, arrival
+    /// entry and captioning ticket in one transaction) without flushing; returns whether its id was new. A delivery may be
     /// acknowledged only after [`SampleStore::flush`] has returned.
     ///
     /// # Errors

@@ -524,8 +524,8 @@ fn buffer<'a, S: Shape, E: Dtype>(
         .expect("the gradient buffer was allocated before")
 }
 
-/// True where [`Conv2d::forward_fused`] runs: the CPU, f32 or f64, unless
-/// `PLIP_COMPOSED_CONV` asks for the composed form (read once).
+/// True where the host ops run — [`Conv2d::forward_fused`] and [`max_pool`]'s one-pass form:
+/// the CPU, f32 or f64, unless `PLIP_COMPOSED_CONV` asks for the composed forms (read once).
 pub fn fused_conv<E: Dtype, D: Device<E>>() -> bool {
     static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     TypeId::of::<D>() == TypeId::of::<Cpu>()
