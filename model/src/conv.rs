@@ -607,20 +607,18 @@ pub fn max_pool<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Fmap<E, D, T>,
     win: Window,
 ) -> Fmap<E, D, T> {
-    if fused_conv::<E, D>() && x.b * x.h * x.w * x.c() < PADDING as usize {
+    if fused_conv::<E, D>() {
         max_pool_host(x, win)
     } else {
         max_pool_composed(x, win)
     }
 }
 
-/// Where a pooled maximum came from: the padding.
-const PADDING: u32 = u32::MAX;
-
-/// [`max_pool`] as one custom op on the host, multi-threaded (one output row per task): the
-/// maximum and the index it came from (the first of equal values, as PyTorch picks), and a
-/// backward that adds each output's gradient to that input alone (ties after a ReLU are
-/// zeros whose gradient the ReLU stops anyway).
+/// [`max_pool`] as one custom op on the host, multi-threaded (one output row per task, one
+/// image per task backward). Its gradient is the composed form's (dfdx's maximum): each
+/// output's gradient goes to every input of its window equal to the maximum, so exact ties —
+/// common where flat image regions give equal activations — each receive it, and training is
+/// unchanged from the composed form (PyTorch would pick one).
 fn max_pool_host<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Fmap<E, D, T>,
     win: Window,
@@ -630,39 +628,23 @@ fn max_pool_host<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     let dev = x.device().clone();
     let c = g.c;
     let xs = host_values(&x);
-    let out = g.b * g.ho * g.wo * c;
     let zero = E::default();
-    let mut ys = vec![zero; out];
-    let mut arg = vec![PADDING; out];
+    let mut ys = vec![zero; g.b * g.ho * g.wo * c];
     ys.par_chunks_mut(g.wo * c)
-        .zip(arg.par_chunks_mut(g.wo * c))
         .enumerate()
-        .for_each(|(row, (yrow, arow))| {
+        .for_each(|(row, yrow)| {
             let (bi, oy) = (row / g.ho, row % g.ho);
             for ox in 0..g.wo {
                 let best = &mut yrow[ox * c..(ox + 1) * c];
-                let at = &mut arow[ox * c..(ox + 1) * c];
                 let mut first = true;
                 for ky in 0..win.k {
                     for kx in 0..win.k {
-                        match g.source(bi, oy, ox, ky, kx) {
-                            Some(src) => {
-                                let v = &xs[src * c..(src + 1) * c];
-                                for j in 0..c {
-                                    if first || v[j] > best[j] {
-                                        best[j] = v[j];
-                                        at[j] = (src * c + j) as u32;
-                                    }
-                                }
-                            }
-                            None => {
-                                // Zero padding: a value of 0.
-                                for j in 0..c {
-                                    if first || zero > best[j] {
-                                        best[j] = zero;
-                                        at[j] = PADDING;
-                                    }
-                                }
+                        // Zero padding: a value of 0.
+                        let src = g.source(bi, oy, ox, ky, kx);
+                        for j in 0..c {
+                            let v = src.map_or(zero, |s| xs[s * c + j]);
+                            if first || v > best[j] {
+                                best[j] = v;
                             }
                         }
                         first = false;
@@ -670,21 +652,33 @@ fn max_pool_host<E: Dtype, D: Device<E>, T: Tape<E, D>>(
                 }
             }
         });
-    let y: Mat<E, D> = dev.tensor_from_vec(ys, (g.b * g.ho * g.wo, c));
+    let y: Mat<E, D> = dev.tensor_from_vec(ys.clone(), (g.b * g.ho * g.wo, c));
     let mut tape = tape;
     if T::OWNS_TAPE {
         let y_keep = y.clone();
         tape.add_backward_op(move |grads| {
             let gy = grad_values(grads, &y_keep)?;
             let per_in = g.h * g.w * c;
-            let per_out = g.ho * g.wo * c;
-            let mut gx = vec![E::default(); g.b * per_in];
+            let mut gx = vec![zero; g.b * per_in];
+            // In col2im's order (output pixel, then window position), so the sums are the
+            // composed form's to the bit.
             gx.par_chunks_mut(per_in).enumerate().for_each(|(bi, img)| {
-                let base = bi * per_in;
-                let range = bi * per_out..(bi + 1) * per_out;
-                for (gv, &src) in gy[range.clone()].iter().zip(&arg[range]) {
-                    if src != PADDING {
-                        img[src as usize - base] += *gv;
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        let o = ((bi * g.ho + oy) * g.wo + ox) * c;
+                        for ky in 0..win.k {
+                            for kx in 0..win.k {
+                                let Some(src) = g.source(bi, oy, ox, ky, kx) else {
+                                    continue;
+                                };
+                                let at = (src - bi * g.h * g.w) * c;
+                                for j in 0..c {
+                                    if xs[src * c + j] == ys[o + j] {
+                                        img[at + j] += gy[o + j];
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             });
