@@ -276,23 +276,24 @@ impl<E: Dtype, D: Device<E>> BatchNorm<E, D> {
                     zero
                 }
             };
-            // Σ g and Σ g·(x − μ) per channel, in `E` within a task and f64 across tasks;
+            // Σ g and Σ g·(x − μ) per channel, in f64 as the statistics are;
             // Σ g·x̂ = Σ g·(x − μ)/σ. β's gradient is Σ g, γ's Σ g·x̂.
-            let mean_e: Vec<E> = mean.iter().map(|m| scalar(*m)).collect();
             let (sum_g, sum_gxc) = gy
                 .par_chunks(chunk)
                 .zip(xs.par_chunks(chunk))
                 .enumerate()
                 .map(|(k, (gp, xp))| {
-                    let (mut s1, mut s2) = (vec![zero; c], vec![zero; c]);
+                    let (mut s1, mut s2) = (vec![0.0f64; c], vec![0.0f64; c]);
                     for (i, (gr, xr)) in gp.chunks_exact(c).zip(xp.chunks_exact(c)).enumerate() {
                         for j in 0..c {
-                            let gj = masked(gr[j], xr[j], j, k * chunk + i * c + j);
+                            let gj = masked(gr[j], xr[j], j, k * chunk + i * c + j)
+                                .to_f64()
+                                .unwrap_or(0.0);
                             s1[j] += gj;
-                            s2[j] += gj * (xr[j] - mean_e[j]);
+                            s2[j] += gj * (xr[j].to_f64().unwrap_or(0.0) - mean[j]);
                         }
                     }
-                    (f64s(&s1), f64s(&s2))
+                    (s1, s2)
                 })
                 .reduce(
                     || (vec![0.0; c], vec![0.0; c]),
