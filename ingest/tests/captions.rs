@@ -236,3 +236,94 @@ fn phrases_are_found_in_free_text() {
         );
     }
 }
+
+/// The hue of a red-dominant pixel is taken without `rem_euclid` (no fmod call per pixel):
+/// every colour of a grid — dense where red dominates — keeps the name the previous form of
+/// `name_colour` (kept here as the reference) gave it.
+#[test]
+fn colour_names_are_unchanged_by_the_fast_hue() {
+    fn name_colour_reference([r, g, b]: [u8; 3]) -> Colour {
+        let (r, g, b) = (r as f32 / 255.0, g as f32 / 255.0, b as f32 / 255.0);
+        let max = r.max(g).max(b);
+        let min = r.min(g).min(b);
+        let v = max;
+        let s = if max > 0.0 { (max - min) / max } else { 0.0 };
+        let hue = if max == min {
+            0.0
+        } else if max == r {
+            60.0 * (((g - b) / (max - min)).rem_euclid(6.0))
+        } else if max == g {
+            60.0 * ((b - r) / (max - min) + 2.0)
+        } else {
+            60.0 * ((r - g) / (max - min) + 4.0)
+        };
+        if v < 0.2 {
+            return Colour::Black;
+        }
+        if s < 0.18 {
+            return if v > 0.8 { Colour::White } else { Colour::Grey };
+        }
+        match hue {
+            h if !(15.0..345.0).contains(&h) => {
+                if s < 0.45 && v > 0.7 {
+                    Colour::Pink
+                } else {
+                    Colour::Red
+                }
+            }
+            h if h < 40.0 => {
+                if v < 0.6 {
+                    Colour::Brown
+                } else if s < 0.45 {
+                    Colour::Beige
+                } else {
+                    Colour::Orange
+                }
+            }
+            h if h < 70.0 => {
+                if s < 0.45 {
+                    Colour::Khaki
+                } else {
+                    Colour::Yellow
+                }
+            }
+            h if h < 170.0 => Colour::Green,
+            h if h < 255.0 => {
+                if v < 0.45 {
+                    Colour::Navy
+                } else if s < 0.45 {
+                    Colour::LightBlue
+                } else {
+                    Colour::Blue
+                }
+            }
+            h if h < 290.0 => Colour::Purple,
+            _ => Colour::Pink,
+        }
+    }
+    let mut checked = 0;
+    for r in (0..=255u8).step_by(3) {
+        for g in (0..=255u8).step_by(5) {
+            for b in (0..=255u8).step_by(if g <= r { 1 } else { 7 }) {
+                assert_eq!(
+                    name_colour([r, g, b]),
+                    name_colour_reference([r, g, b]),
+                    "{r} {g} {b}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 400_000, "{checked}");
+}
+
+/// Pixels are named through a two-level table of every colour, built from the HSV rules: the
+/// same name as the rules for each of the 2²⁴ colours.
+#[test]
+fn the_colour_table_names_every_colour_as_the_rules_do() {
+    use plip_ingest::captions::name_colour_by_table;
+    for rgb in 0..1u32 << 24 {
+        let p = [(rgb >> 16) as u8, (rgb >> 8) as u8, rgb as u8];
+        assert_eq!(name_colour_by_table(p), name_colour(p), "{p:?}");
+    }
+}
