@@ -3,8 +3,10 @@
 //! loop, measured in the same run), and the daemon's peak RSS while it drains the backlog.
 //!
 //! The JSON also gives the median latency of a 4 KiB write + fsync on the state folder's file
-//! system, measured in the same run, and how many images the caption workers (running during
-//! the drain, not waited for) had captioned when the last sample was flushed.
+//! system, measured in the same run, how many images had been captioned when the last sample
+//! was flushed (intake captions what it stores), and the daemon's CPU time per image during
+//! the drain next to the decode-only peer's (one thread): a ratio that what else runs on the
+//! machine moves less than it moves wall-clock rates.
 //!
 //! A third peer needs no broker: **decode-only** — the same message bodies parsed, validated and
 //! their images fully decoded by the daemon's own decoder (`plip_ingest::wire::decode_message`),
@@ -260,6 +262,18 @@ fn rss_peak_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after its closing ')'.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
 /// Runs `plipd bench ingest`.
 pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     let run = tag();
@@ -313,7 +327,9 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     // answering poll already sees some), so a backlog drained between two polls is still
     // timed, to within one poll interval.
     let mut idle_since = Instant::now();
+    let mut idle_cpu = cpu_seconds(pid);
     let mut t0 = None;
+    let mut cpu0 = None;
     let mut stored = 0u64;
     let mut captioned = 0u64;
     while Instant::now() < deadline {
@@ -323,8 +339,10 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             captioned = s["ingest"]["captioned"].as_u64().unwrap_or(0);
             if deliveries > 0 {
                 t0.get_or_insert(idle_since);
+                cpu0.get_or_insert(idle_cpu);
             } else {
                 idle_since = Instant::now();
+                idle_cpu = cpu_seconds(pid);
             }
             if stored >= images as u64 {
                 break;
@@ -337,6 +355,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     }
     let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
     let rss = rss_peak_kib(pid);
+    let cpu = cpu0.flatten().zip(cpu_seconds(pid)).map(|(a, b)| b - a);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -353,6 +372,10 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
         return Err(format!("only {stored} of {images} images were stored in time").into());
     }
     let ips = images as f64 / secs;
+    // CPU per image: less sensitive than wall time to what else the machine runs. The
+    // decode-only peer's single thread gives its CPU per image.
+    let cpu_us = cpu.map(|c| c * 1e6 / images as f64);
+    let decode_cpu_us = 1e6 / decode_ips_1;
     println!(
         "{}",
         serde_json::json!({
@@ -364,9 +387,12 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             "decode_only_1_thread_images_per_s": decode_ips_1,
             "ratio_to_decode_only": ips / decode_ips,
             "daemon_peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
+            "daemon_cpu_us_per_image": cpu_us,
+            "decode_only_cpu_us_per_image": decode_cpu_us,
+            "cpu_ratio_to_decode_only": cpu_us.map(|c| decode_cpu_us / c),
             "fsync_4k_median_us": fsync_us,
-            // The caption workers run during the drain (as in production) but are not waited
-            // for: the clock stops at the last sample flushed.
+            // Intake captions what it stores, so every stored image is captioned when the
+            // clock stops (the last sample flushed).
             "captioned_when_drained": captioned,
         })
     );

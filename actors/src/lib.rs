@@ -30,6 +30,7 @@ pub mod eval;
 pub mod evaluate;
 pub mod export;
 pub mod index;
+pub mod packs;
 pub mod plots;
 pub mod progress;
 pub mod publish;

@@ -1,7 +1,8 @@
 //! The state folder: one sled database shared by the daemon and the offline commands.
 //!
 //! Trees: `meta` (`format_version`, `latest` checkpoint version), `tokenizer` (`current` → the
-//! tokenizer's JSON), `samples` and `arrivals` (see [`crate::store`]), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
+//! tokenizer's JSON), `samples` and `arrivals` (see [`crate::store`]; the images are in pack
+//! files under `packs/`, see [`crate::packs`]), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
 //! blob is `PLIPCKP1`, the metadata JSON, the weights (safetensors), the optimiser state
 //! (safetensors), each length-prefixed, then a SHA-256 of everything before it: a corrupt
 //! checkpoint is detected, reported and skipped, never loaded. Writing a checkpoint and moving
@@ -13,8 +14,10 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Layout version of the state folder written by this build.
-pub const STATE_FORMAT: u32 = 1;
+/// Layout version of the state folder written by this build. 2: sample images in pack files
+/// (`packs/`), which a build reading format 1 would not find; a format-1 folder is upgraded
+/// when this build opens it (its inline images are read as before).
+pub const STATE_FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"PLIPCKP1";
 
 /// Why the state folder could not be used.
@@ -158,6 +161,8 @@ pub struct State {
     tokenizer: sled::Tree,
     checkpoints: sled::Tree,
     path: PathBuf,
+    /// Opened once: its pack writer must be the folder's only one.
+    samples: std::sync::Mutex<Option<crate::store::SampleStore>>,
 }
 
 impl State {
@@ -190,6 +195,11 @@ impl State {
                         supported: STATE_FORMAT,
                     });
                 }
+                if found < STATE_FORMAT {
+                    // Older builds must not open a folder whose records point into packs.
+                    meta.insert("format_version", STATE_FORMAT.to_string().as_bytes())?;
+                    db.flush()?;
+                }
             }
             None => {
                 meta.insert("format_version", STATE_FORMAT.to_string().as_bytes())?;
@@ -202,15 +212,26 @@ impl State {
             meta,
             db,
             path: path.to_path_buf(),
+            samples: std::sync::Mutex::new(None),
         })
     }
 
-    /// The sample store in this state folder.
+    /// The sample store in this state folder (opened on the first call, which also sets the
+    /// probe split's share; later calls share it).
     ///
     /// # Errors
-    /// A database error.
+    /// A database error, or pack files that cannot be opened.
     pub fn samples(&self, probe_percent: u32) -> Result<crate::store::SampleStore, StateError> {
-        Ok(crate::store::SampleStore::open(&self.db, probe_percent)?)
+        let mut slot = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let store = crate::store::SampleStore::open(&self.db, &self.path, probe_percent)
+            .map_err(StateError::Other)?;
+        Ok(slot.insert(store).clone())
     }
 
     /// Records the probe evaluation of a version (metrics and whether it was promoted).

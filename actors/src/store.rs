@@ -1,10 +1,14 @@
-//! The sample store: the `samples` tree of the state folder (id → metadata + canonical JPEG) and
-//! the `arrivals` tree (arrival sequence → id) that lets the trainer mix recent and older
-//! samples and lets retention evict the oldest training samples first.
+//! The sample store: the `samples` tree of the state folder (id → metadata and where the JPEG
+//! is), the pack files holding the JPEGs ([`crate::packs`]), and the `arrivals` tree (arrival
+//! sequence → id) that lets the trainer mix recent and older samples and lets retention evict
+//! the oldest training samples first.
 //!
 //! Storing is idempotent by the producer's id: a redelivered or re-sent id is stored once (and
-//! so trained once). [`SampleStore::put_batch`] returns only after the writes are flushed, so a
-//! delivery acknowledged afterwards never loses what it carried.
+//! so trained once). Writing is two steps — [`SampleStore::stage`] appends an image's bytes to
+//! a pack, [`SampleStore::commit`] makes the packs durable and then writes the records — and a
+//! delivery is acknowledged only after [`SampleStore::flush`]; [`SampleStore::put_batch`] does
+//! all three. Records written before pack files existed hold their JPEG inline and are read as
+//! before.
 
 use plip_ingest::captions::{find_phrases, Caption};
 use plip_ingest::image::{canonical, to_jpeg};
@@ -30,11 +34,14 @@ pub struct SampleMeta {
     pub probe: bool,
     /// Arrival order.
     pub seq: u64,
-    /// For an image stored without captions or attributes: its colours, estimated from the
-    /// pixels intake decoded anyway, so the captioner need not decode the image again (absent
-    /// in records written before; the captioner then decodes).
+    /// Colours estimated at intake for a record stored with a captioning ticket, so the caption
+    /// workers need not decode it again: written by one earlier version only (intake now
+    /// captions what it stores) and still read from its state folders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub colours: Option<plip_ingest::attributes::Attributes>,
+    /// Where the JPEG is (absent in records written before pack files, which hold it inline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::packs::PackRef>,
 }
 
 /// A stored sample.
@@ -46,22 +53,21 @@ pub struct StoredSample {
     pub jpeg: Vec<u8>,
 }
 
-fn encode(s: &StoredSample) -> Result<Vec<u8>, String> {
-    let meta = serde_json::to_vec(&s.meta).map_err(|e| e.to_string())?;
-    let mut out = Vec::with_capacity(8 + meta.len() + s.jpeg.len());
-    out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-    out.extend_from_slice(&meta);
-    out.extend_from_slice(&s.jpeg);
+/// A record: the metadata's length (8 bytes, little-endian), the metadata (JSON), then — in
+/// records written before pack files only — the JPEG.
+fn encode_record(meta: &SampleMeta) -> Result<Vec<u8>, String> {
+    let json = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
     Ok(out)
 }
 
-fn decode(bytes: &[u8]) -> Option<StoredSample> {
+/// The metadata and any inline JPEG of a record.
+fn decode_record(bytes: &[u8]) -> Option<(SampleMeta, &[u8])> {
     let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let meta = serde_json::from_slice(bytes.get(8..8 + len)?).ok()?;
-    Some(StoredSample {
-        meta,
-        jpeg: bytes.get(8 + len..)?.to_vec(),
-    })
+    let meta = serde_json::from_slice(bytes.get(8..8usize.checked_add(len)?)?).ok()?;
+    Some((meta, bytes.get(8 + len..)?))
 }
 
 fn decode_meta(bytes: &[u8]) -> Option<SampleMeta> {
@@ -81,6 +87,38 @@ pub fn is_probe(person_id: Option<&str>, id: &str, percent: u32) -> bool {
     stable_hash(person_id.unwrap_or(id)) % 100 < u64::from(percent)
 }
 
+/// An image staged by [`SampleStore::stage`]: its bytes are in a pack, its record is ready.
+#[derive(Debug)]
+pub struct Staged {
+    id: String,
+    seq: u64,
+    record: Vec<u8>,
+    purpose: Purpose,
+    probe: bool,
+    image: crate::packs::PackRef,
+    captioned: bool,
+}
+
+/// What storing an image did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Put {
+    /// The id was new (false: already stored, nothing written).
+    pub fresh: bool,
+    /// The daemon wrote its captions (the image came without any).
+    pub captioned: bool,
+}
+
+/// The captions the daemon writes for a sample that came without any: PLIP's two styles and
+/// the prompt, from `attrs` (the producer's attributes or the colours estimated in the pixels;
+/// unknown attributes are left out), seeded by the arrival sequence so that a record's
+/// captions are reproducible.
+pub fn daemon_captions(attrs: &plip_ingest::attributes::Attributes, seq: u64) -> Vec<Caption> {
+    let set = plip_ingest::captions::synthesize(attrs, seq ^ 0x9e37_79b9_7f4a_7c15);
+    let mut captions = set.captions;
+    captions.push(set.prompt);
+    captions
+}
+
 /// Counts by purpose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -88,6 +126,45 @@ pub struct Counts {
     pub gallery: u64,
     pub both: u64,
     pub probe: u64,
+}
+
+impl Counts {
+    fn add(&mut self, m: &SampleMeta, sign: i8) {
+        self.add_as(m.purpose, m.probe, sign);
+    }
+
+    fn add_one(&mut self, purpose: Purpose, probe: bool) {
+        self.add_as(purpose, probe, 1);
+    }
+
+    fn add_as(&mut self, purpose: Purpose, probe: bool, sign: i8) {
+        let slot = match purpose {
+            Purpose::Train => &mut self.train,
+            Purpose::Gallery => &mut self.gallery,
+            Purpose::Both => &mut self.both,
+        };
+        step(slot, sign);
+        if probe {
+            step(&mut self.probe, sign);
+        }
+    }
+}
+
+fn step(n: &mut u64, sign: i8) {
+    *n = if sign < 0 {
+        n.saturating_sub(1)
+    } else {
+        *n + 1
+    };
+}
+
+/// The store's figures, kept as samples come and go: counting them in sled is a scan of the
+/// whole database (sled's `len` iterates), which `/status` and `/metrics` must not pay per call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Tally {
+    counts: Counts,
+    total: u64,
+    uncaptioned: u64,
 }
 
 /// The store over a state folder's database.
@@ -99,6 +176,9 @@ pub struct SampleStore {
     /// Ids of samples stored without captions, waiting for the caption workers.
     uncaptioned: sled::Tree,
     probe_percent: u32,
+    /// Counted once when the store is opened, then updated by every write that commits.
+    tally: std::sync::Arc<std::sync::Mutex<Tally>>,
+    packs: std::sync::Arc<crate::packs::Packs>,
 }
 
 /// Environment variable naming a file whose existence makes every write fail as a full disk
@@ -128,117 +208,281 @@ fn injected_stall() {
 }
 
 impl SampleStore {
-    /// Opens the trees in `db`.
+    /// Opens the trees in `db` and the pack files under `dir` (the state folder), reclaiming
+    /// pack bytes no record references (see [`crate::packs`]).
     ///
     /// # Errors
-    /// A database error.
-    pub fn open(db: &sled::Db, probe_percent: u32) -> Result<Self, sled::Error> {
+    /// A database error, or pack files that cannot be read or written.
+    pub fn open(db: &sled::Db, dir: &std::path::Path, probe_percent: u32) -> Result<Self, String> {
+        let samples = db.open_tree("samples").map_err(|e| e.to_string())?;
+        let uncaptioned = db.open_tree("uncaptioned").map_err(|e| e.to_string())?;
+        // One scan at open: the figures (every later write keeps them) and the pack entries
+        // the records reference.
+        let mut tally = Tally {
+            uncaptioned: uncaptioned.len() as u64,
+            ..Tally::default()
+        };
+        let mut referenced = Vec::new();
+        for v in samples.iter().values() {
+            tally.total += 1;
+            if let Some(m) = decode_meta(&v.map_err(|e| e.to_string())?) {
+                tally.counts.add(&m, 1);
+                referenced.extend(m.image);
+            }
+        }
+        let (packs, recovered) =
+            crate::packs::Packs::open(dir, referenced, crate::packs::PACK_MAX_BYTES)
+                .map_err(|e| format!("opening the pack files in {}: {e}", dir.display()))?;
+        if recovered != crate::packs::Recovered::default() {
+            tracing::info!(
+                packs_deleted = recovered.packs_deleted,
+                orphan_bytes = recovered.orphan_bytes,
+                "pack_space_reclaimed"
+            );
+        }
         Ok(SampleStore {
-            samples: db.open_tree("samples")?,
-            arrivals: db.open_tree("arrivals")?,
-            uncaptioned: db.open_tree("uncaptioned")?,
+            samples,
+            arrivals: db.open_tree("arrivals").map_err(|e| e.to_string())?,
+            uncaptioned,
             db: db.clone(),
             probe_percent,
+            tally: std::sync::Arc::new(std::sync::Mutex::new(tally)),
+            packs: std::sync::Arc::new(packs),
         })
+    }
+
+    /// Bytes the pack files take on disk.
+    pub fn pack_bytes(&self) -> u64 {
+        self.packs.disk_bytes()
+    }
+
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        // The figures stay usable when a holder panicked: each update is a few additions.
+        self.tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Stores validated images (new ids only) and flushes. Returns, per image, whether it was
     /// new. Captions given by the producer keep their phrases found in the text; images without
-    /// captions are stored uncaptioned (the caption workers fill them in).
+    /// captions are captioned as they are stored ([`daemon_captions`]).
     ///
     /// # Errors
     /// A failed write or flush: nothing of this batch may be acknowledged.
     pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>, String> {
-        let fresh = images
-            .iter()
-            .map(|img| self.put_one(img))
-            .collect::<Result<Vec<bool>, String>>()?;
+        let mut staged = Vec::with_capacity(images.len());
+        let mut fresh = Vec::with_capacity(images.len());
+        for img in images {
+            let s = self.stage(img)?;
+            fresh.push(s.is_some());
+            staged.extend(s);
+        }
+        let committed = self.commit(staged)?;
         self.flush()?;
-        Ok(fresh)
+        // An id stored twice in one batch is new only once.
+        let mut it = committed.iter();
+        Ok(fresh
+            .into_iter()
+            .map(|f| f && it.next().is_some_and(|p| p.fresh))
+            .collect())
     }
 
-    /// Stores one validated image (the producer's JPEG or the canonical one, metadata, arrival
-    /// entry and captioning ticket in one transaction) without flushing; returns whether its id was new. A delivery may be
-    /// acknowledged only after [`SampleStore::flush`] has returned.
+    /// Stores one validated image and flushes (see [`SampleStore::put_batch`]).
+    ///
+    /// # Errors
+    /// A failed write or flush.
+    pub fn put_one(&self, img: &ValidImage) -> Result<Put, String> {
+        let put = match self.stage(img)? {
+            None => Put {
+                fresh: false,
+                captioned: false,
+            },
+            Some(s) => self.commit(vec![s])?[0],
+        };
+        self.flush()?;
+        Ok(put)
+    }
+
+    /// First step of storing an image: its record is prepared and its JPEG (the producer's
+    /// when it is within 256×128, metadata stripped at intake; otherwise the canonical 256×128
+    /// form, encoded once) appended to a pack — not yet durable, not yet visible. An image that
+    /// came without captions is captioned here, from the producer's attributes or from the
+    /// colours of the pixels intake decoded anyway ([`daemon_captions`]): a few microseconds,
+    /// where a later caption worker would read and rewrite the whole record. `None`: the id is
+    /// already stored (nothing written).
     ///
     /// # Errors
     /// A failed write.
-    pub fn put_one(&self, img: &ValidImage) -> Result<bool, String> {
+    pub fn stage(&self, img: &ValidImage) -> Result<Option<Staged>, String> {
         injected_stall();
         injected_fault()?;
+        if self
+            .samples
+            .contains_key(img.id.as_bytes())
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(None);
+        }
         let seq = self.db.generate_id().map_err(|e| e.to_string())?;
-        // The producer's JPEG when it is small enough (metadata stripped at intake); otherwise
-        // the canonical 256×128 form, encoded once. Readers decode and resize at use.
+        let canonical_jpeg;
         let jpeg = match &img.encoded {
-            Some(bytes) => bytes.clone(),
-            None => to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?,
+            Some(bytes) => bytes.as_slice(),
+            None => {
+                canonical_jpeg =
+                    to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
+                canonical_jpeg.as_slice()
+            }
         };
-        let meta = SampleMeta {
-            id: img.id.clone(),
-            person_id: img.person_id.clone(),
-            camera_id: img.camera_id.clone(),
-            captions: img
-                .captions
+        let captioned = img.captions.is_empty();
+        let captions = if captioned {
+            let attrs = img
+                .attributes
+                .unwrap_or_else(|| plip_ingest::captions::estimate_colours(&img.pixels));
+            daemon_captions(&attrs, seq)
+        } else {
+            img.captions
                 .iter()
                 .map(|t| Caption {
                     text: t.clone(),
                     phrases: find_phrases(t),
                 })
-                .collect(),
+                .collect()
+        };
+        let image = self
+            .packs
+            .append(jpeg)
+            .map_err(|e| format!("writing a pack file: {e}"))?;
+        let meta = SampleMeta {
+            id: img.id.clone(),
+            person_id: img.person_id.clone(),
+            camera_id: img.camera_id.clone(),
+            captions,
             attributes: img.attributes,
             purpose: img.purpose,
             probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
             seq,
-            colours: (img.captions.is_empty() && img.attributes.is_none())
-                .then(|| plip_ingest::captions::estimate_colours(&img.pixels)),
+            colours: None,
+            image: Some(image),
         };
-        let needs_captions = meta.captions.is_empty();
-        let value = encode(&StoredSample { meta, jpeg })?;
-        // The sample, its arrival entry and its captioning ticket are written together or
-        // not at all.
-        (&self.samples, &self.arrivals, &self.uncaptioned)
-            .transaction(|(samples, arrivals, uncaptioned)| {
-                if samples.get(img.id.as_bytes())?.is_some() {
-                    return Ok(false);
-                }
-                samples.insert(img.id.as_bytes(), value.as_slice())?;
-                arrivals.insert(&seq.to_be_bytes(), img.id.as_bytes())?;
-                if needs_captions {
-                    uncaptioned.insert(img.id.as_bytes(), &[])?;
-                }
-                Ok(true)
-            })
-            .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))
+        Ok(Some(Staged {
+            record: encode_record(&meta)?,
+            id: meta.id,
+            seq,
+            purpose: meta.purpose,
+            probe: meta.probe,
+            image,
+            captioned,
+        }))
     }
 
-    /// One sample by id.
+    /// Second step: makes the staged images' bytes durable (one `fdatasync` of the pack, shared
+    /// with concurrent callers), then writes their records and arrival entries in one
+    /// transaction. Not flushed: a delivery may be acknowledged only after
+    /// [`SampleStore::flush`]. An id stored meanwhile by another delivery is not stored again
+    /// (its bytes are given back).
+    ///
+    /// # Errors
+    /// A failed sync or write.
+    pub fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Put>, String> {
+        injected_stall();
+        injected_fault()?;
+        let Some(last) = staged
+            .iter()
+            .map(|s| s.image)
+            .max_by_key(|r| (r.pack, r.offset))
+        else {
+            return Ok(vec![]);
+        };
+        self.packs
+            .sync_upto(&last)
+            .map_err(|e| format!("syncing a pack file: {e}"))?;
+        let fresh = (&self.samples, &self.arrivals)
+            .transaction(|(samples, arrivals)| {
+                let mut fresh = Vec::with_capacity(staged.len());
+                for s in &staged {
+                    if samples.get(s.id.as_bytes())?.is_some() {
+                        fresh.push(false);
+                        continue;
+                    }
+                    samples.insert(s.id.as_bytes(), s.record.as_slice())?;
+                    arrivals.insert(&s.seq.to_be_bytes(), s.id.as_bytes())?;
+                    fresh.push(true);
+                }
+                Ok(fresh)
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+        let mut out = Vec::with_capacity(staged.len());
+        for (s, fresh) in staged.iter().zip(fresh) {
+            if fresh {
+                let mut t = self.tally();
+                t.total += 1;
+                t.counts.add_one(s.purpose, s.probe);
+            } else {
+                self.packs
+                    .release(&s.image)
+                    .map_err(|e| format!("releasing pack bytes: {e}"))?;
+            }
+            out.push(Put {
+                fresh,
+                captioned: fresh && s.captioned,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One sample by id (its JPEG read from its pack, or from the record for records written
+    /// before pack files).
+    ///
+    /// # Errors
+    /// A database error, or JPEG bytes that cannot be read back or fail their checksum.
     pub fn get(&self, id: &str) -> Result<Option<StoredSample>, String> {
-        Ok(self
-            .samples
-            .get(id.as_bytes())
-            .map_err(|e| e.to_string())?
-            .and_then(|v| decode(&v)))
+        let Some(v) = self.samples.get(id.as_bytes()).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let Some((meta, inline)) = decode_record(&v) else {
+            return Ok(None);
+        };
+        let jpeg = match &meta.image {
+            None => inline.to_vec(),
+            Some(r) => self
+                .packs
+                .read(r)
+                .map_err(|e| format!("sample {id}: its image cannot be read: {e}"))?,
+        };
+        Ok(Some(StoredSample { meta, jpeg }))
     }
 
     /// Replaces a sample's captions (from the caption workers) and clears its captioning
     /// ticket, in one transaction.
+    ///
+    /// # Errors
+    /// A database error.
     pub fn set_captions(&self, id: &str, captions: Vec<Caption>) -> Result<(), String> {
         injected_fault()?;
-        let Some(mut s) = self.get(id)? else {
-            self.uncaptioned
+        let record = self.samples.get(id.as_bytes()).map_err(|e| e.to_string())?;
+        let Some((mut meta, inline)) = record.as_deref().and_then(decode_record) else {
+            if self
+                .uncaptioned
                 .remove(id.as_bytes())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                step(&mut self.tally().uncaptioned, -1);
+            }
             return Ok(());
         };
-        s.meta.captions = captions;
-        let value = encode(&s)?;
-        (&self.samples, &self.uncaptioned)
+        meta.captions = captions;
+        let mut value = encode_record(&meta)?;
+        value.extend_from_slice(inline);
+        let ticket = (&self.samples, &self.uncaptioned)
             .transaction(|(samples, uncaptioned)| {
                 samples.insert(id.as_bytes(), value.as_slice())?;
-                uncaptioned.remove(id.as_bytes())?;
-                Ok(())
+                Ok(uncaptioned.remove(id.as_bytes())?.is_some())
             })
             .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+        if ticket {
+            step(&mut self.tally().uncaptioned, -1);
+        }
         Ok(())
     }
 
@@ -256,7 +500,7 @@ impl SampleStore {
 
     /// Samples waiting for captions.
     pub fn uncaptioned_len(&self) -> usize {
-        self.uncaptioned.len()
+        self.tally().uncaptioned as usize
     }
 
     /// The newest arrival sequence number (0 when empty).
@@ -292,14 +536,14 @@ impl SampleStore {
             .filter(|m| m.person_id.as_deref() == Some(person))
             .collect();
         for m in &doomed {
-            (&self.samples, &self.arrivals, &self.uncaptioned)
+            let (sample, ticket) = (&self.samples, &self.arrivals, &self.uncaptioned)
                 .transaction(|(samples, arrivals, uncaptioned)| {
-                    samples.remove(m.id.as_bytes())?;
+                    let sample = samples.remove(m.id.as_bytes())?.is_some();
                     arrivals.remove(&m.seq.to_be_bytes())?;
-                    uncaptioned.remove(m.id.as_bytes())?;
-                    Ok(())
+                    Ok((sample, uncaptioned.remove(m.id.as_bytes())?.is_some()))
                 })
                 .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+            self.removed(m, sample, ticket)?;
         }
         self.db.flush().map_err(|e| e.to_string())?;
         Ok(doomed.into_iter().map(|m| m.id).collect())
@@ -316,7 +560,7 @@ impl SampleStore {
 
     /// Number of stored samples.
     pub fn len(&self) -> usize {
-        self.samples.len()
+        self.tally().total as usize
     }
 
     /// True when nothing is stored.
@@ -324,27 +568,34 @@ impl SampleStore {
         self.samples.is_empty()
     }
 
-    /// Counts by purpose and probe.
+    /// Counts by purpose and probe (kept as samples come and go, not counted per call).
     pub fn counts(&self) -> Counts {
         injected_stall();
-        let mut c = Counts::default();
-        for m in self
-            .samples
-            .iter()
-            .values()
-            .filter_map(|v| v.ok())
-            .filter_map(|v| decode_meta(&v))
+        self.tally().counts
+    }
+
+    /// Updates the figures for a sample removed (`sample`: its record was there; `ticket`: so
+    /// was its captioning ticket).
+    /// Its image bytes are punched out of their pack at once (a forgotten person's images do
+    /// not stay on disk).
+    fn removed(&self, m: &SampleMeta, sample: bool, ticket: bool) -> Result<(), String> {
         {
-            match m.purpose {
-                Purpose::Train => c.train += 1,
-                Purpose::Gallery => c.gallery += 1,
-                Purpose::Both => c.both += 1,
+            let mut t = self.tally();
+            if sample {
+                step(&mut t.total, -1);
+                t.counts.add(m, -1);
             }
-            if m.probe {
-                c.probe += 1;
+            if ticket {
+                step(&mut t.uncaptioned, -1);
             }
         }
-        c
+        match (&m.image, sample) {
+            (Some(r), true) => self
+                .packs
+                .release(r)
+                .map_err(|e| format!("removing the image of {}: {e}", m.id)),
+            _ => Ok(()),
+        }
     }
 
     /// Ids in arrival order, oldest first.
@@ -360,25 +611,29 @@ impl SampleStore {
     /// Evicts the oldest training-only, non-probe samples until at most `cap` of them remain.
     /// Gallery and probe samples are never evicted. Returns how many were removed (flushed).
     pub fn evict_training(&self, cap: usize) -> Result<usize, String> {
-        let trainable: Vec<(sled::IVec, String)> = self
+        let trainable: Vec<(sled::IVec, SampleMeta)> = self
             .arrivals
             .iter()
             .filter_map(|r| r.ok())
             .filter_map(|(k, v)| {
-                let id = String::from_utf8_lossy(&v).into_owned();
                 let m = decode_meta(&self.samples.get(&v).ok().flatten()?)?;
-                (m.purpose == Purpose::Train && !m.probe).then_some((k, id))
+                (m.purpose == Purpose::Train && !m.probe).then_some((k, m))
             })
             .collect();
         let excess = trainable.len().saturating_sub(cap);
-        for (k, id) in trainable.iter().take(excess) {
-            self.samples
-                .remove(id.as_bytes())
-                .map_err(|e| e.to_string())?;
+        for (k, m) in trainable.iter().take(excess) {
+            let sample = self
+                .samples
+                .remove(m.id.as_bytes())
+                .map_err(|e| e.to_string())?
+                .is_some();
             self.arrivals.remove(k).map_err(|e| e.to_string())?;
-            self.uncaptioned
-                .remove(id.as_bytes())
-                .map_err(|e| e.to_string())?;
+            let ticket = self
+                .uncaptioned
+                .remove(m.id.as_bytes())
+                .map_err(|e| e.to_string())?
+                .is_some();
+            self.removed(m, sample, ticket)?;
         }
         self.db.flush().map_err(|e| e.to_string())?;
         Ok(excess)

@@ -1,15 +1,16 @@
 //! Caption workers: OS threads that write captions for samples stored without any.
 //!
-//! Ingest never waits for them: a sample without captions is stored with a ticket in the
-//! `uncaptioned` tree (same transaction), and each worker takes the tickets of its shard,
-//! captions the sample — from the producer's attributes when given, otherwise from the colours
-//! estimated in its pixels (unknown attributes are left out) — and clears the ticket together
-//! with the captions. A crash loses nothing: tickets survive in sled.
+//! Intake captions what it stores (`SampleStore::put_one`: the captions come from the
+//! producer's attributes or from colours estimated in the pixels it decoded anyway), so new
+//! records need no worker. State folders written by earlier versions hold samples stored with a
+//! ticket in the `uncaptioned` tree instead: each worker takes the tickets of its shard,
+//! captions the sample the same way (decoding it when no colours were kept) and clears the
+//! ticket together with the captions. A crash loses nothing: tickets survive in sled.
 //!
 //! Worker 0 also applies the training-sample cap (`state.max_training_samples`).
 
 use super::Shared;
-use plip_ingest::captions::{estimate_colours, synthesize};
+use plip_ingest::captions::estimate_colours;
 use plip_ingest::image::{decode, IntakeLimits};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,11 +65,7 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
                             Err(_) => Default::default(),
                         },
                     };
-                    let seed = s.meta.seq ^ 0x9e37_79b9_7f4a_7c15;
-                    let set = synthesize(&attrs, seed);
-                    let mut c = set.captions;
-                    c.push(set.prompt);
-                    c
+                    crate::store::daemon_captions(&attrs, s.meta.seq)
                 }
             };
             match shared.store.set_captions(&id, captions) {

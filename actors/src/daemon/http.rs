@@ -474,7 +474,7 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
     metric(
         "plip_captioned_total",
         "counter",
-        "Samples captioned by the caption workers.",
+        "Samples the daemon captioned (at intake, or by the caption workers for older records).",
         one(st.captioned as f64),
     );
     let t = &st.trainer;

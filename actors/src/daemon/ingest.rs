@@ -3,7 +3,8 @@
 //!
 //! Per delivery: the header table measured (without recursion) → parse and validate without
 //! decoding pixels (blocking pool) → each image decoded against the budget of decoded pixels in
-//! flight and stored as it goes, then one flush (blocking pool) → dead-letter a copy when
+//! flight and its bytes appended to a pack file as it goes → one commit: the pack synced, the
+//! records written, sled flushed (blocking pool) → dead-letter a copy when
 //! something was refused (built by `plip_ingest::dead_letter` to fit the frame,
 //! publisher-confirmed) → the ingest outcome to `reply_to` (confirmed) → ack.
 //!
@@ -415,9 +416,9 @@ fn resident_mib() -> u64 {
 }
 
 /// Stores a delivery's checked images: in groups that fit the budget of decoded pixels in
-/// flight, each image decoded and stored as it goes, then one flush that makes them durable.
-/// Returns the stored ids (new or already stored: each is counted as it is written); images
-/// that fail to decode join `rejected`.
+/// flight, each image decoded and its bytes appended to a pack as it goes; then one commit
+/// (pack sync, records) and one flush that make them durable. Returns the stored ids (new or
+/// already stored, each counted); images that fail to decode join `rejected`.
 ///
 /// # Errors
 /// [`Stop::Storage`] when the disk is below its reserve (nothing written), or
@@ -428,6 +429,7 @@ async fn store_images(
     rejected: &mut Vec<RejectedImage>,
 ) -> Result<Vec<String>, Stop> {
     let mut ids = Vec::with_capacity(images.len());
+    let mut staged = Vec::with_capacity(images.len());
     if images.is_empty() {
         return Ok(ids);
     }
@@ -461,42 +463,61 @@ async fn store_images(
             .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
         let counted = shared.clone();
         let image_limits = limits.image;
-        // Each image is counted (stored or duplicate) as it is written, inside the blocking
-        // task: a group runs to its end even when the delivery's task is dropped (a closed
-        // connection), and what it wrote is then found again by id on redelivery.
-        let stored = blocking_storage(stall, move || {
+        // Each image is decoded and its bytes appended to a pack (not durable yet); duplicates
+        // are counted here, stored images when their records are committed below.
+        let done = blocking_storage(stall, move || {
             let _permit = permit;
             group
                 .into_iter()
                 .map(|img| match img.decode(&image_limits) {
-                    Ok(valid) => {
-                        let fresh = counted.store.put_one(&valid)?;
-                        let mut st = counted.stats();
-                        if fresh {
-                            st.stored += 1;
-                        } else {
-                            st.duplicates += 1;
+                    Ok(valid) => match counted.store.stage(&valid)? {
+                        Some(s) => Ok(Ok((valid.id, Some(s)))),
+                        None => {
+                            counted.stats().duplicates += 1;
+                            Ok(Ok((valid.id, None)))
                         }
-                        Ok(Ok(valid.id))
-                    }
+                    },
                     Err(refused) => Ok(Err(refused)),
                 })
                 .collect::<Result<Vec<_>, String>>()
         })
         .await
         .map_err(Stop::StorageFailed)?;
-        for one in stored {
+        for one in done {
             match one {
-                Ok(id) => ids.push(id),
+                Ok((id, s)) => {
+                    ids.push(id);
+                    staged.extend(s);
+                }
                 Err(refused) => rejected.push(refused),
             }
         }
     }
     if !ids.is_empty() {
-        let store = shared.store.clone();
-        blocking_storage(stall, move || store.flush())
-            .await
-            .map_err(Stop::StorageFailed)?;
+        // One pack sync (shared with the deliveries committing alongside), the records in one
+        // transaction, then sled's flush: only then may the delivery be acknowledged. Counted
+        // inside the task, which runs to its end even when the delivery's task is dropped (a
+        // closed connection); what it wrote is found again by id on redelivery.
+        let store = shared.clone();
+        blocking_storage(stall, move || {
+            let puts = store.store.commit(staged)?;
+            {
+                let mut st = store.stats();
+                for p in puts {
+                    if p.fresh {
+                        st.stored += 1;
+                    } else {
+                        st.duplicates += 1;
+                    }
+                    if p.captioned {
+                        st.captioned += 1;
+                    }
+                }
+            }
+            store.store.flush()
+        })
+        .await
+        .map_err(Stop::StorageFailed)?;
     }
     Ok(ids)
 }

@@ -172,7 +172,8 @@ pub struct Stats {
     pub dead_lettered: BTreeMap<String, u64>,
     /// Ingest outcomes sent to producers.
     pub replies: u64,
-    /// Samples captioned by the caption workers.
+    /// Samples the daemon captioned (at intake; or, for records of earlier versions, by the
+    /// caption workers).
     pub captioned: u64,
     /// Samples evicted by the training-sample cap.
     pub evicted: u64,

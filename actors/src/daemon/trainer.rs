@@ -450,8 +450,14 @@ fn train_loop<D: Device<f32>>(
         let mut labels: Vec<Vec<AttributeLabel>> = Vec::with_capacity(picks.len());
         let mut extra_captions: Vec<(usize, String)> = Vec::new();
         for (i, g) in picks {
-            let Some(s) = shared.store.get(&index.entries[i].id)? else {
-                continue; // evicted or forgotten since the index was built
+            let s = match shared.store.get(&index.entries[i].id) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue, // evicted or forgotten since the index was built
+                Err(e) => {
+                    // One unreadable image (a damaged pack entry) is skipped, not fatal.
+                    tracing::warn!(error = %e, "sample_unreadable");
+                    continue;
+                }
             };
             let Ok(img) = decode(&s.jpeg, &IntakeLimits::default()) else {
                 continue;
