@@ -17,20 +17,20 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Retrieval metrics (Market-1501 CMC/mAP/mINP) of a distance matrix; prints JSON.
-    Eval(crate::eval::EvalArgs),
+    Eval(crate::commands::eval::EvalArgs),
     /// Writes a synthetic pedestrian data set (Market-1501 layout + SYNTH-PEDES-style JSON).
-    Synth(crate::synth::SynthArgs),
+    Synth(crate::commands::synth::SynthArgs),
     /// Trains the model offline from a data-set folder into a state folder.
-    Train(Box<crate::train::TrainArgs>),
+    Train(Box<crate::commands::train::TrainArgs>),
     /// The caption tokenizer.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
     /// Writes a checkpoint's weights (with its tokenizer) as a .safetensors file.
-    Export(crate::export::ExportArgs),
+    Export(crate::commands::export::ExportArgs),
     /// Runs the daemon: ingest from RabbitMQ, caption, train continuously, checkpoint.
     Run(RunArgs),
     /// Publishes a data set onto the ingest exchange (a producer), with publisher confirms.
-    Publish(crate::publish::PublishArgs),
+    Publish(crate::commands::publish::PublishArgs),
     /// Status of a running daemon (through its HTTP listener), or of a state folder.
     Status(AdminArgs),
     /// Checkpoints of a running daemon, or of a state folder (gate metrics, serving, pinned).
@@ -42,13 +42,13 @@ pub enum Command {
     /// Deletes a person's samples and gallery entries (trained weights cannot unlearn).
     Forget(ForgetArgs),
     /// Sends a ReID query (image or text) over the broker and prints the ranked matches.
-    Query(crate::query::QueryArgs),
+    Query(crate::commands::query::QueryArgs),
     /// The configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// The whole system on this machine: daemon, synthetic producer, queries, live progress,
     /// a report at the end.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::commands::demo::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,58 +100,60 @@ pub struct AdminArgs {
 #[derive(Debug, Subcommand)]
 pub enum TokenizerCommand {
     /// Trains a WordPiece vocabulary from the caption synthesizer's vocabulary and optional texts.
-    Train(crate::train::TokenizerArgs),
+    Train(crate::commands::train::TokenizerArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Median training-step time and images/s on synthetic batches; prints one JSON line.
-    Train(crate::bench::TrainBenchArgs),
+    Train(crate::bench::train::TrainBenchArgs),
     /// The convolution's two im2col forms on the `tiny` ResNet's layer shapes.
-    Conv(crate::bench_conv::ConvBenchArgs),
+    Conv(crate::bench::conv::ConvBenchArgs),
     /// CPU-vs-device agreement on one batch (embeddings, losses, SGD and AdamW updates); prints
     /// one JSON line and fails when a difference exceeds the tolerance.
-    Agree(crate::bench::AgreeArgs),
+    Agree(crate::bench::train::AgreeArgs),
     /// Ingest throughput (broker → durable samples) next to a bare consume + ack loop, and
     /// the daemon's peak RSS; prints one JSON line.
-    Ingest(crate::bench_ingest::IngestBenchArgs),
+    Ingest(crate::bench::ingest::IngestBenchArgs),
     /// Top-k queries per second of the ReID index, single and batched; prints one JSON line.
-    Search(crate::bench_search::SearchBenchArgs),
+    Search(crate::bench::search::SearchBenchArgs),
     /// ReID over the broker: latency, throughput and a hot swap at a 10k gallery; prints JSON.
-    Reid(crate::bench_reid::ReidBenchArgs),
+    Reid(crate::bench::reid::ReidBenchArgs),
 }
 
 /// Parses the command line and runs the command; errors are printed, not panicked.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(BenchCommand::Train(args)) => crate::bench::train(&args),
-        Command::Bench(BenchCommand::Conv(args)) => crate::bench_conv::run(&args),
-        Command::Bench(BenchCommand::Agree(args)) => match crate::bench::agree(&args) {
+        Command::Bench(BenchCommand::Train(args)) => crate::bench::train::train(&args),
+        Command::Bench(BenchCommand::Conv(args)) => crate::bench::conv::run(&args),
+        Command::Bench(BenchCommand::Agree(args)) => match crate::bench::train::agree(&args) {
             Ok(true) => Ok(()),
             Ok(false) => Err("the devices disagree beyond the tolerance (see the JSON)".into()),
             Err(e) => Err(e),
         },
-        Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::run(&args),
-        Command::Bench(BenchCommand::Search(args)) => crate::bench_search::run(&args),
-        Command::Bench(BenchCommand::Reid(args)) => crate::bench_reid::run(&args),
-        Command::Eval(args) => crate::eval::run(&args),
-        Command::Synth(args) => crate::synth::run(&args),
-        Command::Train(args) => crate::train::run(&args),
-        Command::Tokenizer(TokenizerCommand::Train(args)) => crate::train::run_tokenizer(&args),
-        Command::Export(args) => crate::export::run(&args),
-        Command::Run(args) => crate::config::Config::load(args.config.as_deref())
+        Command::Bench(BenchCommand::Ingest(args)) => crate::bench::ingest::run(&args),
+        Command::Bench(BenchCommand::Search(args)) => crate::bench::search::run(&args),
+        Command::Bench(BenchCommand::Reid(args)) => crate::bench::reid::run(&args),
+        Command::Eval(args) => crate::commands::eval::run(&args),
+        Command::Synth(args) => crate::commands::synth::run(&args),
+        Command::Train(args) => crate::commands::train::run(&args),
+        Command::Tokenizer(TokenizerCommand::Train(args)) => {
+            crate::commands::train::run_tokenizer(&args)
+        }
+        Command::Export(args) => crate::commands::export::run(&args),
+        Command::Run(args) => crate::base::config::Config::load(args.config.as_deref())
             .and_then(crate::daemon::run)
             .map_err(Into::into),
-        Command::Publish(args) => crate::publish::run(&args),
+        Command::Publish(args) => crate::commands::publish::run(&args),
         Command::Status(args) => admin(&args, "/status"),
         Command::Checkpoints(args) => admin(&args, "/checkpoints"),
         Command::Rollback(a) => admin_post(&a.admin, Action::Rollback(a.version)),
         Command::Unpin(a) => admin_post(&a, Action::Unpin),
         Command::Forget(a) => admin_post(&a.admin, Action::Forget(a.person.clone())),
-        Command::Query(a) => crate::query::run(&a),
+        Command::Query(a) => crate::commands::query::run(&a),
         Command::Config(ConfigCommand::Show(a)) => show_config(&a),
-        Command::Demo(a) => crate::demo::run(&a),
+        Command::Demo(a) => crate::commands::demo::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,9 +168,9 @@ pub fn main() -> ExitCode {
 /// when none answers (sled allows one process per folder, so a running daemon is only reachable
 /// through its listener).
 fn admin(args: &AdminArgs, path: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = crate::config::Config::load(args.config.as_deref())?;
+    let cfg = crate::base::config::Config::load(args.config.as_deref())?;
     let addr = args.http.clone().unwrap_or(cfg.http.listen.clone());
-    if let Some(answer) = crate::daemon::http::get(&addr, path) {
+    if let Some(answer) = crate::base::client::get(&addr, path) {
         println!("{}", serde_json::to_string_pretty(&answer?)?);
         return Ok(());
     }
@@ -180,7 +182,7 @@ fn admin(args: &AdminArgs, path: &str) -> Result<(), Box<dyn std::error::Error>>
         )
         .into());
     }
-    let state = crate::state::State::open(&dir).map_err(|e| {
+    let state = crate::base::state::State::open(&dir).map_err(|e| {
         format!("no daemon answers at {addr}, and the state folder cannot be opened: {e}")
     })?;
     let doc = if path == "/status" {
@@ -221,20 +223,20 @@ enum Action {
 /// `plipd rollback` / `unpin` / `forget`: through the running daemon, or on the state folder
 /// when none answers.
 fn admin_post(args: &AdminArgs, action: Action) -> Result<(), Box<dyn std::error::Error>> {
-    let cfg = crate::config::Config::load(args.config.as_deref())?;
+    let cfg = crate::base::config::Config::load(args.config.as_deref())?;
     let addr = args.http.clone().unwrap_or(cfg.http.listen.clone());
     let path = match &action {
         Action::Rollback(v) => format!("/rollback?version={v}"),
         Action::Unpin => "/unpin".to_string(),
         Action::Forget(p) => format!("/forget?person={}", escape(p)),
     };
-    if let Some(answer) = crate::daemon::http::request(&addr, "POST", &path) {
+    if let Some(answer) = crate::base::client::request(&addr, "POST", &path) {
         let v: serde_json::Value = serde_json::from_slice(&answer?)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let dir = args.state.clone().unwrap_or(cfg.state.dir.clone());
-    let state = crate::state::State::open(&dir).map_err(|e| {
+    let state = crate::base::state::State::open(&dir).map_err(|e| {
         format!("no daemon answers at {addr}, and the state folder cannot be opened: {e}")
     })?;
     let doc = match action {
@@ -259,7 +261,7 @@ fn admin_post(args: &AdminArgs, action: Action) -> Result<(), Box<dyn std::error
 
 /// `plipd config show`.
 fn show_config(args: &RunArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut cfg = crate::config::Config::load(args.config.as_deref())?;
+    let mut cfg = crate::base::config::Config::load(args.config.as_deref())?;
     cfg.broker.url = crate::daemon::redact(&cfg.broker.url);
     println!("{}", serde_json::to_string_pretty(&cfg)?);
     Ok(())

@@ -1,41 +1,20 @@
 //! `plip-actors`: the running PLIP system and the `plipd` binary.
 //!
-//! For now this crate holds the command line and the training benchmark; the daemon's actors
-//! (ingest, captioning, trainer, checkpointer, ReID server, HTTP listener) arrive with the
-//! pipeline and serving work.
-//!
-//! # Layout
-//! - [`cli`]: the `plipd` command line.
-//! - [`bench`]: `plipd bench train`, the training-step benchmark.
-//! - [`eval`]: `plipd eval --distmat`, metrics of a distance matrix.
-//! - [`synth`]: `plipd synth`, the synthetic data set.
-//! - [`progress`]: progress bars; [`plots`]: loss and CMC PNGs.
-//! - [`data`]: data-set items → pixels and captions.
-//! - [`train`]: `plipd tokenizer train`, `plipd train`.
-//! - [`evaluate`]: `plipd eval --data` (model or baseline); [`export`]: `plipd export`.
-//! - [`state`]: the sled state folder (tokenizer, checkpoints); [`store`]: the sample store.
+//! # Layers
+//! Each layer imports only from the layers below it; `actors/tests/layers.rs` fails on an
+//! upward `use`.
+//! 1. [`base`]: what everything shares — configuration, the state folder (checkpoints, the
+//!    sample store and its pack files, free space), model loading and export, retrieval
+//!    evaluation, the tokenizer's training, the exact-search index, data-set loading, plots,
+//!    progress bars, and the admin client of a running daemon.
+//! 2. [`daemon`]: `plipd run` — supervisor, ingest, captioner, trainer, serving, notify, HTTP.
+//! 3. [`commands`]: the other `plipd` subcommands (train, eval, export, query, publish, synth,
+//!    demo).
+//! 4. [`bench`]: `plipd bench …`.
+//! 5. [`cli`]: the command line that dispatches to all of them.
 
+pub mod base;
 pub mod bench;
-pub mod bench_conv;
-pub mod bench_ingest;
-pub mod bench_reid;
-pub mod bench_search;
 pub mod cli;
-pub mod config;
+pub mod commands;
 pub mod daemon;
-pub mod data;
-pub mod demo;
-pub mod disk;
-pub mod eval;
-pub mod evaluate;
-pub mod export;
-pub mod index;
-pub mod packs;
-pub mod plots;
-pub mod progress;
-pub mod publish;
-pub mod query;
-pub mod state;
-pub mod store;
-pub mod synth;
-pub mod train;

@@ -1,7 +1,7 @@
 //! The daemon configuration: the documented file equals the code's defaults; environment
 //! variables override; unknown keys and invalid values are refused naming the key.
 
-use plip_actors::config::Config;
+use plip_actors::base::config::Config;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -128,4 +128,76 @@ fn config_show_redacts_the_password() {
     assert_eq!(v["broker"]["url"], "amqps://plipd:***@broker:5671/vh");
     assert_eq!(v["trainer"]["batch"], 48);
     assert_eq!(v["trainer"]["preset"], "tiny");
+}
+
+/// Several invalid values are reported together, each naming its key (an operator fixes the
+/// file once, not once per restart).
+#[test]
+fn every_invalid_value_is_reported_at_once() {
+    let dir = std::env::temp_dir().join(format!("plip-config-all-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("bad.toml");
+    std::fs::write(
+        &p,
+        "[trainer]\npreset = \"huge\"\nbatch = 1\n[broker]\nprefetch = 0\n[log]\nformat = \"xml\"\n[serving]\ngate_metric = \"accuracy\"\n",
+    )
+    .unwrap();
+    let e = Config::load_with_env(Some(&p), no_env()).unwrap_err();
+    for key in [
+        "trainer.preset",
+        "trainer.batch",
+        "broker.prefetch",
+        "log.format",
+        "serving.gate_metric",
+    ] {
+        assert!(e.contains(key), "{key} missing from: {e}");
+    }
+    // trainer.images_per_id (its default) is now more than the batch too.
+    assert!(e.starts_with("6 problems"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Every key the code has a default for is written in `configs/default.toml` (the file is the
+/// documentation: a key left out would still load, with the code's default, undocumented).
+/// Keys whose default is "unset" cannot be written in TOML and are skipped.
+#[test]
+fn every_default_key_is_in_the_documented_file() {
+    fn leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(v, &key, out);
+                }
+            }
+            serde_json::Value::Null => {}
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let code = serde_json::to_value(Config::default()).unwrap();
+    let file: serde_json::Value = config::Config::builder()
+        .add_source(config::File::from(default_file()))
+        .build()
+        .unwrap()
+        .try_deserialize()
+        .unwrap();
+    let mut keys = Vec::new();
+    leaves(&code, "", &mut keys);
+    assert!(keys.len() > 50, "{}", keys.len());
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            k.split('.')
+                .try_fold(&file, |v, part| v.get(part))
+                .is_none()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in configs/default.toml: {missing:?}"
+    );
 }

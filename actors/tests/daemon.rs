@@ -235,7 +235,7 @@ fn trainer_checkpoints_and_resumes_exactly() {
     d.stop();
     // The state folder, read directly once the daemon is gone.
     let (version, step, wd, od) = {
-        let state = plip_actors::state::State::open(&dir.join("state")).unwrap();
+        let state = plip_actors::base::state::State::open(&dir.join("state")).unwrap();
         let ck = state.latest_valid(|_| {}).unwrap().unwrap();
         let tk = state.tokenizer().unwrap().unwrap();
         // The checkpoint's own dimensions: `test` with the attribute head the default tasks add.
@@ -260,7 +260,7 @@ fn trainer_checkpoints_and_resumes_exactly() {
             tk.fingerprint(),
         )
         .unwrap();
-        let (wd, od) = plip_actors::state::training_digest(&trainer.model, &trainer.opt);
+        let (wd, od) = plip_actors::base::state::training_digest(&trainer.model, &trainer.opt);
         (ck.meta.version, ck.meta.step, wd, od)
     };
     assert!(step >= 20, "latest checkpoint at step {step}");
@@ -278,7 +278,7 @@ fn trainer_checkpoints_and_resumes_exactly() {
     );
     // Forgetting a person zeroes their identity-classifier row in the running trainer.
     let path = format!("/forget?person={}", published[0].1);
-    let r = plip_actors::daemon::http::request(&d.http, "POST", &path)
+    let r = plip_actors::base::client::request(&d.http, "POST", &path)
         .unwrap()
         .unwrap();
     let r: serde_json::Value = serde_json::from_slice(&r).unwrap();
@@ -689,7 +689,7 @@ fn storage_failure_acks_nothing_unstored() {
         &dir,
         NO_TRAINING,
         &[(
-            plip_actors::store::FAULT_FILE_ENV,
+            plip_actors::base::store::FAULT_FILE_ENV,
             fault.display().to_string(),
         )],
     );
@@ -746,7 +746,7 @@ fn below_the_disk_reserve_ingest_waits_and_the_daemon_stays_manageable() {
     let free = dir.join("free-bytes");
     std::fs::write(&free, b"0").unwrap();
     let env = [(
-        plip_actors::disk::FAULT_FREE_BYTES_ENV,
+        plip_actors::base::disk::FAULT_FREE_BYTES_ENV,
         free.display().to_string(),
     )];
     let mut d = Daemon::configure(&dir, NO_TRAINING, &env, &Extra::default());
@@ -768,14 +768,14 @@ fn below_the_disk_reserve_ingest_waits_and_the_daemon_stays_manageable() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
-    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
     assert!(
         r.as_ref()
             .is_err_and(|e| e.contains("503") && e.contains("state.min_free_bytes")),
         "{r:?}"
     );
     let s = d.status().unwrap();
-    let m = plip_actors::daemon::http::request(&d.http, "GET", "/metrics")
+    let m = plip_actors::base::client::request(&d.http, "GET", "/metrics")
         .unwrap()
         .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
@@ -819,7 +819,7 @@ fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
     let dir = tempdir("stuck");
     let stall = dir.join("stall");
     let env = [(
-        plip_actors::store::FAULT_STALL_FILE_ENV,
+        plip_actors::base::store::FAULT_STALL_FILE_ENV,
         stall.display().to_string(),
     )];
     let extra = Extra {
@@ -841,10 +841,10 @@ fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
     // The read is still stuck: the next requests answer at once, without a second read.
     let t1 = Instant::now();
     let s = d.status().unwrap();
-    let m = plip_actors::daemon::http::request(&d.http, "GET", "/metrics")
+    let m = plip_actors::base::client::request(&d.http, "GET", "/metrics")
         .unwrap()
         .unwrap();
-    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
     assert!(t1.elapsed() < Duration::from_secs(1), "{:?}", t1.elapsed());
     assert!(s["storage"]["stale"]
         .as_str()
@@ -1156,7 +1156,7 @@ fn serves_queries_and_answers_every_bad_request() {
     );
     // Prometheus metrics and readiness.
     let text = String::from_utf8(
-        plip_actors::daemon::http::request(&d.http, "GET", "/metrics")
+        plip_actors::base::client::request(&d.http, "GET", "/metrics")
             .unwrap()
             .unwrap(),
     )
@@ -1183,7 +1183,7 @@ fn serves_queries_and_answers_every_bad_request() {
     assert_eq!(value("plip_samples{purpose=\"both\"}"), 96.0);
     assert!(value("plip_train_step ") > 0.0);
     assert_eq!(value("plip_broker_connected "), 1.0);
-    let ready = plip_actors::daemon::http::get(&d.http, "/readyz")
+    let ready = plip_actors::base::client::get(&d.http, "/readyz")
         .unwrap()
         .unwrap();
     assert_eq!(ready["ready"], true, "{ready:#}");
@@ -1266,8 +1266,8 @@ fn offline_ranking(
     gallery: &[Img],
     k: usize,
 ) -> Vec<String> {
-    let state = plip_actors::state::State::open(state_dir).unwrap();
-    let lm = plip_actors::evaluate::from_open_state(&state, Some(version)).unwrap();
+    let state = plip_actors::base::state::State::open(state_dir).unwrap();
+    let lm = plip_actors::base::model::from_open_state(&state, Some(version)).unwrap();
     let p = lm.model.preset().clone();
     let embed = |jpeg: &[u8]| {
         let img = plip_ingest::image::decode(jpeg, &Default::default()).unwrap();
@@ -1282,7 +1282,7 @@ fn offline_ranking(
     // The stored sample (the published JPEG, or its canonical form when larger): embed that,
     // resized straight to the model's input, as the daemon does.
     let store = state.samples(30).unwrap();
-    let mut index = plip_actors::index::Index::new(p.index_dim());
+    let mut index = plip_actors::base::index::Index::new(p.index_dim());
     let mut cams = Vec::new();
     for (id, _, c, _) in gallery {
         let s = store.get(id).unwrap().unwrap();
@@ -1396,7 +1396,7 @@ fn swaps_gates_rolls_back_and_forgets() {
     }
     // A re-initialised checkpoint: the gate must refuse it.
     let (serving, random) = {
-        let state = plip_actors::state::State::open(&state_dir).unwrap();
+        let state = plip_actors::base::state::State::open(&state_dir).unwrap();
         let serving = state.serving_version().unwrap().unwrap();
         let tk = state.tokenizer().unwrap().unwrap();
         let model = plip_model::Plip::<f32, plip_model::dfdx::prelude::Cpu>::new(
@@ -1420,8 +1420,8 @@ fn swaps_gates_rolls_back_and_forgets() {
         )
         .unwrap();
         let v = state
-            .save_checkpoint(plip_actors::state::Checkpoint {
-                meta: plip_actors::state::CheckpointMeta {
+            .save_checkpoint(plip_actors::base::state::Checkpoint {
+                meta: plip_actors::base::state::CheckpointMeta {
                     version: 0,
                     step: 99_999,
                     preset: "test".into(),
@@ -1447,11 +1447,11 @@ fn swaps_gates_rolls_back_and_forgets() {
     assert_eq!(s["serving"]["version"], serving, "{s:#}");
     let http = d.http.clone();
     let post = |path: &str| {
-        plip_actors::daemon::http::request(&http, "POST", path)
+        plip_actors::base::client::request(&http, "POST", path)
             .unwrap()
             .unwrap()
     };
-    let list = plip_actors::daemon::http::get(&http, "/checkpoints")
+    let list = plip_actors::base::client::get(&http, "/checkpoints")
         .unwrap()
         .unwrap();
     assert_eq!(list["serving"], serving);
@@ -1487,7 +1487,7 @@ fn swaps_gates_rolls_back_and_forgets() {
         s["serving"]["version"] == serving
     });
     post("/unpin");
-    let list = plip_actors::daemon::http::get(&http, "/checkpoints")
+    let list = plip_actors::base::client::get(&http, "/checkpoints")
         .unwrap()
         .unwrap();
     assert!(list["pinned"].is_null());

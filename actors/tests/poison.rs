@@ -496,10 +496,10 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
     let paused_s = t0.elapsed().as_secs_f64();
     assert!(paused_at < (batches * per) as u64, "the disk never filled");
     let t1 = Instant::now();
-    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
     assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
     assert!(d.status().is_some());
-    assert!(plip_actors::daemon::http::request(&d.http, "GET", "/metrics").is_some());
+    assert!(plip_actors::base::client::request(&d.http, "GET", "/metrics").is_some());
     assert!(t1.elapsed() < Duration::from_secs(3), "{:?}", t1.elapsed());
     // SIGTERM while paused, then a restart with as little space: paused again, and said so.
     let t2 = Instant::now();
@@ -512,7 +512,7 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
             .as_str()
             .is_some_and(|e| e.contains("disk space low"))
     });
-    let r = plip_actors::daemon::http::request(&d.http, "GET", "/readyz").unwrap();
+    let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
     assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
     // Space returns.
     remount(&mnt, 400);

@@ -1,7 +1,7 @@
 //! The state folder on real sled on disk: checkpoints, the latest pointer, corruption, format
 //! versions, retention.
 
-use plip_actors::state::{Checkpoint, CheckpointMeta, State, StateError};
+use plip_actors::base::state::{Checkpoint, CheckpointMeta, State, StateError};
 use std::collections::BTreeMap;
 
 fn tmp(name: &str) -> std::path::PathBuf {

@@ -2,8 +2,8 @@
 //! retention order, probe split.
 
 use image::{Rgb, RgbImage};
-use plip_actors::state::State;
-use plip_actors::store::is_probe;
+use plip_actors::base::state::State;
+use plip_actors::base::store::is_probe;
 use plip_ingest::wire::{Purpose, ValidImage};
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -147,7 +147,7 @@ fn small_jpegs_are_stored_as_sent_and_large_ones_canonical() {
 }
 
 fn pack_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir.join(plip_actors::packs::PACKS_DIR))
+    let mut v: Vec<_> = std::fs::read_dir(dir.join(plip_actors::base::packs::PACKS_DIR))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -348,7 +348,7 @@ fn format_1_folders_with_inline_images_are_read_and_upgraded() {
     let attrs = plip_ingest::captions::estimate_colours(
         &plip_ingest::image::decode(&old.jpeg, &Default::default()).unwrap(),
     );
-    s.set_captions("old", plip_actors::store::daemon_captions(&attrs, 3))
+    s.set_captions("old", plip_actors::base::store::daemon_captions(&attrs, 3))
         .unwrap();
     assert_eq!(s.uncaptioned_len(), 0);
     let old = s.get("old").unwrap().unwrap();
@@ -404,7 +404,7 @@ fn concurrent_commits_all_land() {
 /// second `fdatasync`.
 #[test]
 fn packs_rotate_and_empty_ones_are_deleted() {
-    use plip_actors::packs::Packs;
+    use plip_actors::base::packs::Packs;
     let dir = tmp("rotate");
     std::fs::create_dir_all(&dir).unwrap();
     let (packs, recovered) = Packs::open(&dir, [], 1000).unwrap();

@@ -68,6 +68,9 @@ pub enum Code {
     EmptyGallery,
     /// ReID requests: no encoder is serving yet.
     NoModel,
+    /// ReID requests: the daemon failed to answer (a panic in the search, a tokenizer failure);
+    /// the request may be retried, and the daemon logs the cause.
+    Internal,
     /// Both consumers: an AMQP header table nested deeper than the daemon accepts.
     HeaderTooDeep,
     /// Both consumers: an AMQP header table larger than the daemon accepts.
@@ -102,13 +105,14 @@ impl Code {
             Code::DeadlinePassed => "deadline_passed",
             Code::EmptyGallery => "empty_gallery",
             Code::NoModel => "no_model",
+            Code::Internal => "internal",
             Code::HeaderTooDeep => "header_too_deep",
             Code::HeadersTooLarge => "headers_too_large",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [Code; 26] = [
+    pub const ALL: [Code; 27] = [
         Code::UnsupportedContentType,
         Code::MalformedBody,
         Code::SchemaViolation,
@@ -133,6 +137,7 @@ impl Code {
         Code::DeadlinePassed,
         Code::EmptyGallery,
         Code::NoModel,
+        Code::Internal,
         Code::HeaderTooDeep,
         Code::HeadersTooLarge,
     ];

@@ -1,3 +1,4 @@
-//! `plip-tests`: end-to-end tests that start the real `plipd` binary against a real RabbitMQ,
-//! and the third-party (Python `pika`) client script. The daemon does not exist yet; until it
-//! does, the binary's own command-line tests live in `actors/tests/`.
+//! `plip-tests`: reserved for end-to-end scenarios that span the crates (a producer, the
+//! daemon, a ReID client). Today every such test needs the `plipd` binary and lives beside it in
+//! `actors/tests/` (the daemon against the real broker, the poison suite, the offline workflow,
+//! the layer check); this crate holds none yet.

@@ -65,7 +65,7 @@ pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), Strin
                             Err(_) => Default::default(),
                         },
                     };
-                    crate::store::daemon_captions(&attrs, s.meta.seq)
+                    crate::base::store::daemon_captions(&attrs, s.meta.seq)
                 }
             };
             match shared.store.set_captions(&id, captions) {

@@ -1,8 +1,9 @@
 //! The HTTP listener (localhost by default): status and admin endpoints as JSON.
 //!
-//! A deliberately small HTTP/1.1 server on tokio (one request per connection, `GET` only so
-//! far): `GET /status`, `GET /checkpoints`, `GET /healthz`. The same JSON is what `plipd status`
-//! and `plipd checkpoints` print.
+//! A deliberately small HTTP/1.1 server on tokio (one request per connection): `GET /healthz`,
+//! `/readyz`, `/metrics` (Prometheus text), `/status`, `/checkpoints`, `/export`, and the admin
+//! `POST /rollback`, `/unpin`, `/forget`. The same JSON is what `plipd status` and `plipd
+//! checkpoints` print; their client is [`crate::base::client`].
 
 use super::Shared;
 use std::sync::Arc;
@@ -50,7 +51,7 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<()
 /// What `/status` and `/metrics` read from the state folder.
 #[derive(Debug, Clone, Default)]
 pub struct StorageFigures {
-    pub counts: crate::store::Counts,
+    pub counts: crate::base::store::Counts,
     pub total: usize,
     pub uncaptioned: usize,
     pub latest: Option<u64>,
@@ -214,7 +215,7 @@ fn route(
                 Some(Err(_)) => return bad("version must be a number"),
                 None => None,
             };
-            match crate::export::export_bytes(&shared.state, v) {
+            match crate::base::model::export_bytes(&shared.state, v) {
                 Ok((bytes, _)) => Body::Bytes(bytes),
                 Err(e) => Body::Json(404, error(&e.to_string())),
             }
@@ -658,8 +659,8 @@ pub fn checkpoints(shared: &Shared) -> Result<serde_json::Value, String> {
 ///
 /// # Errors
 /// A storage error.
-pub fn list_checkpoints(state: &crate::state::State) -> Result<serde_json::Value, String> {
-    let e = |x: crate::state::StateError| x.to_string();
+pub fn list_checkpoints(state: &crate::base::state::State) -> Result<serde_json::Value, String> {
+    let e = |x: crate::base::state::StateError| x.to_string();
     let latest = state.latest_version().map_err(e)?;
     let serving = state.serving_version().map_err(e)?;
     let pinned = state.pinned().map_err(e)?;
@@ -678,50 +679,4 @@ pub fn list_checkpoints(state: &crate::state::State) -> Result<serde_json::Value
     Ok(
         serde_json::json!({"latest": latest, "serving": serving, "pinned": pinned, "checkpoints": list}),
     )
-}
-
-/// A request to a running daemon's listener: the body of a 200 answer, the error message of
-/// any other; `None` when nothing listens there.
-pub fn request(addr: &str, method: &str, path: &str) -> Option<Result<Vec<u8>, String>> {
-    use std::io::{Read, Write};
-    let sock: std::net::SocketAddr = addr.parse().ok()?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).ok()?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    if let Err(e) = s.write_all(req.as_bytes()) {
-        return Some(Err(e.to_string()));
-    }
-    let mut out = Vec::new();
-    if let Err(e) = s.read_to_end(&mut out) {
-        return Some(Err(e.to_string()));
-    }
-    let Some(split) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Some(Err(format!("bad answer from {addr}")));
-    };
-    let head = String::from_utf8_lossy(&out[..split]).into_owned();
-    let body = out[split + 4..].to_vec();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .unwrap_or(0);
-    if code == 200 {
-        return Some(Ok(body));
-    }
-    let msg = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-    Some(Err(format!("{addr}{path}: {code}: {msg}")))
-}
-
-/// A `GET` of a JSON document from a running daemon; `None` when nothing listens there.
-pub fn get(addr: &str, path: &str) -> Option<Result<serde_json::Value, String>> {
-    request(addr, "GET", path).map(|r| {
-        r.and_then(|b| {
-            serde_json::from_slice(&b).map_err(|e| format!("bad answer from {addr}: {e}"))
-        })
-    })
 }

@@ -76,7 +76,7 @@ pub async fn run(shared: Arc<Shared>) {
         }
         let started = std::time::Instant::now();
         // Not even connecting while the disk is below its reserve.
-        let stop = match crate::disk::check(&dir, reserve, 0) {
+        let stop = match crate::base::disk::check(&dir, reserve, 0) {
             Err(e) => Stop::Storage(e),
             Ok(()) => session(&shared).await,
         };
@@ -129,7 +129,7 @@ pub async fn run(shared: Arc<Shared>) {
                     if shared.sleep_or_stop(wait).await {
                         return;
                     }
-                    match crate::disk::check(&dir, reserve, 0) {
+                    match crate::base::disk::check(&dir, reserve, 0) {
                         Ok(()) => break,
                         Err(e) => shared.stats().storage_error = Some(e),
                     }
@@ -436,7 +436,7 @@ async fn store_images(
     let (cfg, limits) = (&shared.cfg.state, shared.cfg.limits);
     // Room for what this delivery may add, above the reserve.
     let need = images.iter().map(|i| i.bytes.len() as u64).sum::<u64>();
-    crate::disk::check(&cfg.dir, cfg.min_free_bytes, need).map_err(Stop::Storage)?;
+    crate::base::disk::check(&cfg.dir, cfg.min_free_bytes, need).map_err(Stop::Storage)?;
     let stall = Duration::from_secs(cfg.stall_timeout_s.max(1));
     let budget = limits.decoded_pixels_in_flight.min(u64::from(u32::MAX));
     // Groups of images whose pixels together fit the budget, each group decoded and stored in

@@ -15,9 +15,9 @@ pub mod serving;
 pub mod supervisor;
 pub mod trainer;
 
-use crate::config::Config;
-use crate::state::State;
-use crate::store::SampleStore;
+use crate::base::config::Config;
+use crate::base::state::State;
+use crate::base::store::SampleStore;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -221,11 +221,44 @@ impl ServingStats {
     }
 }
 
+/// What the trainer is doing (`/status` shows it as a string: `""` before it starts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainerState {
+    /// Not started yet.
+    #[default]
+    #[serde(rename = "")]
+    NotStarted,
+    /// `trainer.enabled = false`.
+    Disabled,
+    Starting,
+    WaitingForSamples,
+    Training,
+    /// Nothing new arrived for `trainer.idle_after_s`.
+    Idle,
+    /// Ended at shutdown (after its last checkpoint).
+    Stopped,
+    /// Ended with an error, or restarted too often.
+    Failed,
+}
+
+impl TrainerState {
+    /// No trainer thread runs (or will write another checkpoint): the checkpointer may end.
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            TrainerState::NotStarted
+                | TrainerState::Stopped
+                | TrainerState::Failed
+                | TrainerState::Disabled
+        )
+    }
+}
+
 /// The trainer's live numbers.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TrainerStats {
-    /// `disabled`, `starting`, `waiting_for_samples`, `training`, `idle`, `stopped`, `failed`.
-    pub state: String,
+    pub state: TrainerState,
     pub step: u64,
     pub images_seen: u64,
     pub loss: Option<f64>,
@@ -264,7 +297,7 @@ pub struct TrainerStats {
 /// readable lines or, with `log.format = "json"`, one JSON object per line whose fields are
 /// top-level keys (`"message"` is the event name). `RUST_LOG`, when set and valid, replaces
 /// `log.level`. A second call (a test running two daemons in one process) changes nothing.
-pub fn init_logging(cfg: &crate::config::LogConfig) {
+pub fn init_logging(cfg: &crate::base::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -340,6 +373,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         // Every part winds down within the grace period, whatever storage does: a call that
         // blocks in sled must not keep SIGTERM waiting (sled recovers from an exit as from a
         // kill -9: what was acknowledged was flushed).
+        let tasks = running.tasks();
         let wind_down = async {
             supervisor::shutdown(running).await;
             if code() == 0 {
@@ -355,6 +389,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             Ok(r) => r?,
             Err(_) => tracing::error!(
                 seconds = (grace + Duration::from_secs(30)).as_secs(),
+                still_running = ?tasks.running(),
                 "shutdown_deadline_passed"
             ),
         }
@@ -421,5 +456,33 @@ mod tests {
             "amqps://user:***@host:5671/vh"
         );
         assert_eq!(super::redact("amqp://host"), "amqp://host");
+    }
+
+    use super::TrainerState;
+
+    /// `/status` keeps the strings it always showed; only the ended states let the
+    /// checkpointer stop.
+    #[test]
+    fn trainer_states_read_as_before() {
+        let json = |s: TrainerState| serde_json::to_value(s).expect("serialises");
+        assert_eq!(json(TrainerState::NotStarted), "");
+        assert_eq!(json(TrainerState::WaitingForSamples), "waiting_for_samples");
+        assert_eq!(json(TrainerState::Failed), "failed");
+        let ended: Vec<bool> = [
+            TrainerState::NotStarted,
+            TrainerState::Disabled,
+            TrainerState::Starting,
+            TrainerState::WaitingForSamples,
+            TrainerState::Training,
+            TrainerState::Idle,
+            TrainerState::Stopped,
+            TrainerState::Failed,
+        ]
+        .map(TrainerState::ended)
+        .to_vec();
+        assert_eq!(
+            ended,
+            [true, true, false, false, false, false, true, true].to_vec()
+        );
     }
 }

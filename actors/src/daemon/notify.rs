@@ -43,7 +43,11 @@ pub fn notify(state: &str) {
 fn started(shared: &Shared) -> bool {
     let st = shared.stats();
     st.consuming
-        && (!shared.cfg.trainer.enabled || !matches!(st.trainer.state.as_str(), "" | "starting"))
+        && (!shared.cfg.trainer.enabled
+            || !matches!(
+                st.trainer.state,
+                super::TrainerState::NotStarted | super::TrainerState::Starting
+            ))
 }
 
 /// The watchdog interval systemd asked for, if any.

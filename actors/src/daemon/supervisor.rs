@@ -10,9 +10,8 @@
 
 use super::{trainer, Shared};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -53,7 +52,84 @@ pub struct Wiring {
     pub jobs_tx: mpsc::Sender<trainer::Job>,
     pub jobs_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<trainer::Job>>>,
     /// Workers currently running.
-    pub running: Arc<AtomicUsize>,
+    pub running: Arc<Tasks>,
+}
+
+/// The workers running, by name: each holds a [`Completion`] while it runs, and shutdown waits
+/// for them to be dropped (woken as each ends, no polling) and names those still running when
+/// its deadline passes.
+#[derive(Default)]
+pub struct Tasks {
+    names: Mutex<BTreeMap<String, usize>>,
+    ended: tokio::sync::Notify,
+}
+
+impl Tasks {
+    fn start(self: &Arc<Self>, name: String) -> Completion {
+        *self
+            .names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.clone())
+            .or_default() += 1;
+        Completion {
+            tasks: self.clone(),
+            name,
+        }
+    }
+
+    /// Names of the workers still running.
+    pub fn running(&self) -> Vec<String> {
+        self.names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until no worker runs, or until `deadline`: then the names of those still running.
+    async fn wait_all(&self, deadline: Instant) -> Result<(), Vec<String>> {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.running().is_empty() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline.into(), ended)
+                .await
+                .is_err()
+            {
+                return Err(self.running());
+            }
+        }
+    }
+}
+
+/// Held by a running worker; dropping it (the worker ended, however) takes it off [`Tasks`].
+pub struct Completion {
+    tasks: Arc<Tasks>,
+    name: String,
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        {
+            let mut names = self
+                .tasks
+                .names
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = names.get_mut(&self.name) {
+                *n -= 1;
+                if *n == 0 {
+                    names.remove(&self.name);
+                }
+            }
+        }
+        self.tasks.ended.notify_waiters();
+    }
 }
 
 /// A worker's end, reported to its actor.
@@ -74,7 +150,7 @@ impl Actor for Worker {
         myself: ActorRef<WorkerMsg>,
         (child, w): (Child, Wiring),
     ) -> Result<Child, ActorProcessingErr> {
-        w.running.fetch_add(1, Ordering::SeqCst);
+        let completion = w.running.start(child.name());
         let shared = w.shared.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
         // OS-thread workers report through the oneshot (a panic drops the sender).
@@ -120,7 +196,7 @@ impl Actor for Worker {
                         let r = trainer::run(shared.clone(), jobs);
                         if let Err(e) = &r {
                             let mut st = shared.stats();
-                            st.trainer.state = "failed".into();
+                            st.trainer.state = super::TrainerState::Failed;
                             st.trainer.error = Some(e.clone());
                         }
                         r
@@ -130,7 +206,6 @@ impl Actor for Worker {
             }
         };
         let me = myself.clone();
-        let running = w.running.clone();
         let shared_for_exit = w.shared.clone();
         tokio::spawn(async move {
             let r = match task {
@@ -142,9 +217,9 @@ impl Actor for Worker {
                     .unwrap_or_else(|_| Err("worker thread panicked".into())),
             };
             if child == Child::Trainer && r.is_err() {
-                shared_for_exit.stats().trainer.state = "failed".into();
+                shared_for_exit.stats().trainer.state = super::TrainerState::Failed;
             }
-            running.fetch_sub(1, Ordering::SeqCst);
+            drop(completion);
             let _ = me.cast(WorkerMsg::Exited(r));
         });
         Ok(child)
@@ -256,7 +331,7 @@ impl Actor for Supervisor {
         if cfg.trainer.enabled {
             kids.push(Child::Trainer);
         } else {
-            st.wiring.shared.stats().trainer.state = "disabled".into();
+            st.wiring.shared.stats().trainer.state = super::TrainerState::Disabled;
         }
         for k in kids {
             Self::spawn(&myself, &mut st, k).await;
@@ -311,7 +386,14 @@ impl Actor for Supervisor {
 pub struct Running {
     pub sup: ActorRef<SupMsg>,
     handle: tokio::task::JoinHandle<()>,
-    workers: Arc<AtomicUsize>,
+    workers: Arc<Tasks>,
+}
+
+impl Running {
+    /// The workers' registry (to name what still runs when a deadline passes).
+    pub fn tasks(&self) -> Arc<Tasks> {
+        self.workers.clone()
+    }
 }
 
 /// Starts the supervisor and its children.
@@ -325,7 +407,7 @@ pub async fn start(shared: Arc<Shared>, listener: TcpListener) -> Result<Running
         listener: Arc::new(listener),
         jobs_tx,
         jobs_rx: Arc::new(tokio::sync::Mutex::new(jobs_rx)),
-        running: Arc::new(AtomicUsize::new(0)),
+        running: Arc::new(Tasks::default()),
     };
     let workers = wiring.running.clone();
     let (sup, handle) = Actor::spawn(Some("plipd".into()), Supervisor, wiring)
@@ -342,9 +424,43 @@ pub async fn start(shared: Arc<Shared>, listener: TcpListener) -> Result<Running
 /// workers to wind down after [`Shared::stop`], then stops the supervisor.
 pub async fn shutdown(running: Running) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while running.workers.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if let Err(still) = running.workers.wait_all(deadline).await {
+        tracing::warn!(still_running = ?still, "workers_did_not_stop");
     }
     running.sup.stop(None);
     let _ = running.handle.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shutdown's wait ends as soon as the last worker's completion guard drops (no polling),
+    /// and at its deadline names those still running.
+    #[tokio::test]
+    async fn completion_guards_end_the_wait_or_name_the_laggards() {
+        let tasks = Arc::new(Tasks::default());
+        let ingest = tasks.start("ingest".into());
+        let trainer = tasks.start("trainer".into());
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(
+            tasks.wait_all(soon).await,
+            Err(vec!["ingest".to_string(), "trainer".to_string()])
+        );
+        drop(ingest);
+        let waiter = {
+            let tasks = tasks.clone();
+            tokio::spawn(async move {
+                tasks
+                    .wait_all(Instant::now() + Duration::from_secs(30))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t = Instant::now();
+        drop(trainer);
+        assert_eq!(waiter.await.expect("joined"), Ok(()));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(tasks.running().is_empty());
+    }
 }

@@ -11,8 +11,8 @@
 //! checkpoint (weights + optimiser + step + metrics) to the checkpointer and waits for the
 //! flushed write, so at most one checkpoint is ever in memory.
 
-use super::Shared;
-use crate::state::Checkpoint;
+use super::{Shared, TrainerState};
+use crate::base::state::Checkpoint;
 use plip_ingest::captions::Caption;
 use plip_ingest::image::{decode, pixels_at, IntakeLimits};
 use plip_ingest::wire::Purpose;
@@ -45,10 +45,7 @@ pub async fn checkpointer(
     jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
 ) -> Result<(), String> {
     let mut rx = jobs.lock().await;
-    let trainer_done = |shared: &Shared| {
-        let state = shared.stats().trainer.state.clone();
-        matches!(state.as_str(), "" | "stopped" | "failed" | "disabled")
-    };
+    let trainer_done = |shared: &Shared| shared.stats().trainer.state.ended();
     loop {
         let job = if shared.stopping() {
             // The trainer writes a last checkpoint at shutdown: serve until it has ended.
@@ -190,8 +187,8 @@ impl Index {
     }
 }
 
-fn set_state(shared: &Shared, state: &str) {
-    shared.stats().trainer.state = state.to_string();
+fn set_state(shared: &Shared, state: TrainerState) {
+    shared.stats().trainer.state = state;
 }
 
 /// The trainer thread's body. Returns when shutdown begins (after the final checkpoint).
@@ -199,7 +196,7 @@ fn set_state(shared: &Shared, state: &str) {
 /// # Errors
 /// A model, tokenizer or storage failure (the supervisor restarts the trainer).
 pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
-    set_state(&shared, "starting");
+    set_state(&shared, TrainerState::Starting);
     let spec = DeviceSpec::parse(&shared.cfg.trainer.device)
         .map_err(|e| format!("trainer.device: {e}"))?;
     let seed = shared.cfg.trainer.seed;
@@ -246,7 +243,8 @@ fn train_loop<D: Device<f32>>(
     let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
         Some(t) => t,
         None => {
-            let t = crate::train::train_tokenizer(&preset, &[]).map_err(|e| e.to_string())?;
+            let t =
+                crate::base::tokenizer::train_tokenizer(&preset, &[]).map_err(|e| e.to_string())?;
             shared.state.set_tokenizer(&t).map_err(|e| e.to_string())?;
             tracing::info!(
                 vocab = t.vocab_size(),
@@ -323,7 +321,7 @@ fn train_loop<D: Device<f32>>(
         )
         .map_err(|e| e.to_string())?;
         images_seen = ck.meta.images_seen;
-        let (wd, od) = crate::state::training_digest(&trainer.model, &trainer.opt);
+        let (wd, od) = crate::base::state::training_digest(&trainer.model, &trainer.opt);
         let mut st = shared.stats();
         st.trainer.resumed_digest = Some((wd.clone(), od.clone()));
         st.trainer.resumed_from = Some(ck.meta.version);
@@ -354,7 +352,7 @@ fn train_loop<D: Device<f32>>(
     // Ok(None): postponed, the disk being below its reserve (tried again when next due).
     let checkpoint =
         |trainer: &Trainer<f32, D>, images_seen: u64, loss: f64| -> Result<Option<u64>, String> {
-            if let Err(e) = crate::disk::check(
+            if let Err(e) = crate::base::disk::check(
                 &shared.cfg.state.dir,
                 shared.cfg.state.min_free_bytes,
                 last_size.get(),
@@ -435,16 +433,16 @@ fn train_loop<D: Device<f32>>(
             shared.stats().trainer.trainable_samples = index.entries.len();
         }
         if index.entries.len() < tc.min_samples.max(1) || index.groups.is_empty() {
-            set_state(&shared, "waiting_for_samples");
+            set_state(&shared, TrainerState::WaitingForSamples);
             std::thread::sleep(Duration::from_millis(500));
             continue;
         }
         if tc.idle_after_s > 0 && last_new.elapsed() > Duration::from_secs(tc.idle_after_s) {
-            set_state(&shared, "idle");
+            set_state(&shared, TrainerState::Idle);
             std::thread::sleep(Duration::from_millis(500));
             continue;
         }
-        set_state(&shared, "training");
+        set_state(&shared, TrainerState::Training);
         let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
         let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
         let mut labels: Vec<Vec<AttributeLabel>> = Vec::with_capacity(picks.len());
@@ -479,7 +477,7 @@ fn train_loop<D: Device<f32>>(
                 s.meta.person_id.as_deref().map(person_key),
             ));
             labels.push(if preset.attributes() > 0 {
-                crate::data::attribute_labels(s.meta.attributes.as_ref())
+                crate::base::data::attribute_labels(s.meta.attributes.as_ref())
             } else {
                 Vec::new()
             });
@@ -581,6 +579,6 @@ fn train_loop<D: Device<f32>>(
         calibrate(&mut trainer, &recent);
         checkpoint(&trainer, images_seen, last_loss)?;
     }
-    set_state(&shared, "stopped");
+    set_state(&shared, TrainerState::Stopped);
     Ok(())
 }

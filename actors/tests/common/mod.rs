@@ -222,7 +222,7 @@ pub struct Extra {
 
 impl Daemon {
     pub fn status(&self) -> Option<serde_json::Value> {
-        plip_actors::daemon::http::get(&self.http, "/status").and_then(Result::ok)
+        plip_actors::base::client::get(&self.http, "/status").and_then(Result::ok)
     }
 
     /// Polls the status until `pred` holds; panics with the last status and the log otherwise.

@@ -351,7 +351,9 @@ pub fn train(args: &TrainBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     plip_model::runtime::tune_allocator();
     let mut p = Preset::by_name(&args.preset)?;
     if let Some(w) = &args.conv_widths {
-        p = p.with_conv_widths(&crate::train::parse_widths(w).map_err(|e| e.to_string())?)?;
+        p = p.with_conv_widths(
+            &crate::commands::train::parse_widths(w).map_err(|e| e.to_string())?,
+        )?;
     }
     if let Some(rows) = args.text_bigrams {
         p = p.with_text_bigrams(rows);

@@ -6,7 +6,8 @@
 //! folder and topology; checkpoints are written while it is stopped (untrained weights: speed
 //! does not depend on them).
 
-use crate::state::{now_unix, Checkpoint, State};
+use crate::base::launch::{DaemonProcess, Launch};
+use crate::base::state::{now_unix, Checkpoint, State};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -44,7 +45,7 @@ fn checkpoint(state: &State, seed: u64) -> Result<u64, Error> {
     let tk = match state.tokenizer()? {
         Some(t) => t,
         None => {
-            let t = crate::train::train_tokenizer(&preset, &[])?;
+            let t = crate::base::tokenizer::train_tokenizer(&preset, &[])?;
             state.set_tokenizer(&t)?;
             t
         }
@@ -63,48 +64,21 @@ fn checkpoint(state: &State, seed: u64) -> Result<u64, Error> {
     )?)?)
 }
 
-fn status(http: &str) -> Option<serde_json::Value> {
-    crate::daemon::http::get(http, "/status").and_then(Result::ok)
-}
-
-fn wait(
-    http: &str,
-    what: &str,
-    limit: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> Result<Instant, Error> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(s) = status(http) {
-            if pred(&s) {
-                return Ok(Instant::now());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
+fn start(dir: &Path, url: &str, topo: &Topology) -> Result<DaemonProcess, Error> {
+    let mut env = topo.env();
+    for (k, v) in [
+        ("PLIP__TRAINER__ENABLED", "false"),
+        ("PLIP__SERVING__POLL_MS", "200"),
+        ("PLIP__SERVING__GATE_MARGIN", "1.0"),
+    ] {
+        env.push((k.into(), v.into()));
     }
-    Err(format!("timed out waiting for {what}").into())
-}
-
-fn spawn(dir: &Path, http: &str, url: &str, topo: &Topology) -> Result<std::process::Child, Error> {
-    Ok(std::process::Command::new(std::env::current_exe()?)
-        .arg("run")
-        .env("PLIP__BROKER__URL", url)
-        .env("PLIP__STATE__DIR", dir.join("state"))
-        .env("PLIP__HTTP__LISTEN", http)
-        .env("PLIP__TRAINER__ENABLED", "false")
-        .env("PLIP__SERVING__POLL_MS", "200")
-        .env("PLIP__SERVING__GATE_MARGIN", "1.0")
-        .envs(topo.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?)
-}
-
-fn stop(mut child: std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    DaemonProcess::start(Launch {
+        url,
+        state: &dir.join("state"),
+        env,
+        log: None,
+    })
 }
 
 /// A client: one reply queue, requests matched by correlation id.
@@ -261,12 +235,8 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         Ok(plip_ingest::image::to_jpeg(&img, 90)?)
     })
     .collect::<Result<_, Error>>()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let http = format!("127.0.0.1:{port}");
-    let child = spawn(&dir, &http, &args.url, &topo)?;
-    wait(&http, "the daemon", Duration::from_secs(60), |s| {
+    let mut daemon = start(&dir, &args.url, &topo)?;
+    daemon.wait_for("the daemon", Duration::from_secs(60), |s| {
         s["ingest"]["consuming"] == true
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -301,12 +271,9 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         Ok::<_, Error>(())
     })?;
     let n = args.gallery as u64;
-    wait(
-        &http,
-        "the gallery embedded",
-        Duration::from_secs(3600),
-        |s| s["serving"]["gallery_size"].as_u64() == Some(n),
-    )?;
+    daemon.wait_for("the gallery embedded", Duration::from_secs(3600), |s| {
+        s["serving"]["gallery_size"].as_u64() == Some(n)
+    })?;
     let gallery_s = t_gallery.elapsed().as_secs_f64();
     use base64::Engine;
     let texts: Vec<Vec<u8>> = [
@@ -341,21 +308,25 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
     // The swap: a new checkpoint, written while the daemon is stopped; at restart version 1 is
     // restored with its stored gallery, then version 2 is evaluated, the gallery re-embedded
     // and swapped in, while image queries keep coming.
-    stop(child);
+    daemon.stop();
     {
         let state = State::open(&dir.join("state"))?;
         checkpoint(&state, 2)?;
     }
-    let child = spawn(&dir, &http, &args.url, &topo)?;
-    let restored = wait(&http, "version 1 restored", Duration::from_secs(600), |s| {
+    let mut daemon = start(&dir, &args.url, &topo)?;
+    daemon.wait_for("version 1 restored", Duration::from_secs(600), |s| {
         s["serving"]["version"] == 1 && s["serving"]["gallery_size"].as_u64() == Some(n)
     })?;
+    let restored = Instant::now();
     let (during, swapped_at) = rt.block_on(async {
         let mut c = Client::new(&args.url, &topo.reid_exchange).await?;
         let mut lat = Vec::new();
         loop {
             lat.extend(c.sequential(&images[..4]).await?);
-            if status(&http).is_some_and(|s| s["serving"]["version"] == 2) {
+            if daemon
+                .status()
+                .is_some_and(|s| s["serving"]["version"] == 2)
+            {
                 return Ok::<_, Error>((lat, Instant::now()));
             }
             if restored.elapsed() > Duration::from_secs(1800) {
@@ -364,9 +335,10 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         }
     })?;
     let swap_s = swapped_at.duration_since(restored).as_secs_f64();
-    let daemon_swap_s =
-        status(&http).and_then(|s| s["serving"]["metrics"]["swap_seconds"].as_f64());
-    stop(child);
+    let daemon_swap_s = daemon
+        .status()
+        .and_then(|s| s["serving"]["metrics"]["swap_seconds"].as_f64());
+    daemon.stop();
     rt.block_on(async {
         if let Ok(conn) = connect(&args.url).await {
             if let Ok(ch) = conn.create_channel().await {

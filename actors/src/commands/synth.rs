@@ -66,7 +66,7 @@ impl SynthArgs {
 /// Invalid options or an unwritable folder.
 pub fn run(args: &SynthArgs) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = args.config()?;
-    let bar = crate::progress::bar(
+    let bar = crate::base::progress::bar(
         (cfg.train_ids + cfg.test_ids) as u64 * cfg.images_per_id as u64,
         "rendering",
     );

@@ -383,36 +383,61 @@ impl Config {
     /// Checks values serde cannot.
     ///
     /// # Errors
-    /// The first invalid value, naming its key.
+    /// Every invalid value, each naming its key, in one message.
     pub fn validate(&self) -> Result<(), String> {
-        let t = &self.trainer;
-        let preset =
-            plip_model::Preset::by_name(&t.preset).map_err(|e| format!("trainer.preset: {e}"))?;
-        let preset = preset
-            .with_text_layers(t.text_layers)
-            .map_err(|e| format!("trainer.text_layers: {e}"))?
-            .with_conv_widths(&t.conv_widths)
-            .map_err(|e| format!("trainer.conv_widths: {e}"))?;
-        if !t.joint_feature.is_empty() {
-            preset
-                .with_joint(&t.joint_feature)
-                .map_err(|e| format!("trainer.joint_feature: {e}"))?;
+        let problems = self.problems();
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems[0].clone()),
+            n => Err(format!(
+                "{n} problems in the configuration:\n  - {}",
+                problems.join("\n  - ")
+            )),
         }
-        plip_model::DeviceSpec::parse(&t.device).map_err(|e| format!("trainer.device: {e}"))?;
-        plip_model::DeviceSpec::parse(&self.serving.device)
-            .map_err(|e| format!("serving.device: {e}"))?;
+    }
+
+    /// Every invalid value, each naming its key.
+    fn problems(&self) -> Vec<String> {
+        let mut bad = Vec::new();
+        let t = &self.trainer;
+        let preset = plip_model::Preset::by_name(&t.preset)
+            .map_err(|e| format!("trainer.preset: {e}"))
+            .and_then(|p| {
+                p.with_text_layers(t.text_layers)
+                    .map_err(|e| format!("trainer.text_layers: {e}"))
+            })
+            .and_then(|p| {
+                p.with_conv_widths(&t.conv_widths)
+                    .map_err(|e| format!("trainer.conv_widths: {e}"))
+            });
+        match preset {
+            Err(e) => bad.push(e),
+            Ok(preset) => {
+                if !t.joint_feature.is_empty() {
+                    if let Err(e) = preset.with_joint(&t.joint_feature) {
+                        bad.push(format!("trainer.joint_feature: {e}"));
+                    }
+                }
+            }
+        }
+        if let Err(e) = plip_model::DeviceSpec::parse(&t.device) {
+            bad.push(format!("trainer.device: {e}"));
+        }
+        if let Err(e) = plip_model::DeviceSpec::parse(&self.serving.device) {
+            bad.push(format!("serving.device: {e}"));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(format!(
+            bad.push(format!(
                 "log.format = {:?}: expected \"text\" or \"json\"",
                 self.log.format
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(format!("log.level = {:?}: {e}", self.log.level));
+            bad.push(format!("log.level = {:?}: {e}", self.log.level));
         }
         if let Some(ca) = &self.broker.tls_ca_file {
             if !ca.is_file() {
-                return Err(format!(
+                bad.push(format!(
                     "broker.tls_ca_file = {:?}: no such file",
                     ca.display().to_string()
                 ));
@@ -420,76 +445,76 @@ impl Config {
         }
         let l = &self.limits;
         if l.decoded_pixels_in_flight < l.image.max_pixels || l.decoded_pixels_in_flight > 1 << 32 {
-            return Err(format!(
+            bad.push(format!(
                 "limits.decoded_pixels_in_flight = {} must be at least limits.image.max_pixels ({}) and at most 4294967296",
                 l.decoded_pixels_in_flight, l.image.max_pixels
             ));
         }
         if t.batch < 2 {
-            return Err("trainer.batch must be at least 2".into());
+            bad.push("trainer.batch must be at least 2".into());
         }
         if t.images_per_id == 0 || t.images_per_id > t.batch {
-            return Err("trainer.images_per_id must be between 1 and trainer.batch".into());
+            bad.push("trainer.images_per_id must be between 1 and trainer.batch".into());
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return Err("trainer.lr must be a positive number".into());
+            bad.push("trainer.lr must be a positive number".into());
         }
         if !(t.w_proto >= 0.0 && t.w_proto.is_finite()) {
-            return Err("trainer.w_proto must be a number ≥ 0".into());
+            bad.push("trainer.w_proto must be a number ≥ 0".into());
         }
         if !(t.w_text_align >= 0.0 && t.w_text_align.is_finite()) {
-            return Err("trainer.w_text_align must be a number ≥ 0".into());
+            bad.push("trainer.w_text_align must be a number ≥ 0".into());
         }
         if !(t.w_attr >= 0.0 && t.w_attr.is_finite()) {
-            return Err("trainer.w_attr must be a number ≥ 0".into());
+            bad.push("trainer.w_attr must be a number ≥ 0".into());
         }
         if !(t.w_text_attr >= 0.0 && t.w_text_attr.is_finite()) {
-            return Err("trainer.w_text_attr must be a number ≥ 0".into());
+            bad.push("trainer.w_text_attr must be a number ≥ 0".into());
         }
         if !(t.logit_scale_lr_scale >= 0.0 && t.logit_scale_lr_scale.is_finite()) {
-            return Err("trainer.logit_scale_lr_scale must be a number ≥ 0".into());
+            bad.push("trainer.logit_scale_lr_scale must be a number ≥ 0".into());
         }
         if t.text_substeps > MAX_TEXT_SUBSTEPS {
-            return Err(format!(
+            bad.push(format!(
                 "trainer.text_substeps must be at most {MAX_TEXT_SUBSTEPS} (each is one more text pass per step)"
             ));
         }
         if t.captions_per_image == 0 {
-            return Err("trainer.captions_per_image must be at least 1".into());
+            bad.push("trainer.captions_per_image must be at least 1".into());
         }
         if !(t.text_lr_scale >= 0.0 && t.text_lr_scale.is_finite()) {
-            return Err("trainer.text_lr_scale must be a number ≥ 0".into());
+            bad.push("trainer.text_lr_scale must be a number ≥ 0".into());
         }
         if !(0.0..=1.0).contains(&t.recent_fraction) {
-            return Err("trainer.recent_fraction must be between 0 and 1".into());
+            bad.push("trainer.recent_fraction must be between 0 and 1".into());
         }
         if t.checkpoint_every_steps == 0 && t.checkpoint_every_s == 0 {
-            return Err(
+            bad.push(
                 "trainer.checkpoint_every_steps and trainer.checkpoint_every_s cannot both be 0"
                     .into(),
             );
         }
         if t.keep_checkpoints == 0 {
-            return Err("trainer.keep_checkpoints must be at least 1".into());
+            bad.push("trainer.keep_checkpoints must be at least 1".into());
         }
         if self.broker.prefetch == 0 {
-            return Err("broker.prefetch must be at least 1".into());
+            bad.push("broker.prefetch must be at least 1".into());
         }
         if self.state.probe_percent > 50 {
-            return Err("state.probe_percent must be at most 50".into());
+            bad.push("state.probe_percent must be at most 50".into());
         }
         if !["mAP", "rank1", "text_r1"].contains(&self.serving.gate_metric.as_str()) {
-            return Err("serving.gate_metric must be mAP, rank1 or text_r1".into());
+            bad.push("serving.gate_metric must be mAP, rank1 or text_r1".into());
         }
         if !(self.serving.attribute_weight >= 0.0 && self.serving.attribute_weight.is_finite()) {
-            return Err("serving.attribute_weight must be a number ≥ 0".into());
+            bad.push("serving.attribute_weight must be a number ≥ 0".into());
         }
         if self.serving.prefetch == 0 {
-            return Err("serving.prefetch must be at least 1".into());
+            bad.push("serving.prefetch must be at least 1".into());
         }
         if self.captions.workers == 0 {
-            return Err("captions.workers must be at least 1".into());
+            bad.push("captions.workers must be at least 1".into());
         }
-        Ok(())
+        bad
     }
 }

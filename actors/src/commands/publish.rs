@@ -124,7 +124,7 @@ pub fn encode(format: &str, batch: &IngestBatch) -> Result<(&'static str, Vec<u8
 /// Runs `plipd publish`.
 pub fn run(args: &PublishArgs) -> Result<(), Error> {
     let ds = open(&args.data)?;
-    crate::data::report_skipped("records", &ds.skipped);
+    crate::base::data::report_skipped("records", &ds.skipped);
     let wanted = |it: &&Item| match args.split.as_str() {
         "all" => true,
         "train" => matches!(it.split, None | Some(Split::Train)),
@@ -150,7 +150,7 @@ pub fn run(args: &PublishArgs) -> Result<(), Error> {
         .enable_all()
         .build()?;
     let total = items.len();
-    let bar = crate::progress::bar(total as u64, "publishing");
+    let bar = crate::base::progress::bar(total as u64, "publishing");
     let result = rt.block_on(async {
         let conn = plip_ingest::amqp::connect(&args.url).await?;
         let ch = conn.create_channel().await?;

@@ -2,7 +2,7 @@
 //! batched, on random unit vectors; `--dump FILE` writes the same vectors for a peer (FAISS
 //! `IndexFlatIP`, `scripts/bench-search.sh`) to measure on this machine in the same run.
 
-use crate::index::{normalized, Index};
+use crate::base::index::{normalized, Index};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use std::io::Write;

@@ -5,7 +5,8 @@
 //! `--minutes` (or on Ctrl-C) with a summary and a report folder: loss curve, CMC curve of the
 //! last serving version on the held-out query split, metrics JSON.
 
-use crate::daemon::http;
+use crate::base::client as http;
+use crate::base::launch::{DaemonProcess, Launch};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::BasicProperties;
@@ -113,32 +114,31 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
         .collect();
     let tag = format!("demo{}", std::process::id());
     let topo = Topology::with_suffix(&tag);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
     let state = work.join("state");
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .arg("run")
-        .env("PLIP__BROKER__URL", &args.url)
-        .env("PLIP__STATE__DIR", &state)
-        .env("PLIP__HTTP__LISTEN", &addr)
-        .env("PLIP__TRAINER__PRESET", &args.preset)
-        .env(
+    let mut env = topo.env();
+    for (k, v) in [
+        ("PLIP__TRAINER__PRESET", args.preset.clone()),
+        (
             "PLIP__TRAINER__MIN_SAMPLES",
             (train.len() / 3).clamp(32, 256).to_string(),
-        )
-        .env("PLIP__TRAINER__CHECKPOINT_EVERY_STEPS", "25")
-        .env("PLIP__TRAINER__CHECKPOINT_EVERY_S", "120")
+        ),
+        ("PLIP__TRAINER__CHECKPOINT_EVERY_STEPS", "25".into()),
+        ("PLIP__TRAINER__CHECKPOINT_EVERY_S", "120".into()),
         // A short warm-up: ten minutes on two cores are about 130 steps.
-        .env("PLIP__TRAINER__WARMUP_STEPS", "20")
-        .env("PLIP__TRAINER__IDLE_AFTER_S", "0")
-        .env("PLIP__SERVING__POLL_MS", "1000")
-        .env("PLIP__STATE__PROBE_PERCENT", "10")
-        .envs(topo.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(args.out.join("daemon.log"))?)
-        .spawn()?;
+        ("PLIP__TRAINER__WARMUP_STEPS", "20".into()),
+        ("PLIP__TRAINER__IDLE_AFTER_S", "0".into()),
+        ("PLIP__SERVING__POLL_MS", "1000".into()),
+        ("PLIP__STATE__PROBE_PERCENT", "10".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    let mut daemon = DaemonProcess::start(Launch {
+        url: &args.url,
+        state: &state,
+        env,
+        log: Some(&args.out.join("daemon.log")),
+    })?;
+    let addr = daemon.addr().to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -211,7 +211,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
                 let q = queries[k % queries.len()];
                 k += 1;
                 let body = serde_json::json!({"query": {"image": b64(&std::fs::read(&q.path)?)}, "top_k": 5, "exclude_camera": q.camera});
-                let answer = crate::query::ask(
+                let answer = crate::commands::query::ask(
                     &rt,
                     &ch,
                     &topo.reid_exchange,
@@ -258,18 +258,15 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let final_status = http::get(&addr, "/status")
         .and_then(Result::ok)
         .unwrap_or_default();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let exit = child.wait()?;
+    let exit = daemon.stop().ok_or("the daemon's exit status is unknown")?;
     rt.block_on(topo.delete(&ch));
     // The report: loss curve, CMC of the last serving version on the held-out split, metrics.
     if losses.len() >= 2 {
-        crate::plots::loss_curve(&losses, &args.out.join("loss.png"))?;
+        crate::base::plots::loss_curve(&losses, &args.out.join("loss.png"))?;
     }
     let mut eval = serde_json::Value::Null;
-    if let Ok(lm) = crate::evaluate::from_state(&state, None) {
-        let (q, _) = crate::data::load(
+    if let Ok(lm) = crate::base::model::from_state(&state, None) {
+        let (q, _) = crate::base::data::load(
             &ds.items
                 .iter()
                 .filter(|i| i.split == Some(Split::Query))
@@ -279,7 +276,7 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
             &Default::default(),
             0,
         );
-        let (g, _) = crate::data::load(
+        let (g, _) = crate::base::data::load(
             &ds.items
                 .iter()
                 .filter(|i| i.split == Some(Split::Gallery))
@@ -289,8 +286,11 @@ pub fn run(args: &DemoArgs) -> Result<(), Error> {
             &Default::default(),
             0,
         );
-        if let Ok((reid, text)) = crate::evaluate::evaluate_model(&lm, &q, &g, 20) {
-            crate::plots::cmc_curve(&[("serving model", &reid.cmc)], &args.out.join("cmc.png"))?;
+        if let Ok((reid, text)) = crate::base::retrieval::evaluate_model(&lm, &q, &g, 20) {
+            crate::base::plots::cmc_curve(
+                &[("serving model", &reid.cmc)],
+                &args.out.join("cmc.png"),
+            )?;
             eval = serde_json::json!({"version": lm.checkpoint.as_ref().map(|c| c.version), "rank1": reid.cmc[0], "mAP": reid.map, "mINP": reid.minp, "text_r1": text.r1, "text_mAP": text.map});
         }
     }

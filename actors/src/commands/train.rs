@@ -3,14 +3,15 @@
 //! periodic checkpoints, resumption from the latest valid checkpoint, a JSON line of losses
 //! every N steps, and a loss curve at the end.
 
-use crate::data::{load, report_skipped, Loaded};
-use crate::state::{Checkpoint, State};
+use crate::base::data::{load, report_skipped, Loaded};
+use crate::base::state::{Checkpoint, State};
+use crate::base::tokenizer::train_tokenizer;
 use plip_ingest::synth::Split;
 use plip_model::batch::{person_key, Augment, Batch, Sample};
 use plip_model::dfdx::prelude::Device;
 use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
-use plip_model::{DeviceSpec, Plip, Preset, TaskWeights, Tokenizer, TrainConfig, Trainer};
+use plip_model::{DeviceSpec, Plip, Preset, TaskWeights, TrainConfig, Trainer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -35,13 +36,6 @@ pub struct TokenizerArgs {
     /// Extra text files (one caption per line) to learn from.
     #[arg(long = "text")]
     pub texts: Vec<PathBuf>,
-}
-
-/// Trains a tokenizer from the caption synthesizer's vocabulary plus `extra` texts.
-pub fn train_tokenizer(preset: &Preset, extra: &[String]) -> Result<Tokenizer, Error> {
-    let mut corpus = plip_ingest::captions::vocabulary_corpus();
-    corpus.extend(extra.iter().cloned());
-    Ok(Tokenizer::train(corpus.iter(), preset.vocab)?)
 }
 
 /// Runs `plipd tokenizer train`.
@@ -375,10 +369,10 @@ pub fn run(args: &TrainArgs) -> Result<(), Error> {
     if args.captions_per_image == 0 {
         return Err("--captions-per-image must be at least 1".into());
     }
-    if args.text_substeps > crate::config::MAX_TEXT_SUBSTEPS {
+    if args.text_substeps > crate::base::config::MAX_TEXT_SUBSTEPS {
         return Err(format!(
             "--text-substeps must be at most {} (each is one more text pass per step)",
-            crate::config::MAX_TEXT_SUBSTEPS
+            crate::base::config::MAX_TEXT_SUBSTEPS
         )
         .into());
     }
@@ -460,8 +454,11 @@ struct Setup<'a> {
     state: State,
     preset: Preset,
     tokenizer: plip_model::Tokenizer,
-    loaded: Vec<crate::data::Loaded>,
-    eval_split: Option<(Vec<crate::data::Loaded>, Vec<crate::data::Loaded>)>,
+    loaded: Vec<crate::base::data::Loaded>,
+    eval_split: Option<(
+        Vec<crate::base::data::Loaded>,
+        Vec<crate::base::data::Loaded>,
+    )>,
 }
 
 impl plip_model::device::OnDevice for Setup<'_> {
@@ -522,7 +519,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
         .iter()
         .map(|l| {
             if preset.attributes() > 0 {
-                crate::data::attribute_labels(l.attributes.as_ref())
+                crate::base::data::attribute_labels(l.attributes.as_ref())
             } else {
                 Vec::new()
             }
@@ -538,7 +535,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     }
     let mut sampler = Sampler::new(&loaded, args.images_per_id, args.seed ^ start);
     let mut rng = StdRng::seed_from_u64(args.seed ^ start.wrapping_mul(31));
-    let bar = crate::progress::bar(args.steps, "training");
+    let bar = crate::base::progress::bar(args.steps, "training");
     bar.set_position(start);
     let mut history: Vec<(u64, f64)> = Vec::new();
     let t0 = Instant::now();
@@ -546,13 +543,13 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     let mut last = None;
     let text_ceiling = eval_split
         .as_ref()
-        .and_then(|(q, g)| crate::evaluate::text_ceiling_r1(q, g));
+        .and_then(|(q, g)| crate::base::retrieval::text_ceiling_r1(q, g));
     let evaluate = |trainer: &Trainer<f32, D>,
                     images_seen: u64|
      -> Result<BTreeMap<String, f64>, Error> {
         let mut m = BTreeMap::new();
         if let Some((q, g)) = &eval_split {
-            let lm = crate::evaluate::LoadedModel {
+            let lm = crate::base::model::LoadedModel {
                 model: plip_model::Encoder::Cpu(trainer.model.to_cpu()?),
                 tokenizer: tokenizer.clone(),
                 source: serde_json::Value::Null,
@@ -561,7 +558,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
             // Text R@1 with attribute agreement beside it, for a few weights (models with the
             // attribute head), from the same embeddings.
             let (reid, text, sweep) = pool.install(|| {
-                crate::evaluate::evaluate_with_attributes(
+                crate::base::retrieval::evaluate_with_attributes(
                     &lm,
                     q,
                     g,
@@ -608,7 +605,10 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     // running statistics change, which no training loss reads: training is the same either
     // way, and a checkpoint's statistics depend only on its weights (resume equivalence).
     let calibration: Vec<f32> = if args.calibrate_neck > 0 && trainer.model.id.is_some() {
-        crate::data::normalized(crate::data::spread(&loaded, args.calibrate_neck), &preset)
+        crate::base::data::normalized(
+            crate::base::data::spread(&loaded, args.calibrate_neck),
+            &preset,
+        )
     } else {
         Vec::new()
     };
@@ -732,7 +732,7 @@ fn train_on<D: Device<f32>>(dev: D, setup: Setup<'_>) -> Result<(), Error> {
     std::fs::create_dir_all(&args.report)
         .map_err(|e| format!("cannot create {}: {e}", args.report.display()))?;
     let png = args.report.join("loss.png");
-    crate::plots::loss_curve(&history, &png)?;
+    crate::base::plots::loss_curve(&history, &png)?;
     eprintln!(
         "plipd: trained to step {} ({} images, {:.0} s); checkpoint {v}; loss curve {}",
         trainer.opt.step,

@@ -17,6 +17,7 @@
 //! peer from a plain queue, the daemon (`plipd run`, trainer off, a temporary state folder and
 //! topology) from its ingest queue, timed from the first delivery to the last sample flushed.
 
+use crate::base::launch::{DaemonProcess, Launch};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -305,23 +306,16 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
         let _ = conn.close(200, "published".into()).await;
         Ok::<_, Error>(())
     })?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let http = format!("127.0.0.1:{port}");
-    let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
-        .arg("run")
-        .env("PLIP__BROKER__URL", &args.url)
-        .env("PLIP__BROKER__PREFETCH", args.prefetch.to_string())
-        .env("PLIP__STATE__DIR", dir.join("state"))
-        .env("PLIP__HTTP__LISTEN", &http)
-        .env("PLIP__TRAINER__ENABLED", "false")
-        .envs(topo.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let pid = child.id();
+    let mut env = topo.env();
+    env.push(("PLIP__BROKER__PREFETCH".into(), args.prefetch.to_string()));
+    env.push(("PLIP__TRAINER__ENABLED".into(), "false".into()));
+    let mut daemon = DaemonProcess::start(Launch {
+        url: &args.url,
+        state: &dir.join("state"),
+        env,
+        log: None,
+    })?;
+    let pid = daemon.pid();
     let deadline = Instant::now() + Duration::from_secs(3600);
     // The clock starts at the last poll that saw no delivery yet (at spawn when the first
     // answering poll already sees some), so a backlog drained between two polls is still
@@ -333,7 +327,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     let mut stored = 0u64;
     let mut captioned = 0u64;
     while Instant::now() < deadline {
-        if let Some(Ok(s)) = crate::daemon::http::get(&http, "/status") {
+        if let Some(s) = daemon.status() {
             let deliveries = s["ingest"]["deliveries"].as_u64().unwrap_or(0);
             stored = s["ingest"]["stored"].as_u64().unwrap_or(0);
             captioned = s["ingest"]["captioned"].as_u64().unwrap_or(0);
@@ -348,18 +342,13 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
                 break;
             }
         }
-        if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("plipd exited early ({st})").into());
-        }
+        daemon.check_alive()?;
         std::thread::sleep(Duration::from_millis(20));
     }
     let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
     let rss = rss_peak_kib(pid);
     let cpu = cpu0.flatten().zip(cpu_seconds(pid)).map(|(a, b)| b - a);
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = child.wait();
+    daemon.stop();
     rt.block_on(async {
         if let Ok(conn) = connect(&args.url).await {
             if let Ok(ch) = conn.create_channel().await {

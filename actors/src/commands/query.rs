@@ -136,7 +136,11 @@ pub fn ask(
                 FieldTable::default(),
             )
             .await?;
-        let corr = format!("ask-{}-{}", std::process::id(), crate::state::now_unix());
+        let corr = format!(
+            "ask-{}-{}",
+            std::process::id(),
+            crate::base::state::now_unix()
+        );
         ch.basic_publish(
             exchange.into(),
             "".into(),
@@ -146,7 +150,7 @@ pub fn ask(
                 .with_content_type(ShortString::from("application/json"))
                 .with_reply_to(q.name().clone())
                 .with_correlation_id(corr.as_str().into())
-                .with_timestamp(crate::state::now_unix()),
+                .with_timestamp(crate::base::state::now_unix()),
         )
         .await?;
         let t = std::time::Instant::now();

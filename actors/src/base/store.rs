@@ -1,5 +1,5 @@
 //! The sample store: the `samples` tree of the state folder (id → metadata and where the JPEG
-//! is), the pack files holding the JPEGs ([`crate::packs`]), and the `arrivals` tree (arrival
+//! is), the pack files holding the JPEGs ([`crate::base::packs`]), and the `arrivals` tree (arrival
 //! sequence → id) that lets the trainer mix recent and older samples and lets retention evict
 //! the oldest training samples first.
 //!
@@ -41,7 +41,7 @@ pub struct SampleMeta {
     pub colours: Option<plip_ingest::attributes::Attributes>,
     /// Where the JPEG is (absent in records written before pack files, which hold it inline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<crate::packs::PackRef>,
+    pub image: Option<crate::base::packs::PackRef>,
 }
 
 /// A stored sample.
@@ -95,7 +95,7 @@ pub struct Staged {
     record: Vec<u8>,
     purpose: Purpose,
     probe: bool,
-    image: crate::packs::PackRef,
+    image: crate::base::packs::PackRef,
     captioned: bool,
 }
 
@@ -178,7 +178,7 @@ pub struct SampleStore {
     probe_percent: u32,
     /// Counted once when the store is opened, then updated by every write that commits.
     tally: std::sync::Arc<std::sync::Mutex<Tally>>,
-    packs: std::sync::Arc<crate::packs::Packs>,
+    packs: std::sync::Arc<crate::base::packs::Packs>,
 }
 
 /// Environment variable naming a file whose existence makes every write fail as a full disk
@@ -209,7 +209,7 @@ fn injected_stall() {
 
 impl SampleStore {
     /// Opens the trees in `db` and the pack files under `dir` (the state folder), reclaiming
-    /// pack bytes no record references (see [`crate::packs`]).
+    /// pack bytes no record references (see [`crate::base::packs`]).
     ///
     /// # Errors
     /// A database error, or pack files that cannot be read or written.
@@ -231,9 +231,9 @@ impl SampleStore {
             }
         }
         let (packs, recovered) =
-            crate::packs::Packs::open(dir, referenced, crate::packs::PACK_MAX_BYTES)
+            crate::base::packs::Packs::open(dir, referenced, crate::base::packs::PACK_MAX_BYTES)
                 .map_err(|e| format!("opening the pack files in {}: {e}", dir.display()))?;
-        if recovered != crate::packs::Recovered::default() {
+        if recovered != crate::base::packs::Recovered::default() {
             tracing::info!(
                 packs_deleted = recovered.packs_deleted,
                 orphan_bytes = recovered.orphan_bytes,

@@ -1,8 +1,8 @@
 //! The state folder: one sled database shared by the daemon and the offline commands.
 //!
 //! Trees: `meta` (`format_version`, `latest` checkpoint version), `tokenizer` (`current` → the
-//! tokenizer's JSON), `samples` and `arrivals` (see [`crate::store`]; the images are in pack
-//! files under `packs/`, see [`crate::packs`]), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
+//! tokenizer's JSON), `samples` and `arrivals` (see [`crate::base::store`]; the images are in pack
+//! files under `packs/`, see [`crate::base::packs`]), `checkpoints` (version, big-endian u64 → checkpoint blob). A checkpoint
 //! blob is `PLIPCKP1`, the metadata JSON, the weights (safetensors), the optimiser state
 //! (safetensors), each length-prefixed, then a SHA-256 of everything before it: a corrupt
 //! checkpoint is detected, reported and skipped, never loaded. Writing a checkpoint and moving
@@ -162,7 +162,7 @@ pub struct State {
     checkpoints: sled::Tree,
     path: PathBuf,
     /// Opened once: its pack writer must be the folder's only one.
-    samples: std::sync::Mutex<Option<crate::store::SampleStore>>,
+    samples: std::sync::Mutex<Option<crate::base::store::SampleStore>>,
 }
 
 impl State {
@@ -221,7 +221,10 @@ impl State {
     ///
     /// # Errors
     /// A database error, or pack files that cannot be opened.
-    pub fn samples(&self, probe_percent: u32) -> Result<crate::store::SampleStore, StateError> {
+    pub fn samples(
+        &self,
+        probe_percent: u32,
+    ) -> Result<crate::base::store::SampleStore, StateError> {
         let mut slot = self
             .samples
             .lock()
@@ -229,7 +232,7 @@ impl State {
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
-        let store = crate::store::SampleStore::open(&self.db, &self.path, probe_percent)
+        let store = crate::base::store::SampleStore::open(&self.db, &self.path, probe_percent)
             .map_err(StateError::Other)?;
         Ok(slot.insert(store).clone())
     }

@@ -2,7 +2,7 @@
 //! load (`safetensors.torch.load_file`), with the tokenizer (JSON) and the checkpoint's facts in
 //! the metadata, so the file alone is enough for `plipd eval --weights`.
 
-use std::collections::BTreeMap;
+use crate::base::model::export_bytes;
 use std::path::PathBuf;
 
 /// Options of `plipd export`.
@@ -25,16 +25,16 @@ pub struct ExportArgs {
 /// Runs `plipd export`: from the state folder, or — when a daemon holds it — through the
 /// daemon's HTTP listener (`--http`, default the configuration's).
 pub fn run(args: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let (bytes, summary) = match crate::state::State::open(&args.state) {
+    let (bytes, summary) = match crate::base::state::State::open(&args.state) {
         Ok(state) => export_bytes(&state, args.version)?,
-        Err(crate::state::StateError::Open { .. }) => {
-            let cfg = crate::config::Config::load(None)?;
+        Err(crate::base::state::StateError::Open { .. }) => {
+            let cfg = crate::base::config::Config::load(None)?;
             let addr = args.http.clone().unwrap_or(cfg.http.listen);
             let path = match args.version {
                 Some(v) => format!("/export?version={v}"),
                 None => "/export".to_string(),
             };
-            let bytes = crate::daemon::http::request(&addr, "GET", &path).ok_or_else(|| {
+            let bytes = crate::base::client::request(&addr, "GET", &path).ok_or_else(|| {
                 format!("the state folder is in use and no daemon answers at {addr}")
             })??;
             let meta = plip_model::weights::read_meta(&bytes)?;
@@ -49,29 +49,4 @@ pub fn run(args: &ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
     summary["out"] = serde_json::json!(args.out);
     println!("{summary}");
     Ok(())
-}
-
-/// The export file of `version` (default the latest valid) and a summary.
-///
-/// # Errors
-/// A missing or corrupt checkpoint.
-pub fn export_bytes(
-    state: &crate::state::State,
-    version: Option<u64>,
-) -> Result<(Vec<u8>, serde_json::Value), Box<dyn std::error::Error>> {
-    let lm = crate::evaluate::from_open_state(state, version)?;
-    let (model, tokenizer) = (&lm.model, &lm.tokenizer);
-    let ck = lm.checkpoint.as_ref().ok_or("no checkpoint metadata")?;
-    let preset = model.preset();
-    let mut extra = BTreeMap::new();
-    extra.insert(
-        "tokenizer_json".to_string(),
-        String::from_utf8(tokenizer.to_bytes()?)?,
-    );
-    extra.insert("checkpoint_version".to_string(), ck.version.to_string());
-    extra.insert("images_seen".to_string(), ck.images_seen.to_string());
-    extra.insert("metrics".to_string(), serde_json::to_string(&ck.metrics)?);
-    let bytes = model.save_weights(tokenizer.fingerprint(), ck.step, &extra)?;
-    let summary = serde_json::json!({"version": ck.version, "step": ck.step, "preset": preset.name, "bytes": bytes.len(), "tokenizer": tokenizer.fingerprint()});
-    Ok((bytes, summary))
 }
