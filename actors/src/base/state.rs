@@ -14,6 +14,26 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The sled trees of a state folder, by name.
+pub mod trees {
+    /// `format_version`, `latest`, the serving and pinned versions.
+    pub const META: &str = "meta";
+    /// `current` → the tokenizer's JSON.
+    pub const TOKENIZER: &str = "tokenizer";
+    /// Version (big-endian u64) → checkpoint blob.
+    pub const CHECKPOINTS: &str = "checkpoints";
+    /// Probe evaluations of versions.
+    pub const EVALUATIONS: &str = "evaluations";
+    /// Gallery embeddings of the serving version.
+    pub const GALLERY: &str = "gallery";
+    /// Sample id → record (see `crate::base::store`).
+    pub const SAMPLES: &str = "samples";
+    /// Arrival sequence (big-endian u64) → sample id.
+    pub const ARRIVALS: &str = "arrivals";
+    /// Ids of samples waiting for the caption workers (format-1 folders).
+    pub const UNCAPTIONED: &str = "uncaptioned";
+}
+
 /// Layout version of the state folder written by this build. 2: sample images in pack files
 /// (`packs/`), which a build reading format 1 would not find; a format-1 folder is upgraded
 /// when this build opens it (its inline images are read as before).
@@ -181,7 +201,7 @@ impl State {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let meta = db.open_tree("meta")?;
+        let meta = db.open_tree(trees::META)?;
         match meta.get("format_version")? {
             Some(v) => {
                 let found = std::str::from_utf8(&v)
@@ -207,8 +227,8 @@ impl State {
             }
         }
         Ok(State {
-            tokenizer: db.open_tree("tokenizer")?,
-            checkpoints: db.open_tree("checkpoints")?,
+            tokenizer: db.open_tree(trees::TOKENIZER)?,
+            checkpoints: db.open_tree(trees::CHECKPOINTS)?,
             meta,
             db,
             path: path.to_path_buf(),
@@ -246,7 +266,7 @@ impl State {
         version: u64,
         doc: &serde_json::Value,
     ) -> Result<(), StateError> {
-        let tree = self.db.open_tree("evaluations")?;
+        let tree = self.db.open_tree(trees::EVALUATIONS)?;
         tree.insert(version.to_be_bytes(), doc.to_string().as_bytes())?;
         self.db.flush()?;
         Ok(())
@@ -257,7 +277,7 @@ impl State {
     /// # Errors
     /// A database error.
     pub fn evaluation(&self, version: u64) -> Result<Option<serde_json::Value>, StateError> {
-        let tree = self.db.open_tree("evaluations")?;
+        let tree = self.db.open_tree(trees::EVALUATIONS)?;
         Ok(tree
             .get(version.to_be_bytes())?
             .and_then(|v| serde_json::from_slice(&v).ok()))
@@ -325,7 +345,7 @@ impl State {
         gallery: &[(String, Vec<f32>)],
     ) -> Result<(), StateError> {
         use sled::Transactional;
-        let tree = self.db.open_tree("gallery")?;
+        let tree = self.db.open_tree(trees::GALLERY)?;
         let old: Vec<sled::IVec> = tree.iter().keys().filter_map(|k| k.ok()).collect();
         (&self.meta, &tree)
             .transaction(|(meta, g)| {
@@ -359,7 +379,7 @@ impl State {
         version: u64,
         gallery: &[(String, Vec<f32>)],
     ) -> Result<(), StateError> {
-        let tree = self.db.open_tree("gallery")?;
+        let tree = self.db.open_tree(trees::GALLERY)?;
         for (id, e) in gallery {
             let mut v = Vec::with_capacity(8 + 4 * e.len());
             v.extend_from_slice(&version.to_be_bytes());
@@ -377,7 +397,7 @@ impl State {
     /// # Errors
     /// A database error.
     pub fn remove_gallery(&self, ids: &[String]) -> Result<(), StateError> {
-        let tree = self.db.open_tree("gallery")?;
+        let tree = self.db.open_tree(trees::GALLERY)?;
         for id in ids {
             tree.remove(id.as_bytes())?;
         }
@@ -390,7 +410,7 @@ impl State {
     /// # Errors
     /// A database error.
     pub fn gallery(&self, version: u64) -> Result<Vec<(String, Vec<f32>)>, StateError> {
-        let tree = self.db.open_tree("gallery")?;
+        let tree = self.db.open_tree(trees::GALLERY)?;
         let mut out = Vec::new();
         for entry in tree.iter() {
             let (k, v) = entry?;

@@ -214,8 +214,12 @@ impl SampleStore {
     /// # Errors
     /// A database error, or pack files that cannot be read or written.
     pub fn open(db: &sled::Db, dir: &std::path::Path, probe_percent: u32) -> Result<Self, String> {
-        let samples = db.open_tree("samples").map_err(|e| e.to_string())?;
-        let uncaptioned = db.open_tree("uncaptioned").map_err(|e| e.to_string())?;
+        let samples = db
+            .open_tree(super::state::trees::SAMPLES)
+            .map_err(|e| e.to_string())?;
+        let uncaptioned = db
+            .open_tree(super::state::trees::UNCAPTIONED)
+            .map_err(|e| e.to_string())?;
         // One scan at open: the figures (every later write keeps them) and the pack entries
         // the records reference.
         let mut tally = Tally {
@@ -242,7 +246,9 @@ impl SampleStore {
         }
         Ok(SampleStore {
             samples,
-            arrivals: db.open_tree("arrivals").map_err(|e| e.to_string())?,
+            arrivals: db
+                .open_tree(super::state::trees::ARRIVALS)
+                .map_err(|e| e.to_string())?,
             uncaptioned,
             db: db.clone(),
             probe_percent,

@@ -407,30 +407,9 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
         "1 while consuming from the broker.",
         one(f64::from(u8::from(st.consuming))),
     );
-    metric(
-        "plip_broker_connections_total",
-        "counter",
-        "Broker connections made (1 + reconnects).",
-        one(st.connections as f64),
-    );
-    metric(
-        "plip_ingest_deliveries_total",
-        "counter",
-        "Ingest deliveries handled and acked.",
-        one(st.deliveries as f64),
-    );
-    metric(
-        "plip_ingest_stored_total",
-        "counter",
-        "Images stored for the first time.",
-        one(st.stored as f64),
-    );
-    metric(
-        "plip_ingest_duplicates_total",
-        "counter",
-        "Images whose id was already stored.",
-        one(st.duplicates as f64),
-    );
+    for c in super::stats::COUNTERS {
+        metric(c.metric, "counter", c.help, one((c.read)(&st) as f64));
+    }
     metric(
         "plip_ingest_rejected_total",
         "counter",
@@ -471,12 +450,6 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
         "gauge",
         "Samples waiting for captions.",
         one(figures.uncaptioned as f64),
-    );
-    metric(
-        "plip_captioned_total",
-        "counter",
-        "Samples the daemon captioned (at intake, or by the caption workers for older records).",
-        one(st.captioned as f64),
     );
     let t = &st.trainer;
     metric(
@@ -605,6 +578,16 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
     let latest = figures.latest;
     // One snapshot: the figures describe one serving version.
     let serving = shared.serving_snapshot();
+    let mut ingest = serde_json::json!({
+        "consuming": stats.consuming,
+        "paused": stats.ingest_paused,
+        "storage_error": stats.storage_error,
+        "rejected": stats.rejected,
+        "dead_lettered": stats.dead_lettered,
+    });
+    for c in super::stats::COUNTERS {
+        ingest[c.key] = serde_json::json!((c.read)(&stats));
+    }
     serde_json::json!({
         "state_dir": shared.cfg.state.dir,
         "samples": {
@@ -616,20 +599,7 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
             "responding": stale.is_none(),
             "stale": stale,
         },
-        "ingest": {
-            "consuming": stats.consuming,
-            "paused": stats.ingest_paused,
-            "storage_error": stats.storage_error,
-            "connections": stats.connections,
-            "deliveries": stats.deliveries,
-            "stored": stats.stored,
-            "duplicates": stats.duplicates,
-            "rejected": stats.rejected,
-            "dead_lettered": stats.dead_lettered,
-            "replies": stats.replies,
-            "captioned": stats.captioned,
-            "evicted": stats.evicted,
-        },
+        "ingest": ingest,
         "trainer": stats.trainer,
         "serving": {
             "version": serving.as_ref().map(|s| s.version),

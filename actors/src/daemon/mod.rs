@@ -12,14 +12,14 @@ pub mod http;
 pub mod ingest;
 pub mod notify;
 pub mod serving;
+pub mod stats;
 pub mod supervisor;
 pub mod trainer;
 
 use crate::base::config::Config;
 use crate::base::state::State;
 use crate::base::store::SampleStore;
-use serde::Serialize;
-use std::collections::BTreeMap;
+pub use stats::{ServingStats, Stats, TrainerState, TrainerStats, LATENCY_BUCKETS};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -147,150 +147,6 @@ impl Shared {
         }
         self.stopping()
     }
-}
-
-/// Counters and states the status endpoint reports.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Stats {
-    /// Connected to the broker and consuming.
-    pub consuming: bool,
-    /// Why ingest is paused, when it is (broker lost, storage failing).
-    pub ingest_paused: Option<String>,
-    /// Storage failure that stopped consumption, if any.
-    pub storage_error: Option<String>,
-    /// Broker connections made (1 + reconnects).
-    pub connections: u64,
-    /// Deliveries handled (acked).
-    pub deliveries: u64,
-    /// Images stored for the first time.
-    pub stored: u64,
-    /// Images whose id was already stored (redeliveries, re-sends).
-    pub duplicates: u64,
-    /// Images refused, by code.
-    pub rejected: BTreeMap<String, u64>,
-    /// Messages dead-lettered (copy on the dead-letter exchange), by code.
-    pub dead_lettered: BTreeMap<String, u64>,
-    /// Ingest outcomes sent to producers.
-    pub replies: u64,
-    /// Samples the daemon captioned (at intake; or, for records of earlier versions, by the
-    /// caption workers).
-    pub captioned: u64,
-    /// Samples evicted by the training-sample cap.
-    pub evicted: u64,
-    /// The trainer.
-    pub trainer: TrainerStats,
-    /// The ReID server.
-    pub serving: ServingStats,
-    /// Child restarts by the supervisor, by child.
-    pub restarts: BTreeMap<String, u64>,
-}
-
-/// The ReID server's counters.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ServingStats {
-    pub promotions: u64,
-    pub refused: u64,
-    pub answered: u64,
-    /// Error replies by code.
-    pub errors: BTreeMap<String, u64>,
-    /// Request latency histogram (seconds): counts per bucket of [`LATENCY_BUCKETS`] (+Inf
-    /// last), sum and count.
-    pub latency_buckets: Vec<u64>,
-    pub latency_sum: f64,
-    pub latency_count: u64,
-}
-
-/// Upper bounds (seconds) of the request latency histogram.
-pub const LATENCY_BUCKETS: [f64; 11] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-impl ServingStats {
-    /// Records one request's latency.
-    pub fn observe(&mut self, seconds: f64) {
-        if self.latency_buckets.len() != LATENCY_BUCKETS.len() + 1 {
-            self.latency_buckets = vec![0; LATENCY_BUCKETS.len() + 1];
-        }
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.latency_buckets[i] += 1;
-        self.latency_sum += seconds;
-        self.latency_count += 1;
-    }
-}
-
-/// What the trainer is doing (`/status` shows it as a string: `""` before it starts).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainerState {
-    /// Not started yet.
-    #[default]
-    #[serde(rename = "")]
-    NotStarted,
-    /// `trainer.enabled = false`.
-    Disabled,
-    Starting,
-    WaitingForSamples,
-    Training,
-    /// Nothing new arrived for `trainer.idle_after_s`.
-    Idle,
-    /// Ended at shutdown (after its last checkpoint).
-    Stopped,
-    /// Ended with an error, or restarted too often.
-    Failed,
-}
-
-impl TrainerState {
-    /// No trainer thread runs (or will write another checkpoint): the checkpointer may end.
-    pub fn ended(self) -> bool {
-        matches!(
-            self,
-            TrainerState::NotStarted
-                | TrainerState::Stopped
-                | TrainerState::Failed
-                | TrainerState::Disabled
-        )
-    }
-}
-
-/// The trainer's live numbers.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct TrainerStats {
-    pub state: TrainerState,
-    pub step: u64,
-    pub images_seen: u64,
-    pub loss: Option<f64>,
-    pub ivlc: Option<f64>,
-    pub iap: Option<f64>,
-    pub tic: Option<f64>,
-    pub triplet: Option<f64>,
-    pub supcon: Option<f64>,
-    pub id: Option<f64>,
-    pub text_id: Option<f64>,
-    pub proto: Option<f64>,
-    pub text_align: Option<f64>,
-    pub attr: Option<f64>,
-    pub text_attr: Option<f64>,
-    /// Mean IVLC of the last step's text substeps (`trainer.text_substeps`).
-    pub text_substeps: Option<f64>,
-    /// Identity-classifier rows zeroed by `forget` since the trainer started.
-    pub forgotten_rows: u64,
-    pub lr: Option<f64>,
-    pub steps_per_s: Option<f64>,
-    pub images_per_s: Option<f64>,
-    /// Trainable (captioned, non-probe) samples the sampler draws from.
-    pub trainable_samples: usize,
-    /// Checkpoints postponed because the disk was below its reserve.
-    pub checkpoints_postponed: u64,
-    pub checkpoints_written: u64,
-    pub last_checkpoint: Option<u64>,
-    pub last_checkpoint_step: Option<u64>,
-    pub resumed_from: Option<u64>,
-    /// SHA-256 of the weights and of the optimiser state right after resuming.
-    pub resumed_digest: Option<(String, String)>,
-    pub error: Option<String>,
 }
 
 /// Installs the daemon's `tracing` subscriber: events on stderr (the journal keeps them) as
