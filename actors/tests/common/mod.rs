@@ -503,3 +503,84 @@ pub async fn queue_depth(ch: &Channel, queue: &str) -> u32 {
     .unwrap()
     .message_count()
 }
+
+// Helpers shared by the daemon test files.
+
+pub type Img = (String, String, String, Vec<u8>);
+
+pub fn trainer_toml(every: u64) -> String {
+    format!(
+        "preset = \"test\"\nbatch = 16\nimages_per_id = 4\nmin_samples = 32\nwarmup_steps = 5\ncheckpoint_every_steps = {every}\ncheckpoint_every_s = 0\nkeep_checkpoints = 3\nthreads = 1\nidle_after_s = 0\n"
+    )
+}
+
+/// Runs `rabbitmqctl` and asserts it worked.
+pub fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must work for this test (run it where the broker runs)");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+pub fn batch_json_purpose(imgs: &[(String, String, String, Vec<u8>)], purpose: &str) -> Vec<u8> {
+    let list: Vec<serde_json::Value> = imgs
+        .iter()
+        .map(|(id, p, c, jpeg)| serde_json::json!({"id": id, "person_id": p, "camera_id": c, "image": b64(jpeg), "purpose": purpose}))
+        .collect();
+    serde_json::json!({ "images": list })
+        .to_string()
+        .into_bytes()
+}
+
+/// Sends one request and waits for its answer on an exclusive reply queue.
+pub async fn ask(
+    ch: &Channel,
+    exchange: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> serde_json::Value {
+    let q = exclusive_queue(ch).await;
+    let corr = tag();
+    publish(
+        ch,
+        exchange,
+        body,
+        props
+            .with_reply_to(q.name().clone())
+            .with_correlation_id(corr.as_str().into()),
+    )
+    .await;
+    let t = Instant::now();
+    loop {
+        if let Some(m) = ch
+            .basic_get(q.name().clone(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            assert_eq!(v["request_id"], corr.as_str());
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no answer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asks every image as a cross-camera query (`exclude_camera` = its own camera); returns the
+/// Rank-1 over the queries and every reply.
+pub async fn rank1(ch: &Channel, exchange: &str, queries: &[Img]) -> (f64, Vec<serde_json::Value>) {
+    let mut hits = 0;
+    let mut replies = Vec::new();
+    for (_, person, cam, jpeg) in queries {
+        let body =
+            serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 10, "exclude_camera": cam});
+        let r = ask(ch, exchange, body.to_string().as_bytes(), json_props()).await;
+        assert!(r["error"].is_null(), "{r:#}");
+        if r["matches"][0]["person_id"] == person.as_str() {
+            hits += 1;
+        }
+        replies.push(r);
+    }
+    (hits as f64 / queries.len() as f64, replies)
+}
