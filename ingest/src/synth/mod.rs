@@ -6,10 +6,12 @@
 //! Everything is deterministic for a seed: each image has its own random stream derived from
 //! (seed, person, image index), so output bytes do not depend on the thread count.
 
-mod person;
+mod draw;
+mod identity;
 mod raster;
 
-pub use person::{draw, sample_identity, Identity, Pose, View};
+pub use draw::{draw, Pose, View};
+pub use identity::{sample_identity, Identity};
 pub use raster::Canvas;
 
 use crate::attributes::Attributes;
