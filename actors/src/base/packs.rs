@@ -76,7 +76,8 @@ pub struct Packs {
     syncing: Mutex<()>,
     /// (pack, end) known durable.
     synced: Mutex<(u32, u64)>,
-    readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// Open handles (read and write) of the packs read or released so far.
+    handles: Mutex<HashMap<u32, Arc<File>>>,
     /// Referenced entries per pack.
     live: Mutex<HashMap<u32, u64>>,
 }
@@ -158,7 +159,7 @@ impl Packs {
                 }),
                 syncing: Mutex::new(()),
                 synced: Mutex::new((pack, 0)),
-                readers: Mutex::new(HashMap::new()),
+                handles: Mutex::new(HashMap::new()),
                 live: Mutex::new(live),
             },
             recovered,
@@ -229,17 +230,7 @@ impl Packs {
     /// # Errors
     /// The pack is missing or unreadable, or the bytes do not match the CRC.
     pub fn read(&self, r: &PackRef) -> io::Result<Vec<u8>> {
-        let file = {
-            let mut readers = lock(&self.readers);
-            match readers.get(&r.pack) {
-                Some(f) => f.clone(),
-                None => {
-                    let f = Arc::new(File::open(self.dir.join(pack_name(r.pack)))?);
-                    readers.insert(r.pack, f.clone());
-                    f
-                }
-            }
-        };
+        let file = self.handle(r.pack)?;
         let mut buf = vec![0u8; r.len as usize];
         file.read_exact_at(&mut buf, r.offset)?;
         if crc32fast::hash(&buf) != r.crc {
@@ -254,6 +245,22 @@ impl Packs {
             ));
         }
         Ok(buf)
+    }
+
+    /// The pack's open handle (opened once, for reading and punching).
+    fn handle(&self, pack: u32) -> io::Result<Arc<File>> {
+        let mut handles = lock(&self.handles);
+        if let Some(f) = handles.get(&pack) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.dir.join(pack_name(pack)))?,
+        );
+        handles.insert(pack, f.clone());
+        Ok(f)
     }
 
     /// Gives up bytes whose record was removed (or that will never get one): they are punched
@@ -276,30 +283,17 @@ impl Packs {
         };
         let path = self.dir.join(pack_name(r.pack));
         if empty {
-            lock(&self.readers).remove(&r.pack);
+            lock(&self.handles).remove(&r.pack);
             return match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             };
         }
-        match OpenOptions::new().write(true).open(&path) {
+        match self.handle(r.pack) {
             Ok(file) => punch(&file, r.offset, u64::from(r.len)).map(|_| ()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
-    }
-
-    /// Bytes the pack files take on disk (holes excluded).
-    pub fn disk_bytes(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::read_dir(&self.dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.blocks() * 512)
-                    .sum()
-            })
-            .unwrap_or(0)
     }
 }
 

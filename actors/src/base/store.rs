@@ -133,10 +133,6 @@ impl Counts {
         self.add_as(m.purpose, m.probe, sign);
     }
 
-    fn add_one(&mut self, purpose: Purpose, probe: bool) {
-        self.add_as(purpose, probe, 1);
-    }
-
     fn add_as(&mut self, purpose: Purpose, probe: bool, sign: i8) {
         let slot = match purpose {
             Purpose::Train => &mut self.train,
@@ -255,11 +251,6 @@ impl SampleStore {
             tally: std::sync::Arc::new(std::sync::Mutex::new(tally)),
             packs: std::sync::Arc::new(packs),
         })
-    }
-
-    /// Bytes the pack files take on disk.
-    pub fn pack_bytes(&self) -> u64 {
-        self.packs.disk_bytes()
     }
 
     fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
@@ -422,7 +413,7 @@ impl SampleStore {
             if fresh {
                 let mut t = self.tally();
                 t.total += 1;
-                t.counts.add_one(s.purpose, s.probe);
+                t.counts.add_as(s.purpose, s.probe, 1);
             } else {
                 self.packs
                     .release(&s.image)
