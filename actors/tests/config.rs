@@ -46,7 +46,11 @@ fn unknown_keys_and_bad_values_name_the_key() {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let err = |p: PathBuf| Config::load_with_env(Some(&p), no_env()).unwrap_err();
+    let err = |p: PathBuf| {
+        Config::load_with_env(Some(&p), no_env())
+            .unwrap_err()
+            .to_string()
+    };
     let e = err(write("a.toml", "[trainer]\nbatchsize = 3\n"));
     assert!(e.contains("batchsize"), "{e}");
     let e = err(write("b.toml", "[trainer]\nbatch = \"many\"\n"));
@@ -103,7 +107,9 @@ fn unknown_keys_and_bad_values_name_the_key() {
         "[broker]\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
     ));
     assert!(e.contains("broker.tls_ca_file"), "{e}");
-    let e = Config::load_with_env(Some(&dir.join("missing.toml")), no_env()).unwrap_err();
+    let e = Config::load_with_env(Some(&dir.join("missing.toml")), no_env())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("does not exist"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -142,7 +148,9 @@ fn every_invalid_value_is_reported_at_once() {
         "[trainer]\npreset = \"huge\"\nbatch = 1\n[broker]\nprefetch = 0\n[log]\nformat = \"xml\"\n[serving]\ngate_metric = \"accuracy\"\n",
     )
     .unwrap();
-    let e = Config::load_with_env(Some(&p), no_env()).unwrap_err();
+    let e = Config::load_with_env(Some(&p), no_env())
+        .unwrap_err()
+        .to_string();
     for key in [
         "trainer.preset",
         "trainer.batch",
@@ -200,4 +208,40 @@ fn every_default_key_is_in_the_documented_file() {
         missing.is_empty(),
         "not in configs/default.toml: {missing:?}"
     );
+}
+
+/// `log.format` and `serving.gate_metric` are enums: the documented values parse to their
+/// variants and back, and a configuration error is the `Config` kind of the crate's error.
+#[test]
+fn enum_keys_parse_to_their_variants() {
+    use plip_actors::base::config::{GateMetric, LogFormat};
+    let dir = std::env::temp_dir().join(format!("plip-config-enums-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("enums.toml");
+    for (metric, want) in [
+        ("mAP", GateMetric::MeanAp),
+        ("rank1", GateMetric::Rank1),
+        ("text_r1", GateMetric::TextR1),
+    ] {
+        std::fs::write(
+            &p,
+            format!("[log]\nformat = \"json\"\n[serving]\ngate_metric = \"{metric}\"\n"),
+        )
+        .unwrap();
+        let c = Config::load_with_env(Some(&p), no_env()).unwrap();
+        assert_eq!(c.serving.gate_metric, want);
+        assert_eq!(c.serving.gate_metric.as_str(), metric);
+        assert_eq!(c.log.format, LogFormat::Json);
+        // Written back (plipd config prints it) as the same string.
+        let text = serde_json::to_value(&c.serving).unwrap();
+        assert_eq!(text["gate_metric"], metric);
+    }
+    std::fs::write(&p, "[serving]\ngate_metric = \"accuracy\"\n").unwrap();
+    let e = Config::load_with_env(Some(&p), no_env()).unwrap_err();
+    assert!(
+        matches!(e, plip_actors::base::error::Error::Config(_)),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("serving.gate_metric"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
 }

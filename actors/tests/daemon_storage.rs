@@ -101,8 +101,9 @@ fn below_the_disk_reserve_ingest_waits_and_the_daemon_stays_manageable() {
     let t0 = Instant::now();
     let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
     assert!(
-        r.as_ref()
-            .is_err_and(|e| e.contains("503") && e.contains("state.min_free_bytes")),
+        r.as_ref().is_err_and(
+            |e| e.to_string().contains("503") && e.to_string().contains("state.min_free_bytes")
+        ),
         "{r:?}"
     );
     let s = d.status().unwrap();
@@ -183,8 +184,9 @@ fn stuck_storage_never_blocks_the_endpoints_or_sigterm() {
         .contains("has not answered"));
     assert!(String::from_utf8_lossy(&m).contains("plip_storage_responding 0"));
     assert!(
-        r.as_ref()
-            .is_err_and(|e| e.contains("503") && e.contains("has not answered")),
+        r.as_ref().is_err_and(
+            |e| e.to_string().contains("503") && e.to_string().contains("has not answered")
+        ),
         "{r:?}"
     );
     // SIGTERM while a storage read hangs: a prompt exit.

@@ -497,7 +497,10 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
     assert!(paused_at < (batches * per) as u64, "the disk never filled");
     let t1 = Instant::now();
     let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
-    assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
+    assert!(
+        r.as_ref().is_err_and(|e| e.to_string().contains("503")),
+        "{r:?}"
+    );
     assert!(d.status().is_some());
     assert!(plip_actors::base::client::request(&d.http, "GET", "/metrics").is_some());
     assert!(t1.elapsed() < Duration::from_secs(3), "{:?}", t1.elapsed());
@@ -513,7 +516,10 @@ fn a_full_tmpfs_pauses_ingest_and_resumes_when_space_returns() {
             .is_some_and(|e| e.contains("disk space low"))
     });
     let r = plip_actors::base::client::request(&d.http, "GET", "/readyz").unwrap();
-    assert!(r.as_ref().is_err_and(|e| e.contains("503")), "{r:?}");
+    assert!(
+        r.as_ref().is_err_and(|e| e.to_string().contains("503")),
+        "{r:?}"
+    );
     // Space returns.
     remount(&mnt, 400);
     let t3 = Instant::now();

@@ -293,7 +293,7 @@ fn a_corrupted_pack_entry_is_an_error() {
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[40] ^= 0x55;
     std::fs::write(&file, bytes).unwrap();
-    let err = s.get("x").unwrap_err();
+    let err = s.get("x").unwrap_err().to_string();
     assert!(err.contains("CRC mismatch"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }

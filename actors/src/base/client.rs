@@ -1,11 +1,12 @@
 //! The admin client: requests to a running daemon's HTTP listener, for the commands, the
 //! benchmarks and the demo.
 
+use crate::base::error::{Error, Result};
 use std::time::Duration;
 
 /// A request to a running daemon's listener: the body of a 200 answer, the error message of
 /// any other; `None` when nothing listens there.
-pub fn request(addr: &str, method: &str, path: &str) -> Option<Result<Vec<u8>, String>> {
+pub fn request(addr: &str, method: &str, path: &str) -> Option<Result<Vec<u8>>> {
     use std::io::{Read, Write};
     let sock: std::net::SocketAddr = addr.parse().ok()?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).ok()?;
@@ -14,14 +15,14 @@ pub fn request(addr: &str, method: &str, path: &str) -> Option<Result<Vec<u8>, S
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     );
     if let Err(e) = s.write_all(req.as_bytes()) {
-        return Some(Err(e.to_string()));
+        return Some(Err(Error::Admin(format!("{addr}{path}: {e}"))));
     }
     let mut out = Vec::new();
     if let Err(e) = s.read_to_end(&mut out) {
-        return Some(Err(e.to_string()));
+        return Some(Err(Error::Admin(format!("{addr}{path}: {e}"))));
     }
     let Some(split) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Some(Err(format!("bad answer from {addr}")));
+        return Some(Err(Error::Admin(format!("bad answer from {addr}"))));
     };
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
     let body = out[split + 4..].to_vec();
@@ -37,14 +38,15 @@ pub fn request(addr: &str, method: &str, path: &str) -> Option<Result<Vec<u8>, S
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-    Some(Err(format!("{addr}{path}: {code}: {msg}")))
+    Some(Err(Error::Admin(format!("{addr}{path}: {code}: {msg}"))))
 }
 
 /// A `GET` of a JSON document from a running daemon; `None` when nothing listens there.
-pub fn get(addr: &str, path: &str) -> Option<Result<serde_json::Value, String>> {
+pub fn get(addr: &str, path: &str) -> Option<Result<serde_json::Value>> {
     request(addr, "GET", path).map(|r| {
         r.and_then(|b| {
-            serde_json::from_slice(&b).map_err(|e| format!("bad answer from {addr}: {e}"))
+            serde_json::from_slice(&b)
+                .map_err(|e| Error::Admin(format!("bad answer from {addr}: {e}")))
         })
     })
 }

@@ -2,6 +2,8 @@
 //! with `PLIP__SECTION__KEY` environment variables; unknown keys and invalid values are refused
 //! at start, naming the key.
 
+use crate::base::error::{Error, Result};
+
 use plip_ingest::amqp::Topology;
 use plip_ingest::wire::WireLimits;
 use serde::{Deserialize, Serialize};
@@ -31,7 +33,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` (one readable line per event) or `json` (one JSON object per line).
-    pub format: String,
+    pub format: LogFormat,
     /// A `tracing` filter: a level (`info`) or per-module directives (`info,plip_actors=debug`).
     /// The `RUST_LOG` environment variable, when set, replaces it. The broker client's own
     /// events are off by default: the daemon reports every broker failure itself
@@ -43,7 +45,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info,lapin=off".into(),
         }
     }
@@ -62,7 +64,7 @@ pub struct ServingConfig {
     /// How often to look for a new checkpoint or new gallery samples, milliseconds.
     pub poll_ms: u64,
     /// Metric that gates a promotion: `mAP`, `rank1` or `text_r1` (probe split).
-    pub gate_metric: String,
+    pub gate_metric: GateMetric,
     /// A candidate is promoted unless its gate metric is worse than the serving version's by
     /// more than this.
     pub gate_margin: f64,
@@ -84,7 +86,7 @@ impl Default for ServingConfig {
             device: "cpu".into(),
             prefetch: 16,
             poll_ms: 2000,
-            gate_metric: "mAP".into(),
+            gate_metric: GateMetric::MeanAp,
             gate_margin: 0.02,
             flip_average: false,
             attribute_weight: 0.0,
@@ -345,7 +347,7 @@ impl Config {
     ///
     /// # Errors
     /// An unreadable file, an unknown key or an invalid value, naming it.
-    pub fn load(file: Option<&Path>) -> Result<Config, String> {
+    pub fn load(file: Option<&Path>) -> Result<Config> {
         Self::load_with_env(file, None)
     }
 
@@ -356,11 +358,14 @@ impl Config {
     pub fn load_with_env(
         file: Option<&Path>,
         env: Option<std::collections::HashMap<String, String>>,
-    ) -> Result<Config, String> {
+    ) -> Result<Config> {
         let mut b = config::Config::builder();
         if let Some(f) = file {
             if !f.exists() {
-                return Err(format!("configuration file {} does not exist", f.display()));
+                return Err(Error::Config(format!(
+                    "configuration file {} does not exist",
+                    f.display()
+                )));
             }
             b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
         }
@@ -372,10 +377,10 @@ impl Config {
         let raw = b
             .add_source(envsrc)
             .build()
-            .map_err(|e| format!("configuration: {e}"))?;
+            .map_err(|e| Error::Config(format!("configuration: {e}")))?;
         let cfg: Config = raw
             .try_deserialize()
-            .map_err(|e| format!("configuration: {e}"))?;
+            .map_err(|e| Error::Config(format!("configuration: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -384,15 +389,15 @@ impl Config {
     ///
     /// # Errors
     /// Every invalid value, each naming its key, in one message.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         let problems = self.problems();
         match problems.len() {
             0 => Ok(()),
-            1 => Err(problems[0].clone()),
-            n => Err(format!(
+            1 => Err(Error::Config(problems[0].clone())),
+            n => Err(Error::Config(format!(
                 "{n} problems in the configuration:\n  - {}",
                 problems.join("\n  - ")
-            )),
+            ))),
         }
     }
 
@@ -426,11 +431,8 @@ impl Config {
         if let Err(e) = plip_model::DeviceSpec::parse(&self.serving.device) {
             bad.push(format!("serving.device: {e}"));
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            bad.push(format!(
-                "log.format = {:?}: expected \"text\" or \"json\"",
-                self.log.format
-            ));
+        if let LogFormat::Unknown(f) = &self.log.format {
+            bad.push(format!("log.format = {f:?}: expected \"text\" or \"json\""));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             bad.push(format!("log.level = {:?}: {e}", self.log.level));
@@ -503,7 +505,7 @@ impl Config {
         if self.state.probe_percent > 50 {
             bad.push("state.probe_percent must be at most 50".into());
         }
-        if !["mAP", "rank1", "text_r1"].contains(&self.serving.gate_metric.as_str()) {
+        if let GateMetric::Unknown(_) = self.serving.gate_metric {
             bad.push("serving.gate_metric must be mAP, rank1 or text_r1".into());
         }
         if !(self.serving.attribute_weight >= 0.0 && self.serving.attribute_weight.is_finite()) {
@@ -516,5 +518,88 @@ impl Config {
             bad.push("captions.workers must be at least 1".into());
         }
         bad
+    }
+}
+
+/// `log.format`: how the daemon writes its log lines. A value outside the two is kept as
+/// [`LogFormat::Unknown`] so that [`Config::validate`] can report it with every other bad key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// Anything else (refused by validation).
+    Unknown(String),
+}
+
+impl From<String> for LogFormat {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => LogFormat::Unknown(s),
+        }
+    }
+}
+
+impl From<LogFormat> for String {
+    fn from(f: LogFormat) -> String {
+        match f {
+            LogFormat::Text => "text".into(),
+            LogFormat::Json => "json".into(),
+            LogFormat::Unknown(s) => s,
+        }
+    }
+}
+
+/// `serving.gate_metric`: the probe-split metric that gates a promotion. A value outside the
+/// three is kept as [`GateMetric::Unknown`] for [`Config::validate`] to report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum GateMetric {
+    /// `mAP`: mean average precision of image queries.
+    MeanAp,
+    /// `rank1`: Rank-1 of image queries.
+    Rank1,
+    /// `text_r1`: Rank-1 of text queries.
+    TextR1,
+    /// Anything else (refused by validation).
+    Unknown(String),
+}
+
+impl GateMetric {
+    /// The metric's name: its configuration value and its key in an evaluation's metrics.
+    pub fn as_str(&self) -> &str {
+        match self {
+            GateMetric::MeanAp => "mAP",
+            GateMetric::Rank1 => "rank1",
+            GateMetric::TextR1 => "text_r1",
+            GateMetric::Unknown(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for GateMetric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<String> for GateMetric {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "mAP" => GateMetric::MeanAp,
+            "rank1" => GateMetric::Rank1,
+            "text_r1" => GateMetric::TextR1,
+            _ => GateMetric::Unknown(s),
+        }
+    }
+}
+
+impl From<GateMetric> for String {
+    fn from(g: GateMetric) -> String {
+        g.as_str().to_string()
     }
 }

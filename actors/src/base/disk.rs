@@ -6,6 +6,8 @@
 //! consuming while less than `state.min_free_bytes` is free (the messages wait in the broker;
 //! consumption resumes when space returns).
 
+use crate::base::error::{Error, Result};
+
 use std::path::Path;
 
 /// Environment variable naming a file that, while it exists, holds the number of free bytes to
@@ -58,11 +60,15 @@ fn mib(b: u64) -> String {
 ///
 /// # Errors
 /// What is free against what is needed, naming the setting; or the free space is unknown.
-pub fn check(dir: &Path, reserve: u64, need: u64) -> Result<(), String> {
-    let free = free_bytes(dir)
-        .map_err(|e| format!("cannot read the free space of {}: {e}", dir.display()))?;
+pub fn check(dir: &Path, reserve: u64, need: u64) -> Result<()> {
+    let free = free_bytes(dir).map_err(|e| {
+        Error::Storage(format!(
+            "cannot read the free space of {}: {e}",
+            dir.display()
+        ))
+    })?;
     if free < reserve.saturating_add(need) {
-        return Err(if need == 0 {
+        return Err(Error::Storage(if need == 0 {
             format!(
                 "disk space low: {} free on the state folder's file system, below the reserve of {} (state.min_free_bytes)",
                 mib(free),
@@ -75,7 +81,7 @@ pub fn check(dir: &Path, reserve: u64, need: u64) -> Result<(), String> {
                 mib(need),
                 mib(reserve)
             )
-        });
+        }));
     }
     Ok(())
 }
@@ -88,7 +94,7 @@ mod tests {
         let free = super::statvfs_free(&dir).unwrap();
         assert!(free > 0);
         assert!(super::check(&dir, 0, 0).is_ok());
-        let e = super::check(&dir, u64::MAX / 2, 0).unwrap_err();
+        let e = super::check(&dir, u64::MAX / 2, 0).unwrap_err().to_string();
         assert!(e.contains("state.min_free_bytes"), "{e}");
         assert!(super::statvfs_free(std::path::Path::new("/no/such/dir")).is_err());
     }

@@ -1,7 +1,8 @@
 //! The bottom layer: what the daemon, the commands and the benchmarks share. Imports nothing
 //! of the crate outside itself.
 //!
-//! - [`config`]: the configuration (file, environment, validation).
+//! - [`config`]: the configuration (file, environment, validation); [`error`]: the error type
+//!   of the core and the daemon, with the wire code of each kind.
 //! - [`state`]: the sled state folder (tokenizer, checkpoints, gallery, serving records);
 //!   [`store`]: the sample store; [`packs`]: the images' pack files; [`disk`]: free space.
 //! - [`model`]: models loaded from a checkpoint or a weights file, and exports;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod disk;
+pub mod error;
 pub mod index;
 pub mod launch;
 pub mod model;

@@ -10,6 +10,8 @@
 //! all three. Records written before pack files existed hold their JPEG inline and are read as
 //! before.
 
+use crate::base::error::{Error, Result};
+
 use plip_ingest::captions::{find_phrases, Caption};
 use plip_ingest::image::{canonical, to_jpeg};
 use plip_ingest::wire::{Purpose, ValidImage};
@@ -55,8 +57,8 @@ pub struct StoredSample {
 
 /// A record: the metadata's length (8 bytes, little-endian), the metadata (JSON), then — in
 /// records written before pack files only — the JPEG.
-fn encode_record(meta: &SampleMeta) -> Result<Vec<u8>, String> {
-    let json = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
+fn encode_record(meta: &SampleMeta) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(meta)?;
     let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
@@ -181,11 +183,11 @@ pub struct SampleStore {
 /// would: the fault-injection hook of the storage-failure tests (unset in production).
 pub const FAULT_FILE_ENV: &str = "PLIP_FAULT_FAIL_WRITES_FILE";
 
-fn injected_fault() -> Result<(), String> {
+fn injected_fault() -> Result<()> {
     match std::env::var_os(FAULT_FILE_ENV) {
-        Some(f) if std::path::Path::new(&f).exists() => {
-            Err("injected write failure (No space left on device)".into())
-        }
+        Some(f) if std::path::Path::new(&f).exists() => Err(Error::Storage(
+            "injected write failure (No space left on device)".into(),
+        )),
         _ => Ok(()),
     }
 }
@@ -209,13 +211,9 @@ impl SampleStore {
     ///
     /// # Errors
     /// A database error, or pack files that cannot be read or written.
-    pub fn open(db: &sled::Db, dir: &std::path::Path, probe_percent: u32) -> Result<Self, String> {
-        let samples = db
-            .open_tree(super::state::trees::SAMPLES)
-            .map_err(|e| e.to_string())?;
-        let uncaptioned = db
-            .open_tree(super::state::trees::UNCAPTIONED)
-            .map_err(|e| e.to_string())?;
+    pub fn open(db: &sled::Db, dir: &std::path::Path, probe_percent: u32) -> Result<Self> {
+        let samples = db.open_tree(super::state::trees::SAMPLES)?;
+        let uncaptioned = db.open_tree(super::state::trees::UNCAPTIONED)?;
         // One scan at open: the figures (every later write keeps them) and the pack entries
         // the records reference.
         let mut tally = Tally {
@@ -225,14 +223,16 @@ impl SampleStore {
         let mut referenced = Vec::new();
         for v in samples.iter().values() {
             tally.total += 1;
-            if let Some(m) = decode_meta(&v.map_err(|e| e.to_string())?) {
+            if let Some(m) = decode_meta(&v?) {
                 tally.counts.add(&m, 1);
                 referenced.extend(m.image);
             }
         }
         let (packs, recovered) =
             crate::base::packs::Packs::open(dir, referenced, crate::base::packs::PACK_MAX_BYTES)
-                .map_err(|e| format!("opening the pack files in {}: {e}", dir.display()))?;
+                .map_err(|e| {
+                    Error::Storage(format!("opening the pack files in {}: {e}", dir.display()))
+                })?;
         if recovered != crate::base::packs::Recovered::default() {
             tracing::info!(
                 packs_deleted = recovered.packs_deleted,
@@ -242,9 +242,7 @@ impl SampleStore {
         }
         Ok(SampleStore {
             samples,
-            arrivals: db
-                .open_tree(super::state::trees::ARRIVALS)
-                .map_err(|e| e.to_string())?,
+            arrivals: db.open_tree(super::state::trees::ARRIVALS)?,
             uncaptioned,
             db: db.clone(),
             probe_percent,
@@ -266,7 +264,7 @@ impl SampleStore {
     ///
     /// # Errors
     /// A failed write or flush: nothing of this batch may be acknowledged.
-    pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>, String> {
+    pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>> {
         let mut staged = Vec::with_capacity(images.len());
         let mut fresh = Vec::with_capacity(images.len());
         for img in images {
@@ -288,7 +286,7 @@ impl SampleStore {
     ///
     /// # Errors
     /// A failed write or flush.
-    pub fn put_one(&self, img: &ValidImage) -> Result<Put, String> {
+    pub fn put_one(&self, img: &ValidImage) -> Result<Put> {
         let put = match self.stage(img)? {
             None => Put {
                 fresh: false,
@@ -310,23 +308,19 @@ impl SampleStore {
     ///
     /// # Errors
     /// A failed write.
-    pub fn stage(&self, img: &ValidImage) -> Result<Option<Staged>, String> {
+    pub fn stage(&self, img: &ValidImage) -> Result<Option<Staged>> {
         injected_stall();
         injected_fault()?;
-        if self
-            .samples
-            .contains_key(img.id.as_bytes())
-            .map_err(|e| e.to_string())?
-        {
+        if self.samples.contains_key(img.id.as_bytes())? {
             return Ok(None);
         }
-        let seq = self.db.generate_id().map_err(|e| e.to_string())?;
+        let seq = self.db.generate_id()?;
         let canonical_jpeg;
         let jpeg = match &img.encoded {
             Some(bytes) => bytes.as_slice(),
             None => {
-                canonical_jpeg =
-                    to_jpeg(&canonical(&img.pixels), JPEG_QUALITY).map_err(|e| e.to_string())?;
+                canonical_jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY)
+                    .map_err(|e| Error::Storage(e.to_string()))?;
                 canonical_jpeg.as_slice()
             }
         };
@@ -348,7 +342,7 @@ impl SampleStore {
         let image = self
             .packs
             .append(jpeg)
-            .map_err(|e| format!("writing a pack file: {e}"))?;
+            .map_err(|e| Error::Storage(format!("writing a pack file: {e}")))?;
         let meta = SampleMeta {
             id: img.id.clone(),
             person_id: img.person_id.clone(),
@@ -380,7 +374,7 @@ impl SampleStore {
     ///
     /// # Errors
     /// A failed sync or write.
-    pub fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Put>, String> {
+    pub fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Put>> {
         injected_stall();
         injected_fault()?;
         let Some(last) = staged
@@ -392,7 +386,7 @@ impl SampleStore {
         };
         self.packs
             .sync_upto(&last)
-            .map_err(|e| format!("syncing a pack file: {e}"))?;
+            .map_err(|e| Error::Storage(format!("syncing a pack file: {e}")))?;
         let fresh = (&self.samples, &self.arrivals)
             .transaction(|(samples, arrivals)| {
                 let mut fresh = Vec::with_capacity(staged.len());
@@ -407,7 +401,9 @@ impl SampleStore {
                 }
                 Ok(fresh)
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                Error::Storage(format!("{e:?}"))
+            })?;
         let mut out = Vec::with_capacity(staged.len());
         for (s, fresh) in staged.iter().zip(fresh) {
             if fresh {
@@ -417,7 +413,7 @@ impl SampleStore {
             } else {
                 self.packs
                     .release(&s.image)
-                    .map_err(|e| format!("releasing pack bytes: {e}"))?;
+                    .map_err(|e| Error::Storage(format!("releasing pack bytes: {e}")))?;
             }
             out.push(Put {
                 fresh,
@@ -432,8 +428,8 @@ impl SampleStore {
     ///
     /// # Errors
     /// A database error, or JPEG bytes that cannot be read back or fail their checksum.
-    pub fn get(&self, id: &str) -> Result<Option<StoredSample>, String> {
-        let Some(v) = self.samples.get(id.as_bytes()).map_err(|e| e.to_string())? else {
+    pub fn get(&self, id: &str) -> Result<Option<StoredSample>> {
+        let Some(v) = self.samples.get(id.as_bytes())? else {
             return Ok(None);
         };
         let Some((meta, inline)) = decode_record(&v) else {
@@ -441,10 +437,9 @@ impl SampleStore {
         };
         let jpeg = match &meta.image {
             None => inline.to_vec(),
-            Some(r) => self
-                .packs
-                .read(r)
-                .map_err(|e| format!("sample {id}: its image cannot be read: {e}"))?,
+            Some(r) => self.packs.read(r).map_err(|e| {
+                Error::Storage(format!("sample {id}: its image cannot be read: {e}"))
+            })?,
         };
         Ok(Some(StoredSample { meta, jpeg }))
     }
@@ -454,16 +449,11 @@ impl SampleStore {
     ///
     /// # Errors
     /// A database error.
-    pub fn set_captions(&self, id: &str, captions: Vec<Caption>) -> Result<(), String> {
+    pub fn set_captions(&self, id: &str, captions: Vec<Caption>) -> Result<()> {
         injected_fault()?;
-        let record = self.samples.get(id.as_bytes()).map_err(|e| e.to_string())?;
+        let record = self.samples.get(id.as_bytes())?;
         let Some((mut meta, inline)) = record.as_deref().and_then(decode_record) else {
-            if self
-                .uncaptioned
-                .remove(id.as_bytes())
-                .map_err(|e| e.to_string())?
-                .is_some()
-            {
+            if self.uncaptioned.remove(id.as_bytes())?.is_some() {
                 step(&mut self.tally().uncaptioned, -1);
             }
             return Ok(());
@@ -476,7 +466,9 @@ impl SampleStore {
                 samples.insert(id.as_bytes(), value.as_slice())?;
                 Ok(uncaptioned.remove(id.as_bytes())?.is_some())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+            .map_err(|e: sled::transaction::TransactionError<()>| {
+                Error::Storage(format!("{e:?}"))
+            })?;
         if ticket {
             step(&mut self.tally().uncaptioned, -1);
         }
@@ -526,7 +518,7 @@ impl SampleStore {
     ///
     /// # Errors
     /// A database error.
-    pub fn forget_person(&self, person: &str) -> Result<Vec<String>, String> {
+    pub fn forget_person(&self, person: &str) -> Result<Vec<String>> {
         let doomed: Vec<SampleMeta> = self
             .metas()
             .into_iter()
@@ -539,10 +531,12 @@ impl SampleStore {
                     arrivals.remove(&m.seq.to_be_bytes())?;
                     Ok((sample, uncaptioned.remove(m.id.as_bytes())?.is_some()))
                 })
-                .map_err(|e: sled::transaction::TransactionError<()>| format!("{e:?}"))?;
+                .map_err(|e: sled::transaction::TransactionError<()>| {
+                    Error::Storage(format!("{e:?}"))
+                })?;
             self.removed(m, sample, ticket)?;
         }
-        self.db.flush().map_err(|e| e.to_string())?;
+        self.db.flush()?;
         Ok(doomed.into_iter().map(|m| m.id).collect())
     }
 
@@ -550,9 +544,9 @@ impl SampleStore {
     ///
     /// # Errors
     /// The flush failed: what was written since the last flush may not be durable.
-    pub fn flush(&self) -> Result<(), String> {
+    pub fn flush(&self) -> Result<()> {
         injected_fault()?;
-        self.db.flush().map(|_| ()).map_err(|e| e.to_string())
+        self.db.flush().map(|_| ()).map_err(Error::from)
     }
 
     /// Number of stored samples.
@@ -575,7 +569,7 @@ impl SampleStore {
     /// was its captioning ticket).
     /// Its image bytes are punched out of their pack at once (a forgotten person's images do
     /// not stay on disk).
-    fn removed(&self, m: &SampleMeta, sample: bool, ticket: bool) -> Result<(), String> {
+    fn removed(&self, m: &SampleMeta, sample: bool, ticket: bool) -> Result<()> {
         {
             let mut t = self.tally();
             if sample {
@@ -590,7 +584,7 @@ impl SampleStore {
             (Some(r), true) => self
                 .packs
                 .release(r)
-                .map_err(|e| format!("removing the image of {}: {e}", m.id)),
+                .map_err(|e| Error::Storage(format!("removing the image of {}: {e}", m.id))),
             _ => Ok(()),
         }
     }
@@ -607,7 +601,7 @@ impl SampleStore {
 
     /// Evicts the oldest training-only, non-probe samples until at most `cap` of them remain.
     /// Gallery and probe samples are never evicted. Returns how many were removed (flushed).
-    pub fn evict_training(&self, cap: usize) -> Result<usize, String> {
+    pub fn evict_training(&self, cap: usize) -> Result<usize> {
         let trainable: Vec<(sled::IVec, SampleMeta)> = self
             .arrivals
             .iter()
@@ -619,20 +613,12 @@ impl SampleStore {
             .collect();
         let excess = trainable.len().saturating_sub(cap);
         for (k, m) in trainable.iter().take(excess) {
-            let sample = self
-                .samples
-                .remove(m.id.as_bytes())
-                .map_err(|e| e.to_string())?
-                .is_some();
-            self.arrivals.remove(k).map_err(|e| e.to_string())?;
-            let ticket = self
-                .uncaptioned
-                .remove(m.id.as_bytes())
-                .map_err(|e| e.to_string())?
-                .is_some();
+            let sample = self.samples.remove(m.id.as_bytes())?.is_some();
+            self.arrivals.remove(k)?;
+            let ticket = self.uncaptioned.remove(m.id.as_bytes())?.is_some();
             self.removed(m, sample, ticket)?;
         }
-        self.db.flush().map_err(|e| e.to_string())?;
+        self.db.flush()?;
         Ok(excess)
     }
 }

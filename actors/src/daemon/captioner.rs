@@ -9,6 +9,8 @@
 //!
 //! Worker 0 also applies the training-sample cap (`state.max_training_samples`).
 
+use crate::base::error::Result;
+
 use super::Shared;
 use plip_ingest::captions::estimate_colours;
 use plip_ingest::image::{decode, IntakeLimits};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 /// # Errors
 /// Never for a bad sample (it is captioned as "a person" or skipped with a log line); a
 /// storage failure is retried after a pause.
-pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<(), String> {
+pub fn run(shared: Arc<Shared>, shard: usize, shards: usize) -> Result<()> {
     let mut last_evict = Instant::now();
     while !shared.stopping() {
         if shard == 0 && last_evict.elapsed() > Duration::from_secs(10) {

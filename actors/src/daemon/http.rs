@@ -5,6 +5,8 @@
 //! `POST /rollback`, `/unpin`, `/forget`. The same JSON is what `plipd status` and `plipd
 //! checkpoints` print; their client is [`crate::base::client`].
 
+use crate::base::error::{Error, Result};
+
 use super::Shared;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,17 +17,17 @@ use tokio::net::{TcpListener, TcpStream};
 ///
 /// # Errors
 /// The address is invalid or taken.
-pub async fn bind(addr: &str) -> Result<TcpListener, String> {
+pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("http.listen = {addr:?}: cannot listen: {e}"))
+        .map_err(|e| Error::Config(format!("http.listen = {addr:?}: cannot listen: {e}")))
 }
 
 /// Serves until shutdown.
 ///
 /// # Errors
 /// The listener itself failed.
-pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<(), String> {
+pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<()> {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -43,7 +45,7 @@ pub async fn serve(shared: Arc<Shared>, listener: Arc<TcpListener>) -> Result<()
                             .await;
                 });
             }
-            Err(e) => return Err(format!("accept failed: {e}")),
+            Err(e) => return Err(Error::Internal(format!("accept failed: {e}"))),
         }
     }
 }
@@ -57,12 +59,12 @@ pub struct StorageFigures {
     pub latest: Option<u64>,
 }
 
-fn read_figures(shared: &Shared) -> Result<StorageFigures, String> {
+fn read_figures(shared: &Shared) -> Result<StorageFigures> {
     Ok(StorageFigures {
         counts: shared.store.counts(),
         total: shared.store.len(),
         uncaptioned: shared.store.uncaptioned_len(),
-        latest: shared.state.latest_version().map_err(|e| e.to_string())?,
+        latest: shared.state.latest_version()?,
     })
 }
 
@@ -191,9 +193,9 @@ fn route(
     query: &str,
     figures: (StorageFigures, Option<String>),
 ) -> Body {
-    let ok = |v: Result<serde_json::Value, String>| match v {
+    let ok = |v: Result<serde_json::Value>| match v {
         Ok(v) => Body::Json(200, v),
-        Err(e) => Body::Json(500, error(&e)),
+        Err(e) => Body::Json(500, error(&e.to_string())),
     };
     let bad = |m: &str| Body::Json(400, error(m));
     let version = query_param(query, "version").map(|v| v.parse::<u64>());
@@ -240,10 +242,7 @@ fn route(
         ("POST", "/forget") => match query_param(query, "person").map(unescape) {
             Some(p) if !p.is_empty() => {
                 let r = shared.store.forget_person(&p).and_then(|ids| {
-                    shared
-                        .state
-                        .remove_gallery(&ids)
-                        .map_err(|e| e.to_string())?;
+                    shared.state.remove_gallery(&ids)?;
                     Ok(ids)
                 });
                 match r {
@@ -269,7 +268,7 @@ fn route(
                             serde_json::json!({"person": p, "samples_removed": ids.len(), "note": "samples and gallery entries are deleted and the person's identity-classifier row is zeroed at the trainer's next step; the rest of the trained weights cannot unlearn"}),
                         )
                     }
-                    Err(e) => Body::Json(500, error(&e)),
+                    Err(e) => Body::Json(500, error(&e.to_string())),
                 }
             }
             _ => bad("POST /forget?person=PERSON_ID"),
@@ -621,7 +620,7 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
 ///
 /// # Errors
 /// A storage error.
-pub fn checkpoints(shared: &Shared) -> Result<serde_json::Value, String> {
+pub fn checkpoints(shared: &Shared) -> Result<serde_json::Value> {
     list_checkpoints(&shared.state)
 }
 
@@ -629,14 +628,13 @@ pub fn checkpoints(shared: &Shared) -> Result<serde_json::Value, String> {
 ///
 /// # Errors
 /// A storage error.
-pub fn list_checkpoints(state: &crate::base::state::State) -> Result<serde_json::Value, String> {
-    let e = |x: crate::base::state::StateError| x.to_string();
-    let latest = state.latest_version().map_err(e)?;
-    let serving = state.serving_version().map_err(e)?;
-    let pinned = state.pinned().map_err(e)?;
+pub fn list_checkpoints(state: &crate::base::state::State) -> Result<serde_json::Value> {
+    let latest = state.latest_version()?;
+    let serving = state.serving_version()?;
+    let pinned = state.pinned()?;
     let list: Vec<serde_json::Value> = state
         .list()
-        .map_err(e)?
+        ?
         .into_iter()
         .map(|r| match r {
             Ok(m) => {

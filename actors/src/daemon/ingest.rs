@@ -15,6 +15,8 @@
 //! broker is reconnected with exponential backoff (topology re-declared, prefetch re-applied —
 //! a fresh connection each time, so nothing depends on lapin's recovery).
 
+use crate::base::error::{Error, Result};
+
 use super::Shared;
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -54,12 +56,12 @@ enum Stop {
     /// Shutdown requested.
     Shutdown,
     /// The broker connection or channel failed.
-    Broker(String),
+    Broker(Error),
     /// Free space fell below the reserve: nothing more may be consumed until it is back.
-    Storage(String),
+    Storage(Error),
     /// A write or flush failed or stalled: sled's errors are sticky, so the daemon exits with
     /// [`super::EXIT_STORAGE_FAILED`] for its service manager to restart it.
-    StorageFailed(String),
+    StorageFailed(Error),
 }
 
 /// Runs ingest until shutdown: connect, consume, and on failure reconnect with backoff or wait
@@ -104,7 +106,7 @@ pub async fn run(shared: Arc<Shared>) {
             Stop::StorageFailed(e) => {
                 {
                     let mut st = shared.stats();
-                    st.storage_error = Some(e.clone());
+                    st.storage_error = Some(e.to_string());
                     st.ingest_paused = Some(format!("storage: {e}"));
                 }
                 tracing::error!(
@@ -118,7 +120,7 @@ pub async fn run(shared: Arc<Shared>) {
             Stop::Storage(e) => {
                 {
                     let mut st = shared.stats();
-                    st.storage_error = Some(e.clone());
+                    st.storage_error = Some(e.to_string());
                     st.ingest_paused = Some(format!("storage: {e}"));
                 }
                 tracing::error!(error = %e, "storage_paused");
@@ -131,7 +133,7 @@ pub async fn run(shared: Arc<Shared>) {
                     }
                     match crate::base::disk::check(&dir, reserve, 0) {
                         Ok(()) => break,
-                        Err(e) => shared.stats().storage_error = Some(e),
+                        Err(e) => shared.stats().storage_error = Some(e.to_string()),
                     }
                 }
                 shared.stats().storage_error = None;
@@ -147,29 +149,24 @@ async fn session(shared: &Arc<Shared>) -> Stop {
     let cfg = &shared.cfg;
     let conn = match connect_tls(&cfg.broker.url, cfg.broker.tls_ca_file.as_deref()).await {
         Ok(c) => c,
-        Err(e) => return Stop::Broker(e.to_string()),
+        Err(e) => return Stop::Broker(e.into()),
     };
     let result = consume(shared, &conn).await;
     let _ = conn.close(200, "plipd ingest closing".into()).await;
     result
 }
 
-async fn setup(shared: &Arc<Shared>, conn: &Connection) -> Result<Channel, String> {
+async fn setup(shared: &Arc<Shared>, conn: &Connection) -> Result<Channel> {
     let cfg = &shared.cfg;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    cfg.topology
-        .declare(&channel)
-        .await
-        .map_err(|e| e.to_string())?;
+    let channel = conn.create_channel().await?;
+    cfg.topology.declare(&channel).await?;
     // lapin's own recovery would not restore the prefetch; a fresh connection sets it each time.
     channel
         .basic_qos(cfg.broker.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(channel)
 }
 
@@ -190,7 +187,7 @@ async fn consume(shared: &Arc<Shared>, conn: &Connection) -> Stop {
         .await
     {
         Ok(c) => c,
-        Err(e) => return Stop::Broker(e.to_string()),
+        Err(e) => return Stop::Broker(e.into()),
     };
     {
         let mut st = shared.stats();
@@ -213,14 +210,14 @@ async fn consume(shared: &Arc<Shared>, conn: &Connection) -> Stop {
                     let channel = channel.clone();
                     inflight.spawn(async move { handle(&shared, &channel, delivery, frame_max).await });
                 }
-                Some(Err(e)) => break Stop::Broker(e.to_string()),
-                None => break Stop::Broker("the consumer was cancelled by the broker".into()),
+                Some(Err(e)) => break Stop::Broker(e.into()),
+                None => break Stop::Broker(Error::Broker("the consumer was cancelled by the broker".into())),
             },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 match done {
                     Ok(Ok(())) => {}
                     Ok(Err(stop)) => break stop,
-                    Err(e) => break Stop::Broker(format!("a delivery handler failed: {e}")),
+                    Err(e) => break Stop::Broker(Error::Internal(format!("a delivery handler failed: {e}"))),
                 }
             }
             _ = shared.stopped() => break Stop::Shutdown,
@@ -280,7 +277,7 @@ async fn handle(
                 )
             })
             .await
-            .map_err(|e| Stop::Broker(format!("decoder task failed: {e}")))?
+            .map_err(|e| Stop::Broker(Error::Internal(format!("decoder task failed: {e}"))))?
         }
     };
     let (outcome, dead) = match decoded {
@@ -376,7 +373,7 @@ async fn handle(
             give_back_decoded_memory(shared);
             Ok(())
         }
-        Err(e) => Err(Stop::Broker(format!("ack failed: {e}"))),
+        Err(e) => Err(Stop::Broker(Error::Broker(format!("ack failed: {e}")))),
     }
 }
 
@@ -457,7 +454,7 @@ async fn store_images(
             .clone()
             .acquire_many_owned(cost as u32)
             .await
-            .map_err(|e| Stop::Broker(format!("pixel budget closed: {e}")))?;
+            .map_err(|e| Stop::Broker(Error::Internal(format!("pixel budget closed: {e}"))))?;
         shared
             .decoded_since_trim
             .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
@@ -479,7 +476,7 @@ async fn store_images(
                     },
                     Err(refused) => Ok(Err(refused)),
                 })
-                .collect::<Result<Vec<_>, String>>()
+                .collect::<Result<Vec<_>>>()
         })
         .await
         .map_err(Stop::StorageFailed)?;
@@ -526,15 +523,15 @@ async fn store_images(
 /// as failed (it is abandoned, and the daemon stops: see [`Stop::StorageFailed`]).
 async fn blocking_storage<T: Send + 'static>(
     stall: Duration,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::time::timeout(stall, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(format!("a storage task failed: {e}")),
-        Err(_) => Err(format!(
+        Ok(Err(e)) => Err(Error::Storage(format!("a storage task failed: {e}"))),
+        Err(_) => Err(Error::Storage(format!(
             "a storage write has not returned for {} s (state.stall_timeout_s)",
             stall.as_secs()
-        )),
+        ))),
     }
 }
 
@@ -572,8 +569,7 @@ async fn reply(
     reply_to: &str,
     outcome: IngestOutcome,
 ) -> Result<(), Stop> {
-    let body =
-        serde_json::to_vec(&bounded_outcome(outcome)).map_err(|e| Stop::Broker(e.to_string()))?;
+    let body = serde_json::to_vec(&bounded_outcome(outcome)).map_err(|e| Stop::Broker(e.into()))?;
     let mut out =
         BasicProperties::default().with_content_type(ShortString::from("application/json"));
     if let Some(c) = props.correlation_id() {
@@ -591,7 +587,7 @@ pub async fn publish_confirmed(
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
-) -> Result<(), String> {
+) -> Result<()> {
     let confirm = channel
         .basic_publish(
             exchange.into(),
@@ -601,11 +597,13 @@ pub async fn publish_confirmed(
             props,
         )
         .await
-        .map_err(|e| format!("publish to {exchange:?}: {e}"))?
+        .map_err(|e| Error::Broker(format!("publish to {exchange:?}: {e}")))?
         .await
-        .map_err(|e| format!("confirm from {exchange:?}: {e}"))?;
+        .map_err(|e| Error::Broker(format!("confirm from {exchange:?}: {e}")))?;
     if confirm.is_nack() {
-        return Err(format!("the broker refused a message for {exchange:?}"));
+        return Err(Error::Broker(format!(
+            "the broker refused a message for {exchange:?}"
+        )));
     }
     Ok(())
 }

@@ -7,6 +7,8 @@
 //! → caption workers (a ticket tree in sled, so nothing waits in memory) → trainer thread
 //! (identity-balanced batches from the store) → checkpointer (sled `checkpoints` tree).
 
+use crate::base::error::{Error, Result};
+
 pub mod captioner;
 pub mod http;
 pub mod ingest;
@@ -61,12 +63,10 @@ impl Shared {
     ///
     /// # Errors
     /// The state folder cannot be opened (another process holds it, newer format, I/O).
-    pub fn open(cfg: Config) -> Result<Arc<Shared>, String> {
+    pub fn open(cfg: Config) -> Result<Arc<Shared>> {
         let cfg_pixels = cfg.limits.decoded_pixels_in_flight;
-        let state = State::open(&cfg.state.dir).map_err(|e| e.to_string())?;
-        let store = state
-            .samples(cfg.state.probe_percent)
-            .map_err(|e| e.to_string())?;
+        let state = State::open(&cfg.state.dir)?;
+        let store = state.samples(cfg.state.probe_percent)?;
         Ok(Arc::new(Shared {
             cfg,
             state,
@@ -163,7 +163,7 @@ pub fn init_logging(cfg: &crate::base::config::LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = if cfg.format == "json" {
+    let _ = if cfg.format == crate::base::config::LogFormat::Json {
         builder
             .json()
             .flatten_event(true)
@@ -177,14 +177,16 @@ pub fn init_logging(cfg: &crate::base::config::LogConfig) {
 /// Opens nothing but checks, before anything starts, that every configured CUDA device is
 /// usable — so a missing driver or GPU stops the start with a message instead of a trainer
 /// that fails and restarts forever.
-fn check_devices(cfg: &Config) -> Result<(), String> {
+fn check_devices(cfg: &Config) -> Result<()> {
     for (key, name, used) in [
         ("trainer.device", &cfg.trainer.device, cfg.trainer.enabled),
         ("serving.device", &cfg.serving.device, cfg.serving.enabled),
     ] {
-        let spec = plip_model::DeviceSpec::parse(name).map_err(|e| format!("{key}: {e}"))?;
+        let spec = plip_model::DeviceSpec::parse(name)
+            .map_err(|e| Error::Config(format!("{key}: {e}")))?;
         if let (plip_model::DeviceSpec::Cuda(n), true) = (spec, used) {
-            let what = plip_model::device::cuda_describe(n).map_err(|e| format!("{key}: {e}"))?;
+            let what = plip_model::device::cuda_describe(n)
+                .map_err(|e| Error::Config(format!("{key}: {e}")))?;
             tracing::info!(key, device = %what, "cuda_device");
         }
     }
@@ -195,7 +197,7 @@ fn check_devices(cfg: &Config) -> Result<(), String> {
 ///
 /// # Errors
 /// A start-up failure (state folder, HTTP address, runtime).
-pub fn run(cfg: Config) -> Result<(), String> {
+pub fn run(cfg: Config) -> Result<()> {
     init_logging(&cfg.log);
     check_devices(&cfg)?;
     plip_model::runtime::tune_allocator();
@@ -204,7 +206,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .worker_threads(2)
         .thread_name("plipd-io")
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(|e| Error::Internal(format!("cannot start the async runtime: {e}")))?;
     let grace = Duration::from_secs(cfg.state.stall_timeout_s.clamp(5, 60));
     let result = rt.block_on(async move {
         let shared = Shared::open(cfg)?;
@@ -234,12 +236,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
             supervisor::shutdown(running).await;
             if code() == 0 {
                 let s = shared.clone();
-                tokio::task::spawn_blocking(move || s.state.flush())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                tokio::task::spawn_blocking(move || s.state.flush()).await??;
             }
-            Ok::<(), String>(())
+            Ok::<(), Error>(())
         };
         match tokio::time::timeout(grace + Duration::from_secs(30), wind_down).await {
             Ok(r) => r?,

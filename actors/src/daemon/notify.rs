@@ -3,6 +3,8 @@
 //! of `$WATCHDOG_USEC`, STATUS= lines (step, loss, serving version, gallery size), STOPPING=1 at
 //! shutdown. Without `$NOTIFY_SOCKET` (not under systemd) every call does nothing.
 
+use crate::base::error::Result;
+
 use super::Shared;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +64,7 @@ fn watchdog() -> Option<Duration> {
 }
 
 /// Runs until shutdown: READY once ready, then STATUS every few seconds and WATCHDOG pings.
-pub async fn run(shared: Arc<Shared>) -> Result<(), String> {
+pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let ping = watchdog().map(|w| w / 2);
     let tick = ping
         .unwrap_or(Duration::from_secs(5))

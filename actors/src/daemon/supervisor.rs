@@ -8,6 +8,8 @@
 //! health), and the restart is counted in the status. Nothing is buffered in a mailbox: workers
 //! pull from sled or the broker, and the trainer hands the checkpointer one checkpoint at a time.
 
+use crate::base::error::{Error, Result};
+
 use super::{trainer, Shared};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::{BTreeMap, HashMap};
@@ -134,7 +136,7 @@ impl Drop for Completion {
 
 /// A worker's end, reported to its actor.
 pub enum WorkerMsg {
-    Exited(Result<(), String>),
+    Exited(Result<()>),
 }
 
 /// The actor wrapping one worker.
@@ -152,9 +154,9 @@ impl Actor for Worker {
     ) -> Result<Child, ActorProcessingErr> {
         let completion = w.running.start(child.name());
         let shared = w.shared.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<()>>();
         // OS-thread workers report through the oneshot (a panic drops the sender).
-        let thread = |name: String, f: Box<dyn FnOnce() -> Result<(), String> + Send>| {
+        let thread = |name: String, f: Box<dyn FnOnce() -> Result<()> + Send>| {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
@@ -162,9 +164,9 @@ impl Actor for Worker {
                     let _ = tx.send(r);
                 })
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(Error::from)
         };
-        let task: Option<tokio::task::JoinHandle<Result<(), String>>> = match child {
+        let task: Option<tokio::task::JoinHandle<Result<()>>> = match child {
             Child::Ingest => Some(tokio::spawn(async move {
                 super::ingest::run(shared).await;
                 Ok(())
@@ -197,7 +199,7 @@ impl Actor for Worker {
                         if let Err(e) = &r {
                             let mut st = shared.stats();
                             st.trainer.state = super::TrainerState::Failed;
-                            st.trainer.error = Some(e.clone());
+                            st.trainer.error = Some(e.to_string());
                         }
                         r
                     }),
@@ -211,10 +213,10 @@ impl Actor for Worker {
             let r = match task {
                 Some(t) => t
                     .await
-                    .unwrap_or_else(|e| Err(format!("worker panicked: {e}"))),
+                    .unwrap_or_else(|e| Err(Error::Internal(format!("worker panicked: {e}")))),
                 None => rx
                     .await
-                    .unwrap_or_else(|_| Err("worker thread panicked".into())),
+                    .unwrap_or_else(|_| Err(Error::Internal("worker thread panicked".into()))),
             };
             if child == Child::Trainer && r.is_err() {
                 shared_for_exit.stats().trainer.state = super::TrainerState::Failed;
@@ -400,7 +402,7 @@ impl Running {
 ///
 /// # Errors
 /// The supervisor cannot be spawned.
-pub async fn start(shared: Arc<Shared>, listener: TcpListener) -> Result<Running, String> {
+pub async fn start(shared: Arc<Shared>, listener: TcpListener) -> Result<Running> {
     let (jobs_tx, jobs_rx) = mpsc::channel(1);
     let wiring = Wiring {
         shared,
@@ -412,7 +414,7 @@ pub async fn start(shared: Arc<Shared>, listener: TcpListener) -> Result<Running
     let workers = wiring.running.clone();
     let (sup, handle) = Actor::spawn(Some("plipd".into()), Supervisor, wiring)
         .await
-        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+        .map_err(|e| Error::Internal(format!("cannot start the supervisor: {e}")))?;
     Ok(Running {
         sup,
         handle,

@@ -11,6 +11,8 @@
 //! checkpoint (weights + optimiser + step + metrics) to the checkpointer and waits for the
 //! flushed write, so at most one checkpoint is ever in memory.
 
+use crate::base::error::{Error, Result};
+
 use super::{Shared, TrainerState};
 use crate::base::state::Checkpoint;
 use plip_ingest::captions::Caption;
@@ -36,14 +38,14 @@ use tokio::sync::{mpsc, oneshot};
 /// A checkpoint to write, and where to say it is durable.
 pub struct Job {
     pub checkpoint: Checkpoint,
-    pub done: oneshot::Sender<Result<u64, String>>,
+    pub done: oneshot::Sender<Result<u64>>,
 }
 
 /// The checkpointer: writes each job (flushed transaction) and prunes old versions.
 pub async fn checkpointer(
     shared: Arc<Shared>,
     jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
-) -> Result<(), String> {
+) -> Result<()> {
     let mut rx = jobs.lock().await;
     let trainer_done = |shared: &Shared| shared.stats().trainer.state.ended();
     loop {
@@ -66,18 +68,15 @@ pub async fn checkpointer(
         let s = shared.clone();
         let keep = shared.cfg.trainer.keep_checkpoints;
         let result = tokio::task::spawn_blocking(move || {
-            let v = s
-                .state
-                .save_checkpoint(job.checkpoint)
-                .map_err(|e| e.to_string())?;
+            let v = s.state.save_checkpoint(job.checkpoint)?;
             // Never the new one, the serving one or a pinned one.
-            let mut protect = s.state.protected_versions().map_err(|e| e.to_string())?;
+            let mut protect = s.state.protected_versions()?;
             protect.push(v);
-            s.state.prune(keep, &protect).map_err(|e| e.to_string())?;
-            Ok::<u64, String>(v)
+            s.state.prune(keep, &protect)?;
+            Ok::<u64, Error>(v)
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(Error::from)
         .and_then(|r| r);
         let _ = job.done.send(result);
     }
@@ -195,13 +194,14 @@ fn set_state(shared: &Shared, state: TrainerState) {
 ///
 /// # Errors
 /// A model, tokenizer or storage failure (the supervisor restarts the trainer).
-pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<(), String> {
+pub fn run(shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<()> {
     set_state(&shared, TrainerState::Starting);
     let spec = DeviceSpec::parse(&shared.cfg.trainer.device)
-        .map_err(|e| format!("trainer.device: {e}"))?;
+        .map_err(|e| Error::Config(format!("trainer.device: {e}")))?;
     let seed = shared.cfg.trainer.seed;
     tracing::info!(device = %spec, "training");
-    run_on(spec, seed, Training { shared, jobs }).map_err(|e| format!("trainer.device: {e}"))?
+    run_on(spec, seed, Training { shared, jobs })
+        .map_err(|e| Error::Config(format!("trainer.device: {e}")))?
 }
 
 /// The trainer's loop, on whichever device is configured.
@@ -211,18 +211,14 @@ struct Training {
 }
 
 impl OnDevice for Training {
-    type Output = Result<(), String>;
+    type Output = Result<()>;
     fn run<D: Device<f32>>(self, dev: D) -> Self::Output {
         train_loop(dev, self.shared, self.jobs)
     }
 }
 
 /// The training loop on device `dev`.
-fn train_loop<D: Device<f32>>(
-    dev: D,
-    shared: Arc<Shared>,
-    jobs: mpsc::Sender<Job>,
-) -> Result<(), String> {
+fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<()> {
     let tc = shared.cfg.trainer.clone();
     let mut preset = Preset::by_name(&tc.preset)
         .and_then(|p| p.with_text_layers(tc.text_layers))
@@ -230,22 +226,18 @@ fn train_loop<D: Device<f32>>(
         .map(|p| match tc.text_bigrams {
             Some(rows) => p.with_text_bigrams(rows),
             None => p,
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
     if !tc.joint_feature.is_empty() {
-        preset = preset
-            .with_joint(&tc.joint_feature)
-            .map_err(|e| e.to_string())?;
+        preset = preset.with_joint(&tc.joint_feature)?;
     }
     if tc.w_attr > 0.0 || tc.w_text_attr > 0.0 {
         preset = preset.with_attributes(plip_ingest::attributes::ATTRIBUTE_FIELDS);
     }
-    let tokenizer = match shared.state.tokenizer().map_err(|e| e.to_string())? {
+    let tokenizer = match shared.state.tokenizer()? {
         Some(t) => t,
         None => {
-            let t =
-                crate::base::tokenizer::train_tokenizer(&preset, &[]).map_err(|e| e.to_string())?;
-            shared.state.set_tokenizer(&t).map_err(|e| e.to_string())?;
+            let t = crate::base::tokenizer::train_tokenizer(&preset, &[]).map_err(Error::model)?;
+            shared.state.set_tokenizer(&t)?;
             tracing::info!(
                 vocab = t.vocab_size(),
                 fingerprint = %t.fingerprint(),
@@ -254,9 +246,7 @@ fn train_loop<D: Device<f32>>(
             t
         }
     };
-    tokenizer
-        .check_capacity(preset.vocab)
-        .map_err(|e| e.to_string())?;
+    tokenizer.check_capacity(preset.vocab)?;
     let cfg = TrainConfig {
         optim: OptimConfig {
             lr: tc.lr,
@@ -291,35 +281,35 @@ fn train_loop<D: Device<f32>>(
         pad_crop: tc.aug_pad_crop,
         erase: tc.aug_erase,
     };
-    let pool = plip_model::runtime::thread_pool(tc.threads).map_err(|e| e.to_string())?;
-    let model = Plip::<f32, D>::new(&dev, &preset, tc.seed).map_err(|e| e.to_string())?;
+    let pool = plip_model::runtime::thread_pool(tc.threads)?;
+    let model = Plip::<f32, D>::new(&dev, &preset, tc.seed)?;
     let mut trainer = Trainer::new(model, cfg);
     let mut images_seen = 0u64;
     let resumed = shared
         .state
-        .latest_valid(|e| tracing::warn!(error = %e, "checkpoint_skipped"))
-        .map_err(|e| e.to_string())?;
+        .latest_valid(|e| tracing::warn!(error = %e, "checkpoint_skipped"))?;
     if let Some(ck) = resumed {
-        let stored = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
+        let stored = read_meta(&ck.weights)?.preset;
         if let Some(why) = preset.mismatch(&stored) {
-            return Err(format!("trainer.preset = {:?}: {why}", preset.name));
+            return Err(Error::ModelSetup(format!(
+                "trainer.preset = {:?}: {why}",
+                preset.name
+            )));
         }
         if preset.attribute_fields.is_empty() && !stored.attribute_fields.is_empty() {
             // The checkpoints have the attribute head: it stays (untrained while its tasks are
             // off).
             preset = preset.with_attributes(&stored.attribute_fields);
-            let model = Plip::<f32, D>::new(&dev, &preset, tc.seed).map_err(|e| e.to_string())?;
+            let model = Plip::<f32, D>::new(&dev, &preset, tc.seed)?;
             trainer = Trainer::new(model, trainer.cfg);
         }
-        load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())
-            .map_err(|e| e.to_string())?;
+        load_weights(&mut trainer.model, &ck.weights, tokenizer.fingerprint())?;
         load_optimizer(
             &mut trainer.opt,
             &ck.optimizer,
             &preset,
             tokenizer.fingerprint(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         images_seen = ck.meta.images_seen;
         let (wd, od) = crate::base::state::training_digest(&trainer.model, &trainer.opt);
         let mut st = shared.stats();
@@ -351,7 +341,7 @@ fn train_loop<D: Device<f32>>(
     let last_size = std::cell::Cell::new(0u64);
     // Ok(None): postponed, the disk being below its reserve (tried again when next due).
     let checkpoint =
-        |trainer: &Trainer<f32, D>, images_seen: u64, loss: f64| -> Result<Option<u64>, String> {
+        |trainer: &Trainer<f32, D>, images_seen: u64, loss: f64| -> Result<Option<u64>> {
             if let Err(e) = crate::base::disk::check(
                 &shared.cfg.state.dir,
                 shared.cfg.state.min_free_bytes,
@@ -372,18 +362,17 @@ fn train_loop<D: Device<f32>>(
                     tokenizer.fingerprint(),
                     images_seen,
                     metrics,
-                )
-                .map_err(|e| e.to_string())?,
+                )?,
                 done,
             };
             // sled writes a value once in its log and again when it compacts.
             last_size
                 .set(2 * (job.checkpoint.weights.len() + job.checkpoint.optimizer.len()) as u64);
             jobs.blocking_send(job)
-                .map_err(|_| "the checkpointer is gone".to_string())?;
+                .map_err(|_| Error::Internal("the checkpointer is gone".into()))?;
             let v = wait
                 .blocking_recv()
-                .map_err(|_| "the checkpointer dropped a checkpoint".to_string())??;
+                .map_err(|_| Error::Internal("the checkpointer dropped a checkpoint".into()))??;
             let mut st = shared.stats();
             st.trainer.checkpoints_written += 1;
             st.trainer.last_checkpoint = Some(v);
@@ -512,17 +501,13 @@ fn train_loop<D: Device<f32>>(
             &mut rng,
             &augment,
             (tc.seed, trainer.opt.step),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let extra: Vec<(usize, &str)> = extra_captions
             .iter()
             .map(|(row, c)| (*row, c.as_str()))
             .collect();
-        batch
-            .add_captions(&extra, &preset, &tokenizer)
-            .map_err(|e| e.to_string())?;
-        let report = plip_model::runtime::install(&pool, || trainer.step(&batch))
-            .map_err(|e| e.to_string())?;
+        batch.add_captions(&extra, &preset, &tokenizer)?;
+        let report = plip_model::runtime::install(&pool, || trainer.step(&batch))?;
         images_seen += samples.len() as u64;
         if tc.calibrate_neck > 0 {
             for (rgb, ..) in &loaded {

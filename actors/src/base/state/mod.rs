@@ -148,7 +148,7 @@ impl State {
             return Ok(s.clone());
         }
         let store = crate::base::store::SampleStore::open(&self.db, &self.path, probe_percent)
-            .map_err(StateError::Other)?;
+            .map_err(|e| StateError::Other(e.to_string()))?;
         Ok(slot.insert(store).clone())
     }
 

@@ -1,6 +1,7 @@
 //! Requests that arrive together answered as one batch: one serving version, one embedding
 //! pass per kind, one search.
 
+use crate::base::error::Error;
 use crate::daemon::Shared;
 use plip_ingest::image::pixels_at;
 use plip_ingest::reid::{Match, QueryKind};
@@ -44,38 +45,23 @@ pub(super) async fn batcher(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Rece
 /// the client's doing, so `internal`, never `no_model`).
 fn search_failed(e: &tokio::task::JoinError) -> WireError {
     tracing::error!(error = %e, "search_failed");
-    WireError {
-        code: Code::Internal,
-        message: format!("the search failed: {e}"),
-    }
+    Error::Internal(format!("the search failed: {e}")).to_wire()
 }
 
 /// The answer to a text the tokenizer could not process: the daemon's failure (`internal`), not
 /// a text over the limit.
 fn tokenizer_failed(e: &dyn std::fmt::Display) -> WireError {
     tracing::error!(error = %e, "tokenizer_failed");
-    WireError {
-        code: Code::Internal,
-        message: format!("the text could not be tokenized: {e}"),
-    }
+    Error::Internal(format!("the text could not be tokenized: {e}")).to_wire()
 }
 
 fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> Vec<Answer> {
     let n = reqs.len();
     let Some(s) = shared.serving_snapshot() else {
-        let e = WireError {
-            code: Code::NoModel,
-            message: "no encoder is serving yet (the first checkpoint has not been promoted)"
-                .into(),
-        };
-        return vec![Err(e); n];
+        return vec![Err(Error::NoModel.to_wire()); n];
     };
     if s.index.is_empty() {
-        let e = WireError {
-            code: Code::EmptyGallery,
-            message: "the gallery is empty: publish samples with purpose gallery or both".into(),
-        };
-        return vec![Err(e); n];
+        return vec![Err(Error::EmptyGallery.to_wire()); n];
     }
     let p = s.model.preset();
     let dim = p.index_dim();
@@ -111,14 +97,11 @@ fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> 
                     texts.push((i, t.clone()))
                 }
                 Ok(pieces) => {
-                    out[i] = Some(Err(WireError {
-                        code: Code::TextTooLong,
-                        message: format!(
-                            "the text is {} tokens; at most {}",
-                            pieces.len(),
-                            p.text_len - 2
-                        ),
-                    }))
+                    out[i] = Some(Err(Error::TextTooLong {
+                        tokens: pieces.len(),
+                        limit: p.text_len - 2,
+                    }
+                    .to_wire()))
                 }
                 Err(e) => out[i] = Some(Err(tokenizer_failed(&e))),
             }

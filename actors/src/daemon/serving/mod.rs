@@ -22,6 +22,8 @@
 //! whether it may replace the serving one: pure functions), [`swapper`], [`requests`] (the
 //! request consumer), [`batcher`] (requests answered together).
 
+use crate::base::error::{Error, Result};
+
 mod batcher;
 pub mod gate;
 mod requests;
@@ -72,26 +74,17 @@ impl Serving {
 }
 
 /// Loads checkpoint `version` of the state into an encoder.
-pub(super) fn load_version(
-    shared: &Shared,
-    version: u64,
-) -> Result<(Encoder, Tokenizer, u64), String> {
-    let ck = shared
-        .state
-        .checkpoint(version)
-        .map_err(|e| e.to_string())?;
+pub(super) fn load_version(shared: &Shared, version: u64) -> Result<(Encoder, Tokenizer, u64)> {
+    let ck = shared.state.checkpoint(version)?;
     let tokenizer = shared
         .state
-        .tokenizer()
-        .map_err(|e| e.to_string())?
-        .ok_or("the state folder has no tokenizer")?;
-    let preset = read_meta(&ck.weights).map_err(|e| e.to_string())?.preset;
+        .tokenizer()?
+        .ok_or_else(|| Error::ModelSetup("the state folder has no tokenizer".into()))?;
+    let preset = read_meta(&ck.weights)?.preset;
     let spec = DeviceSpec::parse(&shared.cfg.serving.device)
-        .map_err(|e| format!("serving.device: {e}"))?;
-    let mut model = Encoder::new(spec, &preset, 0).map_err(|e| e.to_string())?;
-    model
-        .load_weights(&ck.weights, tokenizer.fingerprint())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Config(format!("serving.device: {e}")))?;
+    let mut model = Encoder::new(spec, &preset, 0)?;
+    model.load_weights(&ck.weights, tokenizer.fingerprint())?;
     model.set_flip_average(shared.cfg.serving.flip_average);
     model.set_attribute_weight(shared.cfg.serving.attribute_weight);
     Ok((model, tokenizer, ck.meta.step))

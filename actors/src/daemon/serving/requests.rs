@@ -1,6 +1,8 @@
 //! The request consumer of `plip.reid.requests`: decode, deadline, answer through the
 //! batcher, publish confirmed, ack; dead-letter what cannot be answered.
 
+use crate::base::error::{Error, Result};
+
 use super::batcher::{batcher, Pending};
 use crate::daemon::Shared;
 use futures_lite::StreamExt;
@@ -11,11 +13,10 @@ use plip_ingest::dead_letter::{
     bounded_error, check_headers, dead_letter_properties, properties_without_headers,
 };
 use plip_ingest::reid::{decode_request, ReidErrorReply, ReidReply};
-use plip_ingest::wire::{Code, WireError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 /// The request consumer: runs until shutdown, reconnecting with backoff.
-pub async fn requests(shared: Arc<Shared>) -> Result<(), String> {
+pub async fn requests(shared: Arc<Shared>) -> Result<()> {
     let min = Duration::from_millis(shared.cfg.broker.reconnect_min_ms.max(1));
     let max = Duration::from_millis(shared.cfg.broker.reconnect_max_ms.max(1));
     let mut delay = min;
@@ -34,7 +35,7 @@ pub async fn requests(shared: Arc<Shared>) -> Result<(), String> {
                 let _ = conn.close(200, "plipd reid closing".into()).await;
                 r
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         };
         match r {
             Ok(()) => return Ok(()),
@@ -53,21 +54,13 @@ pub async fn requests(shared: Arc<Shared>) -> Result<(), String> {
     }
 }
 
-async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
+async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<()> {
     let frame_max = conn.configuration().frame_max();
-    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-    shared
-        .cfg
-        .topology
-        .declare(&ch)
-        .await
-        .map_err(|e| e.to_string())?;
+    let ch = conn.create_channel().await?;
+    shared.cfg.topology.declare(&ch).await?;
     ch.basic_qos(shared.cfg.serving.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
             shared.cfg.topology.reid_queue.as_str().into(),
@@ -75,8 +68,7 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let (btx, brx) =
         tokio::sync::mpsc::channel::<Pending>(usize::from(shared.cfg.serving.prefetch).max(1));
     let batch_task = tokio::spawn(batcher(shared.clone(), brx));
@@ -91,8 +83,8 @@ async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<(), String> {
                     let btx = btx.clone();
                     inflight.spawn(async move { answer(&shared, &ch, &btx, d, frame_max).await });
                 }
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the request consumer was cancelled".into()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(Error::Internal("the request consumer was cancelled".into())),
             },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 if let Ok(Err(e)) = done {
@@ -130,7 +122,7 @@ async fn answer(
     batcher: &tokio::sync::mpsc::Sender<Pending>,
     d: lapin::message::Delivery,
     frame_max: u32,
-) -> Result<(), String> {
+) -> Result<()> {
     let t0 = Instant::now();
     let arrived = now_ms();
     // The header table is measured without recursion before anything copies it: a deep or
@@ -169,26 +161,20 @@ async fn answer(
         let budget = req.deadline_ms.or(expiration);
         if let Some(b) = budget {
             if now_ms() > sent_ms.saturating_add(b) {
-                return Err(WireError {
-                    code: Code::DeadlinePassed,
-                    message: format!(
-                        "the request's deadline of {b} ms passed before it was served"
-                    ),
-                });
+                return Err(Error::DeadlinePassed { budget_ms: b }.to_wire());
             }
         }
         Ok(req)
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     let result = match result {
         Ok(req) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if batcher.send((req, tx)).await.is_err() {
-                return Err("the query batcher is gone".into());
+                return Err(Error::Internal("the query batcher is gone".into()));
             }
             rx.await
-                .map_err(|_| "the query batcher dropped a request".to_string())?
+                .map_err(|_| Error::Internal("the query batcher dropped a request".into()))?
         }
         Err(e) => Err(e),
     };
@@ -205,8 +191,7 @@ async fn answer(
             request_id: request_id.clone(),
             error: bounded_error(e),
         }),
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     {
         let mut st = shared.stats();
         st.serving.observe(took_ms / 1000.0);
@@ -240,9 +225,6 @@ async fn answer(
         .await?;
         tracing::warn!(code = e.code.as_str(), reason = %e.message, "request_dead_lettered");
     }
-    d.acker
-        .ack(BasicAckOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    d.acker.ack(BasicAckOptions::default()).await?;
     Ok(())
 }

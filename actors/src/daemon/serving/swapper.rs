@@ -1,6 +1,8 @@
 //! The swapper: promotes checkpoints through the gate (load before unload) and keeps the
 //! gallery current.
 
+use crate::base::error::Result;
+
 use super::*;
 use crate::daemon::Shared;
 use lapin::options::ConfirmSelectOptions;
@@ -11,15 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 /// The swapper: promotes checkpoints and keeps the gallery current. Blocking work runs on the
 /// blocking pool; the old version serves throughout.
-pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
+pub async fn swapper(shared: Arc<Shared>) -> Result<()> {
     let mut refused: HashSet<u64> = HashSet::new();
     let mut gallery_seen: HashSet<String> = HashSet::new();
     // After a restart: the stored serving version and its gallery, without re-embedding.
     let restored = {
         let s = shared.clone();
-        tokio::task::spawn_blocking(move || restore(&s))
-            .await
-            .map_err(|e| e.to_string())?
+        tokio::task::spawn_blocking(move || restore(&s)).await?
     };
     match restored {
         Ok(Some(v)) => {
@@ -50,9 +50,8 @@ pub async fn swapper(shared: Arc<Shared>) -> Result<(), String> {
         );
         let unchanged = last_mark == Some(mark);
         last_mark = shared.serving_snapshot().map(|_| mark);
-        let outcome = tokio::task::spawn_blocking(move || step(&s, &refused_now, &seen, unchanged))
-            .await
-            .map_err(|e| e.to_string())?;
+        let outcome =
+            tokio::task::spawn_blocking(move || step(&s, &refused_now, &seen, unchanged)).await?;
         match outcome {
             Ok(Step::Idle) => {}
             Ok(Step::Refused(v)) => {
@@ -87,12 +86,12 @@ enum Step {
     Swapped(Box<Serving>),
 }
 
-fn restore(shared: &Shared) -> Result<Option<Serving>, String> {
-    let Some(version) = shared.state.serving_version().map_err(|e| e.to_string())? else {
+fn restore(shared: &Shared) -> Result<Option<Serving>> {
+    let Some(version) = shared.state.serving_version()? else {
         return Ok(None);
     };
     let (model, tokenizer, step) = load_version(shared, version)?;
-    let embeddings = shared.state.gallery(version).map_err(|e| e.to_string())?;
+    let embeddings = shared.state.gallery(version)?;
     let metas: HashMap<String, _> = shared
         .store
         .metas()
@@ -118,10 +117,10 @@ fn step(
     refused: &HashSet<u64>,
     seen: &HashSet<String>,
     store_unchanged: bool,
-) -> Result<Step, String> {
+) -> Result<Step> {
     let current = shared.serving_snapshot();
-    let latest = shared.state.latest_version().map_err(|e| e.to_string())?;
-    let pinned = shared.state.pinned().map_err(|e| e.to_string())?;
+    let latest = shared.state.latest_version()?;
+    let pinned = shared.state.pinned()?;
     let (candidate, gated) = match super::gate::candidate(
         current.as_ref().map(|c| c.version),
         latest,
@@ -148,8 +147,8 @@ fn step(
         let gate = &shared.cfg.serving.gate_metric;
         if let (Some(cur), true) = (&current, gated) {
             let margin = shared.cfg.serving.gate_margin;
-            if let Some(r) = super::gate::refuses(gate, &metrics, &cur.metrics, margin) {
-                let doc = serde_json::json!({"version": v, "gate": gate, "candidate": r.candidate, "serving": r.serving, "serving_version": cur.version});
+            if let Some(r) = super::gate::refuses(gate.as_str(), &metrics, &cur.metrics, margin) {
+                let doc = serde_json::json!({"version": v, "gate": gate.as_str(), "candidate": r.candidate, "serving": r.serving, "serving_version": cur.version});
                 let _ = shared.state.record_evaluation(v, &serde_json::json!({"metrics": metrics, "promoted": false, "against": cur.version}));
                 tracing::info!(version = v, decision = %doc, "refused");
                 shared.stats().serving.refused += 1;
@@ -162,10 +161,7 @@ fn step(
         let emb = embed_rgb(&model, &rgb);
         let embeddings: Vec<(String, Vec<f32>)> =
             gallery.iter().map(|(m, _)| m.id.clone()).zip(emb).collect();
-        shared
-            .state
-            .set_serving(v, &embeddings)
-            .map_err(|e| e.to_string())?;
+        shared.state.set_serving(v, &embeddings)?;
         let gv = current.as_ref().map_or(1, |c| c.gallery_version + 1);
         let mut metrics = metrics;
         metrics.insert("swap_seconds".into(), t.elapsed().as_secs_f64());
@@ -197,10 +193,7 @@ fn step(
     let rgb: Vec<Vec<u8>> = fresh.iter().map(|(_, l)| l.rgb.clone()).collect();
     let emb = embed_rgb(&cur.model, &rgb);
     let added: Vec<(String, Vec<f32>)> = fresh.iter().map(|(m, _)| m.id.clone()).zip(emb).collect();
-    shared
-        .state
-        .add_gallery(cur.version, &added)
-        .map_err(|e| e.to_string())?;
+    shared.state.add_gallery(cur.version, &added)?;
     let mut all: Vec<(String, Vec<f32>)> = (0..cur.rows.len())
         .map(|i| (cur.rows[i].id.clone(), cur.index.row(i).to_vec()))
         .collect();
@@ -217,17 +210,14 @@ fn step(
     ))))
 }
 
-async fn announce_model(shared: &Shared, body: &serde_json::Value) -> Result<(), String> {
+async fn announce_model(shared: &Shared, body: &serde_json::Value) -> Result<()> {
     let conn = plip_ingest::amqp::connect_tls(
         &shared.cfg.broker.url,
         shared.cfg.broker.tls_ca_file.as_deref(),
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    .await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let props = BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
         .with_delivery_mode(2);
