@@ -7,7 +7,8 @@
 //!   [`store`]: the sample store; [`packs`]: the images' pack files; [`disk`]: free space.
 //! - [`model`]: models loaded from a checkpoint or a weights file, and exports;
 //!   [`retrieval`]: retrieval evaluation; [`tokenizer`]: the tokenizer's training.
-//! - [`index`]: exact top-k search; [`data`]: data-set items → pixels and captions.
+//! - [`index`]: exact top-k search; [`data`]: data-set items → pixels and captions;
+//!   [`sampler`]: the P×K batch sampler of offline and continuous training.
 //! - [`client`]: requests to a running daemon's HTTP listener; [`launch`]: `plipd run` as a
 //!   child process (the benchmarks and the demo).
 //! - [`plots`]: loss and CMC PNGs; [`progress`]: progress bars.
@@ -24,6 +25,7 @@ pub mod packs;
 pub mod plots;
 pub mod progress;
 pub mod retrieval;
+pub mod sampler;
 pub mod state;
 pub mod store;
 pub mod tokenizer;

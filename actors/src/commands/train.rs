@@ -4,6 +4,7 @@
 //! every N steps, and a loss curve at the end.
 
 use crate::base::data::{load, report_skipped, Loaded};
+use crate::base::sampler::PkSampler;
 use crate::base::state::{Checkpoint, State};
 use crate::base::tokenizer::train_tokenizer;
 use plip_ingest::synth::Split;
@@ -13,9 +14,8 @@ use plip_model::optim::{OptimConfig, Schedule};
 use plip_model::weights::{load_optimizer, load_weights};
 use plip_model::{DeviceSpec, Plip, Preset, TaskWeights, TrainConfig, Trainer};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use rand::SeedableRng;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -245,53 +245,24 @@ pub fn parse_widths(list: &str) -> Result<Vec<usize>, Error> {
     Ok(w)
 }
 
-/// Identity-balanced batches: P persons × K images, persons drawn without replacement.
+/// The offline P×K sampler: [`PkSampler`] over the loaded items with its own seeded draw.
 struct Sampler {
-    groups: Vec<Vec<usize>>,
+    pk: PkSampler,
     rng: StdRng,
     per_id: usize,
 }
 
 impl Sampler {
     fn new(items: &[Loaded], per_id: usize, seed: u64) -> Self {
-        let mut by: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut groups = Vec::new();
-        for (i, it) in items.iter().enumerate() {
-            match &it.person {
-                Some(p) => by.entry(p.clone()).or_default().push(i),
-                None => groups.push(vec![i]),
-            }
-        }
-        let mut keyed: Vec<_> = by.into_iter().collect();
-        keyed.sort();
-        groups.extend(keyed.into_iter().map(|(_, v)| v));
         Sampler {
-            groups,
+            pk: PkSampler::new(items.iter().map(|it| it.person.as_deref())),
             rng: StdRng::seed_from_u64(seed),
-            per_id: per_id.max(1),
+            per_id,
         }
     }
 
     fn next(&mut self, batch: usize) -> Vec<(usize, u64)> {
-        let p = (batch / self.per_id).clamp(1, self.groups.len());
-        let chosen: Vec<usize> =
-            rand::seq::index::sample(&mut self.rng, self.groups.len(), p).into_vec();
-        let mut out = Vec::with_capacity(batch);
-        for g in chosen {
-            let members = &self.groups[g];
-            let mut pick: Vec<usize> = members.clone();
-            pick.shuffle(&mut self.rng);
-            for k in 0..self.per_id {
-                let i = if k < pick.len() {
-                    pick[k]
-                } else {
-                    members[self.rng.gen_range(0..members.len())]
-                };
-                out.push((i, g as u64));
-            }
-        }
-        out.truncate(batch);
-        out
+        self.pk.draw(batch, self.per_id, 0.0, &mut self.rng)
     }
 }
 

@@ -12,6 +12,7 @@
 //! flushed write, so at most one checkpoint is ever in memory.
 
 use crate::base::error::{Error, Result};
+use crate::base::sampler::PkSampler;
 
 use super::{Shared, TrainerState};
 use crate::base::state::Checkpoint;
@@ -28,9 +29,8 @@ use plip_model::weights::{load_optimizer, load_weights, read_meta};
 use plip_model::DeviceSpec;
 use plip_model::{Plip, Preset, TaskWeights, TrainConfig, Trainer};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use rand::SeedableRng;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -88,101 +88,44 @@ struct Entry {
     seq: u64,
 }
 
-/// Identity groups of trainable samples.
-struct Index {
+/// The trainable samples (not probe, captioned, purpose train or both) and their P×K sampler,
+/// with the newest `recent_window` of them marked recent.
+struct TrainingSet {
     entries: Vec<Entry>,
-    groups: Vec<Vec<usize>>,
-    /// Groups with a member among the newest `recent_window` entries.
-    recent: Vec<usize>,
+    sampler: PkSampler,
     last_seq: u64,
 }
 
-impl Index {
-    fn build(shared: &Shared) -> Index {
+impl TrainingSet {
+    fn build(shared: &Shared) -> TrainingSet {
         let window = shared.cfg.trainer.recent_window;
         let metas = shared.store.metas();
         let last_seq = metas.last().map_or(0, |m| m.seq);
         let mut entries = Vec::new();
-        let mut by: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut people = Vec::new();
         for m in metas {
             let trainable = !m.probe
                 && !m.captions.is_empty()
                 && matches!(m.purpose, Purpose::Train | Purpose::Both);
-            if !trainable {
-                continue;
+            if trainable {
+                people.push(m.person_id);
+                entries.push(Entry {
+                    id: m.id,
+                    seq: m.seq,
+                });
             }
-            let i = entries.len();
-            match &m.person_id {
-                Some(p) => by.entry(p.clone()).or_default().push(i),
-                None => groups.push(vec![i]),
-            }
-            entries.push(Entry {
-                id: m.id,
-                seq: m.seq,
-            });
         }
-        let mut keyed: Vec<_> = by.into_iter().collect();
-        keyed.sort();
-        groups.extend(keyed.into_iter().map(|(_, v)| v));
         let cutoff = entries.len().saturating_sub(window);
         let mut newest: Vec<u64> = entries.iter().map(|e| e.seq).collect();
         newest.sort_unstable();
         let threshold = newest.get(cutoff).copied().unwrap_or(u64::MAX);
-        let recent = groups
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.iter().any(|&i| entries[i].seq >= threshold))
-            .map(|(gi, _)| gi)
-            .collect();
-        Index {
+        let sampler = PkSampler::new(people.iter().map(Option::as_deref))
+            .with_recent(|i| entries[i].seq >= threshold);
+        TrainingSet {
             entries,
-            groups,
-            recent,
+            sampler,
             last_seq,
         }
-    }
-
-    /// P groups (recent ones first, then uniform, no repeats) × K members each.
-    fn draw(
-        &self,
-        batch: usize,
-        per_id: usize,
-        recent_fraction: f64,
-        rng: &mut StdRng,
-    ) -> Vec<(usize, u64)> {
-        let p = (batch / per_id.max(1)).clamp(1, self.groups.len().max(1));
-        let want_recent = ((p as f64) * recent_fraction).round() as usize;
-        let mut chosen: Vec<usize> = Vec::with_capacity(p);
-        let mut recent = self.recent.clone();
-        recent.shuffle(rng);
-        chosen.extend(recent.into_iter().take(want_recent.min(p)));
-        let mut all: Vec<usize> = (0..self.groups.len()).collect();
-        all.shuffle(rng);
-        for g in all {
-            if chosen.len() >= p {
-                break;
-            }
-            if !chosen.contains(&g) {
-                chosen.push(g);
-            }
-        }
-        let mut out = Vec::with_capacity(batch);
-        for g in chosen {
-            let members = &self.groups[g];
-            let mut pick = members.clone();
-            pick.shuffle(rng);
-            for k in 0..per_id {
-                let i = if k < pick.len() {
-                    pick[k]
-                } else {
-                    members[rng.gen_range(0..members.len())]
-                };
-                out.push((i, g as u64));
-            }
-        }
-        out.truncate(batch);
-        out
     }
 }
 
@@ -330,10 +273,10 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
     }
     shared.stats().trainer.error = None;
     let mut rng = StdRng::seed_from_u64(tc.seed ^ trainer.opt.step.wrapping_mul(0x9e37));
-    let mut index = Index::build(&shared);
+    let mut set = TrainingSet::build(&shared);
     // Reported from the first build, not only when new samples arrive: after a resume the
     // store may hold everything already.
-    shared.stats().trainer.trainable_samples = index.entries.len();
+    shared.stats().trainer.trainable_samples = set.entries.len();
     let mut last_new = Instant::now();
     let mut last_ckpt = (Instant::now(), trainer.opt.step);
     let mut window = (Instant::now(), 0u64);
@@ -414,14 +357,14 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
             }
         }
         let seq = shared.store.last_seq();
-        if seq != index.last_seq || trainer.opt.step % 50 == 0 {
-            if seq != index.last_seq {
+        if seq != set.last_seq || trainer.opt.step % 50 == 0 {
+            if seq != set.last_seq {
                 last_new = Instant::now();
             }
-            index = Index::build(&shared);
-            shared.stats().trainer.trainable_samples = index.entries.len();
+            set = TrainingSet::build(&shared);
+            shared.stats().trainer.trainable_samples = set.entries.len();
         }
-        if index.entries.len() < tc.min_samples.max(1) || index.groups.is_empty() {
+        if set.entries.len() < tc.min_samples.max(1) || set.sampler.groups() == 0 {
             set_state(&shared, TrainerState::WaitingForSamples);
             std::thread::sleep(Duration::from_millis(500));
             continue;
@@ -432,14 +375,16 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
             continue;
         }
         set_state(&shared, TrainerState::Training);
-        let picks = index.draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
+        let picks = set
+            .sampler
+            .draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
         let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
         let mut labels: Vec<Vec<AttributeLabel>> = Vec::with_capacity(picks.len());
         let mut extra_captions: Vec<(usize, String)> = Vec::new();
         for (i, g) in picks {
-            let s = match shared.store.get(&index.entries[i].id) {
+            let s = match shared.store.get(&set.entries[i].id) {
                 Ok(Some(s)) => s,
-                Ok(None) => continue, // evicted or forgotten since the index was built
+                Ok(None) => continue, // evicted or forgotten since the set was built
                 Err(e) => {
                     // One unreadable image (a damaged pack entry) is skipped, not fatal.
                     tracing::warn!(error = %e, "sample_unreadable");
@@ -472,7 +417,7 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
             });
         }
         if loaded.len() < 2 {
-            index = Index::build(&shared);
+            set = TrainingSet::build(&shared);
             continue;
         }
         let spans: Vec<Vec<std::ops::Range<usize>>> = loaded
