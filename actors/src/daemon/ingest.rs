@@ -16,16 +16,16 @@
 //! a fresh connection each time, so nothing depends on lapin's recovery).
 
 use crate::base::error::{Error, Result};
+use crate::daemon::broker::{self, publish_confirmed, Backoff};
 
 use super::Shared;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use plip_ingest::amqp::connect_tls;
 use plip_ingest::dead_letter::{
     bounded_outcome, check_headers, clip, cut, dead_letter_properties, MAX_ECHO_BYTES,
     MAX_MESSAGE_BYTES,
@@ -67,9 +67,7 @@ enum Stop {
 /// Runs ingest until shutdown: connect, consume, and on failure reconnect with backoff or wait
 /// for storage to recover.
 pub async fn run(shared: Arc<Shared>) {
-    let min = Duration::from_millis(shared.cfg.broker.reconnect_min_ms.max(1));
-    let max = Duration::from_millis(shared.cfg.broker.reconnect_max_ms.max(1));
-    let mut delay = min;
+    let mut backoff = Backoff::new(&shared.cfg.broker);
     let dir = shared.cfg.state.dir.clone();
     let reserve = shared.cfg.state.min_free_bytes;
     loop {
@@ -90,9 +88,10 @@ pub async fn run(shared: Arc<Shared>) {
             Stop::Shutdown => return,
             Stop::Broker(e) => {
                 if started.elapsed() > Duration::from_secs(30) {
-                    delay = min;
+                    backoff.reset();
                 }
                 shared.stats().ingest_paused = Some(format!("broker: {e}"));
+                let delay = backoff.delay();
                 tracing::warn!(
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,
@@ -101,7 +100,6 @@ pub async fn run(shared: Arc<Shared>) {
                 if shared.sleep_or_stop(delay).await {
                     return;
                 }
-                delay = (delay * 2).min(max);
             }
             Stop::StorageFailed(e) => {
                 {
@@ -138,7 +136,7 @@ pub async fn run(shared: Arc<Shared>) {
                 }
                 shared.stats().storage_error = None;
                 tracing::info!("storage_recovered");
-                delay = min;
+                backoff.reset();
             }
         }
     }
@@ -147,12 +145,12 @@ pub async fn run(shared: Arc<Shared>) {
 /// One connection's life: returns why it ended.
 async fn session(shared: &Arc<Shared>) -> Stop {
     let cfg = &shared.cfg;
-    let conn = match connect_tls(&cfg.broker.url, cfg.broker.tls_ca_file.as_deref()).await {
+    let conn = match broker::connect(&cfg.broker).await {
         Ok(c) => c,
-        Err(e) => return Stop::Broker(e.into()),
+        Err(e) => return Stop::Broker(e),
     };
     let result = consume(shared, &conn).await;
-    let _ = conn.close(200, "plipd ingest closing".into()).await;
+    broker::close(&conn, "plipd ingest closing").await;
     result
 }
 
@@ -578,32 +576,4 @@ async fn reply(
     publish_confirmed(channel, "", reply_to, &body, out)
         .await
         .map_err(Stop::Broker)
-}
-
-/// Publishes and waits for the broker's confirm; a nack is an error.
-pub async fn publish_confirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<()> {
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await
-        .map_err(|e| Error::Broker(format!("publish to {exchange:?}: {e}")))?
-        .await
-        .map_err(|e| Error::Broker(format!("confirm from {exchange:?}: {e}")))?;
-    if confirm.is_nack() {
-        return Err(Error::Broker(format!(
-            "the broker refused a message for {exchange:?}"
-        )));
-    }
-    Ok(())
 }

@@ -1,14 +1,25 @@
 //! The daemon (`plipd run`): one ractor supervisor owning the ingest consumer (with its broker
-//! connection), the caption workers, the continuous trainer, the checkpointer and the HTTP
-//! listener, all sharing the state folder.
+//! connection), the caption workers, the continuous trainer, the checkpointer, the serving
+//! swapper and request consumer, and the HTTP listener, all sharing the state folder.
 //!
-//! Data flow: deliveries on `plip.ingest` → decode/validate → samples flushed into sled → ack;
-//! refused messages → a copy on `plip.dlx` with `x-plip-error` → ack; samples without captions
-//! → caption workers (a ticket tree in sled, so nothing waits in memory) → trainer thread
-//! (identity-balanced batches from the store) → checkpointer (sled `checkpoints` tree).
+//! Data flow: deliveries on `plip.ingest` → decode/validate → images appended to pack files and
+//! records (with their captions) flushed into sled → ack; refused messages → a copy on
+//! `plip.dlx` with `x-plip-error` → ack; trainer thread (identity-balanced batches from the
+//! store) → checkpointer (sled `checkpoints` tree) → swapper (gate, gallery re-embedding,
+//! hot swap) → request consumer answering `plip.reid.requests`.
+//!
+//! - [`supervisor`]: the actor tree, restarts and shutdown with completion guards;
+//! - [`broker`]: connecting, reconnect backoff, confirmed publishing;
+//! - [`ingest`]: the ingest consumer; [`captioner`]: captions for records stored before
+//!   captions were written at intake (format-1 state folders);
+//! - [`trainer`]: the continuous trainer and the checkpointer;
+//! - [`serving`]: the gate, the swapper, the request consumer and the query batcher;
+//! - [`http`]: the status, metrics and admin listener; [`stats`]: the counters it renders;
+//!   [`notify`]: systemd readiness and watchdog.
 
 use crate::base::error::{Error, Result};
 
+pub mod broker;
 pub mod captioner;
 pub mod http;
 pub mod ingest;

@@ -4,6 +4,7 @@
 use crate::base::error::{Error, Result};
 
 use super::batcher::{batcher, Pending};
+use crate::daemon::broker::{self, publish_confirmed, Backoff};
 use crate::daemon::Shared;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
@@ -14,32 +15,26 @@ use plip_ingest::dead_letter::{
 };
 use plip_ingest::reid::{decode_request, ReidErrorReply, ReidReply};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 /// The request consumer: runs until shutdown, reconnecting with backoff.
 pub async fn requests(shared: Arc<Shared>) -> Result<()> {
-    let min = Duration::from_millis(shared.cfg.broker.reconnect_min_ms.max(1));
-    let max = Duration::from_millis(shared.cfg.broker.reconnect_max_ms.max(1));
-    let mut delay = min;
+    let mut backoff = Backoff::new(&shared.cfg.broker);
     loop {
         if shared.stopping() {
             return Ok(());
         }
-        let r = match plip_ingest::amqp::connect_tls(
-            &shared.cfg.broker.url,
-            shared.cfg.broker.tls_ca_file.as_deref(),
-        )
-        .await
-        {
+        let r = match broker::connect(&shared.cfg.broker).await {
             Ok(conn) => {
                 let r = serve(&shared, &conn).await;
-                let _ = conn.close(200, "plipd reid closing".into()).await;
+                broker::close(&conn, "plipd reid closing").await;
                 r
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         };
         match r {
             Ok(()) => return Ok(()),
             Err(e) => {
+                let delay = backoff.delay();
                 tracing::warn!(
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,
@@ -48,7 +43,6 @@ pub async fn requests(shared: Arc<Shared>) -> Result<()> {
                 if shared.sleep_or_stop(delay).await {
                     return Ok(());
                 }
-                delay = (delay * 2).min(max);
             }
         }
     }
@@ -212,17 +206,10 @@ async fn answer(
         Some(r) => (String::new(), r.as_str().to_string()),
         None => (shared.cfg.topology.results_exchange.clone(), String::new()),
     };
-    crate::daemon::ingest::publish_confirmed(ch, &exchange, &key, &body, out).await?;
+    publish_confirmed(ch, &exchange, &key, &body, out).await?;
     if let Some(e) = &header_refusal {
         let copy = dead_letter_properties(&d.properties, e, &[], frame_max);
-        crate::daemon::ingest::publish_confirmed(
-            ch,
-            &shared.cfg.topology.dlx_exchange,
-            "",
-            &d.data,
-            copy,
-        )
-        .await?;
+        publish_confirmed(ch, &shared.cfg.topology.dlx_exchange, "", &d.data, copy).await?;
         tracing::warn!(code = e.code.as_str(), reason = %e.message, "request_dead_lettered");
     }
     d.acker.ack(BasicAckOptions::default()).await?;

@@ -4,6 +4,7 @@
 use crate::base::error::Result;
 
 use super::*;
+use crate::daemon::broker;
 use crate::daemon::Shared;
 use lapin::options::ConfirmSelectOptions;
 use lapin::types::ShortString;
@@ -211,17 +212,13 @@ fn step(
 }
 
 async fn announce_model(shared: &Shared, body: &serde_json::Value) -> Result<()> {
-    let conn = plip_ingest::amqp::connect_tls(
-        &shared.cfg.broker.url,
-        shared.cfg.broker.tls_ca_file.as_deref(),
-    )
-    .await?;
+    let conn = broker::connect(&shared.cfg.broker).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let props = BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
         .with_delivery_mode(2);
-    let r = crate::daemon::ingest::publish_confirmed(
+    let r = broker::publish_confirmed(
         &ch,
         &shared.cfg.topology.models_exchange,
         "",
@@ -229,6 +226,6 @@ async fn announce_model(shared: &Shared, body: &serde_json::Value) -> Result<()>
         props,
     )
     .await;
-    let _ = conn.close(200, "announced".into()).await;
+    broker::close(&conn, "announced").await;
     r
 }
