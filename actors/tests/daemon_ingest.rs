@@ -356,9 +356,8 @@ fn kill_9_mid_ingest_loses_nothing_and_every_image_reads_back() {
     d.wait_for("ingest under way", Duration::from_secs(60), |s| {
         s["samples"]["total"].as_u64() >= Some(8)
     });
-    let mut child = d.child.take().expect("running");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(d.alive());
+    d.kill();
     d.spawn();
     let s = d.wait_for(
         "every sample after the restart",

@@ -1,4 +1,5 @@
-//! The daemon tests' harness: a `plipd run` child process on a temporary state folder with a
+//! The daemon tests' harness: a `plipd run` child process (the crate's own
+//! [`DaemonProcess`]) on a temporary state folder with a
 //! private topology on the real broker, synthetic images, and publishing helpers.
 #![allow(dead_code, unused_imports)]
 
@@ -10,6 +11,7 @@ pub use lapin::options::{
 };
 pub use lapin::types::{AMQPValue, FieldTable, ShortString};
 pub use lapin::{BasicProperties, Channel, Connection};
+pub use plip_actors::base::launch::{DaemonProcess, Spawn};
 pub use plip_ingest::amqp::{connect, Topology};
 pub use plip_ingest::image::to_jpeg;
 pub use plip_ingest::synth::{render_all, SynthConfig};
@@ -54,9 +56,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A daemon child process.
+/// A daemon child process (over the crate's own harness, [`DaemonProcess`]), with the test
+/// configuration it was started with.
 pub struct Daemon {
-    pub child: Option<Child>,
+    pub process: Option<DaemonProcess>,
     pub http: String,
     pub dir: PathBuf,
     pub topo: Topology,
@@ -132,7 +135,7 @@ format = "json"
         );
         std::fs::write(&config, toml).unwrap();
         let d = Daemon {
-            child: None,
+            process: None,
             http,
             dir: dir.to_path_buf(),
             topo: t,
@@ -156,48 +159,40 @@ format = "json"
 
     /// Starts the daemon and waits until its HTTP listener answers.
     pub fn spawn_only(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_plipd"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        let process = DaemonProcess::spawn(Spawn {
+            program: env!("CARGO_BIN_EXE_plipd").into(),
+            args: vec!["run".into(), "--config".into(), self.config.clone().into()],
+            env: self.env.clone(),
+            addr: self.http.clone(),
+            log: Some(&self.log),
+        })
+        .unwrap();
+        self.process = Some(process);
         self.wait_for("the daemon to answer", Duration::from_secs(60), |_| true);
     }
 
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
+        self.process.as_ref().map_or(0, DaemonProcess::pid)
     }
 
     /// True while the daemon process runs.
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.process.as_mut().is_some_and(DaemonProcess::running)
     }
 
     /// Waits up to `limit` for the daemon to exit; its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let t = Instant::now();
-        while t.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    self.child = None;
-                    return st.code();
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let st = self.process.as_mut()?.wait_exit(limit)?;
+        self.process = None;
+        st.code()
+    }
+
+    /// kill -9, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
         }
-        None
     }
 
     /// A value of /proc/PID/status in KiB (`VmRSS`, `VmHWM`).
@@ -235,13 +230,11 @@ impl Daemon {
         let t = Instant::now();
         let mut last = serde_json::Value::Null;
         while t.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!(
-                        "plipd exited ({st}) while waiting for {what}; log:\n{}",
-                        self.log_text()
-                    );
-                }
+            if let Some(st) = self.process.as_mut().and_then(DaemonProcess::try_wait) {
+                panic!(
+                    "plipd exited ({st}) while waiting for {what}; log:\n{}",
+                    self.log_text()
+                );
             }
             if let Some(s) = self.status() {
                 if pred(&s) {
@@ -253,28 +246,20 @@ impl Daemon {
         }
         panic!(
             "timed out waiting for {what}; last status {last:#}\nlog:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+            self.log_text()
         );
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let t = Instant::now();
-            loop {
-                if let Some(st) = c.try_wait().unwrap() {
-                    assert!(
-                        st.success(),
-                        "plipd exited with {st}; log:\n{}",
-                        std::fs::read_to_string(&self.log).unwrap_or_default()
-                    );
-                    return;
-                }
-                assert!(t.elapsed() < Duration::from_secs(90), "plipd did not stop");
-                std::thread::sleep(Duration::from_millis(50));
+        if let Some(mut p) = self.process.take() {
+            match p.stop_within(Duration::from_secs(90)) {
+                Some(st) => assert!(
+                    st.success(),
+                    "plipd exited with {st}; log:\n{}",
+                    self.log_text()
+                ),
+                None => panic!("plipd did not stop within 90 s; log:\n{}", self.log_text()),
             }
         }
     }
@@ -295,10 +280,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
         let t = self.topo.clone();
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
