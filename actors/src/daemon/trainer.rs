@@ -11,6 +11,7 @@
 //! checkpoint (weights + optimiser + step + metrics) to the checkpointer and waits for the
 //! flushed write, so at most one checkpoint is ever in memory.
 
+use crate::base::config::TrainerConfig;
 use crate::base::error::{Error, Result};
 use crate::base::sampler::PkSampler;
 
@@ -163,19 +164,7 @@ impl OnDevice for Training {
 /// The training loop on device `dev`.
 fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Job>) -> Result<()> {
     let tc = shared.cfg.trainer.clone();
-    let mut preset = Preset::by_name(&tc.preset)
-        .and_then(|p| p.with_text_layers(tc.text_layers))
-        .and_then(|p| p.with_conv_widths(&tc.conv_widths))
-        .map(|p| match tc.text_bigrams {
-            Some(rows) => p.with_text_bigrams(rows),
-            None => p,
-        })?;
-    if !tc.joint_feature.is_empty() {
-        preset = preset.with_joint(&tc.joint_feature)?;
-    }
-    if tc.w_attr > 0.0 || tc.w_text_attr > 0.0 {
-        preset = preset.with_attributes(plip_ingest::attributes::ATTRIBUTE_FIELDS);
-    }
+    let mut preset = configured_preset(&tc)?;
     let tokenizer = match shared.state.tokenizer()? {
         Some(t) => t,
         None => {
@@ -190,35 +179,7 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
         }
     };
     tokenizer.check_capacity(preset.vocab)?;
-    let cfg = TrainConfig {
-        optim: OptimConfig {
-            lr: tc.lr,
-            warmup_steps: tc.warmup_steps,
-            schedule: Schedule::Constant,
-            text_lr_scale: tc.text_lr_scale,
-            clip_per_tower: tc.clip_per_tower,
-            logit_scale_lr_scale: tc.logit_scale_lr_scale,
-            ..Default::default()
-        },
-        tasks: TaskWeights {
-            ivlc: tc.w_ivlc,
-            iap: tc.w_iap,
-            tic: tc.w_tic,
-            triplet: tc.w_triplet,
-            supcon: tc.w_supcon,
-            id: tc.w_id,
-            text_id: tc.w_text_id,
-            ivlc_image_grad: tc.ivlc_image_grad,
-            text_id_running_stats: tc.text_id_running_stats,
-            text_id_detached: tc.text_id_detached,
-            proto: tc.w_proto,
-            text_align: tc.w_text_align,
-            attr: tc.w_attr,
-            text_attr: tc.w_text_attr,
-        },
-        ramp_steps: tc.ramp_steps,
-        text_substeps: tc.text_substeps,
-    };
+    let cfg = train_config(&tc);
     let augment = Augment {
         flip: tc.aug_flip,
         pad_crop: tc.aug_pad_crop,
@@ -378,44 +339,11 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
         let picks = set
             .sampler
             .draw(tc.batch, tc.images_per_id, tc.recent_fraction, &mut rng);
-        let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
-        let mut labels: Vec<Vec<AttributeLabel>> = Vec::with_capacity(picks.len());
-        let mut extra_captions: Vec<(usize, String)> = Vec::new();
-        for (i, g) in picks {
-            let s = match shared.store.get(&set.entries[i].id) {
-                Ok(Some(s)) => s,
-                Ok(None) => continue, // evicted or forgotten since the set was built
-                Err(e) => {
-                    // One unreadable image (a damaged pack entry) is skipped, not fatal.
-                    tracing::warn!(error = %e, "sample_unreadable");
-                    continue;
-                }
-            };
-            let Ok(img) = decode(&s.jpeg, &IntakeLimits::default()) else {
-                continue;
-            };
-            if s.meta.captions.is_empty() {
-                continue;
-            }
-            let chosen = pick_captions(s.meta.captions.len(), tc.captions_per_image, &mut rng);
-            let c = s.meta.captions[chosen[0]].clone();
-            extra_captions.extend(
-                chosen[1..]
-                    .iter()
-                    .map(|&k| (loaded.len(), s.meta.captions[k].text.clone())),
-            );
-            loaded.push((
-                pixels_at(&img, preset.image_height as u32, preset.image_width as u32),
-                c,
-                g,
-                s.meta.person_id.as_deref().map(person_key),
-            ));
-            labels.push(if preset.attributes() > 0 {
-                crate::base::data::attribute_labels(s.meta.attributes.as_ref())
-            } else {
-                Vec::new()
-            });
-        }
+        let Picked {
+            loaded,
+            labels,
+            extra_captions,
+        } = load_picks(&shared, &set, picks, &tc, &preset, &mut rng);
         if loaded.len() < 2 {
             set = TrainingSet::build(&shared);
             continue;
@@ -466,34 +394,13 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
         if !report.skipped {
             last_loss = report.losses.total;
         }
-        {
-            let secs = window.0.elapsed().as_secs_f64();
-            let mut st = shared.stats();
-            let t = &mut st.trainer;
-            t.step = trainer.opt.step;
-            t.images_seen = images_seen;
-            if !report.skipped {
-                t.loss = Some(report.losses.total);
-                t.ivlc = report.losses.ivlc;
-                t.iap = report.losses.iap;
-                t.tic = report.losses.tic;
-                t.triplet = report.losses.triplet;
-                t.supcon = report.losses.supcon;
-                t.id = report.losses.id;
-                t.text_id = report.losses.text_id;
-                t.proto = report.losses.proto;
-                t.text_align = report.losses.text_align;
-                t.attr = report.losses.attr;
-                t.text_attr = report.losses.text_attr;
-                t.text_substeps = report.losses.text_substeps;
-                t.lr = Some(report.lr);
-            }
-            if secs >= 5.0 || t.steps_per_s.is_none() {
-                t.steps_per_s = Some(window.1 as f64 / secs);
-                t.images_per_s = Some(window.1 as f64 * samples.len() as f64 / secs);
-                window = (Instant::now(), 0);
-            }
-        }
+        record_step(
+            &shared,
+            &report,
+            (trainer.opt.step, images_seen),
+            samples.len(),
+            &mut window,
+        );
         let due_steps = tc.checkpoint_every_steps > 0
             && trainer.opt.step >= last_ckpt.1 + tc.checkpoint_every_steps;
         let due_time = tc.checkpoint_every_s > 0
@@ -511,4 +418,157 @@ fn train_loop<D: Device<f32>>(dev: D, shared: Arc<Shared>, jobs: mpsc::Sender<Jo
     }
     set_state(&shared, TrainerState::Stopped);
     Ok(())
+}
+
+/// The model preset the trainer configuration describes.
+fn configured_preset(tc: &TrainerConfig) -> Result<Preset> {
+    let mut preset = Preset::by_name(&tc.preset)
+        .and_then(|p| p.with_text_layers(tc.text_layers))
+        .and_then(|p| p.with_conv_widths(&tc.conv_widths))
+        .map(|p| match tc.text_bigrams {
+            Some(rows) => p.with_text_bigrams(rows),
+            None => p,
+        })?;
+    if !tc.joint_feature.is_empty() {
+        preset = preset.with_joint(&tc.joint_feature)?;
+    }
+    if tc.w_attr > 0.0 || tc.w_text_attr > 0.0 {
+        preset = preset.with_attributes(plip_ingest::attributes::ATTRIBUTE_FIELDS);
+    }
+    Ok(preset)
+}
+
+/// The continuous schedule (warm-up, then constant) and the task weights of the
+/// configuration.
+fn train_config(tc: &TrainerConfig) -> TrainConfig {
+    TrainConfig {
+        optim: OptimConfig {
+            lr: tc.lr,
+            warmup_steps: tc.warmup_steps,
+            schedule: Schedule::Constant,
+            text_lr_scale: tc.text_lr_scale,
+            clip_per_tower: tc.clip_per_tower,
+            logit_scale_lr_scale: tc.logit_scale_lr_scale,
+            ..Default::default()
+        },
+        tasks: TaskWeights {
+            ivlc: tc.w_ivlc,
+            iap: tc.w_iap,
+            tic: tc.w_tic,
+            triplet: tc.w_triplet,
+            supcon: tc.w_supcon,
+            id: tc.w_id,
+            text_id: tc.w_text_id,
+            ivlc_image_grad: tc.ivlc_image_grad,
+            text_id_running_stats: tc.text_id_running_stats,
+            text_id_detached: tc.text_id_detached,
+            proto: tc.w_proto,
+            text_align: tc.w_text_align,
+            attr: tc.w_attr,
+            text_attr: tc.w_text_attr,
+        },
+        ramp_steps: tc.ramp_steps,
+        text_substeps: tc.text_substeps,
+    }
+}
+
+/// A batch's samples read from the store: pixels at the model's input size, the caption
+/// drawn for each and its identity group and person, attribute labels, and any further
+/// captions (row, text) for `trainer.captions_per_image`.
+struct Picked {
+    loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)>,
+    labels: Vec<Vec<AttributeLabel>>,
+    extra_captions: Vec<(usize, String)>,
+}
+
+/// Reads the drawn samples; one evicted, forgotten, unreadable or uncaptioned since the set
+/// was built is left out.
+fn load_picks(
+    shared: &Shared,
+    set: &TrainingSet,
+    picks: Vec<(usize, u64)>,
+    tc: &TrainerConfig,
+    preset: &Preset,
+    rng: &mut StdRng,
+) -> Picked {
+    let mut loaded: Vec<(Vec<u8>, Caption, u64, Option<u64>)> = Vec::with_capacity(picks.len());
+    let mut labels: Vec<Vec<AttributeLabel>> = Vec::with_capacity(picks.len());
+    let mut extra_captions: Vec<(usize, String)> = Vec::new();
+    for (i, g) in picks {
+        let s = match shared.store.get(&set.entries[i].id) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue, // evicted or forgotten since the set was built
+            Err(e) => {
+                // One unreadable image (a damaged pack entry) is skipped, not fatal.
+                tracing::warn!(error = %e, "sample_unreadable");
+                continue;
+            }
+        };
+        let Ok(img) = decode(&s.jpeg, &IntakeLimits::default()) else {
+            continue;
+        };
+        if s.meta.captions.is_empty() {
+            continue;
+        }
+        let chosen = pick_captions(s.meta.captions.len(), tc.captions_per_image, rng);
+        let c = s.meta.captions[chosen[0]].clone();
+        extra_captions.extend(
+            chosen[1..]
+                .iter()
+                .map(|&k| (loaded.len(), s.meta.captions[k].text.clone())),
+        );
+        loaded.push((
+            pixels_at(&img, preset.image_height as u32, preset.image_width as u32),
+            c,
+            g,
+            s.meta.person_id.as_deref().map(person_key),
+        ));
+        labels.push(if preset.attributes() > 0 {
+            crate::base::data::attribute_labels(s.meta.attributes.as_ref())
+        } else {
+            Vec::new()
+        });
+    }
+    Picked {
+        loaded,
+        labels,
+        extra_captions,
+    }
+}
+
+/// The step's figures into the trainer's stats (losses of a step that was not skipped; the
+/// rates over windows of at least 5 s).
+fn record_step(
+    shared: &Shared,
+    report: &plip_model::StepReport,
+    (step, images_seen): (u64, u64),
+    batch: usize,
+    window: &mut (Instant, u64),
+) {
+    let secs = window.0.elapsed().as_secs_f64();
+    let mut st = shared.stats();
+    let t = &mut st.trainer;
+    t.step = step;
+    t.images_seen = images_seen;
+    if !report.skipped {
+        t.loss = Some(report.losses.total);
+        t.ivlc = report.losses.ivlc;
+        t.iap = report.losses.iap;
+        t.tic = report.losses.tic;
+        t.triplet = report.losses.triplet;
+        t.supcon = report.losses.supcon;
+        t.id = report.losses.id;
+        t.text_id = report.losses.text_id;
+        t.proto = report.losses.proto;
+        t.text_align = report.losses.text_align;
+        t.attr = report.losses.attr;
+        t.text_attr = report.losses.text_attr;
+        t.text_substeps = report.losses.text_substeps;
+        t.lr = Some(report.lr);
+    }
+    if secs >= 5.0 || t.steps_per_s.is_none() {
+        t.steps_per_s = Some(window.1 as f64 / secs);
+        t.images_per_s = Some(window.1 as f64 * batch as f64 / secs);
+        *window = (Instant::now(), 0);
+    }
 }
