@@ -157,7 +157,8 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptionConfig {
-    /// Worker threads writing captions for samples that arrive without any.
+    /// Worker threads captioning the samples an older (format-1) state folder holds without
+    /// captions; intake captions every sample it stores.
     pub workers: usize,
 }
 
