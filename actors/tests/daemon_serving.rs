@@ -232,6 +232,29 @@ fn serves_queries_and_answers_every_bad_request() {
     assert!(out.status.success(), "{out:?}");
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["matches"].as_array().unwrap().len(), 3, "{answer:#}");
+    // A client that asks for a newer model than the one serving is refused, not answered with
+    // the older one; asking for the serving version is answered.
+    let serving = answer["model_version"].as_u64().expect("a version");
+    let (too_old, same) = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let ask_min = |v: u64| {
+            serde_json::json!({"query": {"text": "a person in a grey coat"}, "top_k": 2, "min_model_version": v})
+                .to_string()
+        };
+        let a = ask(&ch, &t.reid_exchange, ask_min(serving + 1_000).as_bytes(), json_props()).await;
+        let b = ask(&ch, &t.reid_exchange, ask_min(serving).as_bytes(), json_props()).await;
+        (a, b)
+    });
+    assert_eq!(too_old["error"]["code"], "model_too_old", "{too_old:#}");
+    assert!(
+        too_old["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("version {} or newer", serving + 1_000))),
+        "{too_old:#}"
+    );
+    assert!(same["error"].is_null(), "{same:#}");
+    // (Training goes on: a newer version may have been promoted meanwhile.)
+    assert!(same["model_version"].as_u64() >= Some(serving), "{same:#}");
     // `plipd export` goes through the daemon while it holds the state folder.
     let file = dir.join("served.safetensors");
     let out = Command::new(env!("CARGO_BIN_EXE_plipd"))
@@ -683,4 +706,87 @@ fn demo_runs_and_reports() {
         assert!(dir.join(f).exists(), "{f} missing");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `topology.queue_type = "quorum"` (what a RabbitMQ cluster needs for highly available
+/// queues) against the local broker: `plip.ingest` and `plip.reid.requests` are declared as
+/// quorum queues with the delivery limit, samples are stored through the one and queries
+/// answered through the other.
+#[test]
+fn quorum_queues_carry_ingest_and_requests() {
+    let _serial = serial();
+    let dir = tempdir("quorum");
+    let extra = Extra {
+        topology: "queue_type = \"quorum\"\ndelivery_limit = 5\n".into(),
+        ..Extra::default()
+    };
+    let mut d = Daemon::configure(
+        &dir,
+        &trainer_toml(10),
+        &[("PLIP__SERVING__POLL_MS", "200".to_string())],
+        &extra,
+    );
+    d.spawn();
+    let t = d.topo.clone();
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+            "arguments",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    for q in [&t.ingest_queue, &t.reid_queue] {
+        let line = listing
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(q.as_str()))
+            .unwrap_or_else(|| panic!("{q} not listed:\n{listing}"));
+        assert!(line.contains("quorum"), "{line}");
+        assert!(line.contains("x-delivery-limit"), "{line}");
+    }
+    let all = images(8, 6, 77);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in all.chunks(16) {
+            publish(
+                &ch,
+                &t.ingest_exchange,
+                &batch_json_purpose(chunk, "both"),
+                json_props(),
+            )
+            .await;
+        }
+    });
+    d.wait_for(
+        "a serving model over quorum queues",
+        Duration::from_secs(120),
+        |s| s["serving"]["version"].is_u64() && s["serving"]["gallery_size"] == 48,
+    );
+    let reply = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let (_, _, cam, jpeg) = &all[0];
+        let body =
+            serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 3, "exclude_camera": cam});
+        ask(
+            &ch,
+            &t.reid_exchange,
+            body.to_string().as_bytes(),
+            json_props(),
+        )
+        .await
+    });
+    assert!(reply["error"].is_null(), "{reply:#}");
+    assert_eq!(
+        reply["matches"].as_array().map(Vec::len),
+        Some(3),
+        "{reply:#}"
+    );
+    d.stop();
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -64,6 +64,8 @@ def query(args):
     req = {"v": 1, "query": q, "top_k": args.top_k}
     if args.exclude_camera:
         req["exclude_camera"] = args.exclude_camera
+    if args.min_model_version is not None:
+        req["min_model_version"] = args.min_model_version
     reply = ch.queue_declare(queue="", exclusive=True).method.queue
     corr = str(uuid.uuid4())
     ch.basic_publish(
@@ -114,6 +116,8 @@ def main():
     g.add_argument("--image")
     g.add_argument("--text")
     q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--min-model-version", type=int, default=None,
+                   help="refused (model_too_old) by a daemon serving an older version")
     q.add_argument("--exclude-camera")
     args = p.parse_args()
     sys.exit(publish(args) if args.cmd == "publish" else query(args))

@@ -1,7 +1,8 @@
 //! The ReID query protocol: what clients publish on `plip.reid` and what they get back.
 //!
 //! A request is `application/json` (image as base64) or `application/msgpack` (raw bytes):
-//! `{v?: 1, query: {image} | {text}, top_k?, exclude_camera?, deadline_ms?}`. The reply is
+//! `{v?: 1, query: {image} | {text}, top_k?, exclude_camera?, deadline_ms?,
+//! min_model_version?}`. The reply is
 //! [`ReidReply`] or [`ReidErrorReply`], sent to `reply_to` with the request's correlation id.
 //! Decoding never panics; every refusal carries a stable code.
 
@@ -30,6 +31,11 @@ pub struct ReidRequest {
     /// does the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Answer only with this model version or a newer one: a client that was answered by
+    /// version V asks for at least V, so that a replica still behind a rollout refuses
+    /// (`model_too_old`) instead of answering with an older model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_model_version: Option<u64>,
 }
 
 /// The query of a request.
@@ -120,6 +126,7 @@ pub struct ValidRequest {
     pub top_k: usize,
     pub exclude_camera: Option<String>,
     pub deadline_ms: Option<u64>,
+    pub min_model_version: Option<u64>,
 }
 
 fn err(code: Code, message: impl Into<String>) -> WireError {
@@ -228,5 +235,6 @@ pub fn decode_request(
         top_k: top_k as usize,
         exclude_camera: req.exclude_camera,
         deadline_ms: req.deadline_ms,
+        min_model_version: req.min_model_version,
     })
 }

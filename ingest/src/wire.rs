@@ -75,6 +75,9 @@ pub enum Code {
     HeaderTooDeep,
     /// Both consumers: an AMQP header table larger than the daemon accepts.
     HeadersTooLarge,
+    /// ReID requests: the serving model is older than the request's `min_model_version`
+    /// (a replica behind a rollout); another replica, or this one later, can answer.
+    ModelTooOld,
 }
 
 impl Code {
@@ -108,11 +111,12 @@ impl Code {
             Code::Internal => "internal",
             Code::HeaderTooDeep => "header_too_deep",
             Code::HeadersTooLarge => "headers_too_large",
+            Code::ModelTooOld => "model_too_old",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [Code; 27] = [
+    pub const ALL: [Code; 28] = [
         Code::UnsupportedContentType,
         Code::MalformedBody,
         Code::SchemaViolation,
@@ -140,6 +144,7 @@ impl Code {
         Code::Internal,
         Code::HeaderTooDeep,
         Code::HeadersTooLarge,
+        Code::ModelTooOld,
     ];
 }
 

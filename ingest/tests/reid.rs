@@ -50,10 +50,19 @@ fn good_requests_decode() {
         top_k: Some(5),
         exclude_camera: None,
         deadline_ms: None,
+        min_model_version: Some(7),
     };
     let body = rmp_serde::to_vec_named(&req).unwrap();
     let r = decode_request(Some("application/msgpack"), &body, &ReidLimits::default()).unwrap();
-    assert_eq!(r.top_k, 5);
+    assert_eq!((r.top_k, r.min_model_version), (5, Some(7)));
+    // JSON: absent means any version; a string is a schema violation.
+    let r = json(serde_json::json!({"query": {"text": "x"}})).unwrap();
+    assert_eq!(r.min_model_version, None);
+    let r = json(serde_json::json!({"query": {"text": "x"}, "min_model_version": 3})).unwrap();
+    assert_eq!(r.min_model_version, Some(3));
+    let e =
+        json(serde_json::json!({"query": {"text": "x"}, "min_model_version": "3"})).unwrap_err();
+    assert_eq!(e, Code::SchemaViolation);
 }
 
 #[test]

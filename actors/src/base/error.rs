@@ -57,6 +57,9 @@ pub enum Error {
     /// ReID: a text query longer than the model's context.
     #[error("the text is {tokens} tokens; at most {limit}")]
     TextTooLong { tokens: usize, limit: usize },
+    /// ReID: the serving model is older than the request's `min_model_version`.
+    #[error("this server answers with model version {serving}; the request asks for version {wanted} or newer")]
+    ModelTooOld { serving: u64, wanted: u64 },
     /// ReID: the request's deadline passed before it was served.
     #[error("the request's deadline of {budget_ms} ms passed before it was served")]
     DeadlinePassed { budget_ms: u64 },
@@ -77,6 +80,7 @@ impl Error {
             Error::EmptyGallery => Code::EmptyGallery,
             Error::TextTooLong { .. } => Code::TextTooLong,
             Error::DeadlinePassed { .. } => Code::DeadlinePassed,
+            Error::ModelTooOld { .. } => Code::ModelTooOld,
             _ => Code::Internal,
         }
     }
@@ -137,6 +141,12 @@ mod tests {
             Error::DeadlinePassed { budget_ms: 5 }.code(),
             Code::DeadlinePassed
         );
+        let old = Error::ModelTooOld {
+            serving: 3,
+            wanted: 5,
+        };
+        assert_eq!(old.code().as_str(), "model_too_old");
+        assert!(old.to_string().contains("version 5 or newer"), "{old}");
         for e in [
             Error::Internal("the search failed: panic".into()),
             Error::Storage("writing a pack file: disk full".into()),

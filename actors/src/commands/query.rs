@@ -23,6 +23,9 @@ pub struct QueryArgs {
     /// Leave out gallery images of this camera.
     #[arg(long)]
     pub exclude_camera: Option<String>,
+    /// Refuse an answer from a model older than this version (`model_too_old`).
+    #[arg(long)]
+    pub min_model_version: Option<u64>,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -52,6 +55,9 @@ pub fn run(args: &QueryArgs) -> Result<(), Error> {
     let mut req = serde_json::json!({"v": 1, "query": query, "top_k": args.top_k, "deadline_ms": args.timeout_s * 1000});
     if let Some(c) = &args.exclude_camera {
         req["exclude_camera"] = serde_json::json!(c);
+    }
+    if let Some(v) = args.min_model_version {
+        req["min_model_version"] = serde_json::json!(v);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

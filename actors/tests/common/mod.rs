@@ -98,6 +98,7 @@ results_exchange = "{res}"
 models_exchange = "{me}"
 dlx_exchange = "{dx}"
 dead_queue = "{dq}"
+{topology_extra}
 
 [limits]
 max_message_bytes = {max_message_bytes}
@@ -132,6 +133,7 @@ format = "json"
             max_message_bytes = extra.max_message_bytes.unwrap_or(2_000_000),
             min_free = extra.min_free_bytes.unwrap_or(16 << 20),
             stall = extra.stall_timeout_s.unwrap_or(60),
+            topology_extra = extra.topology,
         );
         std::fs::write(&config, toml).unwrap();
         let d = Daemon {
@@ -210,6 +212,8 @@ format = "json"
 /// Settings a test changes from the harness's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Extra {
+    /// Lines added to the `[topology]` table (e.g. `queue_type = "quorum"`).
+    pub topology: String,
     pub max_message_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub stall_timeout_s: Option<u64>,

@@ -65,11 +65,22 @@ fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> 
     }
     let p = s.model.preset();
     let dim = p.index_dim();
-    let mut out: Vec<Option<Answer>> = (0..n).map(|_| None).collect();
+    // A request that asks for a newer model than this one is refused, not answered.
+    let mut out: Vec<Option<Answer>> = reqs
+        .iter()
+        .map(|r| match r.min_model_version {
+            Some(wanted) if wanted > s.version => Some(Err(Error::ModelTooOld {
+                serving: s.version,
+                wanted,
+            }
+            .to_wire())),
+            _ => None,
+        })
+        .collect();
     let mut emb: Vec<Option<Vec<f32>>> = (0..n).map(|_| None).collect();
     // Images: one pass.
     let images: Vec<usize> = (0..n)
-        .filter(|&i| matches!(reqs[i].query, QueryKind::Image(_)))
+        .filter(|&i| out[i].is_none() && matches!(reqs[i].query, QueryKind::Image(_)))
         .collect();
     if !images.is_empty() {
         let flat: Vec<f32> = images
@@ -91,6 +102,9 @@ fn answer_batch(shared: &Shared, reqs: Vec<plip_ingest::reid::ValidRequest>) -> 
     // Texts: token limit per request, then one pass.
     let mut texts = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
         if let QueryKind::Text(t) = &r.query {
             match s.tokenizer.pieces(t) {
                 Ok(pieces) if pieces.len() <= p.text_len.saturating_sub(2) => {
