@@ -333,6 +333,7 @@ pub fn image_request(c: &Crop, top_k: u32) -> serde_json::Value {
         top_k: Some(top_k),
         exclude_camera: Some(c.camera.clone()),
         deadline_ms: None,
+        min_model_version: None,
     };
     serde_json::to_value(&r).expect("a request encodes")
 }
