@@ -13,6 +13,7 @@
 //!   child process (the benchmarks and the demo).
 //! - [`plots`]: loss and CMC PNGs; [`progress`]: progress bars.
 
+pub mod chunks;
 pub mod client;
 pub mod config;
 pub mod data;
