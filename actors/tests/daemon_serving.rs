@@ -790,3 +790,168 @@ fn quorum_queues_carry_ingest_and_requests() {
     d.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Reads the models log from its first entry until `want` versions are reassembled (or 60 s
+/// pass): (version, metadata, weights) of each.
+async fn read_models_log(
+    ch: &Channel,
+    stream: &str,
+    want: usize,
+) -> Vec<(u64, serde_json::Value, Vec<u8>)> {
+    use futures_lite::StreamExt;
+    use plip_actors::base::chunks::Reassembler;
+    ch.basic_qos(64, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = ch
+        .basic_consume(
+            stream.into(),
+            "models-log-reader".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let mut r = Reassembler::default();
+    let mut out = Vec::new();
+    let t = Instant::now();
+    while out.len() < want && t.elapsed() < Duration::from_secs(60) {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
+        else {
+            continue;
+        };
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let (head, meta) =
+            plip_actors::daemon::logs::read_chunk_headers(&headers).expect("chunk headers");
+        if let Some(weights) = r.push(&head, &d.data).expect("an intact chunk") {
+            out.push((head.version, meta, weights));
+        }
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+/// With `[streams]` on, each version that starts serving — promoted, then pinned by a
+/// rollback — is appended to the models log as checksummed chunks (64 KiB here, so the weights
+/// span many messages); read back from the stream's first offset, each reassembles to exactly
+/// the weights `/export` gives for that version.
+#[test]
+fn serving_versions_are_appended_to_the_models_log() {
+    let _serial = serial();
+    let dir = tempdir("models-log");
+    let stream = format!("plip.models.log.{}", tag());
+    let env = [
+        ("PLIP__SERVING__POLL_MS", "200".to_string()),
+        ("PLIP__STREAMS__ENABLED", "true".to_string()),
+        ("PLIP__STREAMS__MODELS_LOG", stream.clone()),
+        ("PLIP__STREAMS__CHUNK_BYTES", "65536".to_string()),
+        ("PLIP__STREAMS__SEGMENT_BYTES", "1000000".to_string()),
+    ];
+    let trainer = format!(
+        "{}\nkeep_checkpoints = 100\n",
+        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
+    );
+    let mut d = Daemon::start(&dir, &trainer, &env);
+    let t = d.topo.clone();
+    let all = images(8, 6, 91);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in all.chunks(24) {
+            publish(
+                &ch,
+                &t.ingest_exchange,
+                &batch_json_purpose(chunk, "both"),
+                json_props(),
+            )
+            .await;
+        }
+    });
+    let s = d.wait_for("a logged serving version", Duration::from_secs(120), |s| {
+        s["streams"]["models_logged"].is_u64()
+            && s["streams"]["models_logged"] == s["serving"]["version"]
+    });
+    let first = s["streams"]["models_logged"].as_u64().unwrap();
+    // Wait for a newer version to be promoted and logged, then pin the first again: a
+    // rollback is logged too.
+    d.wait_for("a newer version logged", Duration::from_secs(180), |s| {
+        s["streams"]["models_logged"].as_u64() > Some(first)
+    });
+    let pinned =
+        plip_actors::base::client::request(&d.http, "POST", &format!("/rollback?version={first}"))
+            .unwrap();
+    assert!(pinned.is_ok(), "{pinned:?}");
+    let s = d.wait_for("the rollback logged", Duration::from_secs(120), |s| {
+        s["serving"]["version"] == first && s["streams"]["models_logged"] == first
+    });
+    assert!(s["streams"]["error"].is_null(), "{s:#}");
+    let entries = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        // Every entry up to the rollback: the log's own count of versions it logged.
+        let logged = d.log_events("model_logged").len();
+        read_models_log(&ch, &stream, logged).await
+    });
+    assert!(entries.len() >= 2, "{} entries", entries.len());
+    let last = entries.last().unwrap();
+    assert_eq!(last.0, first);
+    assert_eq!(last.1["pinned"], true, "{}", last.1);
+    assert!(entries.iter().any(|e| e.1["pinned"] == false));
+    for (version, meta, weights) in &entries {
+        assert_eq!(meta["version"], *version);
+        assert!(
+            weights.len() > 65536,
+            "{} bytes: one chunk only",
+            weights.len()
+        );
+        let exported = plip_actors::base::client::request(
+            &d.http,
+            "GET",
+            &format!("/export?version={version}"),
+        )
+        .unwrap()
+        .unwrap();
+        // The same file as `/export` writes (safetensors keeps its header metadata in a hash
+        // map, so the header's byte order may differ: compare metadata and tensors).
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&exported).unwrap(),
+            safetensors::SafeTensors::deserialize(weights).expect("the log holds safetensors"),
+        );
+        let meta = |x: &[u8]| {
+            let (_, m) = safetensors::SafeTensors::read_metadata(x).unwrap();
+            m.metadata()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            meta(&exported),
+            meta(weights),
+            "version {version}: metadata differ"
+        );
+        let mut names = a.names();
+        names.sort();
+        assert!(!names.is_empty());
+        for n in names {
+            let (x, y) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+            assert_eq!(
+                (x.shape(), x.data()),
+                (y.shape(), y.data()),
+                "version {version}: {n}"
+            );
+        }
+    }
+    d.stop();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let _ = ch
+            .queue_delete(stream.as_str().into(), Default::default())
+            .await;
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -26,6 +26,38 @@ pub struct Config {
     pub serving: ServingConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub streams: StreamsConfig,
+}
+
+/// The replayable logs on RabbitMQ streams (RabbitMQ ≥ 3.9, feature flag `stream_queue`):
+/// every promoted or rolled-back model version, its weights in chunks, on `models_log`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Append to the logs (off: nothing is declared or written).
+    pub enabled: bool,
+    /// The stream of model versions.
+    pub models_log: String,
+    /// Largest chunk of weights per message, bytes (the broker's message limit is not
+    /// negotiated: keep it well under `max_message_size`, 128 MiB by default).
+    pub chunk_bytes: usize,
+    /// Retention: the stream keeps at most this many bytes (`x-max-length-bytes`; only closed
+    /// segments are removed).
+    pub max_length_bytes: u64,
+    /// Segment size (`x-stream-max-segment-size-bytes`): retention removes whole segments.
+    pub segment_bytes: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            enabled: false,
+            models_log: "plip.models.log".into(),
+            chunk_bytes: 1 << 20,
+            max_length_bytes: 4 << 30,
+            segment_bytes: 100 << 20,
+        }
+    }
 }
 
 /// The daemon's log lines (stderr; the journal keeps them under systemd).
@@ -505,6 +537,12 @@ impl Config {
         }
         if self.state.probe_percent > 50 {
             bad.push("state.probe_percent must be at most 50".into());
+        }
+        if self.streams.chunk_bytes == 0 || self.streams.chunk_bytes > 64 << 20 {
+            bad.push("streams.chunk_bytes must be between 1 and 67108864".into());
+        }
+        if self.streams.enabled && self.streams.models_log.is_empty() {
+            bad.push("streams.models_log must name a stream".into());
         }
         if let GateMetric::Unknown(_) = self.serving.gate_metric {
             bad.push("serving.gate_metric must be mAP, rank1 or text_r1".into());

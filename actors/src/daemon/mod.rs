@@ -14,6 +14,7 @@
 //!   captions were written at intake (format-1 state folders);
 //! - [`trainer`]: the continuous trainer and the checkpointer;
 //! - [`serving`]: the gate, the swapper, the request consumer and the query batcher;
+//!   [`logs`]: the models log on a RabbitMQ stream;
 //! - [`http`]: the status, metrics and admin listener; [`stats`]: the counters it renders;
 //!   [`notify`]: systemd readiness and watchdog.
 
@@ -23,6 +24,7 @@ pub mod broker;
 pub mod captioner;
 pub mod http;
 pub mod ingest;
+pub mod logs;
 pub mod notify;
 pub mod serving;
 pub mod stats;

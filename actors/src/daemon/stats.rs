@@ -98,6 +98,10 @@ pub struct Stats {
     pub serving: ServingStats,
     /// Child restarts by the supervisor, by child.
     pub restarts: BTreeMap<String, u64>,
+    /// The last model version appended to the models log (`[streams]`).
+    pub models_logged: Option<u64>,
+    /// Why the models log cannot be written now, when it cannot.
+    pub models_log_error: Option<String>,
 }
 
 /// The ReID server's counters.

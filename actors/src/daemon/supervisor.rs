@@ -29,6 +29,7 @@ pub enum Child {
     Swapper,
     Requests,
     Notify,
+    ModelsLog,
 }
 
 impl Child {
@@ -42,6 +43,7 @@ impl Child {
             Child::Swapper => "swapper".into(),
             Child::Requests => "reid-requests".into(),
             Child::Notify => "systemd-notify".into(),
+            Child::ModelsLog => "models-log".into(),
         }
     }
 }
@@ -178,6 +180,7 @@ impl Actor for Worker {
             Child::Swapper => Some(tokio::spawn(super::serving::swapper(shared))),
             Child::Notify => Some(tokio::spawn(super::notify::run(shared))),
             Child::Requests => Some(tokio::spawn(super::serving::requests(shared))),
+            Child::ModelsLog => Some(tokio::spawn(super::logs::models_logger(shared))),
             Child::Checkpointer => {
                 let rx = w.jobs_rx.clone();
                 Some(tokio::spawn(trainer::checkpointer(shared, rx)))
@@ -329,6 +332,9 @@ impl Actor for Supervisor {
         if cfg.serving.enabled {
             kids.push(Child::Swapper);
             kids.push(Child::Requests);
+            if cfg.streams.enabled {
+                kids.push(Child::ModelsLog);
+            }
         }
         if cfg.trainer.enabled {
             kids.push(Child::Trainer);

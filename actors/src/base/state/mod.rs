@@ -22,7 +22,8 @@ pub use checkpoint::{training_digest, Checkpoint, CheckpointMeta};
 
 /// The sled trees of a state folder, by name.
 pub mod trees {
-    /// `format_version`, `latest`, the serving and pinned versions.
+    /// `format_version`, `latest`, the serving and pinned versions, the last version in the
+    /// models log.
     pub const META: &str = "meta";
     /// `current` → the tokenizer's JSON.
     pub const TOKENIZER: &str = "tokenizer";

@@ -30,6 +30,27 @@ impl State {
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
+    /// The last model version appended to the models log (`streams.models_log`), if any.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn models_logged(&self) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .meta
+            .get("models_logged")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Records that `version` was appended to the models log (flushed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn set_models_logged(&self, version: u64) -> Result<(), StateError> {
+        self.meta.insert("models_logged", &version.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The pinned version (rollback), if any.
     ///
     /// # Errors

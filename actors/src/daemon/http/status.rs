@@ -73,6 +73,12 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
         },
         "latest_checkpoint": latest,
         "restarts": stats.restarts,
+        "streams": {
+            "enabled": shared.cfg.streams.enabled,
+            "models_log": shared.cfg.streams.models_log,
+            "models_logged": stats.models_logged,
+            "error": stats.models_log_error,
+        },
     })
 }
 

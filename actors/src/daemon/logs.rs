@@ -1,0 +1,232 @@
+//! The replayable logs on RabbitMQ streams (`[streams]`): every model version that starts
+//! serving — promoted by the gate or pinned by a rollback — is appended to
+//! `streams.models_log` as its exported weights file (tensors, tokenizer, metadata: what
+//! `plipd export` writes) in checksummed chunks ([`crate::base::chunks`]), so that a process
+//! that holds no training data can replay the latest model and follow the next.
+//!
+//! The log is written from the state folder, not from the promotion itself: the logger
+//! compares the serving version with the last one it appended (kept in the state folder) and
+//! appends what is missing, so a broker outage or a restart delays an entry but never loses it.
+//! Consumers of a stream need `basic.qos` and manual acks, and read from an offset given in
+//! `x-stream-offset`.
+
+use crate::base::chunks::{split, ChunkHead};
+use crate::base::config::StreamsConfig;
+use crate::base::error::{Error, Result};
+use crate::daemon::broker::{self, publish_confirmed, Backoff};
+use crate::daemon::Shared;
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Header names of a chunk.
+pub mod headers {
+    pub const VERSION: &str = "x-plip-version";
+    pub const CHUNK: &str = "x-plip-chunk";
+    pub const CHUNKS: &str = "x-plip-chunks";
+    pub const BYTES: &str = "x-plip-bytes";
+    pub const SHA256: &str = "x-plip-sha256";
+    pub const CRC32: &str = "x-plip-crc32";
+    /// JSON: the version's step, metrics, whether it was pinned, when it was appended.
+    pub const META: &str = "x-plip-meta";
+}
+
+/// Declares the models stream (idempotent with the same settings).
+///
+/// # Errors
+/// The broker refused: with a pointer to the `stream_queue` feature flag when streams are
+/// not available.
+pub async fn declare(ch: &Channel, cfg: &StreamsConfig) -> Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(cfg.max_length_bytes).unwrap_or(i64::MAX)),
+    );
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(cfg.segment_bytes).unwrap_or(i64::MAX)),
+    );
+    ch.queue_declare(
+        cfg.models_log.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| {
+        Error::Broker(format!(
+            "cannot declare the stream {:?}: {e} (streams need RabbitMQ 3.9 or later with the \
+             stream_queue feature flag enabled: rabbitmqctl enable_feature_flag stream_queue)",
+            cfg.models_log
+        ))
+    })?;
+    Ok(())
+}
+
+/// A chunk's headers.
+fn chunk_headers(h: &ChunkHead, meta: &str) -> FieldTable {
+    let mut t = FieldTable::default();
+    let long = |v: u64| AMQPValue::LongLongInt(i64::try_from(v).unwrap_or(i64::MAX));
+    t.insert(headers::VERSION.into(), long(h.version));
+    t.insert(headers::CHUNK.into(), AMQPValue::LongUInt(h.index));
+    t.insert(headers::CHUNKS.into(), AMQPValue::LongUInt(h.count));
+    t.insert(headers::BYTES.into(), long(h.total_bytes));
+    t.insert(
+        headers::SHA256.into(),
+        AMQPValue::LongString(h.sha256.as_str().into()),
+    );
+    t.insert(headers::CRC32.into(), AMQPValue::LongUInt(h.crc32));
+    t.insert(headers::META.into(), AMQPValue::LongString(meta.into()));
+    t
+}
+
+fn as_u64(v: Option<&AMQPValue>) -> Option<u64> {
+    match v? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::Timestamp(n) => Some(*n),
+        _ => None,
+    }
+}
+
+fn as_text(v: Option<&AMQPValue>) -> Option<String> {
+    match v? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// A chunk's head and metadata read back from its headers; `None` when one is missing.
+pub fn read_chunk_headers(t: &FieldTable) -> Option<(ChunkHead, serde_json::Value)> {
+    let get = |k: &str| t.inner().get(&ShortString::from(k));
+    let head = ChunkHead {
+        version: as_u64(get(headers::VERSION))?,
+        index: u32::try_from(as_u64(get(headers::CHUNK))?).ok()?,
+        count: u32::try_from(as_u64(get(headers::CHUNKS))?).ok()?,
+        total_bytes: as_u64(get(headers::BYTES))?,
+        sha256: as_text(get(headers::SHA256))?,
+        crc32: u32::try_from(as_u64(get(headers::CRC32))?).ok()?,
+    };
+    let meta = as_text(get(headers::META))
+        .and_then(|m| serde_json::from_str(&m).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Some((head, meta))
+}
+
+/// Appends one model version — its weights in chunks, each confirmed — to the models log.
+///
+/// # Errors
+/// A publish or a confirm failed (the caller appends the whole version again later).
+pub async fn append_model(
+    ch: &Channel,
+    cfg: &StreamsConfig,
+    version: u64,
+    weights: &[u8],
+    meta: &serde_json::Value,
+) -> Result<usize> {
+    let meta = meta.to_string();
+    let chunks = split(version, weights, cfg.chunk_bytes);
+    let n = chunks.len();
+    for (head, body) in chunks {
+        let props = BasicProperties::default()
+            .with_content_type("application/octet-stream".into())
+            .with_delivery_mode(2)
+            .with_headers(chunk_headers(&head, &meta));
+        publish_confirmed(ch, "", &cfg.models_log, body, props).await?;
+    }
+    Ok(n)
+}
+
+/// What the logger appends for the serving version: the same self-contained weights file
+/// `plipd export` writes (tensors, the tokenizer, the checkpoint's version, step and metrics),
+/// which is all a process holding no state folder needs to serve it.
+fn serving_entry(shared: &Shared, version: u64) -> Result<(Vec<u8>, serde_json::Value)> {
+    let (bytes, summary) =
+        crate::base::model::export_bytes(&shared.state, Some(version)).map_err(Error::model)?;
+    let pinned = shared.state.pinned()? == Some(version);
+    let meta = serde_json::json!({
+        "version": version,
+        "step": summary["step"],
+        "preset": summary["preset"],
+        "tokenizer": summary["tokenizer"],
+        "pinned": pinned,
+        "appended_unix": crate::base::state::now_unix(),
+    });
+    Ok((bytes, meta))
+}
+
+/// The models logger: runs until shutdown, appending each new serving version.
+///
+/// # Errors
+/// Never for broker trouble (it waits and tries again); a state-folder failure ends it (the
+/// supervisor restarts it).
+pub async fn models_logger(shared: Arc<Shared>) -> Result<()> {
+    let cfg = shared.cfg.streams.clone();
+    let poll = Duration::from_millis(shared.cfg.serving.poll_ms.max(50));
+    let mut backoff = Backoff::new(&shared.cfg.broker);
+    while !shared.stopping() {
+        let r = async {
+            let conn = broker::connect(&shared.cfg.broker).await?;
+            let r = follow(&shared, &conn, &cfg, poll).await;
+            broker::close(&conn, "plipd models log closing").await;
+            r
+        }
+        .await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(Error::State(e)) => return Err(Error::State(e)),
+            Err(e) => {
+                let delay = backoff.delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "models_log_broker_lost");
+                shared.stats().models_log_error = Some(e.to_string());
+                if shared.sleep_or_stop(delay).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One connection's life: declare, then append whatever serving version is not logged yet.
+async fn follow(
+    shared: &Arc<Shared>,
+    conn: &lapin::Connection,
+    cfg: &StreamsConfig,
+    poll: Duration,
+) -> Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    declare(&ch, cfg).await?;
+    shared.stats().models_log_error = None;
+    loop {
+        let serving = shared.serving_version();
+        let logged = shared.state.models_logged()?;
+        if let Some(v) = serving.filter(|&v| Some(v) != logged) {
+            let s = shared.clone();
+            let (weights, meta) =
+                tokio::task::spawn_blocking(move || serving_entry(&s, v)).await??;
+            let chunks = append_model(&ch, cfg, v, &weights, &meta).await?;
+            shared.state.set_models_logged(v)?;
+            shared.stats().models_logged = Some(v);
+            tracing::info!(version = v, chunks, bytes = weights.len(), "model_logged");
+        }
+        if shared.sleep_or_stop(poll).await {
+            return Ok(());
+        }
+    }
+}
