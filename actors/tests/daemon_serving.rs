@@ -955,3 +955,174 @@ fn serving_versions_are_appended_to_the_models_log() {
     });
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Reads the gallery log from its first entry for up to `quiet` after the last entry arrived.
+async fn read_gallery_log(
+    ch: &Channel,
+    stream: &str,
+    quiet: Duration,
+) -> Vec<plip_actors::daemon::logs::GalleryEntry> {
+    use futures_lite::StreamExt;
+    ch.basic_qos(256, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = ch
+        .basic_consume(
+            stream.into(),
+            format!("gallery-log-reader-{}", tag()).as_str().into(),
+            lapin::options::BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(quiet, consumer.next()).await {
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        out.push(
+            plip_actors::daemon::logs::read_gallery_entry(&headers, &d.data)
+                .expect("a well-formed entry"),
+        );
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+/// With `[streams]` on, every gallery sample (purpose gallery or both, not train) is appended
+/// to the gallery log in arrival order with its stored bytes and labels, a forget becomes a
+/// tombstone covering the person's samples, and a restart appends nothing twice (the cursor
+/// and the tombstone queue live in the state folder).
+#[test]
+fn gallery_samples_and_forgets_are_appended_to_the_gallery_log() {
+    use plip_actors::daemon::logs::GalleryEntry;
+    let _serial = serial();
+    let dir = tempdir("gallery-log");
+    let suffix = tag();
+    let (models, gallery) = (
+        format!("plip.models.log.{suffix}"),
+        format!("plip.gallery.log.{suffix}"),
+    );
+    let env = [
+        ("PLIP__SERVING__POLL_MS", "200".to_string()),
+        ("PLIP__STREAMS__ENABLED", "true".to_string()),
+        ("PLIP__STREAMS__MODELS_LOG", models.clone()),
+        ("PLIP__STREAMS__GALLERY_LOG", gallery.clone()),
+    ];
+    let mut d = Daemon::start(&dir, "enabled = false\n", &env);
+    let t = d.topo.clone();
+    let all = images(6, 6, 93);
+    let (g, rest) = all.split_at(12);
+    let (tr, both) = rest.split_at(12);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for (chunk, purpose) in [(g, "gallery"), (tr, "train"), (both, "both")] {
+            publish(
+                &ch,
+                &t.ingest_exchange,
+                &batch_json_purpose(chunk, purpose),
+                json_props(),
+            )
+            .await;
+        }
+    });
+    let s = d.wait_for("the gallery logged", Duration::from_secs(60), |s| {
+        s["samples"]["total"] == 36 && s["streams"]["gallery_logged_seq"].as_u64() >= Some(36)
+    });
+    assert!(s["streams"]["error"].is_null(), "{s:#}");
+    // Forget the person of the first gallery image.
+    let person = &g[0].1;
+    let forgot =
+        plip_actors::base::client::request(&d.http, "POST", &format!("/forget?person={person}"))
+            .unwrap();
+    assert!(forgot.is_ok(), "{forgot:?}");
+    d.wait_for("the tombstone logged", Duration::from_secs(30), |_| {
+        d_log_has(&dir, "forget_logged")
+    });
+    let read = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let (_c, ch) = channel().await;
+            read_gallery_log(&ch, &gallery, Duration::from_secs(3)).await
+        })
+    };
+    let entries = read(&rt);
+    let adds: Vec<LoggedAdd<'_>> = entries
+        .iter()
+        .filter_map(|e| match e {
+            GalleryEntry::Add {
+                seq,
+                id,
+                person,
+                camera,
+                image,
+            } => Some((
+                *seq,
+                id.as_str(),
+                person.as_deref(),
+                camera.as_deref(),
+                image.as_slice(),
+            )),
+            GalleryEntry::Forget { .. } => None,
+        })
+        .collect();
+    // Gallery and both, never train; in arrival order; the producer's bytes (64×128 JPEGs are
+    // stored as sent) and labels.
+    let expected: Vec<&(String, String, String, Vec<u8>)> = g.iter().chain(both).collect();
+    let ids: Vec<&str> = adds.iter().map(|a| a.1).collect();
+    assert_eq!(adds.len(), expected.len(), "{ids:?}");
+    assert!(adds.windows(2).all(|w| w[0].0 < w[1].0));
+    let by_id: std::collections::HashMap<&str, _> =
+        expected.iter().map(|x| (x.0.as_str(), *x)).collect();
+    for (_, id, p, c, image) in &adds {
+        let x = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} is not a gallery sample"));
+        assert_eq!((*p, *c), (Some(x.1.as_str()), Some(x.2.as_str())));
+        assert!(*image == x.3.as_slice(), "{id}: bytes differ");
+    }
+    let forgets: Vec<_> = entries
+        .iter()
+        .filter_map(|e| match e {
+            GalleryEntry::Forget { person, before_seq } => Some((person.clone(), *before_seq)),
+            GalleryEntry::Add { .. } => None,
+        })
+        .collect();
+    assert_eq!(forgets.len(), 1, "{forgets:?}");
+    assert_eq!(&forgets[0].0, person);
+    let last_of_person = adds
+        .iter()
+        .filter(|a| a.2 == Some(person.as_str()))
+        .map(|a| a.0)
+        .max()
+        .unwrap();
+    assert!(forgets[0].1 >= last_of_person, "{forgets:?}");
+    // A restart appends nothing again.
+    d.stop();
+    d.spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(read(&rt).len(), entries.len());
+    d.stop();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for q in [&models, &gallery] {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A gallery-log addition: (arrival, id, person, camera, image bytes).
+type LoggedAdd<'a> = (u64, &'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
+/// True once the daemon's log in `dir` holds the event `name`.
+fn d_log_has(dir: &Path, name: &str) -> bool {
+    std::fs::read_to_string(dir.join("plipd.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|e| e["message"] == name)
+}

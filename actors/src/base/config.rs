@@ -30,7 +30,8 @@ pub struct Config {
 }
 
 /// The replayable logs on RabbitMQ streams (RabbitMQ ≥ 3.9, feature flag `stream_queue`):
-/// every promoted or rolled-back model version, its weights in chunks, on `models_log`.
+/// every promoted or rolled-back model version, its weights in chunks, on `models_log`; every
+/// gallery sample and every forget on `gallery_log`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsConfig {
@@ -38,6 +39,8 @@ pub struct StreamsConfig {
     pub enabled: bool,
     /// The stream of model versions.
     pub models_log: String,
+    /// The stream of gallery additions (image bytes and labels) and forgets (tombstones).
+    pub gallery_log: String,
     /// Largest chunk of weights per message, bytes (the broker's message limit is not
     /// negotiated: keep it well under `max_message_size`, 128 MiB by default).
     pub chunk_bytes: usize,
@@ -53,6 +56,7 @@ impl Default for StreamsConfig {
         StreamsConfig {
             enabled: false,
             models_log: "plip.models.log".into(),
+            gallery_log: "plip.gallery.log".into(),
             chunk_bytes: 1 << 20,
             max_length_bytes: 4 << 30,
             segment_bytes: 100 << 20,
@@ -541,8 +545,10 @@ impl Config {
         if self.streams.chunk_bytes == 0 || self.streams.chunk_bytes > 64 << 20 {
             bad.push("streams.chunk_bytes must be between 1 and 67108864".into());
         }
-        if self.streams.enabled && self.streams.models_log.is_empty() {
-            bad.push("streams.models_log must name a stream".into());
+        if self.streams.enabled
+            && (self.streams.models_log.is_empty() || self.streams.gallery_log.is_empty())
+        {
+            bad.push("streams.models_log and streams.gallery_log must name streams".into());
         }
         if let GateMetric::Unknown(_) = self.serving.gate_metric {
             bad.push("serving.gate_metric must be mAP, rank1 or text_r1".into());

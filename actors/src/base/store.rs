@@ -589,6 +589,19 @@ impl SampleStore {
         }
     }
 
+    /// Up to `limit` (arrival sequence, id) pairs from arrival `seq` on, oldest first.
+    pub fn arrivals_from(&self, seq: u64, limit: usize) -> Vec<(u64, String)> {
+        self.arrivals
+            .range(seq.to_be_bytes()..)
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| {
+                let seq = k.as_ref().try_into().ok().map(u64::from_be_bytes)?;
+                Some((seq, String::from_utf8_lossy(&v).into_owned()))
+            })
+            .take(limit)
+            .collect()
+    }
+
     /// Ids in arrival order, oldest first.
     pub fn ids_by_arrival(&self) -> Vec<String> {
         self.arrivals

@@ -1,12 +1,19 @@
-//! The replayable logs on RabbitMQ streams (`[streams]`): every model version that starts
+//! The replayable logs on RabbitMQ streams (`[streams]`). Every model version that starts
 //! serving — promoted by the gate or pinned by a rollback — is appended to
 //! `streams.models_log` as its exported weights file (tensors, tokenizer, metadata: what
 //! `plipd export` writes) in checksummed chunks ([`crate::base::chunks`]), so that a process
-//! that holds no training data can replay the latest model and follow the next.
+//! that holds no training data can replay the latest model and follow the next. Every gallery
+//! sample (purpose `gallery` or `both`: the stored image bytes, id, person and camera) is
+//! appended to `streams.gallery_log` in arrival order, and every forgotten person as a
+//! tombstone naming the last arrival it covers.
 //!
-//! The log is written from the state folder, not from the promotion itself: the logger
-//! compares the serving version with the last one it appended (kept in the state folder) and
-//! appends what is missing, so a broker outage or a restart delays an entry but never loses it.
+//! The logs are written from the state folder, not from the promotion or the intake itself:
+//! the logger compares the serving version with the last one it appended, and the store's
+//! arrivals with the last one it logged (both kept in the state folder; forgets wait in a
+//! tombstone queue there, written before the samples are deleted), and appends what is
+//! missing — a broker outage or a restart delays entries but never loses one (an entry may be
+//! appended twice after a crash between its confirm and the cursor's write: readers apply
+//! them idempotently, by id).
 //! Consumers of a stream need `basic.qos` and manual acks, and read from an offset given in
 //! `x-stream-offset`.
 
@@ -21,7 +28,7 @@ use lapin::{BasicProperties, Channel};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Header names of a chunk.
+/// Header names of the logs' entries.
 pub mod headers {
     pub const VERSION: &str = "x-plip-version";
     pub const CHUNK: &str = "x-plip-chunk";
@@ -31,14 +38,172 @@ pub mod headers {
     pub const CRC32: &str = "x-plip-crc32";
     /// JSON: the version's step, metrics, whether it was pinned, when it was appended.
     pub const META: &str = "x-plip-meta";
+    /// Gallery log: `add` (the body is the stored image) or `forget` (a tombstone).
+    pub const ENTRY: &str = "x-plip-entry";
+    /// Gallery log: the sample's arrival sequence (`add`), or the last arrival when the person
+    /// was forgotten (`forget`: samples of the person up to it are gone).
+    pub const SEQ: &str = "x-plip-seq";
+    pub const ID: &str = "x-plip-id";
+    pub const PERSON: &str = "x-plip-person";
+    pub const CAMERA: &str = "x-plip-camera";
 }
 
-/// Declares the models stream (idempotent with the same settings).
+/// One entry of the gallery log, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GalleryEntry {
+    /// A gallery sample: its id, labels, arrival and the stored image bytes.
+    Add {
+        seq: u64,
+        id: String,
+        person: Option<String>,
+        camera: Option<String>,
+        image: Vec<u8>,
+    },
+    /// Every sample of `person` that arrived up to `before_seq` is forgotten.
+    Forget { person: String, before_seq: u64 },
+}
+
+/// A gallery-log entry read back from its headers and body; `None` when malformed.
+pub fn read_gallery_entry(t: &FieldTable, body: &[u8]) -> Option<GalleryEntry> {
+    let get = |k: &str| t.inner().get(&ShortString::from(k));
+    let seq = as_u64(get(headers::SEQ))?;
+    match as_text(get(headers::ENTRY))?.as_str() {
+        "add" => Some(GalleryEntry::Add {
+            seq,
+            id: as_text(get(headers::ID))?,
+            person: as_text(get(headers::PERSON)),
+            camera: as_text(get(headers::CAMERA)),
+            image: body.to_vec(),
+        }),
+        "forget" => Some(GalleryEntry::Forget {
+            person: as_text(get(headers::PERSON))?,
+            before_seq: seq,
+        }),
+        _ => None,
+    }
+}
+
+fn text(v: &str) -> AMQPValue {
+    AMQPValue::LongString(v.into())
+}
+
+fn long(v: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// Publishes every message of `batch` to the stream `name`, then waits for all their
+/// confirms (one round trip per batch, not per message).
+async fn publish_all(
+    ch: &Channel,
+    name: &str,
+    batch: Vec<(Vec<u8>, FieldTable, &str)>,
+) -> Result<()> {
+    let mut confirms = Vec::with_capacity(batch.len());
+    for (body, headers, content_type) in batch {
+        let props = BasicProperties::default()
+            .with_content_type(content_type.into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                name.into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("publish to {name:?}: {e}")))?,
+        );
+    }
+    for c in confirms {
+        let c = c
+            .await
+            .map_err(|e| Error::Broker(format!("confirm from {name:?}: {e}")))?;
+        if c.is_nack() {
+            return Err(Error::Broker(format!(
+                "the broker refused an entry of {name:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Gallery samples appended per round trip.
+const GALLERY_BATCH: usize = 256;
+
+/// Appends the gallery samples that arrived after the logged cursor (in arrival order, in
+/// batches, the cursor advanced after each confirmed batch), then the queued tombstones.
+/// Returns how many entries were appended.
+async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig) -> Result<usize> {
+    let mut appended = 0;
+    loop {
+        let s = shared.clone();
+        let (batch, last) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let from = s.state.gallery_logged()?;
+            let ids = s.store.arrivals_from(from, GALLERY_BATCH);
+            let last = ids.last().map(|(seq, _)| *seq);
+            let mut batch = Vec::new();
+            for (seq, id) in ids {
+                // Forgotten or evicted since it arrived: nothing to replicate.
+                let Some(sample) = s.store.get(&id)? else {
+                    continue;
+                };
+                if !crate::daemon::serving::is_gallery(&sample.meta) {
+                    continue;
+                }
+                let mut h = FieldTable::default();
+                h.insert(headers::ENTRY.into(), text("add"));
+                h.insert(headers::SEQ.into(), long(seq));
+                h.insert(headers::ID.into(), text(&id));
+                if let Some(p) = &sample.meta.person_id {
+                    h.insert(headers::PERSON.into(), text(p));
+                }
+                if let Some(c) = &sample.meta.camera_id {
+                    h.insert(headers::CAMERA.into(), text(c));
+                }
+                batch.push((sample.jpeg, h, "image/jpeg"));
+            }
+            Ok((batch, last))
+        })
+        .await??;
+        let Some(last) = last else { break };
+        appended += batch.len();
+        publish_all(ch, &cfg.gallery_log, batch).await?;
+        shared.state.set_gallery_logged(last + 1)?;
+        shared.stats().gallery_logged_seq = last + 1;
+    }
+    for (key, person, before_seq) in shared.state.tombstones()? {
+        let mut h = FieldTable::default();
+        h.insert(headers::ENTRY.into(), text("forget"));
+        h.insert(headers::SEQ.into(), long(before_seq));
+        h.insert(headers::PERSON.into(), text(&person));
+        publish_all(
+            ch,
+            &cfg.gallery_log,
+            vec![(Vec::new(), h, "application/octet-stream")],
+        )
+        .await?;
+        shared.state.remove_tombstone(key)?;
+        appended += 1;
+        tracing::info!(person = ?person, before_seq, "forget_logged");
+    }
+    Ok(appended)
+}
+
+/// Declares both streams (idempotent with the same settings).
 ///
 /// # Errors
 /// The broker refused: with a pointer to the `stream_queue` feature flag when streams are
 /// not available.
 pub async fn declare(ch: &Channel, cfg: &StreamsConfig) -> Result<()> {
+    for name in [&cfg.models_log, &cfg.gallery_log] {
+        declare_stream(ch, name, cfg).await?;
+    }
+    Ok(())
+}
+
+async fn declare_stream(ch: &Channel, name: &str, cfg: &StreamsConfig) -> Result<()> {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -53,7 +218,7 @@ pub async fn declare(ch: &Channel, cfg: &StreamsConfig) -> Result<()> {
         AMQPValue::LongLongInt(i64::try_from(cfg.segment_bytes).unwrap_or(i64::MAX)),
     );
     ch.queue_declare(
-        cfg.models_log.as_str().into(),
+        name.into(),
         QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -63,9 +228,8 @@ pub async fn declare(ch: &Channel, cfg: &StreamsConfig) -> Result<()> {
     .await
     .map_err(|e| {
         Error::Broker(format!(
-            "cannot declare the stream {:?}: {e} (streams need RabbitMQ 3.9 or later with the \
-             stream_queue feature flag enabled: rabbitmqctl enable_feature_flag stream_queue)",
-            cfg.models_log
+            "cannot declare the stream {name:?}: {e} (streams need RabbitMQ 3.9 or later with \
+             the stream_queue feature flag enabled: rabbitmqctl enable_feature_flag stream_queue)"
         ))
     })?;
     Ok(())
@@ -224,6 +388,10 @@ async fn follow(
             shared.state.set_models_logged(v)?;
             shared.stats().models_logged = Some(v);
             tracing::info!(version = v, chunks, bytes = weights.len(), "model_logged");
+        }
+        let n = append_gallery(shared, &ch, cfg).await?;
+        if n > 0 {
+            tracing::debug!(entries = n, "gallery_logged");
         }
         if shared.sleep_or_stop(poll).await {
             return Ok(());

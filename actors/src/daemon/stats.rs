@@ -100,8 +100,11 @@ pub struct Stats {
     pub restarts: BTreeMap<String, u64>,
     /// The last model version appended to the models log (`[streams]`).
     pub models_logged: Option<u64>,
-    /// Why the models log cannot be written now, when it cannot.
+    /// Why the logs cannot be written now, when they cannot.
     pub models_log_error: Option<String>,
+    /// The first arrival not yet considered for the gallery log (every gallery sample before
+    /// it is in the log).
+    pub gallery_logged_seq: u64,
 }
 
 /// The ReID server's counters.

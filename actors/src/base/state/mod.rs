@@ -23,7 +23,7 @@ pub use checkpoint::{training_digest, Checkpoint, CheckpointMeta};
 /// The sled trees of a state folder, by name.
 pub mod trees {
     /// `format_version`, `latest`, the serving and pinned versions, the last version in the
-    /// models log.
+    /// models log, the arrival up to which the gallery log is written.
     pub const META: &str = "meta";
     /// `current` → the tokenizer's JSON.
     pub const TOKENIZER: &str = "tokenizer";
@@ -39,6 +39,8 @@ pub mod trees {
     pub const ARRIVALS: &str = "arrivals";
     /// Ids of samples waiting for the caption workers (format-1 folders).
     pub const UNCAPTIONED: &str = "uncaptioned";
+    /// Forgotten persons waiting to be appended to the gallery log as tombstones.
+    pub const TOMBSTONES: &str = "tombstones";
 }
 
 /// Layout version of the state folder written by this build. 2: sample images in pack files

@@ -51,6 +51,73 @@ impl State {
         Ok(())
     }
 
+    /// The first arrival sequence not yet considered for the gallery log (0 at first).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn gallery_logged(&self) -> Result<u64, StateError> {
+        Ok(self
+            .meta
+            .get("gallery_logged")?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Records that every gallery sample before arrival `seq` is in the gallery log (flushed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn set_gallery_logged(&self, seq: u64) -> Result<(), StateError> {
+        self.meta.insert("gallery_logged", &seq.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Queues a tombstone for the gallery log: `person` was forgotten when the store's last
+    /// arrival was `before_seq` (flushed: the tombstone outlives a crash).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn add_tombstone(&self, person: &str, before_seq: u64) -> Result<(), StateError> {
+        let tree = self.db.open_tree(trees::TOMBSTONES)?;
+        let key = self.db.generate_id()?;
+        let value = serde_json::json!({"person": person, "before_seq": before_seq});
+        tree.insert(key.to_be_bytes(), value.to_string().as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The queued tombstones, oldest first: (key, person, before_seq).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn tombstones(&self) -> Result<Vec<(u64, String, u64)>, StateError> {
+        let tree = self.db.open_tree(trees::TOMBSTONES)?;
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let key = k.as_ref().try_into().ok().map(u64::from_be_bytes);
+            let doc: Option<serde_json::Value> = serde_json::from_slice(&v).ok();
+            if let (Some(key), Some(doc)) = (key, doc) {
+                let person = doc["person"].as_str().unwrap_or_default().to_string();
+                out.push((key, person, doc["before_seq"].as_u64().unwrap_or(0)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a tombstone once it is in the gallery log (flushed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn remove_tombstone(&self, key: u64) -> Result<(), StateError> {
+        self.db
+            .open_tree(trees::TOMBSTONES)?
+            .remove(key.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The pinned version (rollback), if any.
     ///
     /// # Errors

@@ -160,7 +160,19 @@ fn route(
         },
         ("POST", "/forget") => match query_param(query, "person").map(unescape) {
             Some(p) if !p.is_empty() => {
-                let r = shared.store.forget_person(&p).and_then(|ids| {
+                // The tombstone is queued first: a crash after it re-sends a tombstone for
+                // samples already gone, never leaves replicas holding them.
+                let before_seq = shared.store.last_seq();
+                let r = (if shared.cfg.streams.enabled {
+                    shared
+                        .state
+                        .add_tombstone(&p, before_seq)
+                        .map_err(Error::from)
+                } else {
+                    Ok(())
+                })
+                .and_then(|()| shared.store.forget_person(&p))
+                .and_then(|ids| {
                     shared.state.remove_gallery(&ids)?;
                     Ok(ids)
                 });

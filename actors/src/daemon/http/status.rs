@@ -77,6 +77,8 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
             "enabled": shared.cfg.streams.enabled,
             "models_log": shared.cfg.streams.models_log,
             "models_logged": stats.models_logged,
+            "gallery_log": shared.cfg.streams.gallery_log,
+            "gallery_logged_seq": stats.gallery_logged_seq,
             "error": stats.models_log_error,
         },
     })
