@@ -82,6 +82,9 @@ pub struct RunArgs {
     /// variables override it.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
+    /// The process's role (overrides the configuration's `role`).
+    #[arg(long, value_enum)]
+    pub role: Option<crate::base::config::Role>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,6 +146,13 @@ pub fn main() -> ExitCode {
         }
         Command::Export(args) => crate::commands::export::run(&args),
         Command::Run(args) => crate::base::config::Config::load(args.config.as_deref())
+            .and_then(|mut cfg| {
+                if let Some(role) = args.role {
+                    cfg.role = role;
+                    cfg.validate()?;
+                }
+                Ok(cfg)
+            })
             .and_then(crate::daemon::run)
             .map_err(Into::into),
         Command::Publish(args) => crate::commands::publish::run(&args),

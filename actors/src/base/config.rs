@@ -17,6 +17,10 @@ pub const MAX_TEXT_SUBSTEPS: u32 = 16;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// What this process does: `all` (everything, one process: the default), `trainer`
+    /// (ingest, training, the gate; writes the logs of `[streams]`) or `server` (answers ReID
+    /// requests from what it follows on the logs; holds no training data).
+    pub role: Role,
     pub broker: BrokerConfig,
     pub topology: Topology,
     pub limits: WireLimits,
@@ -27,6 +31,31 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub streams: StreamsConfig,
+}
+
+/// The role of a `plipd run` process (`role`, or `plipd run --role`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Ingest, training, the gate and serving in one process.
+    #[default]
+    All,
+    /// Ingest, captions, storage, training, checkpoints, the gate; appends promoted models and
+    /// the gallery to the streams; answers no ReID request.
+    Trainer,
+    /// Follows the models and gallery logs and answers ReID requests.
+    Server,
+}
+
+impl Role {
+    /// The role's name as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Trainer => "trainer",
+            Role::Server => "server",
+        }
+    }
 }
 
 /// The replayable logs on RabbitMQ streams (RabbitMQ ≥ 3.9, feature flag `stream_queue`):
@@ -541,6 +570,15 @@ impl Config {
         }
         if self.state.probe_percent > 50 {
             bad.push("state.probe_percent must be at most 50".into());
+        }
+        if self.role != Role::All && !self.streams.enabled {
+            bad.push(format!(
+                "role = {:?} needs streams.enabled = true (the trainer writes the logs the servers follow)",
+                self.role.as_str()
+            ));
+        }
+        if self.role == Role::Server && !self.serving.enabled {
+            bad.push("role = \"server\" needs serving.enabled = true".into());
         }
         if self.streams.chunk_bytes == 0 || self.streams.chunk_bytes > 64 << 20 {
             bad.push("streams.chunk_bytes must be between 1 and 67108864".into());

@@ -132,16 +132,25 @@ async fn publish_all(
 /// Gallery samples appended per round trip.
 const GALLERY_BATCH: usize = 256;
 
-/// Appends the gallery samples that arrived after the logged cursor (in arrival order, in
-/// batches, the cursor advanced after each confirmed batch), then the queued tombstones.
-/// Returns how many entries were appended.
+/// Appends the gallery samples that arrived since the logged cursor (in arrival order, in
+/// batches, the cursor advanced after each confirmed batch) and the queued tombstones, each
+/// tombstone right after the last arrival it covers — so that the log's order is the arrival
+/// order and a follower applying a tombstone forgets exactly the samples it covers. Returns
+/// how many entries were appended.
 async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig) -> Result<usize> {
     let mut appended = 0;
+    let mut tombs = std::collections::VecDeque::from(shared.state.tombstones()?);
     loop {
         let s = shared.clone();
+        let upto = tombs.front().map(|t| t.2);
         let (batch, last) = tokio::task::spawn_blocking(move || -> Result<_> {
             let from = s.state.gallery_logged()?;
-            let ids = s.store.arrivals_from(from, GALLERY_BATCH);
+            let ids: Vec<(u64, String)> = s
+                .store
+                .arrivals_from(from, GALLERY_BATCH)
+                .into_iter()
+                .filter(|(seq, _)| upto.is_none_or(|u| *seq <= u))
+                .collect();
             let last = ids.last().map(|(seq, _)| *seq);
             let mut batch = Vec::new();
             for (seq, id) in ids {
@@ -167,13 +176,17 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
             Ok((batch, last))
         })
         .await??;
-        let Some(last) = last else { break };
-        appended += batch.len();
-        publish_all(ch, &cfg.gallery_log, batch).await?;
-        shared.state.set_gallery_logged(last + 1)?;
-        shared.stats().gallery_logged_seq = last + 1;
-    }
-    for (key, person, before_seq) in shared.state.tombstones()? {
+        if let Some(last) = last {
+            appended += batch.len();
+            publish_all(ch, &cfg.gallery_log, batch).await?;
+            shared.state.set_gallery_logged(last + 1)?;
+            shared.stats().gallery_logged_seq = last + 1;
+            continue;
+        }
+        // Every arrival the oldest tombstone covers is logged: the tombstone follows.
+        let Some((key, person, before_seq)) = tombs.pop_front() else {
+            break;
+        };
         let mut h = FieldTable::default();
         h.insert(headers::ENTRY.into(), text("forget"));
         h.insert(headers::SEQ.into(), long(before_seq));

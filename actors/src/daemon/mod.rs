@@ -14,7 +14,8 @@
 //!   captions were written at intake (format-1 state folders);
 //! - [`trainer`]: the continuous trainer and the checkpointer;
 //! - [`serving`]: the gate, the swapper, the request consumer and the query batcher;
-//!   [`logs`]: the models log on a RabbitMQ stream;
+//!   [`logs`]: the models and gallery logs on RabbitMQ streams (written by a trainer);
+//!   [`follower`]: a server's side of them;
 //! - [`http`]: the status, metrics and admin listener; [`stats`]: the counters it renders;
 //!   [`notify`]: systemd readiness and watchdog.
 
@@ -22,6 +23,7 @@ use crate::base::error::{Error, Result};
 
 pub mod broker;
 pub mod captioner;
+pub mod follower;
 pub mod http;
 pub mod ingest;
 pub mod logs;
@@ -79,7 +81,12 @@ impl Shared {
     pub fn open(cfg: Config) -> Result<Arc<Shared>> {
         let cfg_pixels = cfg.limits.decoded_pixels_in_flight;
         let state = State::open(&cfg.state.dir)?;
-        let store = state.samples(cfg.state.probe_percent)?;
+        // A server's samples are its gallery: none is held out as a probe.
+        let probe_percent = match cfg.role {
+            crate::base::config::Role::Server => 0,
+            _ => cfg.state.probe_percent,
+        };
+        let store = state.samples(probe_percent)?;
         Ok(Arc::new(Shared {
             cfg,
             state,

@@ -40,10 +40,13 @@ pub fn notify(state: &str) {
 }
 
 /// Start-up is complete: consuming from the broker and, when training, the model loaded (or
-/// resumed). A fresh daemon has no model to serve until its first checkpoint, so READY does not
+/// resumed); for a server, following the logs. A fresh daemon has no model to serve until its first checkpoint, so READY does not
 /// wait for one (`/readyz` does).
 fn started(shared: &Shared) -> bool {
     let st = shared.stats();
+    if shared.cfg.role == crate::base::config::Role::Server {
+        return st.follower.connected;
+    }
     st.consuming
         && (!shared.cfg.trainer.enabled
             || !matches!(

@@ -105,6 +105,27 @@ pub struct Stats {
     /// The first arrival not yet considered for the gallery log (every gallery sample before
     /// it is in the log).
     pub gallery_logged_seq: u64,
+    /// A server's following of the logs.
+    pub follower: FollowerStats,
+}
+
+/// A server's following of the models and gallery logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FollowerStats {
+    /// Consuming both logs now.
+    pub connected: bool,
+    /// Why not, when not.
+    pub error: Option<String>,
+    /// The next offset to read on the models log.
+    pub models_offset: Option<u64>,
+    /// The next offset to read on the gallery log.
+    pub gallery_offset: Option<u64>,
+    /// The last model version received whole and verified.
+    pub model_version: Option<u64>,
+    /// Gallery entries applied since start.
+    pub gallery_entries: u64,
+    /// Model chunks refused (damaged, out of place).
+    pub chunks_refused: u64,
 }
 
 /// The ReID server's counters.

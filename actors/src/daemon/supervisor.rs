@@ -8,6 +8,7 @@
 //! health), and the restart is counted in the status. Nothing is buffered in a mailbox: workers
 //! pull from sled or the broker, and the trainer hands the checkpointer one checkpoint at a time.
 
+use crate::base::config::Role;
 use crate::base::error::{Error, Result};
 
 use super::{trainer, Shared};
@@ -30,6 +31,7 @@ pub enum Child {
     Requests,
     Notify,
     ModelsLog,
+    Follower,
 }
 
 impl Child {
@@ -44,6 +46,7 @@ impl Child {
             Child::Requests => "reid-requests".into(),
             Child::Notify => "systemd-notify".into(),
             Child::ModelsLog => "models-log".into(),
+            Child::Follower => "follower".into(),
         }
     }
 }
@@ -181,6 +184,7 @@ impl Actor for Worker {
             Child::Notify => Some(tokio::spawn(super::notify::run(shared))),
             Child::Requests => Some(tokio::spawn(super::serving::requests(shared))),
             Child::ModelsLog => Some(tokio::spawn(super::logs::models_logger(shared))),
+            Child::Follower => Some(tokio::spawn(super::follower::run(shared))),
             Child::Checkpointer => {
                 let rx = w.jobs_rx.clone();
                 Some(tokio::spawn(trainer::checkpointer(shared, rx)))
@@ -322,24 +326,32 @@ impl Actor for Supervisor {
             backoff: HashMap::new(),
         };
         let cfg = &st.wiring.shared.cfg;
-        let mut kids = vec![
-            Child::Http,
-            Child::Checkpointer,
-            Child::Ingest,
-            Child::Notify,
-        ];
-        kids.extend((0..cfg.captions.workers).map(Child::Captions));
-        if cfg.serving.enabled {
+        let mut kids = vec![Child::Http, Child::Notify];
+        if cfg.role == Role::Server {
+            // No training data: the logs bring the models and the gallery.
+            kids.push(Child::Follower);
             kids.push(Child::Swapper);
             kids.push(Child::Requests);
-            if cfg.streams.enabled {
-                kids.push(Child::ModelsLog);
-            }
-        }
-        if cfg.trainer.enabled {
-            kids.push(Child::Trainer);
-        } else {
             st.wiring.shared.stats().trainer.state = super::TrainerState::Disabled;
+        } else {
+            kids.push(Child::Checkpointer);
+            kids.push(Child::Ingest);
+            kids.extend((0..cfg.captions.workers).map(Child::Captions));
+            if cfg.serving.enabled {
+                // The gate and promotions stay with the trainer; a trainer answers no requests.
+                kids.push(Child::Swapper);
+                if cfg.role == Role::All {
+                    kids.push(Child::Requests);
+                }
+                if cfg.streams.enabled {
+                    kids.push(Child::ModelsLog);
+                }
+            }
+            if cfg.trainer.enabled {
+                kids.push(Child::Trainer);
+            } else {
+                st.wiring.shared.stats().trainer.state = super::TrainerState::Disabled;
+            }
         }
         for k in kids {
             Self::spawn(&myself, &mut st, k).await;

@@ -78,7 +78,10 @@ impl Daemon {
 
     /// Writes the configuration with `extra` settings, without starting the daemon.
     pub fn configure(dir: &Path, trainer: &str, env: &[(&str, String)], extra: &Extra) -> Daemon {
-        let t = topology(&tag());
+        let t = extra
+            .same_topology
+            .clone()
+            .unwrap_or_else(|| topology(&tag()));
         let http = format!("127.0.0.1:{}", free_port());
         let config = dir.join("plipd.toml");
         let toml = format!(
@@ -214,6 +217,9 @@ format = "json"
 pub struct Extra {
     /// Lines added to the `[topology]` table (e.g. `queue_type = "quorum"`).
     pub topology: String,
+    /// Another daemon's topology, to share its queues (a trainer and its servers); a fresh
+    /// private one when `None`.
+    pub same_topology: Option<Topology>,
     pub max_message_bytes: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub stall_timeout_s: Option<u64>,

@@ -150,6 +150,22 @@ impl State {
         Ok(version)
     }
 
+    /// Stores a checkpoint under its own version (a follower's copy of the trainer's), moving
+    /// `latest` forward when it is newer; flushed.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn put_checkpoint(&self, ck: &Checkpoint) -> Result<(), StateError> {
+        let version = ck.meta.version;
+        self.checkpoints
+            .insert(version.to_be_bytes(), ck.encode()?.as_slice())?;
+        if self.latest_version()?.is_none_or(|l| version > l) {
+            self.meta.insert("latest", &version.to_be_bytes())?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Loads and verifies one checkpoint.
     ///
     /// # Errors

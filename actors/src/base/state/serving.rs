@@ -30,6 +30,27 @@ impl State {
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
+    /// A number kept under `key` in the state folder's meta tree (a follower's offsets).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn meta_u64(&self, key: &str) -> Result<Option<u64>, StateError> {
+        Ok(self
+            .meta
+            .get(key)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Keeps `value` under `key` in the meta tree (flushed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn set_meta_u64(&self, key: &str, value: u64) -> Result<(), StateError> {
+        self.meta.insert(key, &value.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The last model version appended to the models log (`streams.models_log`), if any.
     ///
     /// # Errors

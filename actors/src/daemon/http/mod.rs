@@ -158,6 +158,14 @@ fn route(
             }
             Err(e) => Body::Json(500, error(&e.to_string())),
         },
+        ("POST", "/forget") if shared.cfg.role == crate::base::config::Role::Server => Body::Json(
+            409,
+            error(
+                "this server follows the trainer's gallery log and holds no samples of its own: \
+                 send forget to the trainer (role trainer or all); the tombstone reaches every \
+                 server through the log",
+            ),
+        ),
         ("POST", "/forget") => match query_param(query, "person").map(unescape) {
             Some(p) if !p.is_empty() => {
                 // The tombstone is queued first: a crash after it re-sends a tombstone for

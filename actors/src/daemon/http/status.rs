@@ -4,11 +4,19 @@ use super::figures::StorageFigures;
 use crate::base::error::Result;
 use crate::daemon::Shared;
 
-/// Ready = consuming from the broker, storage writable, and (when serving) a model serving.
+/// Ready = consuming from the broker (a server: following the logs), storage writable, and
+/// (when serving) a model serving.
 pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
     let st = shared.stats().clone();
     let mut reasons = Vec::new();
-    if !st.consuming {
+    if shared.cfg.role == crate::base::config::Role::Server {
+        if !st.follower.connected {
+            reasons.push(format!(
+                "not following the logs: {}",
+                st.follower.error.as_deref().unwrap_or("not connected yet")
+            ));
+        }
+    } else if !st.consuming {
         reasons.push(
             st.ingest_paused
                 .clone()
@@ -73,6 +81,8 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
         },
         "latest_checkpoint": latest,
         "restarts": stats.restarts,
+        "role": shared.cfg.role.as_str(),
+        "follower": stats.follower,
         "streams": {
             "enabled": shared.cfg.streams.enabled,
             "models_log": shared.cfg.streams.models_log,

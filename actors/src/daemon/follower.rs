@@ -1,0 +1,277 @@
+//! A server's side of the logs (`role = "server"`): it holds no training data and follows the
+//! trainer's models log and gallery log into its own state folder, where the serving stack
+//! (swapper, request consumer) finds them as it would in a single process.
+//!
+//! - Models log: chunks are reassembled and verified ([`crate::base::chunks`]); a complete
+//!   version is stored as a checkpoint under the trainer's version number, its tokenizer set,
+//!   and the version pinned — a server serves exactly what the trainer logged last (promotion
+//!   or rollback), ungated: the gate stays with the trainer. The swapper loads it and
+//!   re-embeds the gallery before it swaps, so a server never answers with a model whose
+//!   gallery is not embedded yet.
+//! - Gallery log: an addition is stored as a gallery sample (idempotent by id), a tombstone
+//!   forgets the person's samples (the log is in arrival order, so they are exactly those the
+//!   tombstone covers).
+//! - Offsets: the next offset of each stream is kept in the state folder after each applied
+//!   entry (after a model's last chunk for the models log), so a restarted server resumes
+//!   where it stopped instead of replaying everything; an entry applied again after a crash
+//!   is harmless (ids and versions are idempotent).
+
+use crate::base::chunks::Reassembler;
+use crate::base::error::{Error, Result};
+use crate::base::state::{Checkpoint, CheckpointMeta};
+use crate::daemon::broker::{self, Backoff};
+use crate::daemon::logs::{read_chunk_headers, read_gallery_entry, GalleryEntry};
+use crate::daemon::Shared;
+use futures_lite::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::Channel;
+use std::sync::Arc;
+
+/// Meta keys of the next offsets to read.
+const MODELS_OFFSET: &str = "follow_models_offset";
+const GALLERY_OFFSET: &str = "follow_gallery_offset";
+
+/// Runs until shutdown: follow both logs, reconnecting with backoff.
+///
+/// # Errors
+/// A state-folder failure (the supervisor restarts the follower).
+pub async fn run(shared: Arc<Shared>) -> Result<()> {
+    let mut backoff = Backoff::new(&shared.cfg.broker);
+    while !shared.stopping() {
+        let r = async {
+            let conn = broker::connect(&shared.cfg.broker).await?;
+            let r = follow(&shared, &conn).await;
+            broker::close(&conn, "plipd follower closing").await;
+            r
+        }
+        .await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(Error::State(e)) => return Err(Error::State(e)),
+            Err(e) => {
+                let delay = backoff.delay();
+                shared.stats().follower.connected = false;
+                shared.stats().follower.error = Some(e.to_string());
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "follower_broker_lost");
+                if shared.sleep_or_stop(delay).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stored next offset of a stream (`None`: from its first entry).
+fn stored_offset(shared: &Shared, key: &str) -> Result<Option<u64>> {
+    Ok(shared.state.meta_u64(key)?)
+}
+
+async fn consume_from(
+    ch: &Channel,
+    stream: &str,
+    tag: &str,
+    offset: Option<u64>,
+) -> Result<lapin::Consumer> {
+    // Stream consumers need a prefetch and manual acks.
+    ch.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut args = FieldTable::default();
+    let at = match offset {
+        Some(n) => AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
+        None => AMQPValue::LongString("first".into()),
+    };
+    args.insert("x-stream-offset".into(), at);
+    Ok(ch
+        .basic_consume(
+            stream.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?)
+}
+
+/// The offset of a stream delivery (`x-stream-offset`).
+fn delivery_offset(d: &lapin::message::Delivery) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from("x-stream-offset"))? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        _ => None,
+    }
+}
+
+async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
+    let cfg = &shared.cfg.streams;
+    let (mch, gch) = (conn.create_channel().await?, conn.create_channel().await?);
+    let pid = std::process::id();
+    let mut models = consume_from(
+        &mch,
+        &cfg.models_log,
+        &format!("plipd-follow-models-{pid}"),
+        stored_offset(shared, MODELS_OFFSET)?,
+    )
+    .await?;
+    let mut gallery = consume_from(
+        &gch,
+        &cfg.gallery_log,
+        &format!("plipd-follow-gallery-{pid}"),
+        stored_offset(shared, GALLERY_OFFSET)?,
+    )
+    .await?;
+    {
+        let mut st = shared.stats();
+        st.follower.connected = true;
+        st.follower.error = None;
+    }
+    tracing::info!("following");
+    let mut chunks = Reassembler::default();
+    loop {
+        tokio::select! {
+            d = models.next() => {
+                let d = d.ok_or_else(|| Error::Broker("the models log consumer was cancelled".into()))??;
+                apply_model_chunk(shared, &mut chunks, &d).await?;
+                d.ack(BasicAckOptions::default()).await?;
+            }
+            d = gallery.next() => {
+                let d = d.ok_or_else(|| Error::Broker("the gallery log consumer was cancelled".into()))??;
+                apply_gallery_entry(shared, &d).await?;
+                d.ack(BasicAckOptions::default()).await?;
+            }
+            _ = shared.stopped() => return Ok(()),
+        }
+    }
+}
+
+async fn apply_model_chunk(
+    shared: &Arc<Shared>,
+    chunks: &mut Reassembler,
+    d: &lapin::message::Delivery,
+) -> Result<()> {
+    let offset = delivery_offset(d);
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let Some((head, meta)) = read_chunk_headers(&headers) else {
+        tracing::warn!(offset, "models_log_entry_malformed");
+        return Ok(());
+    };
+    let weights = match chunks.push(&head, &d.data) {
+        Ok(Some(w)) => w,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            // A damaged or misplaced chunk: that version is skipped (the next one logged
+            // replaces it), never served.
+            tracing::error!(error = %e, "models_log_chunk_refused");
+            shared.stats().follower.chunks_refused += 1;
+            return Ok(());
+        }
+    };
+    let s = shared.clone();
+    let version = head.version;
+    tokio::task::spawn_blocking(move || store_model(&s, version, weights, &meta)).await??;
+    if let Some(o) = offset {
+        shared.state.set_meta_u64(MODELS_OFFSET, o + 1)?;
+        shared.stats().follower.models_offset = Some(o + 1);
+    }
+    shared.stats().follower.model_version = Some(version);
+    tracing::info!(version, "model_followed");
+    Ok(())
+}
+
+/// Stores a logged model as the checkpoint `version` with its tokenizer, and pins it.
+fn store_model(
+    shared: &Shared,
+    version: u64,
+    weights: Vec<u8>,
+    meta: &serde_json::Value,
+) -> Result<()> {
+    let wm = plip_model::weights::read_meta(&weights)?;
+    let tk_json = wm.extra.get("tokenizer_json").ok_or_else(|| {
+        Error::ModelSetup(format!("logged version {version} carries no tokenizer"))
+    })?;
+    let tokenizer = plip_model::tokenizer::Tokenizer::from_bytes(tk_json.as_bytes())?;
+    let ck = Checkpoint {
+        meta: CheckpointMeta {
+            version,
+            step: wm.step,
+            preset: wm.preset.name.clone(),
+            tokenizer: tokenizer.fingerprint().to_string(),
+            images_seen: 0,
+            created_unix: crate::base::state::now_unix(),
+            metrics: serde_json::from_value(meta["metrics"].clone()).unwrap_or_default(),
+        },
+        weights,
+        optimizer: Vec::new(),
+    };
+    shared.state.set_tokenizer(&tokenizer)?;
+    shared.state.put_checkpoint(&ck)?;
+    shared.state.set_pinned(Some(version))?;
+    // Keep the served version and a few before it.
+    let protect = shared.state.protected_versions()?;
+    shared.state.prune(3, &protect)?;
+    Ok(())
+}
+
+async fn apply_gallery_entry(shared: &Arc<Shared>, d: &lapin::message::Delivery) -> Result<()> {
+    let offset = delivery_offset(d);
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let Some(entry) = read_gallery_entry(&headers, &d.data) else {
+        tracing::warn!(offset, "gallery_log_entry_malformed");
+        return Ok(());
+    };
+    let s = shared.clone();
+    let forgot = tokio::task::spawn_blocking(move || -> Result<bool> {
+        match entry {
+            GalleryEntry::Add {
+                id,
+                person,
+                camera,
+                image,
+                ..
+            } => {
+                let limits = plip_ingest::image::IntakeLimits::default();
+                let pixels = match plip_ingest::image::decode(&image, &limits) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(id = %id, error = %e, "gallery_log_image_undecodable");
+                        return Ok(false);
+                    }
+                };
+                let encoded =
+                    plip_ingest::image::storable_jpeg(&image, pixels.width(), pixels.height());
+                let img = plip_ingest::wire::ValidImage {
+                    id,
+                    person_id: person,
+                    camera_id: camera,
+                    captions: Vec::new(),
+                    attributes: None,
+                    purpose: plip_ingest::wire::Purpose::Gallery,
+                    pixels,
+                    encoded,
+                };
+                s.store.put_one(&img)?;
+                Ok(false)
+            }
+            GalleryEntry::Forget { person, .. } => {
+                let ids = s.store.forget_person(&person)?;
+                s.state.remove_gallery(&ids)?;
+                tracing::info!(person = ?person, samples_removed = ids.len(), "forget_followed");
+                Ok(true)
+            }
+        }
+    })
+    .await??;
+    if forgot {
+        shared
+            .forgets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    if let Some(o) = offset {
+        shared.state.set_meta_u64(GALLERY_OFFSET, o + 1)?;
+        let mut st = shared.stats();
+        st.follower.gallery_offset = Some(o + 1);
+        st.follower.gallery_entries += 1;
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Scale-out roles against the real broker: a `trainer` process writes the models and gallery
+//! logs (RabbitMQ streams), a `server` process with its own state folder follows them and
+//! answers the ReID requests — promotions, rollbacks and forgets included — and resumes from
+//! its stored offsets after a restart.
+
+mod common;
+
+use common::*;
+
+/// Every setting a trainer and its servers share: the streams (private names per test).
+fn streams_env(suffix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("PLIP__STREAMS__ENABLED", "true".to_string()),
+        (
+            "PLIP__STREAMS__MODELS_LOG",
+            format!("plip.models.log.{suffix}"),
+        ),
+        (
+            "PLIP__STREAMS__GALLERY_LOG",
+            format!("plip.gallery.log.{suffix}"),
+        ),
+        ("PLIP__STREAMS__CHUNK_BYTES", "65536".to_string()),
+        ("PLIP__STREAMS__SEGMENT_BYTES", "1000000".to_string()),
+        ("PLIP__SERVING__POLL_MS", "200".to_string()),
+    ]
+}
+
+fn with(
+    mut env: Vec<(&'static str, String)>,
+    k: &'static str,
+    v: &str,
+) -> Vec<(&'static str, String)> {
+    env.push((k, v.to_string()));
+    env
+}
+
+#[test]
+fn a_server_follows_the_trainer_and_answers() {
+    let _serial = serial();
+    let suffix = tag();
+    let (tdir, sdir) = (tempdir("role-trainer"), tempdir("role-server"));
+    let trainer_cfg = format!(
+        "{}\nkeep_checkpoints = 100\n",
+        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
+    );
+    let env = streams_env(&suffix);
+    let mut tr = Daemon::configure(
+        &tdir,
+        &trainer_cfg,
+        &with(env.clone(), "PLIP__ROLE", "trainer"),
+        &Extra::default(),
+    );
+    tr.spawn();
+    let t = tr.topo.clone();
+    let all = images(8, 6, 97);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in all.chunks(24) {
+            publish(
+                &ch,
+                &t.ingest_exchange,
+                &batch_json_purpose(chunk, "both"),
+                json_props(),
+            )
+            .await;
+        }
+    });
+    let s = tr.wait_for("the trainer's logs", Duration::from_secs(120), |s| {
+        s["streams"]["models_logged"].is_u64()
+            && s["streams"]["gallery_logged_seq"].as_u64() >= Some(48)
+    });
+    assert_eq!(s["role"], "trainer");
+    let v1 = s["streams"]["models_logged"].as_u64().unwrap();
+
+    // A server started now catches up from the logs alone.
+    let extra = Extra {
+        same_topology: Some(t.clone()),
+        ..Extra::default()
+    };
+    let mut sv = Daemon::configure(
+        &sdir,
+        "enabled = false\n",
+        &with(env.clone(), "PLIP__ROLE", "server"),
+        &extra,
+    );
+    sv.spawn_only();
+    let s = sv.wait_for("the server to catch up", Duration::from_secs(120), |s| {
+        s["serving"]["version"].as_u64() >= Some(v1) && s["serving"]["gallery_size"] == 48
+    });
+    assert_eq!(s["role"], "server");
+    assert_eq!(s["samples"]["total"], 48, "{s:#}");
+    let ready = plip_actors::base::client::get(&sv.http, "/readyz")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready["ready"], true, "{ready:#}");
+
+    // Only the server consumes the requests; its reply names the version it follows.
+    let ask_image = |rt: &tokio::runtime::Runtime, k: usize| {
+        rt.block_on(async {
+            let (_c, ch) = channel().await;
+            let (_, _, cam, jpeg) = &all[k];
+            let body = serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 10, "exclude_camera": cam});
+            ask(&ch, &t.reid_exchange, body.to_string().as_bytes(), json_props()).await
+        })
+    };
+    let r = ask_image(&rt, 0);
+    assert!(r["error"].is_null(), "{r:#}");
+    let served = sv.status().unwrap()["serving"]["version"].clone();
+    assert_eq!(r["model_version"], served, "{r:#}");
+    assert_eq!(
+        tr.status().unwrap()["serving"]["answered"]
+            .as_u64()
+            .unwrap_or(0),
+        0
+    );
+
+    // A promotion and a rollback on the trainer are followed.
+    let s = tr.wait_for("a newer version logged", Duration::from_secs(180), |s| {
+        s["streams"]["models_logged"].as_u64() > Some(v1)
+    });
+    let v2 = s["streams"]["models_logged"].as_u64().unwrap();
+    sv.wait_for(
+        "the server to follow the promotion",
+        Duration::from_secs(120),
+        |s| s["serving"]["version"].as_u64() >= Some(v2),
+    );
+    let pinned =
+        plip_actors::base::client::request(&tr.http, "POST", &format!("/rollback?version={v1}"))
+            .unwrap();
+    assert!(pinned.is_ok(), "{pinned:?}");
+    sv.wait_for(
+        "the server to follow the rollback",
+        Duration::from_secs(120),
+        |s| s["serving"]["version"] == v1,
+    );
+
+    // Forget goes to the trainer; a server refuses it with a pointer there.
+    let person = all[0].1.clone();
+    let refused =
+        plip_actors::base::client::request(&sv.http, "POST", &format!("/forget?person={person}"))
+            .unwrap();
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("409") && e.to_string().contains("trainer")),
+        "{refused:?}"
+    );
+    let forgot =
+        plip_actors::base::client::request(&tr.http, "POST", &format!("/forget?person={person}"))
+            .unwrap();
+    assert!(forgot.is_ok(), "{forgot:?}");
+    sv.wait_for(
+        "the forget to reach the server",
+        Duration::from_secs(60),
+        |s| s["serving"]["gallery_size"] == 42 && s["samples"]["total"] == 42,
+    );
+    let r = ask_image(&rt, 1);
+    assert!(r["error"].is_null(), "{r:#}");
+    assert!(
+        r["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["person_id"] != person.as_str()),
+        "{r:#}"
+    );
+
+    // A restarted server resumes from its offsets: nothing replayed, same version, same gallery.
+    sv.stop();
+    sv.spawn_only();
+    let s = sv.wait_for("the restarted server", Duration::from_secs(120), |s| {
+        s["serving"]["version"] == v1 && s["serving"]["gallery_size"] == 42
+    });
+    assert!(
+        s["follower"]["gallery_entries"].as_u64() <= Some(1),
+        "{:#}",
+        s["follower"]
+    );
+    sv.stop();
+    tr.stop();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for (_, v) in streams_env(&suffix)
+            .iter()
+            .filter(|(k, _)| k.contains("_LOG"))
+        {
+            let _ = ch.queue_delete(v.as_str().into(), Default::default()).await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(tdir);
+    let _ = std::fs::remove_dir_all(sdir);
+}
