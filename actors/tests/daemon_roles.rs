@@ -108,6 +108,12 @@ fn a_server_follows_the_trainer_and_answers() {
     assert!(r["error"].is_null(), "{r:#}");
     let served = sv.status().unwrap()["serving"]["version"].clone();
     assert_eq!(r["model_version"], served, "{r:#}");
+    assert!(
+        r["served_by"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(&format!("-{}", sv.pid()))),
+        "{r:#}"
+    );
     assert_eq!(
         tr.status().unwrap()["serving"]["answered"]
             .as_u64()

@@ -76,6 +76,10 @@ pub struct ReidReply {
     pub took_ms: f64,
     /// Best first.
     pub matches: Vec<Match>,
+    /// The process that answered (`serving.instance`; by default host name and process id):
+    /// with several servers on one queue, which replica it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
 }
 
 /// A refused request.

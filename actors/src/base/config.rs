@@ -70,6 +70,9 @@ pub struct StreamsConfig {
     pub models_log: String,
     /// The stream of gallery additions (image bytes and labels) and forgets (tombstones).
     pub gallery_log: String,
+    /// Fanout exchange on which the trainer announces the logs' heads (how far each is
+    /// written), from which a server measures how far behind it is.
+    pub head_exchange: String,
     /// Largest chunk of weights per message, bytes (the broker's message limit is not
     /// negotiated: keep it well under `max_message_size`, 128 MiB by default).
     pub chunk_bytes: usize,
@@ -86,6 +89,7 @@ impl Default for StreamsConfig {
             enabled: false,
             models_log: "plip.models.log".into(),
             gallery_log: "plip.gallery.log".into(),
+            head_exchange: "plip.logs.head".into(),
             chunk_bytes: 1 << 20,
             max_length_bytes: 4 << 30,
             segment_bytes: 100 << 20,
@@ -130,6 +134,8 @@ pub struct ServingConfig {
     pub poll_ms: u64,
     /// Metric that gates a promotion: `mAP`, `rank1` or `text_r1` (probe split).
     pub gate_metric: GateMetric,
+    /// This process's name in replies (`served_by`); empty: the host name and process id.
+    pub instance: String,
     /// A candidate is promoted unless its gate metric is worse than the serving version's by
     /// more than this.
     pub gate_margin: f64,
@@ -152,6 +158,7 @@ impl Default for ServingConfig {
             prefetch: 16,
             poll_ms: 2000,
             gate_metric: GateMetric::MeanAp,
+            instance: String::new(),
             gate_margin: 0.02,
             flip_average: false,
             attribute_weight: 0.0,

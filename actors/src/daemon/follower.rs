@@ -11,6 +11,9 @@
 //! - Gallery log: an addition is stored as a gallery sample (idempotent by id), a tombstone
 //!   forgets the person's samples (the log is in arrival order, so they are exactly those the
 //!   tombstone covers).
+//! - Lag: the trainer announces the logs' heads (the last model version, the number of gallery
+//!   entries) on `streams.head_exchange`; the follower compares them with what it applied
+//!   (`/status` → `follower.gallery_lag`), and `/readyz` waits until it has caught up once.
 //! - Offsets: the next offset of each stream is kept in the state folder after each applied
 //!   entry (after a model's last chunk for the models log), so a restarted server resumes
 //!   where it stopped instead of replaying everything; an entry applied again after a crash
@@ -20,7 +23,9 @@ use crate::base::chunks::Reassembler;
 use crate::base::error::{Error, Result};
 use crate::base::state::{Checkpoint, CheckpointMeta};
 use crate::daemon::broker::{self, Backoff};
-use crate::daemon::logs::{read_chunk_headers, read_gallery_entry, GalleryEntry};
+use crate::daemon::logs::{
+    declare_heads, gallery_entry_n, read_chunk_headers, read_gallery_entry, GalleryEntry, Heads,
+};
 use crate::daemon::Shared;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -31,6 +36,8 @@ use std::sync::Arc;
 /// Meta keys of the next offsets to read.
 const MODELS_OFFSET: &str = "follow_models_offset";
 const GALLERY_OFFSET: &str = "follow_gallery_offset";
+/// Meta key of the ordinal of the last gallery entry applied.
+const GALLERY_APPLIED: &str = "follow_gallery_applied";
 
 /// Runs until shutdown: follow both logs, reconnecting with backoff.
 ///
@@ -105,6 +112,15 @@ fn delivery_offset(d: &lapin::message::Delivery) -> Option<u64> {
 
 async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
     let cfg = &shared.cfg.streams;
+    {
+        let applied = shared.state.meta_u64(GALLERY_APPLIED)?.unwrap_or(0);
+        let pinned = shared.state.pinned()?;
+        let mut st = shared.stats();
+        st.follower.gallery_applied = applied;
+        if st.follower.model_version.is_none() {
+            st.follower.model_version = pinned;
+        }
+    }
     let (mch, gch) = (conn.create_channel().await?, conn.create_channel().await?);
     let pid = std::process::id();
     let mut models = consume_from(
@@ -121,6 +137,39 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
         stored_offset(shared, GALLERY_OFFSET)?,
     )
     .await?;
+    // The trainer's announcements of the logs' heads, on a private queue.
+    let hch = conn.create_channel().await?;
+    declare_heads(&hch, cfg).await?;
+    let q = hch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    hch.queue_bind(
+        q.name().clone(),
+        cfg.head_exchange.as_str().into(),
+        "".into(),
+        lapin::options::QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut heads = hch
+        .basic_consume(
+            q.name().clone(),
+            format!("plipd-follow-heads-{pid}").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
     {
         let mut st = shared.stats();
         st.follower.connected = true;
@@ -139,6 +188,18 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
                 let d = d.ok_or_else(|| Error::Broker("the gallery log consumer was cancelled".into()))??;
                 apply_gallery_entry(shared, &d).await?;
                 d.ack(BasicAckOptions::default()).await?;
+            }
+            h = heads.next() => {
+                let h = h.ok_or_else(|| Error::Broker("the heads consumer was cancelled".into()))??;
+                if let Ok(h) = serde_json::from_slice::<Heads>(&h.data) {
+                    let mut st = shared.stats();
+                    st.follower.heads = Some(h);
+                    let was = st.follower.caught_up;
+                    st.follower.update_lag();
+                    if st.follower.caught_up && !was {
+                        tracing::info!(gallery_entries = h.gallery_entries, model = ?h.model, "caught_up");
+                    }
+                }
             }
             _ = shared.stopped() => return Ok(()),
         }
@@ -174,7 +235,11 @@ async fn apply_model_chunk(
         shared.state.set_meta_u64(MODELS_OFFSET, o + 1)?;
         shared.stats().follower.models_offset = Some(o + 1);
     }
-    shared.stats().follower.model_version = Some(version);
+    {
+        let mut st = shared.stats();
+        st.follower.model_version = Some(version);
+        st.follower.update_lag();
+    }
     tracing::info!(version, "model_followed");
     Ok(())
 }
@@ -216,6 +281,7 @@ fn store_model(
 async fn apply_gallery_entry(shared: &Arc<Shared>, d: &lapin::message::Delivery) -> Result<()> {
     let offset = delivery_offset(d);
     let headers = d.properties.headers().clone().unwrap_or_default();
+    let n = gallery_entry_n(&headers);
     let Some(entry) = read_gallery_entry(&headers, &d.data) else {
         tracing::warn!(offset, "gallery_log_entry_malformed");
         return Ok(());
@@ -272,6 +338,12 @@ async fn apply_gallery_entry(shared: &Arc<Shared>, d: &lapin::message::Delivery)
         let mut st = shared.stats();
         st.follower.gallery_offset = Some(o + 1);
         st.follower.gallery_entries += 1;
+    }
+    if let Some(n) = n {
+        shared.state.set_meta_u64(GALLERY_APPLIED, n)?;
+        let mut st = shared.stats();
+        st.follower.gallery_applied = st.follower.gallery_applied.max(n);
+        st.follower.update_lag();
     }
     Ok(())
 }

@@ -44,6 +44,8 @@ pub mod headers {
     /// was forgotten (`forget`: samples of the person up to it are gone).
     pub const SEQ: &str = "x-plip-seq";
     pub const ID: &str = "x-plip-id";
+    /// Gallery log: the entry's ordinal (1, 2, …) — what a follower's lag is counted in.
+    pub const N: &str = "x-plip-n";
     pub const PERSON: &str = "x-plip-person";
     pub const CAMERA: &str = "x-plip-camera";
 }
@@ -61,6 +63,11 @@ pub enum GalleryEntry {
     },
     /// Every sample of `person` that arrived up to `before_seq` is forgotten.
     Forget { person: String, before_seq: u64 },
+}
+
+/// A gallery-log entry's ordinal (`x-plip-n`), when it carries one.
+pub fn gallery_entry_n(t: &FieldTable) -> Option<u64> {
+    as_u64(t.inner().get(&ShortString::from(headers::N)))
 }
 
 /// A gallery-log entry read back from its headers and body; `None` when malformed.
@@ -132,6 +139,43 @@ async fn publish_all(
 /// Gallery samples appended per round trip.
 const GALLERY_BATCH: usize = 256;
 
+/// Meta key of the number of entries appended to the gallery log.
+const GALLERY_ENTRIES: &str = "gallery_entries_logged";
+
+/// The log heads a trainer announces on `streams.head_exchange` (a stream's tail cannot be
+/// asked for over AMQP 0-9-1): a follower compares them with what it applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Heads {
+    /// The last version appended to the models log.
+    pub model: Option<u64>,
+    /// Entries appended to the gallery log.
+    pub gallery_entries: u64,
+}
+
+/// Declares the heads exchange (fanout, durable; the announcements themselves are transient).
+///
+/// # Errors
+/// The broker refused.
+pub async fn declare_heads(ch: &Channel, cfg: &StreamsConfig) -> Result<()> {
+    ch.exchange_declare(
+        cfg.head_exchange.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn announce_heads(ch: &Channel, cfg: &StreamsConfig, heads: Heads) -> Result<()> {
+    let body = serde_json::to_vec(&heads)?;
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    publish_confirmed(ch, &cfg.head_exchange, "", &body, props).await
+}
+
 /// Appends the gallery samples that arrived since the logged cursor (in arrival order, in
 /// batches, the cursor advanced after each confirmed batch) and the queued tombstones, each
 /// tombstone right after the last arrival it covers — so that the log's order is the arrival
@@ -143,8 +187,9 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
     loop {
         let s = shared.clone();
         let upto = tombs.front().map(|t| t.2);
-        let (batch, last) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (batch, last, n_after) = tokio::task::spawn_blocking(move || -> Result<_> {
             let from = s.state.gallery_logged()?;
+            let mut n = s.state.meta_u64(GALLERY_ENTRIES)?.unwrap_or(0);
             let ids: Vec<(u64, String)> = s
                 .store
                 .arrivals_from(from, GALLERY_BATCH)
@@ -162,7 +207,9 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
                     continue;
                 }
                 let mut h = FieldTable::default();
+                n += 1;
                 h.insert(headers::ENTRY.into(), text("add"));
+                h.insert(headers::N.into(), long(n));
                 h.insert(headers::SEQ.into(), long(seq));
                 h.insert(headers::ID.into(), text(&id));
                 if let Some(p) = &sample.meta.person_id {
@@ -173,22 +220,27 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
                 }
                 batch.push((sample.jpeg, h, "image/jpeg"));
             }
-            Ok((batch, last))
+            Ok((batch, last, n))
         })
         .await??;
         if let Some(last) = last {
             appended += batch.len();
             publish_all(ch, &cfg.gallery_log, batch).await?;
+            shared.state.set_meta_u64(GALLERY_ENTRIES, n_after)?;
             shared.state.set_gallery_logged(last + 1)?;
-            shared.stats().gallery_logged_seq = last + 1;
+            let mut st = shared.stats();
+            st.gallery_logged_seq = last + 1;
+            st.gallery_entries_logged = n_after;
             continue;
         }
         // Every arrival the oldest tombstone covers is logged: the tombstone follows.
         let Some((key, person, before_seq)) = tombs.pop_front() else {
             break;
         };
+        let n = shared.state.meta_u64(GALLERY_ENTRIES)?.unwrap_or(0) + 1;
         let mut h = FieldTable::default();
         h.insert(headers::ENTRY.into(), text("forget"));
+        h.insert(headers::N.into(), long(n));
         h.insert(headers::SEQ.into(), long(before_seq));
         h.insert(headers::PERSON.into(), text(&person));
         publish_all(
@@ -197,7 +249,9 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
             vec![(Vec::new(), h, "application/octet-stream")],
         )
         .await?;
+        shared.state.set_meta_u64(GALLERY_ENTRIES, n)?;
         shared.state.remove_tombstone(key)?;
+        shared.stats().gallery_entries_logged = n;
         appended += 1;
         tracing::info!(person = ?person, before_seq, "forget_logged");
     }
@@ -389,6 +443,7 @@ async fn follow(
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     declare(&ch, cfg).await?;
+    declare_heads(&ch, cfg).await?;
     shared.stats().models_log_error = None;
     loop {
         let serving = shared.serving_version();
@@ -406,6 +461,11 @@ async fn follow(
         if n > 0 {
             tracing::debug!(entries = n, "gallery_logged");
         }
+        let heads = Heads {
+            model: shared.state.models_logged()?,
+            gallery_entries: shared.state.meta_u64(GALLERY_ENTRIES)?.unwrap_or(0),
+        };
+        announce_heads(&ch, cfg, heads).await?;
         if shared.sleep_or_stop(poll).await {
             return Ok(());
         }

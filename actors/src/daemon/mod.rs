@@ -66,6 +66,21 @@ pub struct Shared {
     pub exit_code: std::sync::atomic::AtomicI32,
     /// The last answers of the endpoints that read the state folder, for when it does not answer.
     pub http_cache: http::Cache,
+    /// This process's name in replies (`serving.instance`, or host name and process id).
+    pub instance: String,
+}
+
+/// `configured`, or this host's name and the process id.
+fn instance_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "plipd".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Exit status after a storage failure (EX_TEMPFAIL): sled's errors are sticky until the
@@ -88,7 +103,6 @@ impl Shared {
         };
         let store = state.samples(probe_percent)?;
         Ok(Arc::new(Shared {
-            cfg,
             state,
             store,
             stats: Mutex::new(Stats::default()),
@@ -103,6 +117,8 @@ impl Shared {
             decoded_since_trim: std::sync::atomic::AtomicU64::new(0),
             exit_code: std::sync::atomic::AtomicI32::new(0),
             http_cache: http::Cache::default(),
+            instance: instance_name(&cfg.serving.instance),
+            cfg,
         }))
     }
 

@@ -105,6 +105,8 @@ pub struct Stats {
     /// The first arrival not yet considered for the gallery log (every gallery sample before
     /// it is in the log).
     pub gallery_logged_seq: u64,
+    /// Entries appended to the gallery log.
+    pub gallery_entries_logged: u64,
     /// A server's following of the logs.
     pub follower: FollowerStats,
 }
@@ -126,6 +128,27 @@ pub struct FollowerStats {
     pub gallery_entries: u64,
     /// Model chunks refused (damaged, out of place).
     pub chunks_refused: u64,
+    /// The ordinal of the last gallery entry applied.
+    pub gallery_applied: u64,
+    /// The last heads the trainer announced, when one has been heard.
+    pub heads: Option<crate::daemon::logs::Heads>,
+    /// Gallery entries the trainer has appended that this server has not applied yet.
+    pub gallery_lag: Option<u64>,
+    /// Has been caught up with the announced heads once (latched: `/readyz` waits for it).
+    pub caught_up: bool,
+}
+
+impl FollowerStats {
+    /// Recomputes the lag from the heads and what was applied; latches `caught_up` when the
+    /// gallery is applied up to the head and the head model is the one followed.
+    pub fn update_lag(&mut self) {
+        let Some(h) = self.heads else { return };
+        let lag = h.gallery_entries.saturating_sub(self.gallery_applied);
+        self.gallery_lag = Some(lag);
+        if lag == 0 && (h.model.is_none() || h.model == self.model_version) {
+            self.caught_up = true;
+        }
+    }
 }
 
 /// The ReID server's counters.

@@ -32,6 +32,33 @@ pub fn metrics(shared: &Shared, figures: &StorageFigures, fresh: bool) -> String
     for c in crate::daemon::stats::COUNTERS {
         metric(c.metric, "counter", c.help, one((c.read)(&st) as f64));
     }
+    if shared.cfg.role == crate::base::config::Role::Server {
+        let f = &st.follower;
+        metric(
+            "plip_follower_connected",
+            "gauge",
+            "1 while following the models and gallery logs.",
+            one(f64::from(u8::from(f.connected))),
+        );
+        metric(
+            "plip_follower_caught_up",
+            "gauge",
+            "1 once caught up with the logs' heads the trainer announced.",
+            one(f64::from(u8::from(f.caught_up))),
+        );
+        metric(
+            "plip_follower_gallery_lag",
+            "gauge",
+            "Gallery-log entries the trainer appended that this server has not applied (-1: no head heard yet).",
+            one(f.gallery_lag.map_or(-1.0, |l| l as f64)),
+        );
+        metric(
+            "plip_follower_model_version",
+            "gauge",
+            "The model version received whole from the models log (-1: none).",
+            one(f.model_version.map_or(-1.0, |v| v as f64)),
+        );
+    }
     metric(
         "plip_ingest_rejected_total",
         "counter",

@@ -15,6 +15,14 @@ pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
                 "not following the logs: {}",
                 st.follower.error.as_deref().unwrap_or("not connected yet")
             ));
+        } else if !st.follower.caught_up {
+            reasons.push(match (st.follower.heads, st.follower.gallery_lag) {
+                (None, _) => "catching up: no announcement of the logs' heads heard yet".into(),
+                (Some(_), Some(lag)) if lag > 0 => {
+                    format!("catching up: {lag} gallery entries behind the trainer")
+                }
+                _ => "catching up: the trainer's latest model is not loaded yet".into(),
+            });
         }
     } else if !st.consuming {
         reasons.push(

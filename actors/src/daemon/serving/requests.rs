@@ -180,6 +180,7 @@ async fn answer(
             gallery_version: *gallery_version,
             took_ms,
             matches: matches.clone(),
+            served_by: Some(shared.instance.clone()),
         }),
         Err(e) => serde_json::to_vec(&ReidErrorReply {
             request_id: request_id.clone(),
