@@ -197,3 +197,221 @@ fn a_server_follows_the_trainer_and_answers() {
     let _ = std::fs::remove_dir_all(tdir);
     let _ = std::fs::remove_dir_all(sdir);
 }
+
+/// Publishes one request per query image without waiting; returns (reply queue, correlation).
+async fn send_all(
+    ch: &Channel,
+    exchange: &str,
+    queries: &[(String, String, String, Vec<u8>)],
+) -> Vec<(lapin::Queue, String)> {
+    let mut out = Vec::new();
+    for (_, _, cam, jpeg) in queries {
+        let q = exclusive_queue(ch).await;
+        let corr = tag();
+        let body =
+            serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 5, "exclude_camera": cam});
+        publish(
+            ch,
+            exchange,
+            body.to_string().as_bytes(),
+            json_props()
+                .with_reply_to(q.name().clone())
+                .with_correlation_id(corr.as_str().into()),
+        )
+        .await;
+        out.push((q, corr));
+    }
+    out
+}
+
+/// Waits (up to 90 s in all) for the reply on each queue.
+async fn collect(ch: &Channel, sent: &[(lapin::Queue, String)]) -> Vec<serde_json::Value> {
+    let t = Instant::now();
+    let mut out = Vec::new();
+    for (q, corr) in sent {
+        loop {
+            if let Some(m) = ch
+                .basic_get(q.name().clone(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+                assert_eq!(v["request_id"], corr.as_str());
+                out.push(v);
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "a request was never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    out
+}
+
+/// Two servers share the request queue (both answer); one killed with -9 while requests are
+/// in flight loses none (the broker redelivers what it held to the other); restarted, it
+/// resumes from its offsets; a third started later catches up from the logs alone and ranks
+/// exactly as the first two did at the same version.
+#[test]
+fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
+    let _serial = serial();
+    let suffix = tag();
+    let dirs: Vec<PathBuf> = ["rep-trainer", "rep-a", "rep-b", "rep-c"]
+        .iter()
+        .map(|n| tempdir(n))
+        .collect();
+    let env = streams_env(&suffix);
+    let mut tr = Daemon::configure(
+        &dirs[0],
+        &trainer_toml(10),
+        &with(env.clone(), "PLIP__ROLE", "trainer"),
+        &Extra::default(),
+    );
+    tr.spawn();
+    let t = tr.topo.clone();
+    let all = images(8, 6, 99);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for chunk in all.chunks(24) {
+            publish(
+                &ch,
+                &t.ingest_exchange,
+                &batch_json_purpose(chunk, "both"),
+                json_props(),
+            )
+            .await;
+        }
+    });
+    let s = tr.wait_for("the trainer's logs", Duration::from_secs(120), |s| {
+        s["streams"]["models_logged"].is_u64()
+            && s["streams"]["gallery_logged_seq"].as_u64() >= Some(48)
+    });
+    // One version for the whole test: pinned on the trainer.
+    let v = s["streams"]["models_logged"].as_u64().unwrap();
+    let pinned =
+        plip_actors::base::client::request(&tr.http, "POST", &format!("/rollback?version={v}"))
+            .unwrap();
+    assert!(pinned.is_ok(), "{pinned:?}");
+    let server = |dir: &Path| {
+        let extra = Extra {
+            same_topology: Some(t.clone()),
+            ..Extra::default()
+        };
+        let mut d = Daemon::configure(
+            dir,
+            "enabled = false\n",
+            &with(env.clone(), "PLIP__ROLE", "server"),
+            &extra,
+        );
+        d.spawn_only();
+        d.wait_for("a caught-up server", Duration::from_secs(120), |s| {
+            s["follower"]["caught_up"] == true
+                && s["serving"]["version"] == v
+                && s["serving"]["gallery_size"] == 48
+        });
+        d
+    };
+    let mut a = server(&dirs[1]);
+    let mut b = server(&dirs[2]);
+
+    // Both answer from the shared queue.
+    let queries: Vec<_> = all.iter().step_by(2).cloned().collect();
+    let first = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let sent = send_all(&ch, &t.reid_exchange, &queries).await;
+        collect(&ch, &sent).await
+    });
+    let by: BTreeSet<String> = first
+        .iter()
+        .map(|r| {
+            assert!(r["error"].is_null(), "{r:#}");
+            assert_eq!(r["model_version"], v);
+            r["served_by"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let names = |d: &Daemon| {
+        let pid = d.pid();
+        by.iter().any(|s| s.ends_with(&format!("-{pid}")))
+    };
+    assert!(names(&a) && names(&b), "served by {by:?}");
+
+    // kill -9 one while requests are in flight: every one is answered.
+    let answers = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let sent = send_all(&ch, &t.reid_exchange, &all).await;
+        a.kill();
+        collect(&ch, &sent).await
+    });
+    assert_eq!(answers.len(), all.len());
+    for r in &answers {
+        assert!(r["error"].is_null(), "{r:#}");
+    }
+    // Restarted, it resumes from its offsets (nothing replayed).
+    a.spawn_only();
+    let s = a.wait_for("the restarted server", Duration::from_secs(120), |s| {
+        s["follower"]["caught_up"] == true && s["serving"]["gallery_size"] == 48
+    });
+    assert!(
+        s["follower"]["gallery_entries"].as_u64() <= Some(1),
+        "{:#}",
+        s["follower"]
+    );
+
+    // A third, started later, alone on the queue, ranks as the first two did.
+    a.stop();
+    b.stop();
+    let mut c = server(&dirs[3]);
+    let late = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let sent = send_all(&ch, &t.reid_exchange, &queries).await;
+        collect(&ch, &sent).await
+    });
+    for (x, y) in first.iter().zip(&late) {
+        assert!(names_pid(y, c.pid()), "{y:#}");
+        let ids = |r: &serde_json::Value| {
+            r["matches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["id"].as_str().unwrap().to_string(),
+                        m["score"].as_f64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (p, q) = (ids(x), ids(y));
+        assert_eq!(
+            p.iter().map(|m| &m.0).collect::<Vec<_>>(),
+            q.iter().map(|m| &m.0).collect::<Vec<_>>()
+        );
+        for (m, n) in p.iter().zip(&q) {
+            assert!((m.1 - n.1).abs() < 1e-5, "{} vs {}", m.1, n.1);
+        }
+    }
+    c.stop();
+    tr.stop();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for (_, v) in streams_env(&suffix)
+            .iter()
+            .filter(|(k, _)| k.contains("_LOG"))
+        {
+            let _ = ch.queue_delete(v.as_str().into(), Default::default()).await;
+        }
+    });
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// True when the reply was served by the process `pid`.
+fn names_pid(r: &serde_json::Value, pid: u32) -> bool {
+    r["served_by"]
+        .as_str()
+        .is_some_and(|s| s.ends_with(&format!("-{pid}")))
+}
