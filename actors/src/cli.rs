@@ -122,6 +122,9 @@ pub enum BenchCommand {
     Search(crate::bench::search::SearchBenchArgs),
     /// ReID over the broker: latency, throughput and a hot swap at a 10k gallery; prints JSON.
     Reid(crate::bench::reid::ReidBenchArgs),
+    /// Scale-out: a trainer and one, then two, server processes — a new server's catch-up
+    /// time at the gallery size, and queries per second with one and with two; prints JSON.
+    Replicas(crate::bench::replicas::ReplicasBenchArgs),
 }
 
 /// Parses the command line and runs the command; errors are printed, not panicked.
@@ -138,6 +141,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench::ingest::run(&args),
         Command::Bench(BenchCommand::Search(args)) => crate::bench::search::run(&args),
         Command::Bench(BenchCommand::Reid(args)) => crate::bench::reid::run(&args),
+        Command::Bench(BenchCommand::Replicas(args)) => crate::bench::replicas::run(&args),
         Command::Eval(args) => crate::commands::eval::run(&args),
         Command::Synth(args) => crate::commands::synth::run(&args),
         Command::Train(args) => crate::commands::train::run(&args),

@@ -3,10 +3,11 @@
 //!
 //! - [`train`]: `bench train` (a training step) and `bench agree`;
 //! - [`conv`]: `bench conv`; [`ingest`]: `bench ingest`; [`reid`]: `bench reid`;
-//!   [`search`]: `bench search`.
+//!   [`search`]: `bench search`; [`replicas`]: `bench replicas`.
 
 pub mod conv;
 pub mod ingest;
 pub mod reid;
+pub mod replicas;
 pub mod search;
 pub mod train;

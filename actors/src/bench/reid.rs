@@ -40,7 +40,7 @@ pub struct ReidBenchArgs {
     pub concurrency: usize,
 }
 
-fn checkpoint(state: &State, seed: u64) -> Result<u64, Error> {
+pub(crate) fn checkpoint(state: &State, seed: u64) -> Result<u64, Error> {
     let preset = Preset::tiny();
     let tk = match state.tokenizer()? {
         Some(t) => t,
@@ -82,7 +82,7 @@ fn start(dir: &Path, url: &str, topo: &Topology) -> Result<DaemonProcess, Error>
 }
 
 /// A client: one reply queue, requests matched by correlation id.
-struct Client {
+pub(crate) struct Client {
     ch: Channel,
     reply: ShortString,
     consumer: lapin::Consumer,
@@ -91,7 +91,7 @@ struct Client {
 }
 
 impl Client {
-    async fn new(url: &str, exchange: &str) -> Result<Client, Error> {
+    pub(crate) async fn new(url: &str, exchange: &str) -> Result<Client, Error> {
         let conn = connect(url).await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -176,7 +176,7 @@ impl Client {
     }
 
     /// `total` requests with `inflight` outstanding: (requests per second, latencies).
-    async fn concurrent(
+    pub(crate) async fn concurrent(
         &mut self,
         bodies: &[Vec<u8>],
         total: usize,
@@ -204,7 +204,7 @@ impl Client {
     }
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {

@@ -97,6 +97,7 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
             "models_logged": stats.models_logged,
             "gallery_log": shared.cfg.streams.gallery_log,
             "gallery_logged_seq": stats.gallery_logged_seq,
+            "gallery_entries_logged": stats.gallery_entries_logged,
             "error": stats.models_log_error,
         },
     })
