@@ -5,32 +5,52 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// `systemd-analyze verify` reports nothing for `systemd/plipd.service` (with `ExecStart`
-/// pointing at the binary under test).
+/// `systemd-analyze verify` reports nothing for `systemd/plipd.service` and for the server
+/// replicas' template `systemd/plipd-server@.service` (an instance of it), with `ExecStart`
+/// pointing at the binary under test.
 #[test]
-fn unit_file_verifies() {
-    let unit = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../systemd/plipd.service");
-    let text = std::fs::read_to_string(&unit).unwrap();
-    assert!(text.contains("ExecStart=/usr/local/bin/plipd run"));
+fn unit_files_verify() {
     let dir = std::env::temp_dir().join(format!("plipd-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join("plipd.service");
-    std::fs::write(
-        &copy,
-        text.replace("/usr/local/bin/plipd", env!("CARGO_BIN_EXE_plipd")),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&copy)
-        .output()
-        .expect("systemd-analyze is needed (Debian: apt-get install systemd)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    for (file, exec, instance) in [
+        (
+            "plipd.service",
+            "ExecStart=/usr/local/bin/plipd run",
+            "plipd.service",
+        ),
+        (
+            "plipd-server@.service",
+            "ExecStart=/usr/local/bin/plipd run --role server",
+            "plipd-server-a.service",
+        ),
+    ] {
+        let unit = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../systemd")
+            .join(file);
+        let text = std::fs::read_to_string(&unit).unwrap();
+        assert!(text.contains(exec), "{file}");
+        let copy = dir.join(instance);
+        std::fs::write(
+            &copy,
+            text.replace("/usr/local/bin/plipd", env!("CARGO_BIN_EXE_plipd"))
+                .replace("%i", "a"),
+        )
+        .unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze is needed (Debian: apt-get install systemd)");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{file}: {said}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -8,8 +8,8 @@
 //!   or rollback), ungated: the gate stays with the trainer. The swapper loads it and
 //!   re-embeds the gallery before it swaps, so a server never answers with a model whose
 //!   gallery is not embedded yet.
-//! - Gallery log: an addition is stored as a gallery sample (idempotent by id), a tombstone
-//!   forgets the person's samples (the log is in arrival order, so they are exactly those the
+//! - Gallery log: an addition is stored as a gallery sample (idempotent by id; what has
+//!   arrived together is written with one flush), a tombstone forgets the person's samples (the log is in arrival order, so they are exactly those the
 //!   tombstone covers).
 //! - Lag: the trainer announces the logs' heads (the last model version, the number of gallery
 //!   entries) on `streams.head_exchange`; the follower compares them with what it applied
@@ -185,9 +185,22 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
                 d.ack(BasicAckOptions::default()).await?;
             }
             d = gallery.next() => {
-                let d = d.ok_or_else(|| Error::Broker("the gallery log consumer was cancelled".into()))??;
-                apply_gallery_entry(shared, &d).await?;
-                d.ack(BasicAckOptions::default()).await?;
+                // What else has arrived is applied with it: one durable write per batch.
+                let mut batch =
+                    vec![d.ok_or_else(|| Error::Broker("the gallery log consumer was cancelled".into()))??];
+                while batch.len() < GALLERY_BATCH {
+                    match futures_lite::future::poll_once(gallery.next()).await {
+                        Some(Some(d)) => batch.push(d?),
+                        Some(None) => {
+                            return Err(Error::Broker("the gallery log consumer was cancelled".into()))
+                        }
+                        None => break,
+                    }
+                }
+                apply_gallery_batch(shared, &batch).await?;
+                for d in &batch {
+                    d.ack(BasicAckOptions::default()).await?;
+                }
             }
             h = heads.next() => {
                 let h = h.ok_or_else(|| Error::Broker("the heads consumer was cancelled".into()))??;
@@ -278,54 +291,79 @@ fn store_model(
     Ok(())
 }
 
-async fn apply_gallery_entry(shared: &Arc<Shared>, d: &lapin::message::Delivery) -> Result<()> {
-    let offset = delivery_offset(d);
-    let headers = d.properties.headers().clone().unwrap_or_default();
-    let n = gallery_entry_n(&headers);
-    let Some(entry) = read_gallery_entry(&headers, &d.data) else {
-        tracing::warn!(offset, "gallery_log_entry_malformed");
-        return Ok(());
-    };
+/// Gallery-log deliveries applied together at most.
+const GALLERY_BATCH: usize = 256;
+
+/// Applies consecutive gallery-log deliveries: additions staged and committed with one flush
+/// (a tombstone first commits what precedes it), then the offsets and ordinals recorded.
+async fn apply_gallery_batch(
+    shared: &Arc<Shared>,
+    batch: &[lapin::message::Delivery],
+) -> Result<()> {
+    let entries: Vec<Option<GalleryEntry>> = batch
+        .iter()
+        .map(|d| {
+            let headers = d.properties.headers().clone().unwrap_or_default();
+            let e = read_gallery_entry(&headers, &d.data);
+            if e.is_none() {
+                tracing::warn!(offset = delivery_offset(d), "gallery_log_entry_malformed");
+            }
+            e
+        })
+        .collect();
+    let last_offset = batch.iter().filter_map(delivery_offset).max();
+    let last_n = batch
+        .iter()
+        .filter_map(|d| d.properties.headers().as_ref().and_then(gallery_entry_n))
+        .max();
     let s = shared.clone();
     let forgot = tokio::task::spawn_blocking(move || -> Result<bool> {
-        match entry {
-            GalleryEntry::Add {
-                id,
-                person,
-                camera,
-                image,
-                ..
-            } => {
-                let limits = plip_ingest::image::IntakeLimits::default();
-                let pixels = match plip_ingest::image::decode(&image, &limits) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::warn!(id = %id, error = %e, "gallery_log_image_undecodable");
-                        return Ok(false);
-                    }
-                };
-                let encoded =
-                    plip_ingest::image::storable_jpeg(&image, pixels.width(), pixels.height());
-                let img = plip_ingest::wire::ValidImage {
+        let mut staged = Vec::new();
+        let mut forgot = false;
+        for entry in entries.into_iter().flatten() {
+            match entry {
+                GalleryEntry::Add {
                     id,
-                    person_id: person,
-                    camera_id: camera,
-                    captions: Vec::new(),
-                    attributes: None,
-                    purpose: plip_ingest::wire::Purpose::Gallery,
-                    pixels,
-                    encoded,
-                };
-                s.store.put_one(&img)?;
-                Ok(false)
-            }
-            GalleryEntry::Forget { person, .. } => {
-                let ids = s.store.forget_person(&person)?;
-                s.state.remove_gallery(&ids)?;
-                tracing::info!(person = ?person, samples_removed = ids.len(), "forget_followed");
-                Ok(true)
+                    person,
+                    camera,
+                    image,
+                    ..
+                } => {
+                    let limits = plip_ingest::image::IntakeLimits::default();
+                    let pixels = match plip_ingest::image::decode(&image, &limits) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(id = %id, error = %e, "gallery_log_image_undecodable");
+                            continue;
+                        }
+                    };
+                    let encoded =
+                        plip_ingest::image::storable_jpeg(&image, pixels.width(), pixels.height());
+                    let img = plip_ingest::wire::ValidImage {
+                        id,
+                        person_id: person,
+                        camera_id: camera,
+                        captions: Vec::new(),
+                        attributes: None,
+                        purpose: plip_ingest::wire::Purpose::Gallery,
+                        pixels,
+                        encoded,
+                    };
+                    staged.extend(s.store.stage(&img)?);
+                }
+                GalleryEntry::Forget { person, .. } => {
+                    s.store.commit(std::mem::take(&mut staged))?;
+                    s.store.flush()?;
+                    let ids = s.store.forget_person(&person)?;
+                    s.state.remove_gallery(&ids)?;
+                    tracing::info!(person = ?person, samples_removed = ids.len(), "forget_followed");
+                    forgot = true;
+                }
             }
         }
+        s.store.commit(staged)?;
+        s.store.flush()?;
+        Ok(forgot)
     })
     .await??;
     if forgot {
@@ -333,17 +371,20 @@ async fn apply_gallery_entry(shared: &Arc<Shared>, d: &lapin::message::Delivery)
             .forgets
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
-    if let Some(o) = offset {
+    if let Some(o) = last_offset {
         shared.state.set_meta_u64(GALLERY_OFFSET, o + 1)?;
-        let mut st = shared.stats();
-        st.follower.gallery_offset = Some(o + 1);
-        st.follower.gallery_entries += 1;
     }
-    if let Some(n) = n {
+    if let Some(n) = last_n {
         shared.state.set_meta_u64(GALLERY_APPLIED, n)?;
-        let mut st = shared.stats();
-        st.follower.gallery_applied = st.follower.gallery_applied.max(n);
-        st.follower.update_lag();
     }
+    let mut st = shared.stats();
+    st.follower.gallery_entries += batch.len() as u64;
+    if let Some(o) = last_offset {
+        st.follower.gallery_offset = Some(o + 1);
+    }
+    if let Some(n) = last_n {
+        st.follower.gallery_applied = st.follower.gallery_applied.max(n);
+    }
+    st.follower.update_lag();
     Ok(())
 }
