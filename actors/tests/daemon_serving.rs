@@ -1087,19 +1087,33 @@ fn gallery_samples_and_forgets_are_appended_to_the_gallery_log() {
     let forgets: Vec<_> = entries
         .iter()
         .filter_map(|e| match e {
-            GalleryEntry::Forget { person, before_seq } => Some((person.clone(), *before_seq)),
+            GalleryEntry::Forget {
+                person,
+                ids,
+                before_seq,
+            } => Some((person.clone(), ids.clone(), *before_seq)),
             GalleryEntry::Add { .. } => None,
         })
         .collect();
     assert_eq!(forgets.len(), 1, "{forgets:?}");
     assert_eq!(&forgets[0].0, person);
+    // The tombstone names exactly the person's samples.
+    let mut named = forgets[0].1.clone();
+    named.sort();
+    let mut theirs: Vec<String> = adds
+        .iter()
+        .filter(|a| a.2 == Some(person.as_str()))
+        .map(|a| a.1.to_string())
+        .collect();
+    theirs.sort();
+    assert_eq!(named, theirs);
     let last_of_person = adds
         .iter()
         .filter(|a| a.2 == Some(person.as_str()))
         .map(|a| a.0)
         .max()
         .unwrap();
-    assert!(forgets[0].1 >= last_of_person, "{forgets:?}");
+    assert_eq!(forgets[0].2, last_of_person, "{forgets:?}");
     // A restart appends nothing again.
     d.stop();
     d.spawn();

@@ -435,3 +435,37 @@ fn packs_rotate_and_empty_ones_are_deleted() {
     assert_eq!(packs.read(&refs[3]).unwrap(), vec![3u8; 400]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Arrivals handed out but not committed hold back `settled_below` (a follower of the arrivals
+/// must not pass them: concurrent deliveries commit out of order); a committed or abandoned one
+/// releases it. `forget_ids` deletes exactly the named samples.
+#[test]
+fn unsettled_arrivals_hold_followers_back() {
+    let dir = tmp("settled");
+    let st = State::open(&dir).unwrap();
+    let s = st.samples(0).unwrap();
+    assert_eq!(s.settled_below(), u64::MAX);
+    let a = s.stage(&img("a", "1", Purpose::Gallery)).unwrap().unwrap();
+    let b = s.stage(&img("b", "1", Purpose::Gallery)).unwrap().unwrap();
+    let first = s.settled_below();
+    s.commit(vec![b]).unwrap();
+    // b is stored, yet a (numbered before it) is not: followers stop before a.
+    assert_eq!(s.settled_below(), first);
+    let stored: Vec<u64> = s.arrivals_from(0, 10).iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0] > first);
+    drop(a); // abandoned (a failed delivery is nacked and comes again)
+    assert_eq!(s.settled_below(), u64::MAX);
+    s.put_one(&img("c", "2", Purpose::Gallery)).unwrap();
+    s.put_one(&img("d", "2", Purpose::Gallery)).unwrap();
+    let (ids, _) = s.person_ids("2");
+    assert_eq!(ids.len(), 2);
+    let gone = s
+        .forget_ids(&["c".to_string(), "nope".to_string()])
+        .unwrap();
+    assert_eq!(gone, vec!["c".to_string()]);
+    assert!(s.get("c").unwrap().is_none());
+    assert!(s.get("d").unwrap().is_some());
+    assert!(s.get("b").unwrap().is_some());
+    let _ = std::fs::remove_dir_all(dir);
+}

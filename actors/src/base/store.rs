@@ -89,11 +89,31 @@ pub fn is_probe(person_id: Option<&str>, id: &str, percent: u32) -> bool {
     stable_hash(person_id.unwrap_or(id)) % 100 < u64::from(percent)
 }
 
+/// An arrival sequence number handed out and not yet committed or abandoned: followers of the
+/// arrivals (the gallery log) must not pass it, since concurrent deliveries commit out of
+/// sequence order.
+#[derive(Debug)]
+struct Unsettled {
+    seq: u64,
+    set: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.seq);
+    }
+}
+
 /// An image staged by [`SampleStore::stage`]: its bytes are in a pack, its record is ready.
 #[derive(Debug)]
 pub struct Staged {
     id: String,
     seq: u64,
+    /// Holds `seq` among the store's unsettled arrivals until this is committed or dropped.
+    _unsettled: Unsettled,
     record: Vec<u8>,
     purpose: Purpose,
     probe: bool,
@@ -177,6 +197,8 @@ pub struct SampleStore {
     /// Counted once when the store is opened, then updated by every write that commits.
     tally: std::sync::Arc<std::sync::Mutex<Tally>>,
     packs: std::sync::Arc<crate::base::packs::Packs>,
+    /// Arrival numbers staged and not yet committed (or abandoned).
+    unsettled: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 /// Environment variable naming a file whose existence makes every write fail as a full disk
@@ -247,6 +269,7 @@ impl SampleStore {
             db: db.clone(),
             probe_percent,
             tally: std::sync::Arc::new(std::sync::Mutex::new(tally)),
+            unsettled: std::sync::Arc::default(),
             packs: std::sync::Arc::new(packs),
         })
     }
@@ -314,7 +337,21 @@ impl SampleStore {
         if self.samples.contains_key(img.id.as_bytes())? {
             return Ok(None);
         }
-        let seq = self.db.generate_id()?;
+        // Numbered and registered as unsettled in one step, so that no follower of the
+        // arrivals sees a later number settled while this one is not yet registered.
+        let unsettled = {
+            let mut set = self
+                .unsettled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seq = self.db.generate_id()?;
+            set.insert(seq);
+            Unsettled {
+                seq,
+                set: self.unsettled.clone(),
+            }
+        };
+        let seq = unsettled.seq;
         let canonical_jpeg;
         let jpeg = match &img.encoded {
             Some(bytes) => bytes.as_slice(),
@@ -359,6 +396,7 @@ impl SampleStore {
             record: encode_record(&meta)?,
             id: meta.id,
             seq,
+            _unsettled: unsettled,
             purpose: meta.purpose,
             probe: meta.probe,
             image,
@@ -519,11 +557,33 @@ impl SampleStore {
     /// # Errors
     /// A database error.
     pub fn forget_person(&self, person: &str) -> Result<Vec<String>> {
-        let doomed: Vec<SampleMeta> = self
+        self.forget_where(|m| m.person_id.as_deref() == Some(person))
+    }
+
+    /// The ids of `person`'s samples (what [`SampleStore::forget_person`] would delete now) and
+    /// the highest arrival number among them.
+    pub fn person_ids(&self, person: &str) -> (Vec<String>, u64) {
+        let metas: Vec<SampleMeta> = self
             .metas()
             .into_iter()
             .filter(|m| m.person_id.as_deref() == Some(person))
             .collect();
+        let last = metas.iter().map(|m| m.seq).max().unwrap_or(0);
+        (metas.into_iter().map(|m| m.id).collect(), last)
+    }
+
+    /// Deletes the samples with these ids (those stored; the rest are ignored), flushed;
+    /// returns the ids deleted.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn forget_ids(&self, ids: &[String]) -> Result<Vec<String>> {
+        let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        self.forget_where(|m| wanted.contains(m.id.as_str()))
+    }
+
+    fn forget_where(&self, doomed: impl Fn(&SampleMeta) -> bool) -> Result<Vec<String>> {
+        let doomed: Vec<SampleMeta> = self.metas().into_iter().filter(|m| doomed(m)).collect();
         for m in &doomed {
             let (sample, ticket) = (&self.samples, &self.arrivals, &self.uncaptioned)
                 .transaction(|(samples, arrivals, uncaptioned)| {
@@ -587,6 +647,17 @@ impl SampleStore {
                 .map_err(|e| Error::Storage(format!("removing the image of {}: {e}", m.id))),
             _ => Ok(()),
         }
+    }
+
+    /// Every arrival below this number is settled: committed, or abandoned and never to appear
+    /// (`u64::MAX` when nothing is being stored).
+    pub fn settled_below(&self) -> u64 {
+        self.unsettled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .first()
+            .copied()
+            .unwrap_or(u64::MAX)
     }
 
     /// Up to `limit` (arrival sequence, id) pairs from arrival `seq` on, oldest first.

@@ -9,8 +9,8 @@
 //!   re-embeds the gallery before it swaps, so a server never answers with a model whose
 //!   gallery is not embedded yet.
 //! - Gallery log: an addition is stored as a gallery sample (idempotent by id; what has
-//!   arrived together is written with one flush), a tombstone forgets the person's samples (the log is in arrival order, so they are exactly those the
-//!   tombstone covers).
+//!   arrived together is written with one flush); a tombstone forgets exactly the samples it
+//!   names (those the trainer deleted; it follows their additions in the log).
 //! - Lag: the trainer announces the logs' heads (the last model version, the number of gallery
 //!   entries) on `streams.head_exchange`; the follower compares them with what it applied
 //!   (`/status` → `follower.gallery_lag`), and `/readyz` waits until it has caught up once.
@@ -351,10 +351,10 @@ async fn apply_gallery_batch(
                     };
                     staged.extend(s.store.stage(&img)?);
                 }
-                GalleryEntry::Forget { person, .. } => {
+                GalleryEntry::Forget { person, ids, .. } => {
                     s.store.commit(std::mem::take(&mut staged))?;
                     s.store.flush()?;
-                    let ids = s.store.forget_person(&person)?;
+                    let ids = s.store.forget_ids(&ids)?;
                     s.state.remove_gallery(&ids)?;
                     tracing::info!(person = ?person, samples_removed = ids.len(), "forget_followed");
                     forgot = true;

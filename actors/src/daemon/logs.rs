@@ -61,8 +61,13 @@ pub enum GalleryEntry {
         camera: Option<String>,
         image: Vec<u8>,
     },
-    /// Every sample of `person` that arrived up to `before_seq` is forgotten.
-    Forget { person: String, before_seq: u64 },
+    /// `person`'s samples `ids` are forgotten (the highest of their arrival numbers is
+    /// `before_seq`).
+    Forget {
+        person: String,
+        ids: Vec<String>,
+        before_seq: u64,
+    },
 }
 
 /// A gallery-log entry's ordinal (`x-plip-n`), when it carries one.
@@ -84,6 +89,7 @@ pub fn read_gallery_entry(t: &FieldTable, body: &[u8]) -> Option<GalleryEntry> {
         }),
         "forget" => Some(GalleryEntry::Forget {
             person: as_text(get(headers::PERSON))?,
+            ids: serde_json::from_slice(body).ok()?,
             before_seq: seq,
         }),
         _ => None,
@@ -186,14 +192,18 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
     let mut tombs = std::collections::VecDeque::from(shared.state.tombstones()?);
     loop {
         let s = shared.clone();
-        let upto = tombs.front().map(|t| t.2);
+        let upto = tombs.front().map(|t| t.before_seq);
         let (batch, last, n_after) = tokio::task::spawn_blocking(move || -> Result<_> {
             let from = s.state.gallery_logged()?;
             let mut n = s.state.meta_u64(GALLERY_ENTRIES)?.unwrap_or(0);
+            // Only settled arrivals: a delivery still being stored holds a lower number than
+            // some already committed, and the cursor must not pass it.
+            let settled = s.store.settled_below();
             let ids: Vec<(u64, String)> = s
                 .store
                 .arrivals_from(from, GALLERY_BATCH)
                 .into_iter()
+                .take_while(|(seq, _)| *seq < settled)
                 .filter(|(seq, _)| upto.is_none_or(|u| *seq <= u))
                 .collect();
             let last = ids.last().map(|(seq, _)| *seq);
@@ -233,10 +243,18 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
             st.gallery_entries_logged = n_after;
             continue;
         }
-        // Every arrival the oldest tombstone covers is logged: the tombstone follows.
-        let Some((key, person, before_seq)) = tombs.pop_front() else {
+        // Every settled arrival the oldest tombstone covers is logged; once none it covers is
+        // still being stored, the tombstone follows (otherwise at the next round).
+        let Some(tomb) = tombs.front() else {
             break;
         };
+        if shared.store.settled_below() <= tomb.before_seq {
+            break;
+        }
+        let Some(tomb) = tombs.pop_front() else {
+            break;
+        };
+        let (person, before_seq) = (tomb.person.clone(), tomb.before_seq);
         let n = shared.state.meta_u64(GALLERY_ENTRIES)?.unwrap_or(0) + 1;
         let mut h = FieldTable::default();
         h.insert(headers::ENTRY.into(), text("forget"));
@@ -246,11 +264,11 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
         publish_all(
             ch,
             &cfg.gallery_log,
-            vec![(Vec::new(), h, "application/octet-stream")],
+            vec![(serde_json::to_vec(&tomb.ids)?, h, "application/json")],
         )
         .await?;
         shared.state.set_meta_u64(GALLERY_ENTRIES, n)?;
-        shared.state.remove_tombstone(key)?;
+        shared.state.remove_tombstone(tomb.key)?;
         shared.stats().gallery_entries_logged = n;
         appended += 1;
         tracing::info!(person = ?person, before_seq, "forget_logged");

@@ -19,6 +19,7 @@ mod checkpoint;
 mod serving;
 
 pub use checkpoint::{training_digest, Checkpoint, CheckpointMeta};
+pub use serving::Tombstone;
 
 /// The sled trees of a state folder, by name.
 pub mod trees {

@@ -94,25 +94,31 @@ impl State {
         Ok(())
     }
 
-    /// Queues a tombstone for the gallery log: `person` was forgotten when the store's last
-    /// arrival was `before_seq` (flushed: the tombstone outlives a crash).
+    /// Queues a tombstone for the gallery log: `person`'s samples `ids`, the highest of whose
+    /// arrival numbers is `before_seq`, are being forgotten (flushed before they are deleted:
+    /// the tombstone outlives a crash).
     ///
     /// # Errors
     /// A database error.
-    pub fn add_tombstone(&self, person: &str, before_seq: u64) -> Result<(), StateError> {
+    pub fn add_tombstone(
+        &self,
+        person: &str,
+        ids: &[String],
+        before_seq: u64,
+    ) -> Result<(), StateError> {
         let tree = self.db.open_tree(trees::TOMBSTONES)?;
         let key = self.db.generate_id()?;
-        let value = serde_json::json!({"person": person, "before_seq": before_seq});
+        let value = serde_json::json!({"person": person, "ids": ids, "before_seq": before_seq});
         tree.insert(key.to_be_bytes(), value.to_string().as_bytes())?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// The queued tombstones, oldest first: (key, person, before_seq).
+    /// The queued tombstones, oldest first.
     ///
     /// # Errors
     /// A database error.
-    pub fn tombstones(&self) -> Result<Vec<(u64, String, u64)>, StateError> {
+    pub fn tombstones(&self) -> Result<Vec<Tombstone>, StateError> {
         let tree = self.db.open_tree(trees::TOMBSTONES)?;
         let mut out = Vec::new();
         for kv in tree.iter() {
@@ -120,8 +126,12 @@ impl State {
             let key = k.as_ref().try_into().ok().map(u64::from_be_bytes);
             let doc: Option<serde_json::Value> = serde_json::from_slice(&v).ok();
             if let (Some(key), Some(doc)) = (key, doc) {
-                let person = doc["person"].as_str().unwrap_or_default().to_string();
-                out.push((key, person, doc["before_seq"].as_u64().unwrap_or(0)));
+                out.push(Tombstone {
+                    key,
+                    person: doc["person"].as_str().unwrap_or_default().to_string(),
+                    ids: serde_json::from_value(doc["ids"].clone()).unwrap_or_default(),
+                    before_seq: doc["before_seq"].as_u64().unwrap_or(0),
+                });
             }
         }
         Ok(out)
@@ -281,4 +291,16 @@ impl State {
         }
         Ok(out)
     }
+}
+
+/// A forget waiting to be appended to the gallery log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    /// Its key in the queue.
+    pub key: u64,
+    pub person: String,
+    /// The samples forgotten.
+    pub ids: Vec<String>,
+    /// The highest arrival number among them.
+    pub before_seq: u64,
 }

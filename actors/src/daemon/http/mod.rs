@@ -168,18 +168,19 @@ fn route(
         ),
         ("POST", "/forget") => match query_param(query, "person").map(unescape) {
             Some(p) if !p.is_empty() => {
-                // The tombstone is queued first: a crash after it re-sends a tombstone for
-                // samples already gone, never leaves replicas holding them.
-                let before_seq = shared.store.last_seq();
-                let r = (if shared.cfg.streams.enabled {
+                // With the logs on, the tombstone naming exactly the samples deleted is queued
+                // first: a crash after it re-sends a tombstone for samples already gone, never
+                // leaves replicas holding them.
+                let r = if shared.cfg.streams.enabled {
+                    let (ids, before_seq) = shared.store.person_ids(&p);
                     shared
                         .state
-                        .add_tombstone(&p, before_seq)
+                        .add_tombstone(&p, &ids, before_seq)
                         .map_err(Error::from)
+                        .and_then(|()| shared.store.forget_ids(&ids))
                 } else {
-                    Ok(())
-                })
-                .and_then(|()| shared.store.forget_person(&p))
+                    shared.store.forget_person(&p)
+                }
                 .and_then(|ids| {
                     shared.state.remove_gallery(&ids)?;
                     Ok(ids)
