@@ -104,6 +104,47 @@ fn a_server_follows_the_trainer_and_answers() {
             ask(&ch, &t.reid_exchange, body.to_string().as_bytes(), json_props()).await
         })
     };
+    // A damaged chunk on the models log (a version 999 of two chunks, the second altered after
+    // its CRC was computed) is refused and that version never served.
+    let models_log = format!("plip.models.log.{suffix}");
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        for (head, body) in plip_actors::base::chunks::split(999, &payload, 60_000) {
+            let mut body = body.to_vec();
+            if head.index == 1 {
+                body[10] ^= 0xff;
+            }
+            let mut h = FieldTable::default();
+            use plip_actors::daemon::logs::headers as hd;
+            h.insert(hd::VERSION.into(), AMQPValue::LongLongInt(999));
+            h.insert(hd::CHUNK.into(), AMQPValue::LongUInt(head.index));
+            h.insert(hd::CHUNKS.into(), AMQPValue::LongUInt(head.count));
+            h.insert(hd::BYTES.into(), AMQPValue::LongLongInt(100_000));
+            h.insert(
+                hd::SHA256.into(),
+                AMQPValue::LongString(head.sha256.as_str().into()),
+            );
+            h.insert(hd::CRC32.into(), AMQPValue::LongUInt(head.crc32));
+            h.insert(hd::META.into(), AMQPValue::LongString("{}".into()));
+            ch.basic_publish(
+                "".into(),
+                models_log.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_headers(h),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    });
+    let s = sv.wait_for("the damaged chunk refused", Duration::from_secs(30), |s| {
+        s["follower"]["chunks_refused"].as_u64() >= Some(1)
+    });
+    assert_ne!(s["serving"]["version"], 999);
+    assert_ne!(s["follower"]["model_version"], 999);
     let r = ask_image(&rt, 0);
     assert!(r["error"].is_null(), "{r:#}");
     let served = sv.status().unwrap()["serving"]["version"].clone();
