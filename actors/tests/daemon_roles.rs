@@ -336,7 +336,7 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
         plip_actors::base::client::request(&tr.http, "POST", &format!("/rollback?version={v}"))
             .unwrap();
     assert!(pinned.is_ok(), "{pinned:?}");
-    let server = |dir: &Path| {
+    let server = |dir: &Path, gallery: u64| {
         let extra = Extra {
             same_topology: Some(t.clone()),
             ..Extra::default()
@@ -351,12 +351,12 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
         d.wait_for("a caught-up server", Duration::from_secs(120), |s| {
             s["follower"]["caught_up"] == true
                 && s["serving"]["version"] == v
-                && s["serving"]["gallery_size"] == 48
+                && s["serving"]["gallery_size"] == gallery
         });
         d
     };
-    let mut a = server(&dirs[1]);
-    let mut b = server(&dirs[2]);
+    let mut a = server(&dirs[1], 48);
+    let mut b = server(&dirs[2], 48);
 
     // Both answer from the shared queue.
     let queries: Vec<_> = all.iter().step_by(2).cloned().collect();
@@ -379,6 +379,37 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
     };
     assert!(names(&a) && names(&b), "served by {by:?}");
 
+    // A forget sent to the trainer reaches both replicas.
+    let person = all[47].1.clone();
+    let forgot =
+        plip_actors::base::client::request(&tr.http, "POST", &format!("/forget?person={person}"))
+            .unwrap();
+    assert!(forgot.is_ok(), "{forgot:?}");
+    for d in [&mut a, &mut b] {
+        d.wait_for(
+            "the forget on every replica",
+            Duration::from_secs(60),
+            |s| s["serving"]["gallery_size"] == 42 && s["samples"]["total"] == 42,
+        );
+    }
+    // What the two answer now: the reference for a server started later.
+    let baseline = rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let sent = send_all(&ch, &t.reid_exchange, &queries).await;
+        collect(&ch, &sent).await
+    });
+    for r in &baseline {
+        assert!(r["error"].is_null(), "{r:#}");
+        assert!(
+            r["matches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["person_id"] != person.as_str()),
+            "{r:#}"
+        );
+    }
+
     // kill -9 one while requests are in flight: every one is answered.
     let answers = rt.block_on(async {
         let (_c, ch) = channel().await;
@@ -393,7 +424,7 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
     // Restarted, it resumes from its offsets (nothing replayed).
     a.spawn_only();
     let s = a.wait_for("the restarted server", Duration::from_secs(120), |s| {
-        s["follower"]["caught_up"] == true && s["serving"]["gallery_size"] == 48
+        s["follower"]["caught_up"] == true && s["serving"]["gallery_size"] == 42
     });
     assert!(
         s["follower"]["gallery_entries"].as_u64() <= Some(1),
@@ -404,13 +435,13 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
     // A third, started later, alone on the queue, ranks as the first two did.
     a.stop();
     b.stop();
-    let mut c = server(&dirs[3]);
+    let mut c = server(&dirs[3], 42);
     let late = rt.block_on(async {
         let (_c, ch) = channel().await;
         let sent = send_all(&ch, &t.reid_exchange, &queries).await;
         collect(&ch, &sent).await
     });
-    for (x, y) in first.iter().zip(&late) {
+    for (x, y) in baseline.iter().zip(&late) {
         assert!(names_pid(y, c.pid()), "{y:#}");
         let ids = |r: &serde_json::Value| {
             r["matches"]
