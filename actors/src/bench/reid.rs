@@ -213,17 +213,10 @@ pub(crate) fn pct(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Runs `plipd bench reid`.
-pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
-    let tag = format!("benchreid{}-{}", std::process::id(), now_unix());
-    let dir = std::env::temp_dir().join(format!("plipd-{tag}"));
-    std::fs::create_dir_all(&dir)?;
-    let topo = Topology::with_suffix(&tag);
-    {
-        let state = State::open(&dir.join("state"))?;
-        checkpoint(&state, 1)?;
-    }
-    let pool: Vec<Vec<u8>> = render_all(&SynthConfig {
+/// 512 synthetic person crops (64 identities × 8) as 256×128 JPEGs: the benchmarks' gallery
+/// and query images.
+pub(crate) fn jpeg_pool() -> Result<Vec<Vec<u8>>, Error> {
+    render_all(&SynthConfig {
         train_ids: 64,
         test_ids: 0,
         images_per_id: 8,
@@ -234,7 +227,68 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         let img = image::RgbImage::from_raw(128, 256, r.rgb).ok_or("render size")?;
         Ok(plip_ingest::image::to_jpeg(&img, 90)?)
     })
-    .collect::<Result<_, Error>>()?;
+    .collect()
+}
+
+/// Publishes a gallery of `n` images (`g0`…, cycling through `pool`) to `exchange` in batches
+/// of 64, waiting for every confirm.
+pub(crate) async fn publish_gallery(
+    url: &str,
+    exchange: &str,
+    pool: &[Vec<u8>],
+    n: usize,
+) -> Result<(), Error> {
+    use base64::Engine;
+    let conn = connect(url).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut pending = Vec::new();
+    for start in (0..n).step_by(64) {
+        let images: Vec<serde_json::Value> = (start..(start + 64).min(n))
+            .map(|i| {
+                serde_json::json!({"id": format!("g{i}"), "person_id": format!("p{}", i / 8), "camera_id": format!("c{}", i % 6),
+                    "purpose": "gallery", "captions": ["a person walking"],
+                    "image": base64::engine::general_purpose::STANDARD.encode(&pool[i % pool.len()])})
+            })
+            .collect();
+        let body = serde_json::json!({"images": images}).to_string();
+        pending.push(
+            ch.basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_content_type(ShortString::from("application/json")),
+            )
+            .await?,
+        );
+    }
+    for p in pending {
+        p.await?;
+    }
+    Ok(())
+}
+
+/// Image requests (the first 32 crops of `pool`, top 10, camera c1 left out).
+pub(crate) fn image_queries(pool: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    pool.iter()
+        .take(32)
+        .map(|j| serde_json::json!({"query": {"image": base64::engine::general_purpose::STANDARD.encode(j)}, "top_k": 10, "exclude_camera": "c1"}).to_string().into_bytes())
+        .collect()
+}
+
+/// Runs `plipd bench reid`.
+pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
+    let tag = format!("benchreid{}-{}", std::process::id(), now_unix());
+    let dir = std::env::temp_dir().join(format!("plipd-{tag}"));
+    std::fs::create_dir_all(&dir)?;
+    let topo = Topology::with_suffix(&tag);
+    {
+        let state = State::open(&dir.join("state"))?;
+        checkpoint(&state, 1)?;
+    }
+    let pool = jpeg_pool()?;
     let mut daemon = start(&dir, &args.url, &topo)?;
     daemon.wait_for("the daemon", Duration::from_secs(60), |s| {
         s["ingest"]["consuming"] == true
@@ -244,38 +298,18 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
         .build()?;
     // The gallery.
     let t_gallery = Instant::now();
-    rt.block_on(async {
-        let conn = connect(&args.url).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let mut pending = Vec::new();
-        for start in (0..args.gallery).step_by(64) {
-            let images: Vec<serde_json::Value> = (start..(start + 64).min(args.gallery))
-                .map(|i| {
-                    use base64::Engine;
-                    serde_json::json!({"id": format!("g{i}"), "person_id": format!("p{}", i / 8), "camera_id": format!("c{}", i % 6),
-                        "purpose": "gallery", "captions": ["a person walking"],
-                        "image": base64::engine::general_purpose::STANDARD.encode(&pool[i % pool.len()])})
-                })
-                .collect();
-            let body = serde_json::json!({"images": images}).to_string();
-            pending.push(
-                ch.basic_publish(topo.ingest_exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body.as_bytes(),
-                    BasicProperties::default().with_content_type(ShortString::from("application/json")))
-                    .await?,
-            );
-        }
-        for p in pending {
-            p.await?;
-        }
-        Ok::<_, Error>(())
-    })?;
+    rt.block_on(publish_gallery(
+        &args.url,
+        &topo.ingest_exchange,
+        &pool,
+        args.gallery,
+    ))?;
     let n = args.gallery as u64;
     daemon.wait_for("the gallery embedded", Duration::from_secs(3600), |s| {
         s["serving"]["gallery_size"].as_u64() == Some(n)
     })?;
     let gallery_s = t_gallery.elapsed().as_secs_f64();
-    use base64::Engine;
+
     let texts: Vec<Vec<u8>> = [
         "a man in a black jacket and blue jeans",
         "a woman with long hair in a red coat carrying a handbag",
@@ -288,11 +322,7 @@ pub fn run(args: &ReidBenchArgs) -> Result<(), Error> {
             .into_bytes()
     })
     .collect();
-    let images: Vec<Vec<u8>> = pool
-        .iter()
-        .take(32)
-        .map(|j| serde_json::json!({"query": {"image": base64::engine::general_purpose::STANDARD.encode(j)}, "top_k": 10, "exclude_camera": "c1"}).to_string().into_bytes())
-        .collect();
+    let images = image_queries(&pool);
     let q = args.queries;
     let (text_lat, image_lat, (text_qps, text_conc), (image_qps, image_conc)) =
         rt.block_on(async {

@@ -6,14 +6,10 @@
 //! (`--concurrency` image requests in flight) runs against one server, and again after a second
 //! server has caught up. Every process runs on this machine's cores, so two servers share them.
 
-use super::reid::{checkpoint, pct, Client};
+use super::reid::{checkpoint, image_queries, jpeg_pool, pct, publish_gallery, Client};
 use crate::base::launch::{DaemonProcess, Launch};
 use crate::base::state::{now_unix, State};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
-use lapin::BasicProperties;
 use plip_ingest::amqp::{connect, Topology};
-use plip_ingest::synth::{render_all, SynthConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -92,45 +88,16 @@ pub fn run(args: &ReplicasBenchArgs) -> Result<(), Error> {
     trainer.wait_for("the trainer", Duration::from_secs(60), |s| {
         s["ingest"]["consuming"] == true
     })?;
-    let pool: Vec<Vec<u8>> = render_all(&SynthConfig {
-        train_ids: 64,
-        test_ids: 0,
-        images_per_id: 8,
-        ..Default::default()
-    })
-    .into_iter()
-    .map(|(r, _)| {
-        let img = image::RgbImage::from_raw(128, 256, r.rgb).ok_or("render size")?;
-        Ok(plip_ingest::image::to_jpeg(&img, 90)?)
-    })
-    .collect::<Result<_, Error>>()?;
+    let pool = jpeg_pool()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        use base64::Engine;
-        let conn = connect(&args.url).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let mut pending = Vec::new();
-        for start in (0..args.gallery).step_by(64) {
-            let images: Vec<serde_json::Value> = (start..(start + 64).min(args.gallery))
-                .map(|i| serde_json::json!({"id": format!("g{i}"), "person_id": format!("p{}", i / 8), "camera_id": format!("c{}", i % 6),
-                    "purpose": "gallery", "captions": ["a person walking"],
-                    "image": base64::engine::general_purpose::STANDARD.encode(&pool[i % pool.len()])}))
-                .collect();
-            let body = serde_json::json!({"images": images}).to_string();
-            pending.push(
-                ch.basic_publish(topo.ingest_exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body.as_bytes(),
-                    BasicProperties::default().with_content_type(ShortString::from("application/json")))
-                    .await?,
-            );
-        }
-        for p in pending {
-            p.await?;
-        }
-        Ok::<_, Error>(())
-    })?;
+    rt.block_on(publish_gallery(
+        &args.url,
+        &topo.ingest_exchange,
+        &pool,
+        args.gallery,
+    ))?;
     let n = args.gallery as u64;
     trainer.wait_for("the gallery logged", Duration::from_secs(3600), |s| {
         s["streams"]["models_logged"] == 1
@@ -149,14 +116,7 @@ pub fn run(args: &ReplicasBenchArgs) -> Result<(), Error> {
         caught_up,
     )?;
     let catch_up_s = t.elapsed().as_secs_f64();
-    let images: Vec<Vec<u8>> = pool
-        .iter()
-        .take(32)
-        .map(|j| {
-            use base64::Engine;
-            serde_json::json!({"query": {"image": base64::engine::general_purpose::STANDARD.encode(j)}, "top_k": 10, "exclude_camera": "c1"}).to_string().into_bytes()
-        })
-        .collect();
+    let images = image_queries(&pool);
     let load = |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
             let mut c = Client::new(&args.url, &topo.reid_exchange).await?;
