@@ -34,25 +34,23 @@ fn with(
     env
 }
 
-#[test]
-fn a_server_follows_the_trainer_and_answers() {
-    let _serial = serial();
-    let suffix = tag();
-    let (tdir, sdir) = (tempdir("role-trainer"), tempdir("role-server"));
-    let trainer_cfg = format!(
-        "{}\nkeep_checkpoints = 100\n",
-        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
-    );
-    let env = streams_env(&suffix);
+/// A trainer (role `trainer`, `trainer` its `[trainer]` table) that has taken 8 persons × 6
+/// crops (purpose both, seeded) and logged a model and the whole gallery.
+fn trainer_with_gallery(
+    dir: &Path,
+    trainer: &str,
+    env: &[(&'static str, String)],
+    seed: u64,
+) -> (Daemon, Vec<Img>, tokio::runtime::Runtime) {
     let mut tr = Daemon::configure(
-        &tdir,
-        &trainer_cfg,
-        &with(env.clone(), "PLIP__ROLE", "trainer"),
+        dir,
+        trainer,
+        &with(env.to_vec(), "PLIP__ROLE", "trainer"),
         &Extra::default(),
     );
     tr.spawn();
     let t = tr.topo.clone();
-    let all = images(8, 6, 97);
+    let all = images(8, 6, seed);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (_c, ch) = channel().await;
@@ -66,10 +64,26 @@ fn a_server_follows_the_trainer_and_answers() {
             .await;
         }
     });
-    let s = tr.wait_for("the trainer's logs", Duration::from_secs(120), |s| {
+    tr.wait_for("the trainer's logs", Duration::from_secs(120), |s| {
         s["streams"]["models_logged"].is_u64()
             && s["streams"]["gallery_logged_seq"].as_u64() >= Some(48)
     });
+    (tr, all, rt)
+}
+
+#[test]
+fn a_server_follows_the_trainer_and_answers() {
+    let _serial = serial();
+    let suffix = tag();
+    let (tdir, sdir) = (tempdir("role-trainer"), tempdir("role-server"));
+    let trainer_cfg = format!(
+        "{}\nkeep_checkpoints = 100\n",
+        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
+    );
+    let env = streams_env(&suffix);
+    let (mut tr, all, rt) = trainer_with_gallery(&tdir, &trainer_cfg, &env, 97);
+    let t = tr.topo.clone();
+    let s = tr.status().unwrap();
     assert_eq!(s["role"], "trainer");
     let v1 = s["streams"]["models_logged"].as_u64().unwrap();
 
@@ -304,32 +318,9 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
         .map(|n| tempdir(n))
         .collect();
     let env = streams_env(&suffix);
-    let mut tr = Daemon::configure(
-        &dirs[0],
-        &trainer_toml(10),
-        &with(env.clone(), "PLIP__ROLE", "trainer"),
-        &Extra::default(),
-    );
-    tr.spawn();
+    let (mut tr, all, rt) = trainer_with_gallery(&dirs[0], &trainer_toml(10), &env, 99);
     let t = tr.topo.clone();
-    let all = images(8, 6, 99);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (_c, ch) = channel().await;
-        for chunk in all.chunks(24) {
-            publish(
-                &ch,
-                &t.ingest_exchange,
-                &batch_json_purpose(chunk, "both"),
-                json_props(),
-            )
-            .await;
-        }
-    });
-    let s = tr.wait_for("the trainer's logs", Duration::from_secs(120), |s| {
-        s["streams"]["models_logged"].is_u64()
-            && s["streams"]["gallery_logged_seq"].as_u64() >= Some(48)
-    });
+    let s = tr.status().unwrap();
     // One version for the whole test: pinned on the trainer.
     let v = s["streams"]["models_logged"].as_u64().unwrap();
     let pinned =

@@ -791,6 +791,26 @@ fn quorum_queues_carry_ingest_and_requests() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A consumer of `stream` from its first entry (streams need a prefetch and manual acks).
+async fn stream_from_first(ch: &Channel, stream: &str, prefetch: u16) -> lapin::Consumer {
+    ch.basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    ch.basic_consume(
+        stream.into(),
+        format!("log-reader-{}", tag()).as_str().into(),
+        lapin::options::BasicConsumeOptions::default(),
+        args,
+    )
+    .await
+    .unwrap()
+}
+
 /// Reads the models log from its first entry until `want` versions are reassembled (or 60 s
 /// pass): (version, metadata, weights) of each.
 async fn read_models_log(
@@ -800,23 +820,7 @@ async fn read_models_log(
 ) -> Vec<(u64, serde_json::Value, Vec<u8>)> {
     use futures_lite::StreamExt;
     use plip_actors::base::chunks::Reassembler;
-    ch.basic_qos(64, lapin::options::BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            stream.into(),
-            "models-log-reader".into(),
-            lapin::options::BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .unwrap();
+    let mut consumer = stream_from_first(ch, stream, 64).await;
     let mut r = Reassembler::default();
     let mut out = Vec::new();
     let t = Instant::now();
@@ -963,23 +967,7 @@ async fn read_gallery_log(
     quiet: Duration,
 ) -> Vec<plip_actors::daemon::logs::GalleryEntry> {
     use futures_lite::StreamExt;
-    ch.basic_qos(256, lapin::options::BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            stream.into(),
-            format!("gallery-log-reader-{}", tag()).as_str().into(),
-            lapin::options::BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .unwrap();
+    let mut consumer = stream_from_first(ch, stream, 256).await;
     let mut out = Vec::new();
     while let Ok(Some(Ok(d))) = tokio::time::timeout(quiet, consumer.next()).await {
         let headers = d.properties.headers().clone().unwrap_or_default();
