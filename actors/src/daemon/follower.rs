@@ -70,11 +70,6 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
-/// The stored next offset of a stream (`None`: from its first entry).
-fn stored_offset(shared: &Shared, key: &str) -> Result<Option<u64>> {
-    Ok(shared.state.meta_u64(key)?)
-}
-
 async fn consume_from(
     ch: &Channel,
     stream: &str,
@@ -102,12 +97,7 @@ async fn consume_from(
 /// The offset of a stream delivery (`x-stream-offset`).
 fn delivery_offset(d: &lapin::message::Delivery) -> Option<u64> {
     let headers = d.properties.headers().as_ref()?;
-    match headers.inner().get(&ShortString::from("x-stream-offset"))? {
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
-        _ => None,
-    }
+    crate::daemon::logs::as_u64(headers.inner().get(&ShortString::from("x-stream-offset")))
 }
 
 async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
@@ -127,14 +117,14 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
         &mch,
         &cfg.models_log,
         &format!("plipd-follow-models-{pid}"),
-        stored_offset(shared, MODELS_OFFSET)?,
+        shared.state.meta_u64(MODELS_OFFSET)?,
     )
     .await?;
     let mut gallery = consume_from(
         &gch,
         &cfg.gallery_log,
         &format!("plipd-follow-gallery-{pid}"),
-        stored_offset(shared, GALLERY_OFFSET)?,
+        shared.state.meta_u64(GALLERY_OFFSET)?,
     )
     .await?;
     // The trainer's announcements of the logs' heads, on a private queue.

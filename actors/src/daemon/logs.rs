@@ -337,7 +337,8 @@ fn chunk_headers(h: &ChunkHead, meta: &str) -> FieldTable {
     t
 }
 
-fn as_u64(v: Option<&AMQPValue>) -> Option<u64> {
+/// A header value as a number, whatever integer type the sender used.
+pub(crate) fn as_u64(v: Option<&AMQPValue>) -> Option<u64> {
     match v? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongUInt(n) => Some(u64::from(*n)),
