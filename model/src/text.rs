@@ -126,12 +126,15 @@ impl<E: Dtype, D: Device<E>> TextEncoder<E, D> {
             }
             None => x,
         };
+        // The first `s` rows by `gather`, not `slice`: dfdx 0.13's slice backward on the CPU
+        // assigns the gradient instead of adding it, which drops every earlier contribution
+        // when a step runs the text tower more than once (the captions, then IAP's masked
+        // captions) — on CUDA it adds. Gather's backward adds on both.
+        let rows = dev.tensor_from_vec((0..s).collect::<Vec<usize>>(), (s,));
         let pos = self
             .pos
             .retaped::<T>()
-            // `pos` has no other use in the pass: dfdx 0.13's slice backward overwrites the
-            // gradient rather than adding to it.
-            .slice((0..s, ..))
+            .gather(rows)
             .broadcast_like::<_, Axis<0>>(&(b, s, dim));
         (x.reshape_like(&(b, s, dim)) + pos).reshape_like(&(b * s, dim))
     }

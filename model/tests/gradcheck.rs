@@ -14,7 +14,9 @@ use plip_model::{
 // derivative (off by √2 in one term) and `log_softmax` on a permuted input. Both produced
 // errors thousands of times the tolerance here. A third, `slice`'s backward assigning the
 // gradient instead of adding it (wrong whenever the sliced tensor has another use), was caught
-// by captions.rs and is avoided with `gather`.
+// by captions.rs and is avoided with `gather` — and was still in the text tower's positions
+// (used by every text pass of a step) until a CPU-vs-CUDA comparison found it (CUDA's slice
+// backward adds): `text.pos` is checked here since.
 
 /// Backpropagated gradients of the total loss (all three tasks, weights 1) agree with central
 /// finite differences (h = 1e-6, f64) for parameters of both towers, both heads and the logit
@@ -164,6 +166,8 @@ fn check_preset_with(tasks: TaskWeights, p: Preset, extra_captions: bool) {
     };
     let checked = [
         "text.token_embed",
+        // Used by every text pass of a step (the captions, and IAP's masked captions).
+        "text.pos",
         "text.blocks.0.attn.k.weight",
         "text.blocks.1.ln2.weight",
         "text.proj.bias",
