@@ -92,6 +92,21 @@ fn bench_agree_compares_devices() {
         assert_eq!(diffs[key], 0.0, "{key}: {v}");
     }
     assert!(v["losses_cpu"]["total"].as_f64().expect("loss") > 0.0);
+    // The f64 reference: the CPU's f32 is within rounding of it on the `test` preset (an
+    // error such as a gradient that drops a contribution shows up here as on a device), on
+    // the judged (dithered) batch and on the flat one.
+    for section in ["judged", "flat_images"] {
+        let errors = v[section]["error_vs_f64"]["cpu"]
+            .as_object()
+            .expect("errors against f64");
+        assert!(errors.len() >= 8, "{v}");
+        for (k, e) in errors {
+            let e = e.as_f64().expect("number");
+            assert!(e < 1e-4, "{section} {k}: {e}");
+        }
+        assert_eq!(v[section]["pass"], true, "{v}");
+    }
+    assert!(v["worst_gradients"][0]["param"].is_string(), "{v}");
     let out = run("cuda:0");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

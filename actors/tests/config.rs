@@ -86,6 +86,16 @@ fn unknown_keys_and_bad_values_name_the_key() {
     assert!(e.contains("trainer.w_text_attr"), "{e}");
     let e = err(write("c11.toml", "[serving]\nattribute_weight = -0.5\n"));
     assert!(e.contains("serving.attribute_weight"), "{e}");
+    let e = err(write("s1.toml", "[streams]\nmax_age = \"7 days\"\n"));
+    assert!(e.contains("streams.max_age"), "{e}");
+    let e = err(write(
+        "s2.toml",
+        "[streams]\nmax_age = \"12h\"\nsnapshot_every_s = 86400\n",
+    ));
+    assert!(
+        e.contains("streams.snapshot_every_s") && e.contains("43200"),
+        "{e}"
+    );
     let e = err(write("d.toml", "[broker]\nprefetch = 0\n"));
     assert!(e.contains("broker.prefetch"), "{e}");
     if !plip_model::device::CUDA_BUILT {
@@ -244,4 +254,17 @@ fn enum_keys_parse_to_their_variants() {
     );
     assert!(e.to_string().contains("serving.gate_metric"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `x-max-age` values as RabbitMQ reads them.
+#[test]
+fn max_age_values() {
+    use plip_actors::base::config::max_age_seconds;
+    assert_eq!(max_age_seconds("7D"), Some(7 * 86_400));
+    assert_eq!(max_age_seconds("12h"), Some(43_200));
+    assert_eq!(max_age_seconds("30s"), Some(30));
+    assert_eq!(max_age_seconds("1Y"), Some(365 * 86_400));
+    for bad in ["", "D", "7", "7d", "-1h", "0s", "7 D", "1.5h"] {
+        assert_eq!(max_age_seconds(bad), None, "{bad:?}");
+    }
 }

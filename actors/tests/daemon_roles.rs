@@ -19,6 +19,10 @@ fn streams_env(suffix: &str) -> Vec<(&'static str, String)> {
             "PLIP__STREAMS__GALLERY_LOG",
             format!("plip.gallery.log.{suffix}"),
         ),
+        (
+            "PLIP__STREAMS__MANIFEST_LOG",
+            format!("plip.logs.manifest.{suffix}"),
+        ),
         ("PLIP__STREAMS__CHUNK_BYTES", "65536".to_string()),
         ("PLIP__STREAMS__SEGMENT_BYTES", "1000000".to_string()),
         ("PLIP__SERVING__POLL_MS", "200".to_string()),
@@ -32,6 +36,23 @@ fn with(
 ) -> Vec<(&'static str, String)> {
     env.push((k, v.to_string()));
     env
+}
+
+/// A server (role `server`, no training) on `dir`, sharing the trainer's topology `t`,
+/// started (not waited for).
+fn start_server(dir: &Path, env: &[(&'static str, String)], t: &Topology) -> Daemon {
+    let extra = Extra {
+        same_topology: Some(t.clone()),
+        ..Extra::default()
+    };
+    let mut d = Daemon::configure(
+        dir,
+        "enabled = false\n",
+        &with(env.to_vec(), "PLIP__ROLE", "server"),
+        &extra,
+    );
+    d.spawn_only();
+    d
 }
 
 /// A trainer (role `trainer`, `trainer` its `[trainer]` table) that has taken 8 persons × 6
@@ -88,17 +109,7 @@ fn a_server_follows_the_trainer_and_answers() {
     let v1 = s["streams"]["models_logged"].as_u64().unwrap();
 
     // A server started now catches up from the logs alone.
-    let extra = Extra {
-        same_topology: Some(t.clone()),
-        ..Extra::default()
-    };
-    let mut sv = Daemon::configure(
-        &sdir,
-        "enabled = false\n",
-        &with(env.clone(), "PLIP__ROLE", "server"),
-        &extra,
-    );
-    sv.spawn_only();
+    let mut sv = start_server(&sdir, &env, &t);
     let s = sv.wait_for("the server to catch up", Duration::from_secs(120), |s| {
         s["serving"]["version"].as_u64() >= Some(v1) && s["serving"]["gallery_size"] == 48
     });
@@ -110,14 +121,8 @@ fn a_server_follows_the_trainer_and_answers() {
     assert_eq!(ready["ready"], true, "{ready:#}");
 
     // Only the server consumes the requests; its reply names the version it follows.
-    let ask_image = |rt: &tokio::runtime::Runtime, k: usize| {
-        rt.block_on(async {
-            let (_c, ch) = channel().await;
-            let (_, _, cam, jpeg) = &all[k];
-            let body = serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 10, "exclude_camera": cam});
-            ask(&ch, &t.reid_exchange, body.to_string().as_bytes(), json_props()).await
-        })
-    };
+    let ask_k =
+        |rt: &tokio::runtime::Runtime, k: usize| ask_image(rt, &t.reid_exchange, &all[k], 10);
     // A damaged chunk on the models log (a version 999 of two chunks, the second altered after
     // its CRC was computed) is refused and that version never served.
     let models_log = format!("plip.models.log.{suffix}");
@@ -159,7 +164,7 @@ fn a_server_follows_the_trainer_and_answers() {
     });
     assert_ne!(s["serving"]["version"], 999);
     assert_ne!(s["follower"]["model_version"], 999);
-    let r = ask_image(&rt, 0);
+    let r = ask_k(&rt, 0);
     assert!(r["error"].is_null(), "{r:#}");
     let served = sv.status().unwrap()["serving"]["version"].clone();
     assert_eq!(r["model_version"], served, "{r:#}");
@@ -216,7 +221,7 @@ fn a_server_follows_the_trainer_and_answers() {
         Duration::from_secs(60),
         |s| s["serving"]["gallery_size"] == 42 && s["samples"]["total"] == 42,
     );
-    let r = ask_image(&rt, 1);
+    let r = ask_k(&rt, 1);
     assert!(r["error"].is_null(), "{r:#}");
     assert!(
         r["matches"]
@@ -328,17 +333,7 @@ fn replicas_share_queries_survive_a_kill_and_a_late_one_answers_alike() {
             .unwrap();
     assert!(pinned.is_ok(), "{pinned:?}");
     let server = |dir: &Path, gallery: u64| {
-        let extra = Extra {
-            same_topology: Some(t.clone()),
-            ..Extra::default()
-        };
-        let mut d = Daemon::configure(
-            dir,
-            "enabled = false\n",
-            &with(env.clone(), "PLIP__ROLE", "server"),
-            &extra,
-        );
-        d.spawn_only();
+        let mut d = start_server(dir, &env, &t);
         d.wait_for("a caught-up server", Duration::from_secs(120), |s| {
             s["follower"]["caught_up"] == true
                 && s["serving"]["version"] == v
@@ -477,4 +472,122 @@ fn names_pid(r: &serde_json::Value, pid: u32) -> bool {
     r["served_by"]
         .as_str()
         .is_some_and(|s| s.ends_with(&format!("-{pid}")))
+}
+
+/// The first offset the stream still holds (retention removes whole old segments).
+async fn first_offset(ch: &Channel, stream: &str) -> Option<u64> {
+    use futures_lite::StreamExt;
+    ch.basic_qos(1, Default::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let tag = format!("first-offset-{}", tag());
+    let mut c = ch
+        .basic_consume(stream.into(), tag.as_str().into(), Default::default(), args)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+        .await
+        .ok()??
+        .ok()?;
+    let _ = ch
+        .basic_cancel(tag.as_str().into(), Default::default())
+        .await;
+    let h = d.properties.headers().clone()?;
+    plip_actors::daemon::logs::as_u64(h.inner().get(&ShortString::from("x-stream-offset")))
+}
+
+/// Bounded replay: the trainer appends a full gallery snapshot every second (a short
+/// `snapshot_every_s`) to a gallery log whose retention is small, so the oldest segments —
+/// offset 0 with the first additions — are removed. A server started on an empty state folder
+/// reads the manifest, starts at the latest snapshot and ends with exactly the trainer's
+/// gallery (the person forgotten before the snapshot absent), having applied far fewer entries
+/// than the log ever held.
+#[test]
+fn a_new_server_starts_from_the_latest_snapshot_after_retention() {
+    let _serial = serial();
+    let suffix = tag();
+    let (tdir, sdir) = (tempdir("snap-trainer"), tempdir("snap-server"));
+    let trainer_cfg = format!(
+        "{}\nkeep_checkpoints = 100\n",
+        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
+    );
+    let mut env = streams_env(&suffix);
+    for (k, v) in [
+        ("PLIP__STREAMS__SEGMENT_BYTES", "50000"),
+        ("PLIP__STREAMS__GALLERY_MAX_LENGTH_BYTES", "600000"),
+        ("PLIP__STREAMS__SNAPSHOT_EVERY_S", "1"),
+        ("PLIP__STREAMS__MAX_AGE", "1h"),
+    ] {
+        env.retain(|(key, _)| *key != k);
+        env = with(env, k, v);
+    }
+    let (mut tr, all, rt) = trainer_with_gallery(&tdir, &trainer_cfg, &env, 71);
+    let t = tr.topo.clone();
+    let gallery_log = format!("plip.gallery.log.{suffix}");
+    let person = all[0].1.clone();
+    let forgot =
+        plip_actors::base::client::request(&tr.http, "POST", &format!("/forget?person={person}"))
+            .unwrap();
+    assert!(forgot.is_ok(), "{forgot:?}");
+    // Snapshots of the 42 remaining samples pile up until retention removes the log's start.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let first = loop {
+        let s = tr.status().unwrap();
+        let first = rt.block_on(async {
+            let (_c, ch) = channel().await;
+            first_offset(&ch, &gallery_log).await
+        });
+        if s["streams"]["snapshot"]["samples"] == 42 && first > Some(0) {
+            break first.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention never removed the log's start: first offset {first:?}, {:#}",
+            s["streams"]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let logged = tr.status().unwrap()["streams"]["gallery_entries_logged"]
+        .as_u64()
+        .unwrap();
+    assert!(logged > first, "{logged} entries, first offset {first}");
+
+    let mut sv = start_server(&sdir, &env, &t);
+    let s = sv.wait_for("the server to catch up", Duration::from_secs(120), |s| {
+        s["serving"]["gallery_size"] == 42
+            && s["samples"]["total"] == 42
+            && s["serving"]["version"].is_u64()
+            && s["follower"]["caught_up"] == true
+    });
+    let f = &s["follower"];
+    assert!(f["started_from"]["gallery"]["snapshot"].is_u64(), "{f:#}");
+    assert!(f["started_from"]["model"]["version"].is_u64(), "{f:#}");
+    assert_eq!(f["manifest_refused"], false, "{f:#}");
+    assert!(
+        f["gallery_entries"].as_u64().unwrap() < logged,
+        "applied {} entries of the {logged} logged: not started from the snapshot ({f:#})",
+        f["gallery_entries"]
+    );
+    // Its answers never name the forgotten person.
+    let r = ask_image(&rt, &t.reid_exchange, &all[1], 50);
+    assert!(r["error"].is_null(), "{r:#}");
+    let matches = r["matches"].as_array().unwrap();
+    assert!(!matches.is_empty());
+    assert!(
+        matches.iter().all(|m| m["person_id"] != person.as_str()),
+        "{r:#}"
+    );
+    sv.stop();
+    tr.stop();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for (_, v) in env.iter().filter(|(k, _)| k.ends_with("_LOG")) {
+            let _ = ch.queue_delete(v.as_str().into(), Default::default()).await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(tdir);
+    let _ = std::fs::remove_dir_all(sdir);
 }

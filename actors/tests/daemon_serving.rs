@@ -768,19 +768,7 @@ fn quorum_queues_carry_ingest_and_requests() {
         Duration::from_secs(120),
         |s| s["serving"]["version"].is_u64() && s["serving"]["gallery_size"] == 48,
     );
-    let reply = rt.block_on(async {
-        let (_c, ch) = channel().await;
-        let (_, _, cam, jpeg) = &all[0];
-        let body =
-            serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": 3, "exclude_camera": cam});
-        ask(
-            &ch,
-            &t.reid_exchange,
-            body.to_string().as_bytes(),
-            json_props(),
-        )
-        .await
-    });
+    let reply = ask_image(&rt, &t.reid_exchange, &all[0], 3);
     assert!(reply["error"].is_null(), "{reply:#}");
     assert_eq!(
         reply["matches"].as_array().map(Vec::len),
@@ -848,11 +836,18 @@ async fn read_models_log(
 fn serving_versions_are_appended_to_the_models_log() {
     let _serial = serial();
     let dir = tempdir("models-log");
-    let stream = format!("plip.models.log.{}", tag());
+    let suffix = tag();
+    let stream = format!("plip.models.log.{suffix}");
+    let others = [
+        format!("plip.gallery.log.{suffix}"),
+        format!("plip.logs.manifest.{suffix}"),
+    ];
     let env = [
         ("PLIP__SERVING__POLL_MS", "200".to_string()),
         ("PLIP__STREAMS__ENABLED", "true".to_string()),
         ("PLIP__STREAMS__MODELS_LOG", stream.clone()),
+        ("PLIP__STREAMS__GALLERY_LOG", others[0].clone()),
+        ("PLIP__STREAMS__MANIFEST_LOG", others[1].clone()),
         ("PLIP__STREAMS__CHUNK_BYTES", "65536".to_string()),
         ("PLIP__STREAMS__SEGMENT_BYTES", "1000000".to_string()),
     ];
@@ -953,9 +948,9 @@ fn serving_versions_are_appended_to_the_models_log() {
     d.stop();
     rt.block_on(async {
         let (_c, ch) = channel().await;
-        let _ = ch
-            .queue_delete(stream.as_str().into(), Default::default())
-            .await;
+        for q in std::iter::once(&stream).chain(&others) {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
     });
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -990,15 +985,17 @@ fn gallery_samples_and_forgets_are_appended_to_the_gallery_log() {
     let _serial = serial();
     let dir = tempdir("gallery-log");
     let suffix = tag();
-    let (models, gallery) = (
+    let (models, gallery, manifest) = (
         format!("plip.models.log.{suffix}"),
         format!("plip.gallery.log.{suffix}"),
+        format!("plip.logs.manifest.{suffix}"),
     );
     let env = [
         ("PLIP__SERVING__POLL_MS", "200".to_string()),
         ("PLIP__STREAMS__ENABLED", "true".to_string()),
         ("PLIP__STREAMS__MODELS_LOG", models.clone()),
         ("PLIP__STREAMS__GALLERY_LOG", gallery.clone()),
+        ("PLIP__STREAMS__MANIFEST_LOG", manifest.clone()),
     ];
     let mut d = Daemon::start(&dir, "enabled = false\n", &env);
     let t = d.topo.clone();
@@ -1110,7 +1107,7 @@ fn gallery_samples_and_forgets_are_appended_to_the_gallery_log() {
     d.stop();
     rt.block_on(async {
         let (_c, ch) = channel().await;
-        for q in [&models, &gallery] {
+        for q in [&models, &gallery, &manifest] {
             let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
         }
     });

@@ -81,6 +81,36 @@ pub struct StreamsConfig {
     pub max_length_bytes: u64,
     /// Segment size (`x-stream-max-segment-size-bytes`): retention removes whole segments.
     pub segment_bytes: u64,
+    /// Retention of the gallery log (`x-max-length-bytes`; `max_length_bytes` is the models
+    /// log's): at least twice the stored gallery plus a segment, so that the latest complete
+    /// snapshot is always kept.
+    pub gallery_max_length_bytes: u64,
+    /// Retention by age (`x-max-age`: a number and one of Y, M, D, h, m, s — `7D`); empty:
+    /// none. Closed segments older than this are removed.
+    pub max_age: String,
+    /// The stream of manifest entries: where the latest gallery snapshot and the latest model
+    /// begin in their logs, so that a new server replays from there.
+    pub manifest_log: String,
+    /// A full snapshot of the gallery is appended to the gallery log at least this often
+    /// (seconds), and whenever the entries appended since the last one exceed a quarter of
+    /// `gallery_max_length_bytes` (or the last snapshot's own size, if larger).
+    pub snapshot_every_s: u64,
+}
+
+/// `x-max-age`'s value in seconds (`7D`, `12h`, …); `None` when malformed.
+pub fn max_age_seconds(v: &str) -> Option<u64> {
+    let unit = v.chars().last()?;
+    let n: u64 = v[..v.len() - unit.len_utf8()].parse().ok()?;
+    let per = match unit {
+        'Y' => 365 * 86_400,
+        'M' => 30 * 86_400,
+        'D' => 86_400,
+        'h' => 3_600,
+        'm' => 60,
+        's' => 1,
+        _ => return None,
+    };
+    (n > 0).then_some(n * per)
 }
 
 impl Default for StreamsConfig {
@@ -93,6 +123,10 @@ impl Default for StreamsConfig {
             chunk_bytes: 1 << 20,
             max_length_bytes: 4 << 30,
             segment_bytes: 100 << 20,
+            gallery_max_length_bytes: 4 << 30,
+            max_age: "7D".into(),
+            manifest_log: "plip.logs.manifest".into(),
+            snapshot_every_s: 86_400,
         }
     }
 }
@@ -594,6 +628,26 @@ impl Config {
             && (self.streams.models_log.is_empty() || self.streams.gallery_log.is_empty())
         {
             bad.push("streams.models_log and streams.gallery_log must name streams".into());
+        }
+        if !self.streams.max_age.is_empty() {
+            match max_age_seconds(&self.streams.max_age) {
+                None => bad.push(format!(
+                    "streams.max_age {:?} must be a number and one of Y, M, D, h, m, s (\"7D\"), or empty",
+                    self.streams.max_age
+                )),
+                Some(age) if self.streams.snapshot_every_s >= age => bad.push(format!(
+                    "streams.snapshot_every_s ({}) must be shorter than streams.max_age ({age} s): \
+                     retention would remove the only snapshot",
+                    self.streams.snapshot_every_s
+                )),
+                Some(_) => {}
+            }
+        }
+        if self.streams.snapshot_every_s == 0 {
+            bad.push("streams.snapshot_every_s must be at least 1".into());
+        }
+        if self.streams.enabled && self.streams.manifest_log.is_empty() {
+            bad.push("streams.manifest_log must name a stream".into());
         }
         if let GateMetric::Unknown(_) = self.serving.gate_metric {
             bad.push("serving.gate_metric must be mAP, rank1 or text_r1".into());

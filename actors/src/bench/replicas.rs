@@ -54,9 +54,10 @@ pub fn run(args: &ReplicasBenchArgs) -> Result<(), Error> {
     std::fs::create_dir_all(&dir)?;
     let topo = Topology::with_suffix(&tag);
     let mut env = topo.env();
-    let (models, gallery_log, heads) = (
+    let (models, gallery_log, manifest, heads) = (
         format!("plip.models.log.{tag}"),
         format!("plip.gallery.log.{tag}"),
+        format!("plip.logs.manifest.{tag}"),
         format!("plip.logs.head.{tag}"),
     );
     for (k, v) in [
@@ -65,6 +66,7 @@ pub fn run(args: &ReplicasBenchArgs) -> Result<(), Error> {
         ("PLIP__STREAMS__ENABLED", "true"),
         ("PLIP__STREAMS__MODELS_LOG", models.as_str()),
         ("PLIP__STREAMS__GALLERY_LOG", gallery_log.as_str()),
+        ("PLIP__STREAMS__MANIFEST_LOG", manifest.as_str()),
         ("PLIP__STREAMS__HEAD_EXCHANGE", heads.as_str()),
     ] {
         env.push((k.into(), v.into()));
@@ -143,7 +145,7 @@ pub fn run(args: &ReplicasBenchArgs) -> Result<(), Error> {
         if let Ok(conn) = connect(&args.url).await {
             if let Ok(ch) = conn.create_channel().await {
                 topo.delete(&ch).await;
-                for q in [&models, &gallery_log] {
+                for q in [&models, &gallery_log, &manifest] {
                     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                 }
                 let _ = ch

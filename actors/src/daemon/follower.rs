@@ -23,13 +23,15 @@ use crate::base::chunks::Reassembler;
 use crate::base::error::{Error, Result};
 use crate::base::state::{Checkpoint, CheckpointMeta};
 use crate::daemon::broker::{self, Backoff};
+use crate::daemon::logs::{consume_stream, delivery_offset};
 use crate::daemon::logs::{
-    declare_heads, gallery_entry_n, read_chunk_headers, read_gallery_entry, GalleryEntry, Heads,
+    declare_heads, entry_kind, gallery_entry_n, read_chunk_headers, read_gallery_entry,
+    read_manifest, GalleryEntry, Heads,
 };
 use crate::daemon::Shared;
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 use std::sync::Arc;
 
@@ -38,6 +40,9 @@ const MODELS_OFFSET: &str = "follow_models_offset";
 const GALLERY_OFFSET: &str = "follow_gallery_offset";
 /// Meta key of the ordinal of the last gallery entry applied.
 const GALLERY_APPLIED: &str = "follow_gallery_applied";
+/// Meta key of the gallery snapshot being applied (a server that started at it), until its
+/// end marker is applied.
+const FOLLOW_SNAPSHOT: &str = "follow_gallery_snapshot";
 
 /// Runs until shutdown: follow both logs, reconnecting with backoff.
 ///
@@ -76,28 +81,11 @@ async fn consume_from(
     tag: &str,
     offset: Option<u64>,
 ) -> Result<lapin::Consumer> {
-    // Stream consumers need a prefetch and manual acks.
-    ch.basic_qos(64, BasicQosOptions::default()).await?;
-    let mut args = FieldTable::default();
     let at = match offset {
         Some(n) => AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
         None => AMQPValue::LongString("first".into()),
     };
-    args.insert("x-stream-offset".into(), at);
-    Ok(ch
-        .basic_consume(
-            stream.into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?)
-}
-
-/// The offset of a stream delivery (`x-stream-offset`).
-fn delivery_offset(d: &lapin::message::Delivery) -> Option<u64> {
-    let headers = d.properties.headers().as_ref()?;
-    crate::daemon::logs::as_u64(headers.inner().get(&ShortString::from("x-stream-offset")))
+    consume_stream(ch, stream, tag, at).await
 }
 
 async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
@@ -111,20 +99,40 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
             st.follower.model_version = pinned;
         }
     }
+    // Where to start: the stored offsets; on an empty state folder, the manifest's latest
+    // snapshot and model (the first offsets when there is none, or it was refused).
+    let mut models_at = shared.state.meta_u64(MODELS_OFFSET)?;
+    let mut gallery_at = shared.state.meta_u64(GALLERY_OFFSET)?;
+    let mut expect_begin = None;
+    let refused = shared.stats().follower.manifest_refused;
+    if models_at.is_none() && gallery_at.is_none() && !refused {
+        if let Some(m) = read_manifest(conn, &cfg.manifest_log).await {
+            if let Some(g) = m.gallery {
+                gallery_at = Some(g.offset);
+                expect_begin = Some((g.snapshot, g.offset));
+                shared.state.set_meta_u64(FOLLOW_SNAPSHOT, g.snapshot)?;
+            }
+            if let Some(md) = m.model {
+                models_at = Some(md.offset);
+            }
+            tracing::info!(manifest = ?m, "starting_from_manifest");
+            shared.stats().follower.started_from = Some(m);
+        }
+    }
     let (mch, gch) = (conn.create_channel().await?, conn.create_channel().await?);
     let pid = std::process::id();
     let mut models = consume_from(
         &mch,
         &cfg.models_log,
         &format!("plipd-follow-models-{pid}"),
-        shared.state.meta_u64(MODELS_OFFSET)?,
+        models_at,
     )
     .await?;
     let mut gallery = consume_from(
         &gch,
         &cfg.gallery_log,
         &format!("plipd-follow-gallery-{pid}"),
-        shared.state.meta_u64(GALLERY_OFFSET)?,
+        gallery_at,
     )
     .await?;
     // The trainer's announcements of the logs' heads, on a private queue.
@@ -187,6 +195,19 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
                         None => break,
                     }
                 }
+                if let Some((id, offset)) = expect_begin.take() {
+                    // Starting at a snapshot: the first entry must be its begin marker (retention
+                    // may have removed it since the manifest was written).
+                    let h = batch[0].properties.headers().clone().unwrap_or_default();
+                    if entry_kind(&h) != (Some("snapshot-begin".into()), Some(id)) {
+                        shared.state.remove_meta(FOLLOW_SNAPSHOT)?;
+                        shared.stats().follower.manifest_refused = true;
+                        return Err(Error::Broker(format!(
+                            "the manifest's gallery snapshot {id} is not at offset {offset} any \
+                             more; replaying the gallery log from its first offset"
+                        )));
+                    }
+                }
                 apply_gallery_batch(shared, &batch).await?;
                 for d in &batch {
                     d.ack(BasicAckOptions::default()).await?;
@@ -233,7 +254,12 @@ async fn apply_model_chunk(
     };
     let s = shared.clone();
     let version = head.version;
-    tokio::task::spawn_blocking(move || store_model(&s, version, weights, &meta)).await??;
+    // A version appended again (the trainer refreshes the serving one against age-based
+    // retention) is already stored and pinned here (pinned only once stored; never pruned).
+    let have = shared.state.pinned()? == Some(version);
+    if !have {
+        tokio::task::spawn_blocking(move || store_model(&s, version, weights, &meta)).await??;
+    }
     if let Some(o) = offset {
         shared.state.set_meta_u64(MODELS_OFFSET, o + 1)?;
         shared.stats().follower.models_offset = Some(o + 1);
@@ -307,11 +333,24 @@ async fn apply_gallery_batch(
         .filter_map(|d| d.properties.headers().as_ref().and_then(gallery_entry_n))
         .max();
     let s = shared.clone();
-    let forgot = tokio::task::spawn_blocking(move || -> Result<bool> {
+    let (forgot, finished) = tokio::task::spawn_blocking(move || -> Result<(bool, bool)> {
         let mut staged = Vec::new();
         let mut forgot = false;
+        // The snapshot this server started at, while it is being applied; other snapshots'
+        // copies are of samples this server already has.
+        let mut applying = s.state.meta_u64(FOLLOW_SNAPSHOT)?;
+        let mut finished = false;
         for entry in entries.into_iter().flatten() {
             match entry {
+                GalleryEntry::SnapshotBegin { .. } => {}
+                GalleryEntry::SnapshotEnd { snapshot, samples } => {
+                    if applying == Some(snapshot) {
+                        applying = None;
+                        finished = true;
+                        tracing::info!(snapshot, samples, "snapshot_applied");
+                    }
+                }
+                GalleryEntry::Add { snapshot: Some(sid), .. } if applying != Some(sid) => {}
                 GalleryEntry::Add {
                     id,
                     person,
@@ -353,7 +392,7 @@ async fn apply_gallery_batch(
         }
         s.store.commit(staged)?;
         s.store.flush()?;
-        Ok(forgot)
+        Ok((forgot, finished))
     })
     .await??;
     if forgot {
@@ -366,6 +405,11 @@ async fn apply_gallery_batch(
     }
     if let Some(n) = last_n {
         shared.state.set_meta_u64(GALLERY_APPLIED, n)?;
+    }
+    if finished {
+        // Only after the offset past the end marker is stored: a crash before it replays the
+        // snapshot's tail, still applying it.
+        shared.state.remove_meta(FOLLOW_SNAPSHOT)?;
     }
     let mut st = shared.stats();
     st.follower.gallery_entries += batch.len() as u64;

@@ -107,6 +107,8 @@ pub struct Stats {
     pub gallery_logged_seq: u64,
     /// Entries appended to the gallery log.
     pub gallery_entries_logged: u64,
+    /// The last complete gallery snapshot a manifest names.
+    pub snapshot: Option<crate::daemon::logs::SnapshotRef>,
     /// A server's following of the logs.
     pub follower: FollowerStats,
 }
@@ -136,6 +138,11 @@ pub struct FollowerStats {
     pub gallery_lag: Option<u64>,
     /// Has been caught up with the announced heads once (latched: `/readyz` waits for it).
     pub caught_up: bool,
+    /// The manifest this server started from (an empty state folder), when there was one.
+    pub started_from: Option<crate::daemon::logs::Manifest>,
+    /// A manifest's snapshot was not found where it said (expired): replayed from the first
+    /// offsets instead.
+    pub manifest_refused: bool,
 }
 
 impl FollowerStats {

@@ -559,6 +559,22 @@ pub async fn ask(
     }
 }
 
+/// Asks `img` as a cross-camera image query (`exclude_camera` = its camera) for the `top_k`
+/// best matches, on a connection of its own; the reply.
+pub fn ask_image(
+    rt: &tokio::runtime::Runtime,
+    exchange: &str,
+    img: &Img,
+    top_k: usize,
+) -> serde_json::Value {
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let (_, _, cam, jpeg) = img;
+        let body = serde_json::json!({"query": {"image": b64(jpeg)}, "top_k": top_k, "exclude_camera": cam});
+        ask(&ch, exchange, body.to_string().as_bytes(), json_props()).await
+    })
+}
+
 /// Asks every image as a cross-camera query (`exclude_camera` = its own camera); returns the
 /// Rank-1 over the queries and every reply.
 pub async fn rank1(ch: &Channel, exchange: &str, queries: &[Img]) -> (f64, Vec<serde_json::Value>) {

@@ -51,6 +51,34 @@ impl State {
         Ok(())
     }
 
+    /// Bytes kept under `key` in the meta tree (the logs' manifest).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn meta_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Keeps `value` under `key` in the meta tree (flushed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn set_meta_bytes(&self, key: &str, value: &[u8]) -> Result<(), StateError> {
+        self.meta.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes `key` from the meta tree (flushed).
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn remove_meta(&self, key: &str) -> Result<(), StateError> {
+        self.meta.remove(key)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The last model version appended to the models log (`streams.models_log`), if any.
     ///
     /// # Errors

@@ -98,6 +98,8 @@ pub fn status(shared: &Shared, figures: &StorageFigures, stale: Option<&str>) ->
             "gallery_log": shared.cfg.streams.gallery_log,
             "gallery_logged_seq": stats.gallery_logged_seq,
             "gallery_entries_logged": stats.gallery_entries_logged,
+            "manifest_log": shared.cfg.streams.manifest_log,
+            "snapshot": stats.snapshot,
             "error": stats.models_log_error,
         },
     })

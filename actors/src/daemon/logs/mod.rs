@@ -15,7 +15,8 @@
 //! appended twice after a crash between its confirm and the cursor's write: readers apply
 //! them idempotently, by id).
 //! Consumers of a stream need `basic.qos` and manual acks, and read from an offset given in
-//! `x-stream-offset`.
+//! `x-stream-offset`. Retention stays safe for a new server through gallery snapshots, the
+//! serving model appended again, and a manifest of where both begin ([`snapshot`]).
 
 use crate::base::chunks::{split, ChunkHead};
 use crate::base::config::StreamsConfig;
@@ -27,6 +28,15 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::sync::Arc;
 use std::time::Duration;
+
+mod snapshot;
+
+use snapshot::MODEL_LOGGED_UNIX;
+pub use snapshot::{
+    consume_stream, delivery_offset, read_manifest, stored_manifest, Manifest, ModelRef,
+    SnapshotRef,
+};
+use snapshot::{count_since_snapshot, locate, snapshot_due, write_manifest, write_snapshot};
 
 /// Header names of the logs' entries.
 pub mod headers {
@@ -48,19 +58,29 @@ pub mod headers {
     pub const N: &str = "x-plip-n";
     pub const PERSON: &str = "x-plip-person";
     pub const CAMERA: &str = "x-plip-camera";
+    /// Gallery log: the snapshot an entry belongs to (`snapshot-begin`, the additions of the
+    /// snapshot, `snapshot-end`), named by the begin marker's ordinal.
+    pub const SNAPSHOT: &str = "x-plip-snapshot";
 }
 
 /// One entry of the gallery log, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GalleryEntry {
-    /// A gallery sample: its id, labels, arrival and the stored image bytes.
+    /// A gallery sample: its id, labels, arrival and the stored image bytes; `snapshot` when
+    /// it is a snapshot's copy of a sample logged before (a server following the log already
+    /// has it; one that started at that snapshot applies it).
     Add {
         seq: u64,
         id: String,
         person: Option<String>,
         camera: Option<String>,
         image: Vec<u8>,
+        snapshot: Option<u64>,
     },
+    /// A full snapshot of the gallery follows (its id is this marker's ordinal).
+    SnapshotBegin { snapshot: u64 },
+    /// The snapshot is complete: `samples` additions were in it.
+    SnapshotEnd { snapshot: u64, samples: u64 },
     /// `person`'s samples `ids` are forgotten (the highest of their arrival numbers is
     /// `before_seq`).
     Forget {
@@ -78,35 +98,50 @@ pub fn gallery_entry_n(t: &FieldTable) -> Option<u64> {
 /// A gallery-log entry read back from its headers and body; `None` when malformed.
 pub fn read_gallery_entry(t: &FieldTable, body: &[u8]) -> Option<GalleryEntry> {
     let get = |k: &str| t.inner().get(&ShortString::from(k));
-    let seq = as_u64(get(headers::SEQ))?;
+    let snapshot = as_u64(get(headers::SNAPSHOT));
     match as_text(get(headers::ENTRY))?.as_str() {
         "add" => Some(GalleryEntry::Add {
-            seq,
+            seq: as_u64(get(headers::SEQ))?,
             id: as_text(get(headers::ID))?,
             person: as_text(get(headers::PERSON)),
             camera: as_text(get(headers::CAMERA)),
             image: body.to_vec(),
+            snapshot,
         }),
         "forget" => Some(GalleryEntry::Forget {
             person: as_text(get(headers::PERSON))?,
             ids: serde_json::from_slice(body).ok()?,
-            before_seq: seq,
+            before_seq: as_u64(get(headers::SEQ))?,
+        }),
+        "snapshot-begin" => Some(GalleryEntry::SnapshotBegin {
+            snapshot: snapshot?,
+        }),
+        "snapshot-end" => Some(GalleryEntry::SnapshotEnd {
+            snapshot: snapshot?,
+            samples: serde_json::from_slice::<serde_json::Value>(body).ok()?["samples"].as_u64()?,
         }),
         _ => None,
     }
 }
 
-fn text(v: &str) -> AMQPValue {
+/// A gallery-log entry's kind (`x-plip-entry`) and snapshot (`x-plip-snapshot`), when it has
+/// them.
+pub fn entry_kind(t: &FieldTable) -> (Option<String>, Option<u64>) {
+    let get = |k: &str| t.inner().get(&ShortString::from(k));
+    (as_text(get(headers::ENTRY)), as_u64(get(headers::SNAPSHOT)))
+}
+
+pub(crate) fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(v.into())
 }
 
-fn long(v: u64) -> AMQPValue {
+pub(crate) fn long(v: u64) -> AMQPValue {
     AMQPValue::LongLongInt(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
 /// Publishes every message of `batch` to the stream `name`, then waits for all their
 /// confirms (one round trip per batch, not per message).
-async fn publish_all(
+pub(crate) async fn publish_all(
     ch: &Channel,
     name: &str,
     batch: Vec<(Vec<u8>, FieldTable, &str)>,
@@ -142,11 +177,57 @@ async fn publish_all(
     Ok(())
 }
 
+/// The gallery-log additions of the samples `ids` (arrival, id) that are still stored and
+/// are gallery samples, numbered from `n + 1` on (`n` advanced); `snapshot` tags a snapshot's
+/// copies. Samples forgotten or evicted since they arrived have nothing to replicate.
+pub(crate) fn additions(
+    shared: &Shared,
+    ids: Vec<(u64, String)>,
+    n: &mut u64,
+    snapshot: Option<u64>,
+) -> Result<Vec<(Vec<u8>, FieldTable, &'static str)>> {
+    let mut batch = Vec::new();
+    for (seq, id) in ids {
+        let Some(sample) = shared.store.get(&id)? else {
+            continue;
+        };
+        if !crate::daemon::serving::is_gallery(&sample.meta) {
+            continue;
+        }
+        *n += 1;
+        let mut h = FieldTable::default();
+        h.insert(headers::ENTRY.into(), text("add"));
+        h.insert(headers::N.into(), long(*n));
+        h.insert(headers::SEQ.into(), long(seq));
+        h.insert(headers::ID.into(), text(&id));
+        if let Some(sid) = snapshot {
+            h.insert(headers::SNAPSHOT.into(), long(sid));
+        }
+        if let Some(p) = &sample.meta.person_id {
+            h.insert(headers::PERSON.into(), text(p));
+        }
+        if let Some(c) = &sample.meta.camera_id {
+            h.insert(headers::CAMERA.into(), text(c));
+        }
+        batch.push((sample.jpeg, h, "image/jpeg"));
+    }
+    Ok(batch)
+}
+
+/// A snapshot marker's headers (`snapshot-begin` / `snapshot-end`).
+pub(crate) fn marker(kind: &str, n: u64, snapshot: u64) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert(headers::ENTRY.into(), text(kind));
+    h.insert(headers::N.into(), long(n));
+    h.insert(headers::SNAPSHOT.into(), long(snapshot));
+    h
+}
+
 /// Gallery samples appended per round trip.
-const GALLERY_BATCH: usize = 256;
+pub(crate) const GALLERY_BATCH: usize = 256;
 
 /// Meta key of the number of entries appended to the gallery log.
-const GALLERY_ENTRIES: &str = "gallery_entries_logged";
+pub(crate) const GALLERY_ENTRIES: &str = "gallery_entries_logged";
 
 /// The log heads a trainer announces on `streams.head_exchange` (a stream's tail cannot be
 /// asked for over AMQP 0-9-1): a follower compares them with what it applied.
@@ -207,35 +288,15 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
                 .filter(|(seq, _)| upto.is_none_or(|u| *seq <= u))
                 .collect();
             let last = ids.last().map(|(seq, _)| *seq);
-            let mut batch = Vec::new();
-            for (seq, id) in ids {
-                // Forgotten or evicted since it arrived: nothing to replicate.
-                let Some(sample) = s.store.get(&id)? else {
-                    continue;
-                };
-                if !crate::daemon::serving::is_gallery(&sample.meta) {
-                    continue;
-                }
-                let mut h = FieldTable::default();
-                n += 1;
-                h.insert(headers::ENTRY.into(), text("add"));
-                h.insert(headers::N.into(), long(n));
-                h.insert(headers::SEQ.into(), long(seq));
-                h.insert(headers::ID.into(), text(&id));
-                if let Some(p) = &sample.meta.person_id {
-                    h.insert(headers::PERSON.into(), text(p));
-                }
-                if let Some(c) = &sample.meta.camera_id {
-                    h.insert(headers::CAMERA.into(), text(c));
-                }
-                batch.push((sample.jpeg, h, "image/jpeg"));
-            }
+            let batch = additions(&s, ids, &mut n, None)?;
             Ok((batch, last, n))
         })
         .await??;
         if let Some(last) = last {
             appended += batch.len();
+            let bytes: u64 = batch.iter().map(|(b, ..)| b.len() as u64).sum();
             publish_all(ch, &cfg.gallery_log, batch).await?;
+            count_since_snapshot(shared, bytes)?;
             shared.state.set_meta_u64(GALLERY_ENTRIES, n_after)?;
             shared.state.set_gallery_logged(last + 1)?;
             let mut st = shared.stats();
@@ -261,12 +322,10 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
         h.insert(headers::N.into(), long(n));
         h.insert(headers::SEQ.into(), long(before_seq));
         h.insert(headers::PERSON.into(), text(&person));
-        publish_all(
-            ch,
-            &cfg.gallery_log,
-            vec![(serde_json::to_vec(&tomb.ids)?, h, "application/json")],
-        )
-        .await?;
+        let body = serde_json::to_vec(&tomb.ids)?;
+        let bytes = body.len() as u64;
+        publish_all(ch, &cfg.gallery_log, vec![(body, h, "application/json")]).await?;
+        count_since_snapshot(shared, bytes)?;
         shared.state.set_meta_u64(GALLERY_ENTRIES, n)?;
         shared.state.remove_tombstone(tomb.key)?;
         shared.stats().gallery_entries_logged = n;
@@ -282,13 +341,29 @@ async fn append_gallery(shared: &Arc<Shared>, ch: &Channel, cfg: &StreamsConfig)
 /// The broker refused: with a pointer to the `stream_queue` feature flag when streams are
 /// not available.
 pub async fn declare(ch: &Channel, cfg: &StreamsConfig) -> Result<()> {
-    for name in [&cfg.models_log, &cfg.gallery_log] {
-        declare_stream(ch, name, cfg).await?;
+    // The manifest stream holds small entries: its own modest bounds.
+    let manifest_segment = cfg.segment_bytes.min(4 << 20);
+    for (name, max_length, segment) in [
+        (&cfg.models_log, cfg.max_length_bytes, cfg.segment_bytes),
+        (
+            &cfg.gallery_log,
+            cfg.gallery_max_length_bytes,
+            cfg.segment_bytes,
+        ),
+        (&cfg.manifest_log, 16 << 20, manifest_segment),
+    ] {
+        declare_stream(ch, name, cfg, max_length, segment).await?;
     }
     Ok(())
 }
 
-async fn declare_stream(ch: &Channel, name: &str, cfg: &StreamsConfig) -> Result<()> {
+async fn declare_stream(
+    ch: &Channel,
+    name: &str,
+    cfg: &StreamsConfig,
+    max_length: u64,
+    segment: u64,
+) -> Result<()> {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -296,12 +371,18 @@ async fn declare_stream(ch: &Channel, name: &str, cfg: &StreamsConfig) -> Result
     );
     args.insert(
         "x-max-length-bytes".into(),
-        AMQPValue::LongLongInt(i64::try_from(cfg.max_length_bytes).unwrap_or(i64::MAX)),
+        AMQPValue::LongLongInt(i64::try_from(max_length).unwrap_or(i64::MAX)),
     );
     args.insert(
         "x-stream-max-segment-size-bytes".into(),
-        AMQPValue::LongLongInt(i64::try_from(cfg.segment_bytes).unwrap_or(i64::MAX)),
+        AMQPValue::LongLongInt(i64::try_from(segment).unwrap_or(i64::MAX)),
     );
+    if !cfg.max_age.is_empty() {
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(cfg.max_age.as_str().into()),
+        );
+    }
     ch.queue_declare(
         name.into(),
         QueueDeclareOptions {
@@ -338,7 +419,7 @@ fn chunk_headers(h: &ChunkHead, meta: &str) -> FieldTable {
 }
 
 /// A header value as a number, whatever integer type the sender used.
-pub(crate) fn as_u64(v: Option<&AMQPValue>) -> Option<u64> {
+pub fn as_u64(v: Option<&AMQPValue>) -> Option<u64> {
     match v? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongUInt(n) => Some(u64::from(*n)),
@@ -467,18 +548,54 @@ async fn follow(
     loop {
         let serving = shared.serving_version();
         let logged = shared.state.models_logged()?;
-        if let Some(v) = serving.filter(|&v| Some(v) != logged) {
+        // The serving version is appended again when its last append is older than
+        // `snapshot_every_s`, so that age-based retention never leaves the log without it.
+        let stale = shared.state.meta_u64(MODEL_LOGGED_UNIX)?.is_some_and(|t| {
+            crate::base::state::now_unix().saturating_sub(t) >= cfg.snapshot_every_s
+        });
+        if let Some(v) = serving.filter(|&v| Some(v) != logged || stale) {
             let s = shared.clone();
             let (weights, meta) =
                 tokio::task::spawn_blocking(move || serving_entry(&s, v)).await??;
             let chunks = append_model(&ch, cfg, v, &weights, &meta).await?;
             shared.state.set_models_logged(v)?;
+            shared
+                .state
+                .set_meta_u64(MODEL_LOGGED_UNIX, crate::base::state::now_unix())?;
             shared.stats().models_logged = Some(v);
             tracing::info!(version = v, chunks, bytes = weights.len(), "model_logged");
+            let count = chunks as u64;
+            let chunk_of = |t: &FieldTable, index: u64| {
+                read_chunk_headers(t)
+                    .is_some_and(|(h, _)| h.version == v && u64::from(h.index) == index)
+            };
+            let located = locate(
+                conn,
+                &cfg.models_log,
+                |t| chunk_of(t, count.saturating_sub(1)),
+                count.saturating_sub(1),
+                |t| chunk_of(t, 0),
+            )
+            .await?;
+            match located {
+                Some(offset) => {
+                    let mut m = stored_manifest(shared);
+                    m.model = Some(ModelRef {
+                        version: v,
+                        offset,
+                        chunks: count,
+                    });
+                    write_manifest(shared, &ch, cfg, &m).await?;
+                }
+                None => tracing::warn!(version = v, "model_not_located: no manifest names it"),
+            }
         }
         let n = append_gallery(shared, &ch, cfg).await?;
         if n > 0 {
             tracing::debug!(entries = n, "gallery_logged");
+        }
+        if snapshot_due(shared, cfg)? {
+            write_snapshot(shared, conn, &ch, cfg).await?;
         }
         let heads = Heads {
             model: shared.state.models_logged()?,
