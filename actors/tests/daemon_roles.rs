@@ -563,6 +563,10 @@ fn a_new_server_starts_from_the_latest_snapshot_after_retention() {
             && s["follower"]["caught_up"] == true
     });
     let f = &s["follower"];
+    eprintln!(
+        "gallery log: {logged} entries, first offset still held {first}; the server started from {} and applied {} entries",
+        f["started_from"], f["gallery_entries"]
+    );
     assert!(f["started_from"]["gallery"]["snapshot"].is_u64(), "{f:#}");
     assert!(f["started_from"]["model"]["version"].is_u64(), "{f:#}");
     assert_eq!(f["manifest_refused"], false, "{f:#}");

@@ -88,6 +88,11 @@ async fn consume_from(
     consume_stream(ch, stream, tag, at).await
 }
 
+/// Whether delivery `d` lies before the offset `start` consumption was asked to start at.
+fn before(d: &lapin::message::Delivery, start: Option<u64>) -> bool {
+    matches!((delivery_offset(d), start), (Some(o), Some(s)) if o < s)
+}
+
 async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
     let cfg = &shared.cfg.streams;
     {
@@ -179,7 +184,9 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
         tokio::select! {
             d = models.next() => {
                 let d = d.ok_or_else(|| Error::Broker("the models log consumer was cancelled".into()))??;
-                apply_model_chunk(shared, &mut chunks, &d).await?;
+                if !before(&d, models_at) {
+                    apply_model_chunk(shared, &mut chunks, &d).await?;
+                }
                 d.ack(BasicAckOptions::default()).await?;
             }
             d = gallery.next() => {
@@ -194,6 +201,16 @@ async fn follow(shared: &Arc<Shared>, conn: &lapin::Connection) -> Result<()> {
                         }
                         None => break,
                     }
+                }
+                // A consumer attached at an offset receives the whole chunk holding it: the
+                // entries before the offset asked for are not applied (again).
+                let (skipped, batch): (Vec<_>, Vec<_>) =
+                    batch.into_iter().partition(|d| before(d, gallery_at));
+                for d in &skipped {
+                    d.ack(BasicAckOptions::default()).await?;
+                }
+                if batch.is_empty() {
+                    continue;
                 }
                 if let Some((id, offset)) = expect_begin.take() {
                     // Starting at a snapshot: the first entry must be its begin marker (retention

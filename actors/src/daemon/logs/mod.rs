@@ -458,28 +458,38 @@ pub fn read_chunk_headers(t: &FieldTable) -> Option<(ChunkHead, serde_json::Valu
     Some((head, meta))
 }
 
-/// Appends one model version — its weights in chunks, each confirmed — to the models log.
+/// Appends one model version — its weights in chunks, each confirmed — to the models log;
+/// returns the number of chunks and the offset of the first (read back), when found.
 ///
 /// # Errors
 /// A publish or a confirm failed (the caller appends the whole version again later).
 pub async fn append_model(
+    conn: &lapin::Connection,
     ch: &Channel,
     cfg: &StreamsConfig,
     version: u64,
     weights: &[u8],
     meta: &serde_json::Value,
-) -> Result<usize> {
+) -> Result<(usize, Option<u64>)> {
     let meta = meta.to_string();
     let chunks = split(version, weights, cfg.chunk_bytes);
     let n = chunks.len();
+    let mut first = None;
     for (head, body) in chunks {
         let props = BasicProperties::default()
             .with_content_type("application/octet-stream".into())
             .with_delivery_mode(2)
             .with_headers(chunk_headers(&head, &meta));
         publish_confirmed(ch, "", &cfg.models_log, body, props).await?;
+        if head.index == 0 {
+            // Where the version begins, for the manifest: read back while it is the last entry.
+            let is_first = |t: &FieldTable| {
+                read_chunk_headers(t).is_some_and(|(h, _)| h.version == version && h.index == 0)
+            };
+            first = locate(conn, &cfg.models_log, is_first).await?;
+        }
     }
-    Ok(n)
+    Ok((n, first))
 }
 
 /// What the logger appends for the serving version: the same self-contained weights file
@@ -557,33 +567,20 @@ async fn follow(
             let s = shared.clone();
             let (weights, meta) =
                 tokio::task::spawn_blocking(move || serving_entry(&s, v)).await??;
-            let chunks = append_model(&ch, cfg, v, &weights, &meta).await?;
+            let (chunks, located) = append_model(conn, &ch, cfg, v, &weights, &meta).await?;
             shared.state.set_models_logged(v)?;
             shared
                 .state
                 .set_meta_u64(MODEL_LOGGED_UNIX, crate::base::state::now_unix())?;
             shared.stats().models_logged = Some(v);
             tracing::info!(version = v, chunks, bytes = weights.len(), "model_logged");
-            let count = chunks as u64;
-            let chunk_of = |t: &FieldTable, index: u64| {
-                read_chunk_headers(t)
-                    .is_some_and(|(h, _)| h.version == v && u64::from(h.index) == index)
-            };
-            let located = locate(
-                conn,
-                &cfg.models_log,
-                |t| chunk_of(t, count.saturating_sub(1)),
-                count.saturating_sub(1),
-                |t| chunk_of(t, 0),
-            )
-            .await?;
             match located {
                 Some(offset) => {
                     let mut m = stored_manifest(shared);
                     m.model = Some(ModelRef {
                         version: v,
                         offset,
-                        chunks: count,
+                        chunks: chunks as u64,
                     });
                     write_manifest(shared, &ch, cfg, &m).await?;
                 }

@@ -5,9 +5,7 @@
 //! naming that offset and the latest model version's; a server starting on an empty state
 //! folder reads the last manifest and starts there.
 
-use super::{
-    additions, as_u64, entry_kind, long, marker, publish_all, GALLERY_BATCH, GALLERY_ENTRIES,
-};
+use super::{additions, as_u64, entry_kind, marker, publish_all, GALLERY_BATCH, GALLERY_ENTRIES};
 use crate::base::config::StreamsConfig;
 use crate::base::error::{Error, Result};
 use crate::daemon::Shared;
@@ -112,17 +110,23 @@ pub fn delivery_offset(d: &lapin::message::Delivery) -> Option<u64> {
 }
 
 /// The last manifest on `stream` (read from its last chunk: everything delivered until a
-/// second passes without more), or `None` when it holds none or cannot be read.
+/// second passes without more, five at most), or `None` when it holds none or cannot be read.
 pub async fn read_manifest(conn: &lapin::Connection, stream: &str) -> Option<Manifest> {
     let r = async {
         let ch = conn.create_channel().await?;
         let last = AMQPValue::LongString("last".into());
         let mut consumer = consume_stream(&ch, stream, "plipd-manifest", last).await?;
         let mut last = None;
+        // The last chunk arrives at once; a trainer appending meanwhile only adds newer
+        // entries, so reading stops after a second without one or five in all.
         let mut wait = Duration::from_secs(3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while let Ok(Some(d)) =
             tokio::time::timeout(wait, futures_lite::StreamExt::next(&mut consumer)).await
         {
+            if std::time::Instant::now() > deadline {
+                break;
+            }
             let d = d?;
             d.ack(lapin::options::BasicAckOptions::default()).await?;
             if let Ok(m) = serde_json::from_slice::<Manifest>(&d.data) {
@@ -161,6 +165,13 @@ pub(super) async fn write_manifest(
     Ok(())
 }
 
+/// Records that `n` entries have been appended to the gallery log.
+fn set_entries(shared: &Shared, n: u64) -> Result<()> {
+    shared.state.set_meta_u64(GALLERY_ENTRIES, n)?;
+    shared.stats().gallery_entries_logged = n;
+    Ok(())
+}
+
 /// Whether a snapshot is due: none since the clock started (the first entry) for
 /// `snapshot_every_s`, or more bytes appended since the last one than a quarter of
 /// `gallery_max_length_bytes` — or than the last snapshot itself, so that snapshots never take more
@@ -178,8 +189,8 @@ pub(super) fn snapshot_due(shared: &Shared, cfg: &StreamsConfig) -> Result<bool>
 }
 
 /// Appends a full snapshot of the gallery — a begin marker, a copy of every gallery sample
-/// logged so far (arrival order), an end marker —, finds the begin marker's offset, and
-/// appends a manifest naming it. A crash midway leaves an incomplete snapshot no manifest
+/// logged so far (arrival order), an end marker —, reads the begin marker's offset back right
+/// after appending it, and once the end marker is appended, a manifest naming it. A crash midway leaves an incomplete snapshot no manifest
 /// names; the next one is written after the restart.
 pub(super) async fn write_snapshot(
     shared: &Arc<Shared>,
@@ -198,7 +209,9 @@ pub(super) async fn write_snapshot(
         vec![(Vec::new(), h, "application/json")],
     )
     .await?;
-    shared.state.set_meta_u64(GALLERY_ENTRIES, n)?;
+    set_entries(shared, n)?;
+    let is_begin = |t: &FieldTable| entry_kind(t) == (Some("snapshot-begin".into()), Some(id));
+    let begin = locate(conn, &cfg.gallery_log, is_begin).await?;
     let (mut from, mut samples, mut bytes) = (0u64, 0u64, 0u64);
     loop {
         let s = shared.clone();
@@ -219,7 +232,7 @@ pub(super) async fn write_snapshot(
         samples += batch.len() as u64;
         bytes += batch.iter().map(|(b, ..)| b.len() as u64).sum::<u64>();
         publish_all(ch, &cfg.gallery_log, batch).await?;
-        shared.state.set_meta_u64(GALLERY_ENTRIES, n_after)?;
+        set_entries(shared, n_after)?;
         n = n_after;
         from = next;
     }
@@ -227,16 +240,12 @@ pub(super) async fn write_snapshot(
     let h = marker("snapshot-end", n, id);
     let body = serde_json::to_vec(&serde_json::json!({ "samples": samples }))?;
     publish_all(ch, &cfg.gallery_log, vec![(body, h, "application/json")]).await?;
-    shared.state.set_meta_u64(GALLERY_ENTRIES, n)?;
+    set_entries(shared, n)?;
     let st = &shared.state;
     st.set_meta_u64(SINCE_SNAPSHOT_BYTES, 0)?;
     st.set_meta_u64(SNAPSHOT_BYTES, bytes)?;
     st.set_meta_u64(SNAPSHOT_CLOCK, crate::base::state::now_unix())?;
-    // The end marker is the stream's last entry (this process is its only writer): the begin
-    // marker is `samples + 1` entries before it. Checked by reading it back.
-    let is_end = |t: &FieldTable| entry_kind(t) == (Some("snapshot-end".into()), Some(id));
-    let is_begin = |t: &FieldTable| entry_kind(t) == (Some("snapshot-begin".into()), Some(id));
-    match locate(conn, &cfg.gallery_log, is_end, samples + 1, is_begin).await? {
+    match begin {
         Some(offset) => {
             let mut m = stored_manifest(shared);
             m.gallery = Some(SnapshotRef {
@@ -267,55 +276,39 @@ pub(super) async fn write_snapshot(
         }
         None => tracing::warn!(
             snapshot = id,
-            "gallery_snapshot_not_located: its begin marker was not where expected; no manifest \
-             names it (servers start from the previous one)"
+            "gallery_snapshot_not_located: its begin marker was not found in the stream's last \
+             chunk; no manifest names it (servers start from the previous one)"
         ),
     }
     Ok(())
 }
 
-/// The offset of an entry `back` entries before the stream's last entry that matches
-/// `is_last` (read from the last chunk), verified by reading it back with `is_first`.
+/// The offset of the entry just appended to `stream` (confirmed, by its only writer: the
+/// entry of the stream's last chunk that `is_it` recognises). Offsets are not returned to a
+/// publisher over AMQP 0-9-1, nor are they contiguous (counting entries back from another
+/// misses), so the entry is read back from the stream's last chunk (`x-stream-offset: last`).
 pub(super) async fn locate(
     conn: &lapin::Connection,
     stream: &str,
-    is_last: impl Fn(&FieldTable) -> bool,
-    back: u64,
-    is_first: impl Fn(&FieldTable) -> bool,
+    is_it: impl Fn(&FieldTable) -> bool,
 ) -> Result<Option<u64>> {
-    let read = |at: AMQPValue| async move {
-        let ch = conn.create_channel().await?;
-        let consumer = consume_stream(&ch, stream, "plipd-locate", at).await?;
-        Ok::<_, Error>((ch, consumer))
-    };
-    let wait = Duration::from_secs(10);
-    let (ch, mut consumer) = read(AMQPValue::LongString("last".into())).await?;
-    let mut last = None;
-    while let Ok(Some(d)) =
-        tokio::time::timeout(wait, futures_lite::StreamExt::next(&mut consumer)).await
+    let ch = conn.create_channel().await?;
+    let last = AMQPValue::LongString("last".into());
+    let mut consumer = consume_stream(&ch, stream, "plipd-locate", last).await?;
+    let mut found = None;
+    while let Ok(Some(d)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_lite::StreamExt::next(&mut consumer),
+    )
+    .await
     {
         let d = d?;
         d.ack(lapin::options::BasicAckOptions::default()).await?;
-        let h = d.properties.headers().clone().unwrap_or_default();
-        if is_last(&h) {
-            last = delivery_offset(&d);
+        if is_it(&d.properties.headers().clone().unwrap_or_default()) {
+            found = delivery_offset(&d);
             break;
         }
     }
     let _ = ch.close(200, "located".into()).await;
-    let Some(first) = last.and_then(|o| o.checked_sub(back)) else {
-        return Ok(None);
-    };
-    let (ch, mut consumer) = read(long(first)).await?;
-    let found = match tokio::time::timeout(wait, futures_lite::StreamExt::next(&mut consumer)).await
-    {
-        Ok(Some(d)) => {
-            let d = d?;
-            let h = d.properties.headers().clone().unwrap_or_default();
-            delivery_offset(&d) == Some(first) && is_first(&h)
-        }
-        _ => false,
-    };
-    let _ = ch.close(200, "located".into()).await;
-    Ok(found.then_some(first))
+    Ok(found)
 }
