@@ -975,6 +975,65 @@ async fn read_gallery_log(
     out
 }
 
+/// A stream that already exists with other retention settings (here `x-max-age` 1h against
+/// the configured 7D) cannot be declared again: the daemon says which stream, why, and how to
+/// apply new settings (a policy), in `/status`, while the daemon keeps running.
+#[test]
+fn a_stream_with_other_settings_is_reported_with_the_way_out() {
+    let _serial = serial();
+    let dir = tempdir("stream-args");
+    let suffix = tag();
+    let names = [
+        format!("plip.models.log.{suffix}"),
+        format!("plip.gallery.log.{suffix}"),
+        format!("plip.logs.manifest.{suffix}"),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert("x-max-age".into(), AMQPValue::LongString("1h".into()));
+        ch.queue_declare(
+            names[0].as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    });
+    let env = [
+        ("PLIP__SERVING__POLL_MS", "200".to_string()),
+        ("PLIP__STREAMS__ENABLED", "true".to_string()),
+        ("PLIP__STREAMS__MODELS_LOG", names[0].clone()),
+        ("PLIP__STREAMS__GALLERY_LOG", names[1].clone()),
+        ("PLIP__STREAMS__MANIFEST_LOG", names[2].clone()),
+    ];
+    let mut d = Daemon::start(&dir, "enabled = false\n", &env);
+    let s = d.wait_for("the declaration refused", Duration::from_secs(60), |s| {
+        s["streams"]["error"].is_string()
+    });
+    let e = s["streams"]["error"].as_str().unwrap();
+    assert!(
+        e.contains(names[0].as_str()) && e.contains("inequivalent") && e.contains("policy"),
+        "{e}"
+    );
+    d.stop();
+    rt.block_on(async {
+        let (_c, ch) = channel().await;
+        for q in &names {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// With `[streams]` on, every gallery sample (purpose gallery or both, not train) is appended
 /// to the gallery log in arrival order with its stored bytes and labels, a forget becomes a
 /// tombstone covering the person's samples, and a restart appends nothing twice (the cursor

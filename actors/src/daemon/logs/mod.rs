@@ -393,9 +393,18 @@ async fn declare_stream(
     )
     .await
     .map_err(|e| {
+        let text = e.to_string();
+        let hint = if text.contains("inequivalent arg") {
+            "the stream exists with other settings: a stream's retention arguments cannot be \
+             changed by declaring it again — set the old values back, apply the new ones with a \
+             policy (rabbitmqctl set_policy … '{\"max-age\": …}' --apply-to queues), or delete \
+             the stream"
+        } else {
+            "streams need RabbitMQ 3.9 or later with the stream_queue feature flag enabled: \
+             rabbitmqctl enable_feature_flag stream_queue"
+        };
         Error::Broker(format!(
-            "cannot declare the stream {name:?}: {e} (streams need RabbitMQ 3.9 or later with \
-             the stream_queue feature flag enabled: rabbitmqctl enable_feature_flag stream_queue)"
+            "cannot declare the stream {name:?}: {text} ({hint})"
         ))
     })?;
     Ok(())
