@@ -21,6 +21,51 @@ pub async fn close(conn: &Connection, reason: &str) {
     let _ = conn.close(200, reason.into()).await;
 }
 
+/// Runs `session` on a fresh connection until it returns `Ok` (shutdown) or the daemon stops.
+/// Broker trouble — a failed connect or a session's error — is logged as `event`, handed to
+/// `on_error` (for `/status`), and retried after the backoff; a state-folder failure ends it
+/// (the supervisor restarts the task). The connection is closed (`closing`) after each session.
+///
+/// # Errors
+/// A state-folder failure.
+pub async fn reconnecting<F, Fut>(
+    shared: &crate::daemon::Shared,
+    closing: &str,
+    event: &str,
+    mut on_error: impl FnMut(&Error),
+    mut session: F,
+) -> Result<()>
+where
+    F: FnMut(std::sync::Arc<Connection>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut backoff = Backoff::new(&shared.cfg.broker);
+    while !shared.stopping() {
+        let r = match connect(&shared.cfg.broker).await {
+            Ok(conn) => {
+                let conn = std::sync::Arc::new(conn);
+                let r = session(conn.clone()).await;
+                close(&conn, closing).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err(Error::State(e)) => return Err(Error::State(e)),
+            Err(e) => {
+                let delay = backoff.delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{event}");
+                on_error(&e);
+                if shared.sleep_or_stop(delay).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The delay before the next reconnect: from `broker.reconnect_min_ms`, doubling after each
 /// failure up to `broker.reconnect_max_ms`, back to the minimum after a healthy session.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@
 use crate::base::chunks::Reassembler;
 use crate::base::error::{Error, Result};
 use crate::base::state::{Checkpoint, CheckpointMeta};
-use crate::daemon::broker::{self, Backoff};
+use crate::daemon::broker;
 use crate::daemon::logs::{consume_stream, delivery_offset};
 use crate::daemon::logs::{
     declare_heads, entry_kind, gallery_entry_n, read_chunk_headers, read_gallery_entry,
@@ -49,30 +49,22 @@ const FOLLOW_SNAPSHOT: &str = "follow_gallery_snapshot";
 /// # Errors
 /// A state-folder failure (the supervisor restarts the follower).
 pub async fn run(shared: Arc<Shared>) -> Result<()> {
-    let mut backoff = Backoff::new(&shared.cfg.broker);
-    while !shared.stopping() {
-        let r = async {
-            let conn = broker::connect(&shared.cfg.broker).await?;
-            let r = follow(&shared, &conn).await;
-            broker::close(&conn, "plipd follower closing").await;
-            r
-        }
-        .await;
-        match r {
-            Ok(()) => return Ok(()),
-            Err(Error::State(e)) => return Err(Error::State(e)),
-            Err(e) => {
-                let delay = backoff.delay();
-                shared.stats().follower.connected = false;
-                shared.stats().follower.error = Some(e.to_string());
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "follower_broker_lost");
-                if shared.sleep_or_stop(delay).await {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    Ok(())
+    let on_error = |e: &Error| {
+        let mut st = shared.stats();
+        st.follower.connected = false;
+        st.follower.error = Some(e.to_string());
+    };
+    broker::reconnecting(
+        &shared,
+        "plipd follower closing",
+        "follower_broker_lost",
+        on_error,
+        |conn| {
+            let shared = shared.clone();
+            async move { follow(&shared, &conn).await }
+        },
+    )
+    .await
 }
 
 async fn consume_from(

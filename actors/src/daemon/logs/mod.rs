@@ -21,7 +21,7 @@
 use crate::base::chunks::{split, ChunkHead};
 use crate::base::config::StreamsConfig;
 use crate::base::error::{Error, Result};
-use crate::daemon::broker::{self, publish_confirmed, Backoff};
+use crate::daemon::broker::{self, publish_confirmed};
 use crate::daemon::Shared;
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -527,29 +527,17 @@ fn serving_entry(shared: &Shared, version: u64) -> Result<(Vec<u8>, serde_json::
 pub async fn models_logger(shared: Arc<Shared>) -> Result<()> {
     let cfg = shared.cfg.streams.clone();
     let poll = Duration::from_millis(shared.cfg.serving.poll_ms.max(50));
-    let mut backoff = Backoff::new(&shared.cfg.broker);
-    while !shared.stopping() {
-        let r = async {
-            let conn = broker::connect(&shared.cfg.broker).await?;
-            let r = follow(&shared, &conn, &cfg, poll).await;
-            broker::close(&conn, "plipd models log closing").await;
-            r
-        }
-        .await;
-        match r {
-            Ok(()) => return Ok(()),
-            Err(Error::State(e)) => return Err(Error::State(e)),
-            Err(e) => {
-                let delay = backoff.delay();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "models_log_broker_lost");
-                shared.stats().models_log_error = Some(e.to_string());
-                if shared.sleep_or_stop(delay).await {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    Ok(())
+    broker::reconnecting(
+        &shared,
+        "plipd models log closing",
+        "models_log_broker_lost",
+        |e| shared.stats().models_log_error = Some(e.to_string()),
+        |conn| {
+            let (shared, cfg) = (shared.clone(), cfg.clone());
+            async move { follow(&shared, &conn, &cfg, poll).await }
+        },
+    )
+    .await
 }
 
 /// One connection's life: declare, then append whatever serving version is not logged yet.

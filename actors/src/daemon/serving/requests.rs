@@ -4,7 +4,7 @@
 use crate::base::error::{Error, Result};
 
 use super::batcher::{batcher, Pending};
-use crate::daemon::broker::{self, publish_confirmed, Backoff};
+use crate::daemon::broker::{self, publish_confirmed};
 use crate::daemon::Shared;
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
@@ -18,34 +18,17 @@ use std::sync::Arc;
 use std::time::Instant;
 /// The request consumer: runs until shutdown, reconnecting with backoff.
 pub async fn requests(shared: Arc<Shared>) -> Result<()> {
-    let mut backoff = Backoff::new(&shared.cfg.broker);
-    loop {
-        if shared.stopping() {
-            return Ok(());
-        }
-        let r = match broker::connect(&shared.cfg.broker).await {
-            Ok(conn) => {
-                let r = serve(&shared, &conn).await;
-                broker::close(&conn, "plipd reid closing").await;
-                r
-            }
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                let delay = backoff.delay();
-                tracing::warn!(
-                    error = %e,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "reid_broker_lost"
-                );
-                if shared.sleep_or_stop(delay).await {
-                    return Ok(());
-                }
-            }
-        }
-    }
+    broker::reconnecting(
+        &shared,
+        "plipd reid closing",
+        "reid_broker_lost",
+        |_| {},
+        |conn| {
+            let shared = shared.clone();
+            async move { serve(&shared, &conn).await }
+        },
+    )
+    .await
 }
 
 async fn serve(shared: &Arc<Shared>, conn: &Connection) -> Result<()> {
