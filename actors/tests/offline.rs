@@ -169,6 +169,40 @@ fn synth_tokenizer_train_eval_export() {
     );
     assert_eq!(again[0]["text_to_image"], e["text_to_image"]);
 
+    // The evaluation device: `--device cpu` is the default's result; a CUDA device in a
+    // build without CUDA, or an unknown one, is refused with the reason.
+    let on_cpu = json_lines(&plipd(&[
+        "eval",
+        "--data",
+        s(&data),
+        "--state",
+        s(&state),
+        "--report",
+        s(&report),
+        "--device",
+        "cpu",
+    ]));
+    assert_eq!(on_cpu[0]["image"], e["image"]);
+    for (device, why) in [("cuda:0", "cuda:0"), ("gpu", "unknown device")] {
+        let out = plipd_any(&[
+            "eval",
+            "--data",
+            s(&data),
+            "--state",
+            s(&state),
+            "--report",
+            s(&report),
+            "--device",
+            device,
+        ]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{device}: {err}");
+        if device == "cuda:0" && !plip_model::device::CUDA_BUILT {
+            assert!(err.contains("built without CUDA support"), "{err}");
+        }
+    }
+
     let base = json_lines(&plipd(&[
         "eval",
         "--data",

@@ -19,14 +19,32 @@ pub struct LoadedModel {
     pub checkpoint: Option<super::state::CheckpointMeta>,
 }
 
-/// Loads a checkpoint from a state folder (`version` or the latest valid one).
+/// Loads a checkpoint from a state folder (`version` or the latest valid one), on the CPU.
 pub fn from_state(dir: &Path, version: Option<u64>) -> Result<LoadedModel, Error> {
+    from_state_on(dir, version, DeviceSpec::Cpu)
+}
+
+/// As [`from_state`], on the device `spec`.
+pub fn from_state_on(
+    dir: &Path,
+    version: Option<u64>,
+    spec: DeviceSpec,
+) -> Result<LoadedModel, Error> {
     let state = State::open(dir)?;
-    from_open_state(&state, version)
+    from_open_state_on(&state, version, spec)
 }
 
 /// As [`from_state`], on a state folder already open (the daemon's).
 pub fn from_open_state(state: &State, version: Option<u64>) -> Result<LoadedModel, Error> {
+    from_open_state_on(state, version, DeviceSpec::Cpu)
+}
+
+/// As [`from_open_state`], on the device `spec`.
+pub fn from_open_state_on(
+    state: &State,
+    version: Option<u64>,
+    spec: DeviceSpec,
+) -> Result<LoadedModel, Error> {
     let dir = state.path();
     let tokenizer = state
         .tokenizer()?
@@ -39,7 +57,7 @@ pub fn from_open_state(state: &State, version: Option<u64>) -> Result<LoadedMode
     };
     // The blob carries the full dimensions (a preset may have been trained with overrides).
     let preset = read_meta(&ck.weights)?.preset;
-    let mut model = Encoder::new(DeviceSpec::Cpu, &preset, 0)?;
+    let mut model = Encoder::new(spec, &preset, 0)?;
     model.load_weights(&ck.weights, tokenizer.fingerprint())?;
     let source = serde_json::json!({"state": dir, "version": ck.meta.version, "step": ck.meta.step, "images_seen": ck.meta.images_seen, "preset": preset.name});
     Ok(LoadedModel {
@@ -50,8 +68,13 @@ pub fn from_open_state(state: &State, version: Option<u64>) -> Result<LoadedMode
     })
 }
 
-/// Loads an exported weights file (its tokenizer travels in the metadata).
+/// Loads an exported weights file (its tokenizer travels in the metadata), on the CPU.
 pub fn from_weights(path: &Path) -> Result<LoadedModel, Error> {
+    from_weights_on(path, DeviceSpec::Cpu)
+}
+
+/// As [`from_weights`], on the device `spec`.
+pub fn from_weights_on(path: &Path, spec: DeviceSpec) -> Result<LoadedModel, Error> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let meta = read_meta(&bytes)?;
     let tk_json = meta
@@ -59,7 +82,7 @@ pub fn from_weights(path: &Path) -> Result<LoadedModel, Error> {
         .get("tokenizer_json")
         .ok_or("the weights file carries no tokenizer (export it with plipd export)")?;
     let tokenizer = Tokenizer::from_bytes(tk_json.as_bytes())?;
-    let mut model = Encoder::new(DeviceSpec::Cpu, &meta.preset, 0)?;
+    let mut model = Encoder::new(spec, &meta.preset, 0)?;
     model.load_weights(&bytes, tokenizer.fingerprint())?;
     let source =
         serde_json::json!({"weights": path, "step": meta.step, "preset": meta.preset.name});

@@ -11,7 +11,7 @@
 //!   ignored), so the implementation can be checked against other tools.
 
 use crate::base::data::{load, report_skipped, Loaded};
-use crate::base::model::{from_state, from_weights, LoadedModel};
+use crate::base::model::{from_state_on, from_weights_on, LoadedModel};
 use crate::base::retrieval::{evaluate_model, labels, reid_json, text_ceiling_r1, text_json};
 use plip_ingest::baseline;
 use plip_ingest::synth::Split;
@@ -73,6 +73,10 @@ pub struct EvalArgs {
     /// Folder for the CMC-curve PNG.
     #[arg(long, default_value = "reports")]
     pub report: PathBuf,
+    /// Device that embeds the images and captions: `cpu`, or `cuda` / `cuda:N` in a CUDA build
+    /// (checkpoints load on either).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// CPU threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -276,9 +280,10 @@ fn run_data(args: &EvalArgs, data: &Path) -> Result<(), Error> {
         );
         return Ok(());
     }
+    let spec = plip_model::DeviceSpec::parse(&args.device).map_err(|e| format!("--device: {e}"))?;
     let mut lm = match (&args.state, &args.weights) {
-        (Some(s), None) => from_state(s, args.version)?,
-        (None, Some(w)) => from_weights(w)?,
+        (Some(s), None) => from_state_on(s, args.version, spec)?,
+        (None, Some(w)) => from_weights_on(w, spec)?,
         _ => {
             return Err(
                 "give exactly one of --state DIR, --weights FILE or --baseline color-histogram"
