@@ -551,7 +551,13 @@ async fn follow(
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     declare(&ch, cfg).await?;
     declare_heads(&ch, cfg).await?;
-    shared.stats().models_log_error = None;
+    // The last snapshot a manifest names, also after a restart.
+    let snapshot = stored_manifest(shared).gallery;
+    {
+        let mut st = shared.stats();
+        st.models_log_error = None;
+        st.snapshot = snapshot;
+    }
     loop {
         let serving = shared.serving_version();
         let logged = shared.state.models_logged()?;

@@ -1,8 +1,9 @@
 //! Gallery snapshots and the manifest: what keeps a new server's replay bounded once
 //! retention removes the logs' oldest segments. The trainer appends a full copy of the gallery
-//! between two markers, finds where it begins (a stream's offsets are not returned to a
-//! publisher: it reads its own last entry back and counts back), and appends a manifest entry
-//! naming that offset and the latest model version's; a server starting on an empty state
+//! between two markers, finds where it begins (a stream's offsets are neither returned to a
+//! publisher nor contiguous: it reads the begin marker back from the stream's last chunk right
+//! after its confirm), and appends a manifest entry naming that offset and the latest model
+//! version's; a server starting on an empty state
 //! folder reads the last manifest and starts there.
 
 use super::{additions, as_u64, entry_kind, marker, publish_all, GALLERY_BATCH, GALLERY_ENTRIES};
@@ -24,6 +25,8 @@ const MANIFEST: &str = "logs_manifest";
 /// Meta key of when the serving version was last appended to the models log.
 pub(super) const MODEL_LOGGED_UNIX: &str = "model_logged_unix";
 
+/// Counts `bytes` appended to the gallery log since the last snapshot, and starts the snapshot
+/// clock at the first entry.
 pub(super) fn count_since_snapshot(shared: &Shared, bytes: u64) -> Result<()> {
     let st = &shared.state;
     let since = st.meta_u64(SINCE_SNAPSHOT_BYTES)?.unwrap_or(0);
