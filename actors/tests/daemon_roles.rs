@@ -38,6 +38,15 @@ fn with(
     env
 }
 
+/// The `[trainer]` table of the role tests: a checkpoint every 10 steps, every version kept
+/// (a rollback target stays).
+fn trainer_keeping_versions() -> String {
+    format!(
+        "{}\nkeep_checkpoints = 100\n",
+        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
+    )
+}
+
 /// A server (role `server`, no training) on `dir`, sharing the trainer's topology `t`,
 /// started (not waited for).
 fn start_server(dir: &Path, env: &[(&'static str, String)], t: &Topology) -> Daemon {
@@ -97,10 +106,7 @@ fn a_server_follows_the_trainer_and_answers() {
     let _serial = serial();
     let suffix = tag();
     let (tdir, sdir) = (tempdir("role-trainer"), tempdir("role-server"));
-    let trainer_cfg = format!(
-        "{}\nkeep_checkpoints = 100\n",
-        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
-    );
+    let trainer_cfg = trainer_keeping_versions();
     let env = streams_env(&suffix);
     let (mut tr, all, rt) = trainer_with_gallery(&tdir, &trainer_cfg, &env, 97);
     let t = tr.topo.clone();
@@ -510,10 +516,7 @@ fn a_new_server_starts_from_the_latest_snapshot_after_retention() {
     let _serial = serial();
     let suffix = tag();
     let (tdir, sdir) = (tempdir("snap-trainer"), tempdir("snap-server"));
-    let trainer_cfg = format!(
-        "{}\nkeep_checkpoints = 100\n",
-        trainer_toml(10).replace("keep_checkpoints = 3\n", "")
-    );
+    let trainer_cfg = trainer_keeping_versions();
     let mut env = streams_env(&suffix);
     for (k, v) in [
         ("PLIP__STREAMS__SEGMENT_BYTES", "50000"),

@@ -171,20 +171,8 @@ fn synth_tokenizer_train_eval_export() {
 
     // The evaluation device: `--device cpu` is the default's result; a CUDA device in a
     // build without CUDA, or an unknown one, is refused with the reason.
-    let on_cpu = json_lines(&plipd(&[
-        "eval",
-        "--data",
-        s(&data),
-        "--state",
-        s(&state),
-        "--report",
-        s(&report),
-        "--device",
-        "cpu",
-    ]));
-    assert_eq!(on_cpu[0]["image"], e["image"]);
-    for (device, why) in [("cuda:0", "cuda:0"), ("gpu", "unknown device")] {
-        let out = plipd_any(&[
+    let eval_on = |device: &str| {
+        plipd_any(&[
             "eval",
             "--data",
             s(&data),
@@ -194,7 +182,17 @@ fn synth_tokenizer_train_eval_export() {
             s(&report),
             "--device",
             device,
-        ]);
+        ])
+    };
+    let out = eval_on("cpu");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_lines(&out)[0]["image"], e["image"]);
+    for (device, why) in [("cuda:0", "cuda:0"), ("gpu", "unknown device")] {
+        let out = eval_on(device);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{device}: {err}");
