@@ -100,9 +100,18 @@ pub fn inspect(bytes: &[u8], limits: &IntakeLimits) -> Result<(ImageFormat, u32,
             return Err(ImageError::ZeroSize { width, height });
         }
     }
-    let (width, height) = r
-        .into_dimensions()
-        .map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    // A JPEG's dimensions are read from its frame header directly: the decoder's header pass
+    // also builds every Huffman table (a fifth of a 128×64 image's decode), which `decode`
+    // does once more anyway.
+    let declared = (format == ImageFormat::Jpeg)
+        .then(|| jpeg_dimensions(bytes))
+        .flatten();
+    let (width, height) = match declared {
+        Some(d) => d,
+        None => r
+            .into_dimensions()
+            .map_err(|e| ImageError::Undecodable(e.to_string()))?,
+    };
     if width == 0 || height == 0 {
         return Err(ImageError::ZeroSize { width, height });
     }
@@ -122,7 +131,7 @@ pub fn inspect(bytes: &[u8], limits: &IntakeLimits) -> Result<(ImageFormat, u32,
 /// # Errors
 /// As [`inspect`], or a decoder failure.
 pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageError> {
-    let (format, _, _) = inspect(bytes, limits)?;
+    let (format, width, height) = inspect(bytes, limits)?;
     if format == ImageFormat::Jpeg && !jpeg_complete(bytes) {
         // The JPEG decoder pads a truncated scan with grey instead of failing.
         return Err(ImageError::Undecodable(
@@ -136,8 +145,58 @@ pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageErro
     let img = r
         .decode()
         .map_err(|e| ImageError::Undecodable(e.to_string()))?;
+    // What the budget of decoded pixels was charged for is what was decoded (a JPEG whose
+    // frame headers disagree is refused).
+    if (img.width(), img.height()) != (width, height) {
+        return Err(ImageError::Undecodable(format!(
+            "the header declares {width}×{height} pixels, the image decodes to {}×{}",
+            img.width(),
+            img.height()
+        )));
+    }
     // No copy when the decoder produced RGB already.
     Ok(img.into_rgb8())
+}
+
+/// A JPEG's (width, height) from its first frame header (SOF0–SOF15), found by walking the
+/// marker segments before the first scan; `None` when the walk fails, no frame header comes
+/// before the scan, or a dimension is 0 (the decoder then reads the header and reports why).
+fn jpeg_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    if !bytes.starts_with(&[0xff, 0xd8]) {
+        return None;
+    }
+    let mut at = 2;
+    loop {
+        if *bytes.get(at)? != 0xff {
+            return None;
+        }
+        let mut code_at = at + 1;
+        while *bytes.get(code_at)? == 0xff {
+            code_at += 1;
+        }
+        let code = bytes[code_at];
+        match code {
+            0xda | 0xd9 => return None,
+            0x01 | 0xd0..=0xd7 => at = code_at + 1,
+            _ => {
+                let len = usize::from(u16::from_be_bytes([
+                    *bytes.get(code_at + 1)?,
+                    *bytes.get(code_at + 2)?,
+                ]));
+                // SOFn, except DHT (C4), JPG (C8) and DAC (CC): length, precision, height, width.
+                if matches!(code, 0xc0..=0xcf) && !matches!(code, 0xc4 | 0xc8 | 0xcc) {
+                    let f = bytes.get(code_at + 4..code_at + 8)?;
+                    let height = u32::from(u16::from_be_bytes([f[0], f[1]]));
+                    let width = u32::from(u16::from_be_bytes([f[2], f[3]]));
+                    return (len >= 8 && width > 0 && height > 0).then_some((width, height));
+                }
+                if len < 2 {
+                    return None;
+                }
+                at = code_at + 1 + len;
+            }
+        }
+    }
 }
 
 /// True when a JPEG has an end-of-image marker (FF D9) after its first start-of-scan (FF DA).

@@ -182,6 +182,12 @@ fn colours_are_estimated_from_pixels() {
         Rgb(c)
     });
     let a = estimate_colours(&img);
+    // Regions are read on a grid about 64 rows high: the same crop at twice and at three
+    // quarters of the size is named alike.
+    for (w, h) in [(128, 256), (48, 96)] {
+        let scaled = image::imageops::resize(&img, w, h, image::imageops::FilterType::Nearest);
+        assert_eq!(estimate_colours(&scaled), a, "at {w}×{h}");
+    }
     assert_eq!(a.head.unwrap().hair_colour, Some(Colour::Black));
     assert_eq!(a.upper.unwrap().colour, Some(Colour::Red));
     assert_eq!(a.lower.unwrap().colour, Some(Colour::Navy));

@@ -184,3 +184,54 @@ fn small_jpegs_are_kept_without_their_metadata() {
     broken[5] = 0xff;
     assert!(storable_jpeg(&broken, 64, 128).is_none());
 }
+
+/// A JPEG's dimensions are read from its frame header without the decoder's header pass:
+/// the same as the decoder reads, through metadata segments and fill bytes before markers;
+/// a second frame header is refused at decoding (by the decoder; `decode` also checks the
+/// decoded size against the declared one, which the budget of decoded pixels was charged for).
+#[test]
+fn jpeg_dimensions_come_from_the_frame_header() {
+    let limits = IntakeLimits::default();
+    for (w, h) in [(1, 1), (64, 128), (300, 17), (128, 256), (513, 1025)] {
+        let (plain, tagged) = jpeg_with_metadata(w, h);
+        let decoded = image::load_from_memory(&plain).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (w, h));
+        assert_eq!(inspect(&plain, &limits).unwrap(), (ImageFormat::Jpeg, w, h));
+        assert_eq!(
+            inspect(&tagged, &limits).unwrap(),
+            (ImageFormat::Jpeg, w, h)
+        );
+        // Fill bytes (0xFF) before a marker are allowed.
+        let mut filled = plain[..2].to_vec();
+        filled.extend_from_slice(&[0xff, 0xff, 0xff]);
+        filled.extend_from_slice(&plain[2..]);
+        assert_eq!(
+            inspect(&filled, &limits).unwrap(),
+            (ImageFormat::Jpeg, w, h)
+        );
+        assert_eq!(decode(&filled, &limits).unwrap().dimensions(), (w, h));
+    }
+    // A frame header that declares more pixels than allowed is refused before decoding.
+    let (plain, _) = jpeg_with_metadata(64, 128);
+    let sof = plain.windows(2).position(|m| m == [0xff, 0xc0]).unwrap();
+    let mut huge = plain.clone();
+    huge[sof + 5..sof + 9].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    assert!(matches!(
+        inspect(&huge, &limits),
+        Err(ImageError::TooManyPixels {
+            width: 65535,
+            height: 65535,
+            ..
+        })
+    ));
+    // A second frame header declaring another size: refused, not decoded at either size.
+    let mut two = plain[..2].to_vec();
+    two.extend_from_slice(&[
+        0xff, 0xc0, 0, 17, 8, 0, 32, 0, 16, 3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1,
+    ]);
+    two.extend_from_slice(&plain[2..]);
+    match decode(&two, &limits) {
+        Err(ImageError::Undecodable(m)) => assert!(m.contains("Frame"), "{m}"),
+        other => panic!("a JPEG with two frame headers decoded: {other:?}"),
+    }
+}

@@ -67,6 +67,11 @@ enum Stop {
 /// Runs ingest until shutdown: connect, consume, and on failure reconnect with backoff or wait
 /// for storage to recover.
 pub async fn run(shared: Arc<Shared>) {
+    // The colour-name table that captions uncaptioned images, built while the first
+    // connection is made rather than by the first delivery that needs it.
+    drop(tokio::task::spawn_blocking(
+        plip_ingest::captions::prepare_colour_table,
+    ));
     let mut backoff = Backoff::new(&shared.cfg.broker);
     let dir = shared.cfg.state.dir.clone();
     let reserve = shared.cfg.state.min_free_bytes;

@@ -4,7 +4,15 @@ use crate::attributes::{Attributes, Colour, Head, Lower, Shoes, Upper};
 use image::RgbImage;
 
 /// Names the dominant colour of a region, or `None` when no colour covers at least 35% of it.
-fn region_colour(img: &RgbImage, y0: f32, y1: f32, x0: f32, x1: f32) -> Option<Colour> {
+/// The region is sampled on a grid of every `step`-th row and column.
+fn region_colour(
+    img: &RgbImage,
+    step: usize,
+    y0: f32,
+    y1: f32,
+    x0: f32,
+    x1: f32,
+) -> Option<Colour> {
     let (w, h) = (img.width() as f32, img.height() as f32);
     let mut counts = [0usize; 16];
     let mut total = 0usize;
@@ -12,11 +20,11 @@ fn region_colour(img: &RgbImage, y0: f32, y1: f32, x0: f32, x1: f32) -> Option<C
     let width = img.width() as usize;
     let (xs, xe) = ((x0 * w) as usize, ((x1 * w) as usize).min(width));
     let raw = img.as_raw();
-    for y in (y0 * h) as usize..((y1 * h) as usize).min(img.height() as usize) {
+    for y in ((y0 * h) as usize..((y1 * h) as usize).min(img.height() as usize)).step_by(step) {
         let Some(row) = raw.get((y * width + xs) * 3..(y * width + xe) * 3) else {
             continue;
         };
-        for px in row.chunks_exact(3) {
+        for px in row.chunks_exact(3).step_by(step) {
             counts[table.name([px[0], px[1], px[2]])] += 1;
             total += 1;
         }
@@ -147,10 +155,11 @@ pub fn name_colour([r, g, b]: [u8; 3]) -> Colour {
 /// the head (hair), the torso, the legs and the feet, each from the central columns to avoid
 /// the background. A region without a dominant colour stays unknown.
 pub fn estimate_colours(img: &RgbImage) -> Attributes {
-    let hair = region_colour(img, 0.02, 0.09, 0.38, 0.62);
-    let top = region_colour(img, 0.22, 0.48, 0.3, 0.7);
-    let legs = region_colour(img, 0.56, 0.84, 0.32, 0.68);
-    let feet = region_colour(img, 0.92, 0.99, 0.3, 0.7);
+    let step = sample_step(img.height());
+    let hair = region_colour(img, step, 0.02, 0.09, 0.38, 0.62);
+    let top = region_colour(img, step, 0.22, 0.48, 0.3, 0.7);
+    let legs = region_colour(img, step, 0.56, 0.84, 0.32, 0.68);
+    let feet = region_colour(img, step, 0.92, 0.99, 0.3, 0.7);
     Attributes {
         head: hair.map(|c| Head {
             hair_colour: Some(c),
@@ -167,4 +176,19 @@ pub fn estimate_colours(img: &RgbImage) -> Attributes {
         shoes: feet.map(|c| Shoes { colour: Some(c) }),
         ..Default::default()
     }
+}
+
+/// Rows (and columns) between two sampled pixels: the regions are read on a grid about 64 rows
+/// high whatever the image's size (every 2nd pixel of a 128×64 crop, every 4th of the canonical
+/// 256×128), enough to find a colour that covers a third of a region at a quarter of the
+/// look-ups or less (measured: colour naming was 8–11% of intake's CPU for 128×64 JPEGs with
+/// every pixel read).
+fn sample_step(height: u32) -> usize {
+    (height as usize / 64).max(1)
+}
+
+/// Builds the colour-name table now rather than on the first image that needs it (about 0.1 s
+/// on one core): intake calls it when it starts, so its first deliveries do not wait for it.
+pub fn prepare_colour_table() {
+    ColourTable::get();
 }

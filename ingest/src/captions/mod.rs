@@ -12,7 +12,7 @@ mod colour;
 mod phrases;
 mod templates;
 
-pub use colour::{estimate_colours, name_colour, name_colour_by_table};
+pub use colour::{estimate_colours, name_colour, name_colour_by_table, prepare_colour_table};
 pub use phrases::find_phrases;
 pub use templates::{synthesize, vocabulary_corpus};
 
