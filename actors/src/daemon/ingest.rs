@@ -67,11 +67,9 @@ enum Stop {
 /// Runs ingest until shutdown: connect, consume, and on failure reconnect with backoff or wait
 /// for storage to recover.
 pub async fn run(shared: Arc<Shared>) {
-    // The colour-name table that captions uncaptioned images, built while the first
-    // connection is made rather than by the first delivery that needs it.
-    drop(tokio::task::spawn_blocking(
-        plip_ingest::captions::prepare_colour_table,
-    ));
+    // The colour-name table that captions uncaptioned images is built before the first
+    // connection (about 0.1 s of one core), not by the first delivery that needs it.
+    let _ = tokio::task::spawn_blocking(plip_ingest::captions::prepare_colour_table).await;
     let mut backoff = Backoff::new(&shared.cfg.broker);
     let dir = shared.cfg.state.dir.clone();
     let reserve = shared.cfg.state.min_free_bytes;

@@ -188,7 +188,7 @@ fn sample_step(height: u32) -> usize {
 }
 
 /// Builds the colour-name table now rather than on the first image that needs it (about 0.1 s
-/// on one core): intake calls it when it starts, so its first deliveries do not wait for it.
+/// on one core): intake calls it before it starts consuming.
 pub fn prepare_colour_table() {
     ColourTable::get();
 }
