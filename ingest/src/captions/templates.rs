@@ -10,11 +10,21 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// Appends text while recording phrase spans in characters.
-#[derive(Default)]
 struct Builder {
     text: String,
     chars: usize,
     phrases: Vec<Phrase>,
+}
+
+impl Default for Builder {
+    /// Room for a typical caption (under 160 bytes, up to 7 phrases) without regrowing.
+    fn default() -> Self {
+        Builder {
+            text: String::with_capacity(160),
+            chars: 0,
+            phrases: Vec::with_capacity(7),
+        }
+    }
 }
 
 impl Builder {
@@ -132,12 +142,33 @@ fn join_and(items: &[String]) -> String {
 }
 
 /// Writes a list of (group, phrase) items joined with commas and a final "and".
-fn push_list(b: &mut Builder, items: &[(Group, String)]) {
+fn push_list(b: &mut Builder, items: &[(Group, &str)]) {
     for (i, (g, s)) in items.iter().enumerate() {
         if i > 0 {
             b.push(if i + 1 == items.len() { " and " } else { ", " });
         }
         b.phrase(*g, s);
+    }
+}
+
+/// Each region's phrase, worded once for all three captions of a set.
+struct Phrases {
+    hair: Option<String>,
+    upper: Option<String>,
+    lower: Option<String>,
+    shoes: Option<String>,
+    carried: Option<String>,
+}
+
+impl Phrases {
+    fn of(a: &Attributes) -> Self {
+        Phrases {
+            hair: a.head.as_ref().and_then(hair),
+            upper: a.upper.as_ref().and_then(upper),
+            lower: a.lower.as_ref().and_then(lower),
+            shoes: a.shoes.as_ref().and_then(shoes),
+            carried: carried(a),
+        }
     }
 }
 
@@ -156,7 +187,7 @@ fn subject(a: &Attributes, rng: &mut StdRng) -> (String, &'static str) {
 
 /// Style 1: "A woman with long black hair, wearing a navy jacket, denim blue jeans and white
 /// shoes, carrying a backpack."
-fn style_one(a: &Attributes, rng: &mut StdRng) -> Caption {
+fn style_one(a: &Attributes, w: &Phrases, rng: &mut StdRng) -> Caption {
     let mut b = Builder::default();
     let (noun, _) = subject(a, rng);
     b.push(["a ", "the "][rng.gen_range(0..2)]);
@@ -167,36 +198,36 @@ fn style_one(a: &Attributes, rng: &mut StdRng) -> Caption {
     }
     let head = a.head.unwrap_or_default();
     let mut with = Vec::new();
-    if let Some(h) = hair(&head) {
-        with.push((Group::Head, h));
+    if let Some(h) = &w.hair {
+        with.push((Group::Head, h.as_str()));
     }
     if head.glasses == Some(true) {
-        with.push((Group::Head, "glasses".into()));
+        with.push((Group::Head, "glasses"));
     }
     if head.hat == Some(true) {
-        with.push((Group::Head, "a hat".into()));
+        with.push((Group::Head, "a hat"));
     }
     if !with.is_empty() {
         b.push(" with ");
         push_list(&mut b, &with);
     }
     let mut clothes = Vec::new();
-    if let Some(u) = a.upper.as_ref().and_then(upper) {
-        clothes.push((Group::Upper, u));
+    if let Some(u) = &w.upper {
+        clothes.push((Group::Upper, u.as_str()));
     }
-    if let Some(l) = a.lower.as_ref().and_then(lower) {
-        clothes.push((Group::Lower, l));
+    if let Some(l) = &w.lower {
+        clothes.push((Group::Lower, l.as_str()));
     }
-    if let Some(s) = a.shoes.as_ref().and_then(shoes) {
-        clothes.push((Group::Shoes, s));
+    if let Some(s) = &w.shoes {
+        clothes.push((Group::Shoes, s.as_str()));
     }
     if !clothes.is_empty() {
         b.push([", wearing ", " is wearing ", ", dressed in "][rng.gen_range(0..3)]);
         push_list(&mut b, &clothes);
     }
-    if let Some(c) = carried(a) {
+    if let Some(c) = &w.carried {
         b.push([", carrying ", " and carries ", ", with "][rng.gen_range(0..3)]);
-        b.phrase(Group::Belongings, &c);
+        b.phrase(Group::Belongings, c);
     }
     b.push(".");
     b.finish()
@@ -204,7 +235,7 @@ fn style_one(a: &Attributes, rng: &mut StdRng) -> Caption {
 
 /// Style 2: sentences about one region each, in a seed-dependent order: "The man has short grey
 /// hair. His upper body is covered by a white shirt. He wears black trousers and grey shoes."
-fn style_two(a: &Attributes, rng: &mut StdRng) -> Caption {
+fn style_two(a: &Attributes, w: &Phrases, rng: &mut StdRng) -> Caption {
     let (noun, pronoun) = subject(a, rng);
     let possessive = match pronoun {
         "she" => "her",
@@ -213,33 +244,32 @@ fn style_two(a: &Attributes, rng: &mut StdRng) -> Caption {
     };
     let mut sentences: Vec<Vec<(Option<Group>, String)>> = Vec::new();
     let head = a.head.unwrap_or_default();
-    if let Some(h) = hair(&head) {
+    if let Some(h) = &w.hair {
         let verb = if pronoun == "they" { "have" } else { "has" };
-        let mut s = vec![(None, format!("{pronoun} {verb} ")), (Some(Group::Head), h)];
+        let mut s = vec![
+            (None, format!("{pronoun} {verb} ")),
+            (Some(Group::Head), h.clone()),
+        ];
         if head.glasses == Some(true) {
             s.push((None, " and wears ".into()));
             s.push((Some(Group::Head), "glasses".into()));
         }
         sentences.push(s);
     }
-    if let Some(u) = a.upper.as_ref().and_then(upper) {
+    if let Some(u) = &w.upper {
         let wears = if pronoun == "they" { "wear" } else { "wears" };
-        let lead = [
-            "{p} top is ",
-            "{p} upper body is covered by ",
-            "on top {n} {w} ",
-        ][rng.gen_range(0..3)];
-        let lead = lead
-            .replace("{p}", possessive)
-            .replace("{n}", pronoun)
-            .replace("{w}", wears);
-        sentences.push(vec![(None, lead), (Some(Group::Upper), u)]);
+        let lead = match rng.gen_range(0..3usize) {
+            0 => format!("{possessive} top is "),
+            1 => format!("{possessive} upper body is covered by "),
+            _ => format!("on top {pronoun} {wears} "),
+        };
+        sentences.push(vec![(None, lead), (Some(Group::Upper), u.clone())]);
     }
     let mut below = Vec::new();
-    if let Some(l) = a.lower.as_ref().and_then(lower) {
+    if let Some(l) = &w.lower {
         below.push((Group::Lower, l));
     }
-    if let Some(s) = a.shoes.as_ref().and_then(shoes) {
+    if let Some(s) = &w.shoes {
         below.push((Group::Shoes, s));
     }
     if !below.is_empty() {
@@ -249,7 +279,7 @@ fn style_two(a: &Attributes, rng: &mut StdRng) -> Caption {
             if i > 0 {
                 s.push((None, " and ".into()));
             }
-            s.push((Some(*g), p.clone()));
+            s.push((Some(*g), (*p).clone()));
         }
         sentences.push(s);
     }
@@ -261,7 +291,7 @@ fn style_two(a: &Attributes, rng: &mut StdRng) -> Caption {
             (None, " on".into()),
         ]);
     }
-    if let Some(c) = carried(a) {
+    if let Some(c) = &w.carried {
         let verb = if pronoun == "they" {
             "are carrying "
         } else {
@@ -269,7 +299,7 @@ fn style_two(a: &Attributes, rng: &mut StdRng) -> Caption {
         };
         sentences.push(vec![
             (None, format!("{pronoun} {verb}")),
-            (Some(Group::Belongings), c),
+            (Some(Group::Belongings), c.clone()),
         ]);
     }
     sentences.shuffle(rng);
@@ -284,10 +314,16 @@ fn style_two(a: &Attributes, rng: &mut StdRng) -> Caption {
     for s in sentences {
         b.push(" ");
         for (i, (g, t)) in s.iter().enumerate() {
-            let t = if i == 0 { capitalise(t) } else { t.clone() };
+            let capital;
+            let t = if i == 0 {
+                capital = capitalise(t);
+                capital.as_str()
+            } else {
+                t.as_str()
+            };
             match g {
-                Some(g) => b.phrase(*g, &t),
-                None => b.push(&t),
+                Some(g) => b.phrase(*g, t),
+                None => b.push(t),
             };
         }
         b.push(".");
@@ -305,7 +341,7 @@ fn capitalise(s: &str) -> String {
 
 /// Prompt caption: the attributes filled into one of a few fixed templates (SYNTH-PEDES's
 /// prompt captions fill one of many templates), chosen by the seed.
-fn prompt(a: &Attributes, rng: &mut StdRng) -> Caption {
+fn prompt(a: &Attributes, w: &Phrases, rng: &mut StdRng) -> Caption {
     let mut b = Builder::default();
     let t = rng.gen_range(0..3);
     b.push(
@@ -326,20 +362,17 @@ fn prompt(a: &Attributes, rng: &mut StdRng) -> Caption {
         }
     }
     let mut items = Vec::new();
-    if let Some(h) = a.head.as_ref().and_then(hair) {
-        items.push((Group::Head, h));
-    }
-    if let Some(u) = a.upper.as_ref().and_then(upper) {
-        items.push((Group::Upper, u));
-    }
-    if let Some(l) = a.lower.as_ref().and_then(lower) {
-        items.push((Group::Lower, l));
-    }
-    if let Some(s) = a.shoes.as_ref().and_then(shoes) {
-        items.push((Group::Shoes, s));
-    }
-    if let Some(c) = carried(a) {
-        items.push((Group::Belongings, c));
+    let regions = [
+        (Group::Head, &w.hair),
+        (Group::Upper, &w.upper),
+        (Group::Lower, &w.lower),
+        (Group::Shoes, &w.shoes),
+        (Group::Belongings, &w.carried),
+    ];
+    for (g, p) in regions {
+        if let Some(p) = p {
+            items.push((g, p.as_str()));
+        }
     }
     if !items.is_empty() {
         b.push(", with ");
@@ -353,9 +386,10 @@ fn prompt(a: &Attributes, rng: &mut StdRng) -> Caption {
 /// `seed`. With no known attribute at all the captions only say that a person is seen.
 pub fn synthesize(a: &Attributes, seed: u64) -> CaptionSet {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
-    let one = style_one(a, &mut rng);
-    let two = style_two(a, &mut rng);
-    let prompt = prompt(a, &mut rng);
+    let words = Phrases::of(a);
+    let one = style_one(a, &words, &mut rng);
+    let two = style_two(a, &words, &mut rng);
+    let prompt = prompt(a, &words, &mut rng);
     CaptionSet {
         captions: vec![one, two],
         prompt,
