@@ -171,35 +171,61 @@ impl Packs {
     /// # Errors
     /// The write failed (a full disk, say).
     pub fn append(&self, bytes: &[u8]) -> io::Result<PackRef> {
-        let len = u32::try_from(bytes.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "image over 4 GiB"))?;
+        let mut refs = self.append_all(&[bytes])?;
+        refs.pop()
+            .ok_or_else(|| io::Error::other("an append returned no reference"))
+    }
+
+    /// Appends every item, in order, to the current pack with one write (one per pack when the
+    /// items fill it and writing moves on to the next): a delivery's images cost one system
+    /// call, not one each. Not yet durable: see [`Packs::sync_upto`].
+    ///
+    /// # Errors
+    /// A write failed (a full disk, say); what this call wrote before is never referenced and
+    /// is written over or reclaimed like any orphan.
+    pub fn append_all(&self, items: &[&[u8]]) -> io::Result<Vec<PackRef>> {
+        let mut refs = Vec::with_capacity(items.len());
         let mut w = lock(&self.writer);
-        if w.end > 0 && w.end + u64::from(len) > self.max_bytes {
-            // Everything in the full pack is made durable before moving on, so a reference to
-            // an older pack never needs a sync.
-            w.file.sync_data()?;
-            let pack = w.pack + 1;
-            let file = create_pack(&self.dir, pack)?;
-            *w = Writer {
-                pack,
-                file: Arc::new(file),
-                end: 0,
-            };
+        // The bytes not yet written, which belong at `w.end` of the current pack.
+        let mut run: Vec<u8> = Vec::with_capacity(items.iter().map(|b| b.len()).sum());
+        for bytes in items {
+            let len = u32::try_from(bytes.len())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "image over 4 GiB"))?;
+            let end = w.end + run.len() as u64;
+            if end > 0 && end + u64::from(len) > self.max_bytes {
+                // Everything in the full pack is made durable before moving on, so a reference
+                // to an older pack never needs a sync.
+                w.file.write_all_at(&run, w.end)?;
+                w.end = end;
+                run.clear();
+                w.file.sync_data()?;
+                let pack = w.pack + 1;
+                let file = create_pack(&self.dir, pack)?;
+                *w = Writer {
+                    pack,
+                    file: Arc::new(file),
+                    end: 0,
+                };
+            }
+            refs.push(PackRef {
+                pack: w.pack,
+                offset: w.end + run.len() as u64,
+                len,
+                crc: crc32fast::hash(bytes),
+            });
+            run.extend_from_slice(bytes);
         }
         // Written under the lock: a sync that covers `end` covers every byte before it.
-        w.file.write_all_at(bytes, w.end)?;
-        let r = PackRef {
-            pack: w.pack,
-            offset: w.end,
-            len,
-            crc: crc32fast::hash(bytes),
-        };
-        w.end += u64::from(len);
+        w.file.write_all_at(&run, w.end)?;
+        w.end += run.len() as u64;
         drop(w);
         // Counted from the append, not the commit: a pack with an entry still on its way to
         // its record is never deleted under it.
-        *lock(&self.live).entry(r.pack).or_default() += 1;
-        Ok(r)
+        let mut live = lock(&self.live);
+        for r in &refs {
+            *live.entry(r.pack).or_default() += 1;
+        }
+        Ok(refs)
     }
 
     /// Makes every byte up to the end of `r` durable. Calls that arrive while another is

@@ -290,8 +290,7 @@ impl SampleStore {
     pub fn put_batch(&self, images: &[ValidImage]) -> Result<Vec<bool>> {
         let mut staged = Vec::with_capacity(images.len());
         let mut fresh = Vec::with_capacity(images.len());
-        for img in images {
-            let s = self.stage(img)?;
+        for s in self.stage_all(images)? {
             fresh.push(s.is_some());
             staged.extend(s);
         }
@@ -332,76 +331,112 @@ impl SampleStore {
     /// # Errors
     /// A failed write.
     pub fn stage(&self, img: &ValidImage) -> Result<Option<Staged>> {
+        Ok(self.stage_all(std::slice::from_ref(img))?.pop().flatten())
+    }
+
+    /// [`SampleStore::stage`] for several images, their JPEGs appended to the pack with one
+    /// write. One entry per image, `None` where the id is already stored.
+    ///
+    /// # Errors
+    /// A failed write.
+    pub fn stage_all(&self, imgs: &[ValidImage]) -> Result<Vec<Option<Staged>>> {
         injected_stall();
         injected_fault()?;
-        if self.samples.contains_key(img.id.as_bytes())? {
-            return Ok(None);
+        struct Prepared<'a> {
+            unsettled: Unsettled,
+            jpeg: std::borrow::Cow<'a, [u8]>,
+            captions: Vec<Caption>,
+            captioned: bool,
         }
-        // Numbered and registered as unsettled in one step, so that no follower of the
-        // arrivals sees a later number settled while this one is not yet registered.
-        let unsettled = {
-            let mut set = self
-                .unsettled
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let seq = self.db.generate_id()?;
-            set.insert(seq);
-            Unsettled {
-                seq,
-                set: self.unsettled.clone(),
+        let mut prepared = Vec::with_capacity(imgs.len());
+        for img in imgs {
+            if self.samples.contains_key(img.id.as_bytes())? {
+                prepared.push(None);
+                continue;
             }
-        };
-        let seq = unsettled.seq;
-        let canonical_jpeg;
-        let jpeg = match &img.encoded {
-            Some(bytes) => bytes.as_slice(),
-            None => {
-                canonical_jpeg = to_jpeg(&canonical(&img.pixels), JPEG_QUALITY)
-                    .map_err(|e| Error::Storage(e.to_string()))?;
-                canonical_jpeg.as_slice()
-            }
-        };
-        let captioned = img.captions.is_empty();
-        let captions = if captioned {
-            let attrs = img
-                .attributes
-                .unwrap_or_else(|| plip_ingest::captions::estimate_colours(&img.pixels));
-            daemon_captions(&attrs, seq)
-        } else {
-            img.captions
-                .iter()
-                .map(|t| Caption {
-                    text: t.clone(),
-                    phrases: find_phrases(t),
-                })
-                .collect()
-        };
-        let image = self
+            // Numbered and registered as unsettled in one step, so that no follower of the
+            // arrivals sees a later number settled while this one is not yet registered.
+            let unsettled = {
+                let mut set = self
+                    .unsettled
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let seq = self.db.generate_id()?;
+                set.insert(seq);
+                Unsettled {
+                    seq,
+                    set: self.unsettled.clone(),
+                }
+            };
+            let jpeg = match &img.encoded {
+                Some(bytes) => std::borrow::Cow::Borrowed(bytes.as_slice()),
+                None => std::borrow::Cow::Owned(
+                    to_jpeg(&canonical(&img.pixels), JPEG_QUALITY)
+                        .map_err(|e| Error::Storage(e.to_string()))?,
+                ),
+            };
+            let captioned = img.captions.is_empty();
+            let captions = if captioned {
+                let attrs = img
+                    .attributes
+                    .unwrap_or_else(|| plip_ingest::captions::estimate_colours(&img.pixels));
+                daemon_captions(&attrs, unsettled.seq)
+            } else {
+                img.captions
+                    .iter()
+                    .map(|t| Caption {
+                        text: t.clone(),
+                        phrases: find_phrases(t),
+                    })
+                    .collect()
+            };
+            prepared.push(Some(Prepared {
+                unsettled,
+                jpeg,
+                captions,
+                captioned,
+            }));
+        }
+        let bytes: Vec<&[u8]> = prepared.iter().flatten().map(|p| p.jpeg.as_ref()).collect();
+        let mut refs = self
             .packs
-            .append(jpeg)
-            .map_err(|e| Error::Storage(format!("writing a pack file: {e}")))?;
-        let meta = SampleMeta {
-            id: img.id.clone(),
-            person_id: img.person_id.clone(),
-            camera_id: img.camera_id.clone(),
-            captions,
-            attributes: img.attributes,
-            purpose: img.purpose,
-            probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
-            seq,
-            colours: None,
-            image: Some(image),
-        };
-        Ok(Some(Staged {
-            record: encode_record(&meta)?,
-            id: meta.id,
-            seq,
-            _unsettled: unsettled,
-            purpose: meta.purpose,
-            probe: meta.probe,
-            image,
-            captioned,
-        }))
+            .append_all(&bytes)
+            .map_err(|e| Error::Storage(format!("writing a pack file: {e}")))?
+            .into_iter();
+        let mut out = Vec::with_capacity(imgs.len());
+        for (img, p) in imgs.iter().zip(prepared) {
+            let Some(p) = p else {
+                out.push(None);
+                continue;
+            };
+            let image = refs.next().ok_or_else(|| {
+                Error::Internal("a pack append returned too few references".into())
+            })?;
+            let seq = p.unsettled.seq;
+            let meta = SampleMeta {
+                id: img.id.clone(),
+                person_id: img.person_id.clone(),
+                camera_id: img.camera_id.clone(),
+                captions: p.captions,
+                attributes: img.attributes,
+                purpose: img.purpose,
+                probe: is_probe(img.person_id.as_deref(), &img.id, self.probe_percent),
+                seq,
+                colours: None,
+                image: Some(image),
+            };
+            out.push(Some(Staged {
+                record: encode_record(&meta)?,
+                id: meta.id,
+                seq,
+                _unsettled: p.unsettled,
+                purpose: meta.purpose,
+                probe: meta.probe,
+                image,
+                captioned: p.captioned,
+            }));
+        }
+        Ok(out)
     }
 
     /// Second step: makes the staged images' bytes durable (one `fdatasync` of the pack, shared

@@ -461,35 +461,32 @@ async fn store_images(
             .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
         let counted = shared.clone();
         let image_limits = limits.image;
-        // Each image is decoded and its bytes appended to a pack (not durable yet); duplicates
-        // are counted here, stored images when their records are committed below.
-        let done = blocking_storage(stall, move || {
+        // The group's images are decoded, then their bytes appended to a pack with one write
+        // (not durable yet); duplicates are counted here, stored images when their records are
+        // committed below.
+        let (decoded_ids, refused, stage) = blocking_storage(stall, move || {
             let _permit = permit;
-            group
-                .into_iter()
-                .map(|img| match img.decode(&image_limits) {
-                    Ok(valid) => match counted.store.stage(&valid)? {
-                        Some(s) => Ok(Ok((valid.id, Some(s)))),
-                        None => {
-                            counted.stats().duplicates += 1;
-                            Ok(Ok((valid.id, None)))
-                        }
-                    },
-                    Err(refused) => Ok(Err(refused)),
-                })
-                .collect::<Result<Vec<_>>>()
+            let (mut valid, mut refused) = (Vec::with_capacity(group.len()), Vec::new());
+            for img in group {
+                match img.decode(&image_limits) {
+                    Ok(v) => valid.push(v),
+                    Err(r) => refused.push(r),
+                }
+            }
+            let stage = counted.store.stage_all(&valid)?;
+            let duplicates = stage.iter().filter(|s| s.is_none()).count() as u64;
+            if duplicates > 0 {
+                counted.stats().duplicates += duplicates;
+            }
+            // The pixels are freed here, inside the budget that was charged for them.
+            let ids: Vec<String> = valid.into_iter().map(|v| v.id).collect();
+            Ok((ids, refused, stage))
         })
         .await
         .map_err(Stop::StorageFailed)?;
-        for one in done {
-            match one {
-                Ok((id, s)) => {
-                    ids.push(id);
-                    staged.extend(s);
-                }
-                Err(refused) => rejected.push(refused),
-            }
-        }
+        ids.extend(decoded_ids);
+        staged.extend(stage.into_iter().flatten());
+        rejected.extend(refused);
     }
     if !ids.is_empty() {
         // One pack sync (shared with the deliveries committing alongside), the records in one
