@@ -162,40 +162,103 @@ pub fn decode(bytes: &[u8], limits: &IntakeLimits) -> Result<RgbImage, ImageErro
 /// marker segments before the first scan; `None` when the walk fails, no frame header comes
 /// before the scan, or a dimension is 0 (the decoder then reads the header and reports why).
 fn jpeg_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
-    if !bytes.starts_with(&[0xff, 0xd8]) {
-        return None;
+    for seg in JpegSegments::new(bytes) {
+        let seg = seg?;
+        match seg.code {
+            0xda | 0xd9 => return None,
+            // SOFn, except DHT (C4), JPG (C8) and DAC (CC): precision, height, width, ...
+            0xc0..=0xcf if !matches!(seg.code, 0xc4 | 0xc8 | 0xcc) => {
+                if seg.payload.len() < 6 {
+                    return None;
+                }
+                let f = &bytes[seg.payload.start + 1..seg.payload.start + 5];
+                let height = u32::from(u16::from_be_bytes([f[0], f[1]]));
+                let width = u32::from(u16::from_be_bytes([f[2], f[3]]));
+                return (width > 0 && height > 0).then_some((width, height));
+            }
+            _ => {}
+        }
     }
-    let mut at = 2;
-    loop {
-        if *bytes.get(at)? != 0xff {
+    None
+}
+
+/// One marker segment of a JPEG: its code, where it begins (the first 0xFF, fill bytes
+/// included) and its payload (after the length field; empty for markers without one). The
+/// start-of-scan segment is the last one given: the entropy-coded data follows it.
+struct JpegSegment {
+    code: u8,
+    start: usize,
+    payload: std::ops::Range<usize>,
+}
+
+/// The marker segments after the start-of-image marker, up to and including the first
+/// start-of-scan; `Some(None)` where the layout cannot be followed (no marker where one
+/// should be, a length running past the end), after which nothing more is given.
+struct JpegSegments<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    done: bool,
+}
+
+impl<'a> JpegSegments<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        JpegSegments {
+            bytes,
+            at: 2,
+            done: !bytes.starts_with(&[0xff, 0xd8]),
+        }
+    }
+
+    fn next_segment(&mut self) -> Option<JpegSegment> {
+        let bytes = self.bytes;
+        let start = self.at;
+        // A marker: 0xFF, optional fill bytes 0xFF, then the code.
+        if *bytes.get(start)? != 0xff {
             return None;
         }
-        let mut code_at = at + 1;
+        let mut code_at = start + 1;
         while *bytes.get(code_at)? == 0xff {
             code_at += 1;
         }
         let code = bytes[code_at];
-        match code {
-            0xda | 0xd9 => return None,
-            0x01 | 0xd0..=0xd7 => at = code_at + 1,
+        let seg = match code {
+            // Markers without a length.
+            0x01 | 0xd0..=0xd9 => JpegSegment {
+                code,
+                start,
+                payload: code_at + 1..code_at + 1,
+            },
             _ => {
                 let len = usize::from(u16::from_be_bytes([
                     *bytes.get(code_at + 1)?,
                     *bytes.get(code_at + 2)?,
                 ]));
-                // SOFn, except DHT (C4), JPG (C8) and DAC (CC): length, precision, height, width.
-                if matches!(code, 0xc0..=0xcf) && !matches!(code, 0xc4 | 0xc8 | 0xcc) {
-                    let f = bytes.get(code_at + 4..code_at + 8)?;
-                    let height = u32::from(u16::from_be_bytes([f[0], f[1]]));
-                    let width = u32::from(u16::from_be_bytes([f[2], f[3]]));
-                    return (len >= 8 && width > 0 && height > 0).then_some((width, height));
-                }
-                if len < 2 {
+                let end = code_at + 1 + len;
+                if len < 2 || end > bytes.len() {
                     return None;
                 }
-                at = code_at + 1 + len;
+                JpegSegment {
+                    code,
+                    start,
+                    payload: code_at + 3..end,
+                }
             }
+        };
+        self.at = seg.payload.end;
+        Some(seg)
+    }
+}
+
+impl Iterator for JpegSegments<'_> {
+    type Item = Option<JpegSegment>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
         }
+        let seg = self.next_segment();
+        self.done = seg.as_ref().is_none_or(|s| s.code == 0xda);
+        Some(seg)
     }
 }
 
@@ -223,44 +286,19 @@ pub fn storable_jpeg(bytes: &[u8], width: u32, height: u32) -> Option<Vec<u8>> {
     }
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(&bytes[..2]);
-    let mut at = 2;
-    loop {
-        // A marker: 0xFF, optional fill bytes 0xFF, then the code.
-        if *bytes.get(at)? != 0xff {
-            return None;
-        }
-        let mut code_at = at + 1;
-        while *bytes.get(code_at)? == 0xff {
-            code_at += 1;
-        }
-        let code = bytes[code_at];
-        match code {
+    for seg in JpegSegments::new(bytes) {
+        let seg = seg?;
+        match seg.code {
             // Start of scan: the entropy-coded data and everything after it, as they are.
             0xda => {
-                out.extend_from_slice(&bytes[at..]);
+                out.extend_from_slice(&bytes[seg.start..]);
                 return Some(out);
             }
-            // Markers without a length.
-            0x01 | 0xd0..=0xd7 => {
-                out.extend_from_slice(&bytes[at..=code_at]);
-                at = code_at + 1;
-            }
-            _ => {
-                let len = usize::from(u16::from_be_bytes([
-                    *bytes.get(code_at + 1)?,
-                    *bytes.get(code_at + 2)?,
-                ]));
-                let end = code_at + 1 + len;
-                if len < 2 || end > bytes.len() {
-                    return None;
-                }
-                if !matches!(code, 0xe1 | 0xed | 0xfe) {
-                    out.extend_from_slice(&bytes[at..end]);
-                }
-                at = end;
-            }
+            0xe1 | 0xed | 0xfe => {}
+            _ => out.extend_from_slice(&bytes[seg.start..seg.payload.end]),
         }
     }
+    None
 }
 
 /// Resizes to the canonical 256×128 (H×W) sample size (triangle filter); an image already of

@@ -224,6 +224,14 @@ fn jpeg_dimensions_come_from_the_frame_header() {
             ..
         })
     ));
+    // A frame header too short to hold the size is not read past its end: the decoder
+    // measures the file, and refuses it.
+    let mut short = plain.clone();
+    short[sof + 2..sof + 4].copy_from_slice(&[0, 4]);
+    assert!(matches!(
+        inspect(&short, &limits),
+        Err(ImageError::Undecodable(_))
+    ));
     // A second frame header declaring another size: refused, not decoded at either size.
     let mut two = plain[..2].to_vec();
     two.extend_from_slice(&[
