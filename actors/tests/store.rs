@@ -433,6 +433,18 @@ fn packs_rotate_and_empty_ones_are_deleted() {
     let (packs, recovered) = Packs::open(&dir, [refs[2], refs[3]], 1000).unwrap();
     assert_eq!(recovered.packs_deleted, 1);
     assert_eq!(packs.read(&refs[3]).unwrap(), vec![3u8; 400]);
+    // Several items in one append (one write per pack): the same layout as one at a time,
+    // moving on to new packs (4 is the one opened above) as they fill.
+    let items: Vec<Vec<u8>> = (10..15u8).map(|i| vec![i; 400]).collect();
+    let slices: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+    let batch = packs.append_all(&slices).unwrap();
+    let placed: Vec<(u32, u64)> = batch.iter().map(|r| (r.pack, r.offset)).collect();
+    assert_eq!(placed, vec![(4, 0), (4, 400), (5, 0), (5, 400), (6, 0)]);
+    packs.sync_upto(&batch[4]).unwrap();
+    for (r, item) in batch.iter().zip(&items) {
+        assert_eq!(&packs.read(r).unwrap(), item);
+    }
+    assert!(packs.append_all(&[]).unwrap().is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }
 
