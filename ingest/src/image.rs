@@ -323,6 +323,50 @@ pub fn pixels_at(img: &RgbImage, height: u32, width: u32) -> Vec<u8> {
     image::imageops::resize(img, width, height, image::imageops::FilterType::Triangle).into_raw()
 }
 
+/// The stored form of an image that is not kept as sent (larger than 256×128, or PNG/WebP): the
+/// canonical 256×128 (bilinear, as [`canonical`]) encoded as JPEG at `quality`, with SIMD
+/// implementations — `fast_image_resize`'s fixed-point convolution and `jpeg-encoder` — where
+/// [`canonical`] and [`to_jpeg`] use `image`'s generic paths (measured: those were 70% of the
+/// daemon's CPU for 512×256 JPEGs, README "Ingest throughput"). The pixels can differ from
+/// [`canonical`]'s by rounding.
+///
+/// # Errors
+/// A resizer or encoder failure (not expected for valid RGB images).
+pub fn canonical_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, ImageError> {
+    use fast_image_resize as fr;
+    let fail = |e: &dyn std::fmt::Display| ImageError::Undecodable(e.to_string());
+    let resized;
+    let pixels = if img.dimensions() == (CANONICAL_WIDTH, CANONICAL_HEIGHT) {
+        img.as_raw()
+    } else {
+        let src =
+            fr::images::ImageRef::new(img.width(), img.height(), img.as_raw(), fr::PixelType::U8x3)
+                .map_err(|e| fail(&e))?;
+        let mut dst =
+            fr::images::Image::new(CANONICAL_WIDTH, CANONICAL_HEIGHT, fr::PixelType::U8x3);
+        fr::Resizer::new()
+            .resize(
+                &src,
+                &mut dst,
+                &fr::ResizeOptions::new()
+                    .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear)),
+            )
+            .map_err(|e| fail(&e))?;
+        resized = dst.into_vec();
+        &resized
+    };
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, quality.clamp(1, 100))
+        .encode(
+            pixels,
+            CANONICAL_WIDTH as u16,
+            CANONICAL_HEIGHT as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .map_err(|e| fail(&e))?;
+    Ok(out)
+}
+
 /// Encodes RGB pixels as JPEG at `quality` (1–100).
 ///
 /// # Errors

@@ -3,7 +3,7 @@
 
 use image::{ImageFormat, Rgb, RgbImage};
 use plip_ingest::image::{
-    canonical, decode, inspect, storable_jpeg, to_jpeg, ImageError, IntakeLimits,
+    canonical, canonical_jpeg, decode, inspect, storable_jpeg, to_jpeg, ImageError, IntakeLimits,
 };
 use std::io::Cursor;
 use std::time::Instant;
@@ -242,4 +242,33 @@ fn jpeg_dimensions_come_from_the_frame_header() {
         Err(ImageError::Undecodable(m)) => assert!(m.contains("Frame"), "{m}"),
         other => panic!("a JPEG with two frame headers decoded: {other:?}"),
     }
+}
+
+/// The stored form of a large image (SIMD resize and encoder) is a 256×128 JPEG whose pixels
+/// are those of the generic path (`canonical`, then `to_jpeg`) up to resampling rounding and
+/// JPEG loss; an image already at 256×128 is encoded without resizing.
+#[test]
+fn large_images_are_stored_at_the_canonical_size() {
+    let limits = IntakeLimits::default();
+    let img = RgbImage::from_fn(300, 700, |x, y| {
+        Rgb([
+            (x * 255 / 300) as u8,
+            (y * 255 / 700) as u8,
+            ((x / 20 + y / 20) % 2 * 200) as u8,
+        ])
+    });
+    let fast = decode(&canonical_jpeg(&img, 90).unwrap(), &limits).unwrap();
+    let generic = decode(&to_jpeg(&canonical(&img), 90).unwrap(), &limits).unwrap();
+    assert_eq!(fast.dimensions(), (128, 256));
+    let diff: f64 = fast
+        .as_raw()
+        .iter()
+        .zip(generic.as_raw())
+        .map(|(a, b)| f64::from((i16::from(*a) - i16::from(*b)).abs()))
+        .sum::<f64>()
+        / fast.as_raw().len() as f64;
+    assert!(diff < 2.0, "mean absolute difference {diff}");
+    let at_size = canonical(&img);
+    let kept = decode(&canonical_jpeg(&at_size, 95).unwrap(), &limits).unwrap();
+    assert_eq!(kept.dimensions(), (128, 256));
 }

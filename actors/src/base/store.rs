@@ -13,7 +13,7 @@
 use crate::base::error::{Error, Result};
 
 use plip_ingest::captions::{find_phrases, Caption};
-use plip_ingest::image::{canonical, to_jpeg};
+use plip_ingest::image::canonical_jpeg;
 use plip_ingest::wire::{Purpose, ValidImage};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -371,7 +371,7 @@ impl SampleStore {
             let jpeg = match &img.encoded {
                 Some(bytes) => std::borrow::Cow::Borrowed(bytes.as_slice()),
                 None => std::borrow::Cow::Owned(
-                    to_jpeg(&canonical(&img.pixels), JPEG_QUALITY)
+                    canonical_jpeg(&img.pixels, JPEG_QUALITY)
                         .map_err(|e| Error::Storage(e.to_string()))?,
                 ),
             };
