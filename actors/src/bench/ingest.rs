@@ -44,7 +44,8 @@ pub struct IngestBenchArgs {
     /// Images per message.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// JPEG size as HEIGHTxWIDTH: 128x64 or 256x128.
+    /// JPEG size as HEIGHTxWIDTH: 128x64 and 256x128 are stored as sent; larger sizes (e.g.
+    /// 512x256) take the resize-and-re-encode path.
     #[arg(long, default_value = "128x64")]
     pub size: String,
     /// Prefetch of both consumers.
