@@ -77,7 +77,7 @@ fn synth_tokenizer_train_eval_export() {
     assert_eq!(lines[5]["step"], 60);
     assert!(report.join("loss.png").is_file());
 
-    let eval = json_lines(&plipd(&[
+    let eval_args = [
         "eval",
         "--data",
         s(&data),
@@ -85,7 +85,8 @@ fn synth_tokenizer_train_eval_export() {
         s(&state),
         "--report",
         s(&report),
-    ]));
+    ];
+    let eval = json_lines(&plipd(&eval_args));
     let e = &eval[0];
     assert_eq!(e["queries"], 20);
     for k in ["rank1", "mAP", "mINP"] {
@@ -171,19 +172,7 @@ fn synth_tokenizer_train_eval_export() {
 
     // The evaluation device: `--device cpu` is the default's result; a CUDA device in a
     // build without CUDA, or an unknown one, is refused with the reason.
-    let eval_on = |device: &str| {
-        plipd_any(&[
-            "eval",
-            "--data",
-            s(&data),
-            "--state",
-            s(&state),
-            "--report",
-            s(&report),
-            "--device",
-            device,
-        ])
-    };
+    let eval_on = |device: &str| plipd_any(&[&eval_args[..], &["--device", device]].concat());
     let out = eval_on("cpu");
     assert!(
         out.status.success(),
