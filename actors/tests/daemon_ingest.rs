@@ -479,6 +479,10 @@ fn bench_ingest_reports_the_daemon_and_its_peers() {
         "decode_only_1_thread_images_per_s",
         "ratio",
         "ratio_to_decode_only",
+        "consume_decode_images_per_s",
+        "consume_decode_ratio_to_decode_only",
+        "ratio_to_consume_decode",
+        "store_only_cpu_us_per_image",
         "fsync_4k_median_us",
         "daemon_peak_rss_mib",
     ] {
@@ -486,15 +490,36 @@ fn bench_ingest_reports_the_daemon_and_its_peers() {
         assert!(v.is_finite() && v > 0.0, "{key}: {j}");
     }
     // CPU per image (ticks of 10 ms: a 96-image drain may round to zero).
-    for key in ["daemon_cpu_us_per_image", "decode_only_cpu_us_per_image"] {
+    for key in [
+        "daemon_cpu_us_per_image",
+        "decode_only_cpu_us_per_image",
+        "consume_decode_cpu_us_per_image",
+        "peer_cpu_us_per_image",
+    ] {
         let v = j[key].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v >= 0.0, "{key}: {j}");
     }
+    // The broker's CPU is read where it runs on this machine (the tests' broker does).
+    for key in [
+        "broker_cpu_us_per_image",
+        "consume_decode_broker_cpu_us_per_image",
+        "peer_broker_cpu_us_per_image",
+    ] {
+        assert!(
+            j[key].is_null() || j[key].as_f64() >= Some(0.0),
+            "{key}: {j}"
+        );
+    }
     // Intake captions what it stores: nothing waits for a caption worker.
     assert_eq!(j["captioned_when_drained"], 96, "{j}");
-    // Decoding without storing is faster than decoding and storing.
+    // Decoding without storing is faster than decoding and storing, and taking the messages
+    // from the broker costs something too.
     assert!(
         j["decode_only_images_per_s"].as_f64() > j["daemon_images_per_s"].as_f64(),
+        "{j}"
+    );
+    assert!(
+        j["consume_decode_images_per_s"].as_f64() > j["daemon_images_per_s"].as_f64(),
         "{j}"
     );
 }

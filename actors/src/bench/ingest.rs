@@ -13,6 +13,13 @@
 //! nothing stored, on the machine's cores (and on one thread, for scale). It is the floor for any
 //! daemon that validates images.
 //!
+//! Two more split the daemon's cost in parts: **consume + decode** — the bare consumer that
+//! also decodes each delivery on a pool of the machine's cores before its ack (the floor for any
+//! consumer of this broker that validates what it takes, on the cores the broker shares) — and
+//! **store-only** — the CPU time per image of the daemon's own sample store staging (captions,
+//! colours, pack append), committing (pack sync, records) and flushing already decoded images.
+//! Where the broker runs on this machine, its CPU time per image during each drain is given too.
+//!
 //! Both sides drain a backlog published beforehand (so publishing speed is not measured): the
 //! peer from a plain queue, the daemon (`plipd run`, trainer off, a temporary state folder and
 //! topology) from its ingest queue, timed from the first delivery to the last sample flushed.
@@ -192,8 +199,47 @@ fn decode_only(bodies: &[Vec<u8>], images: usize, threads: usize) -> Result<f64,
     Ok(images as f64 / best)
 }
 
+/// A peer's drain: images/s, and the broker's CPU time per image while it lasted (where the
+/// broker runs on this machine).
+struct Drain {
+    images_per_s: f64,
+    broker_cpu_us_per_image: Option<f64>,
+    /// This process's CPU time per image while the drain lasted (the consumer and, for the
+    /// consume + decode peer, its decoding pool).
+    cpu_us_per_image: Option<f64>,
+}
+
 /// The bare consumer: images/s of consume + ack alone.
-async fn peer(args: &IngestBenchArgs, bodies: &[Vec<u8>], images: usize) -> Result<f64, Error> {
+async fn peer(args: &IngestBenchArgs, bodies: &[Vec<u8>], images: usize) -> Result<Drain, Error> {
+    drain_peer(args, bodies, images, None).await
+}
+
+/// The consume + decode peer: the bare consumer that also parses and decodes every delivery
+/// (`decode_message`, as the decode-only peer) on a pool of `threads` threads before its ack,
+/// up to the prefetch in flight; nothing stored. What any daemon that takes these messages
+/// from this broker and validates them pays at least, on the same cores as the broker.
+async fn consume_decode(
+    args: &IngestBenchArgs,
+    bodies: &[Vec<u8>],
+    images: usize,
+    threads: usize,
+) -> Result<Drain, Error> {
+    let pool = std::sync::Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?,
+    );
+    drain_peer(args, bodies, images, Some(pool)).await
+}
+
+/// Publishes the backlog to a queue of its own, then drains it with the given prefetch: each
+/// delivery acked at once, or (with a pool) after its images were decoded there.
+async fn drain_peer(
+    args: &IngestBenchArgs,
+    bodies: &[Vec<u8>],
+    images: usize,
+    decode: Option<std::sync::Arc<rayon::ThreadPool>>,
+) -> Result<Drain, Error> {
     let conn = connect(&args.url).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -219,19 +265,133 @@ async fn peer(args: &IngestBenchArgs, bodies: &[Vec<u8>], images: usize) -> Resu
             FieldTable::default(),
         )
         .await?;
+    let broker = Broker::local();
     let mut t0 = None;
+    let mut cpu0 = None;
     let mut n = 0;
+    let mut decoded = 0usize;
+    let mut inflight = tokio::task::JoinSet::new();
     while n < bodies.len() {
         let d = consumer.next().await.ok_or("consumer ended")??;
         t0.get_or_insert_with(Instant::now);
-        d.acker.ack(BasicAckOptions::default()).await?;
+        cpu0.get_or_insert_with(|| {
+            (
+                broker.as_ref().and_then(Broker::cpu_seconds),
+                cpu_seconds(std::process::id()),
+            )
+        });
         n += 1;
+        let Some(pool) = &decode else {
+            d.acker.ack(BasicAckOptions::default()).await?;
+            continue;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pool.spawn(move || {
+            let limits = plip_ingest::wire::WireLimits::default();
+            let headers = std::collections::HashMap::<String, String>::new();
+            let n = plip_ingest::wire::decode_message(
+                Some("application/msgpack"),
+                &headers,
+                &d.data,
+                &limits,
+            )
+            .map_or(0, |m| m.accepted.len());
+            let _ = tx.send((n, d.acker));
+        });
+        inflight.spawn(async move {
+            let (n, acker) = rx.await.map_err(|e| e.to_string())?;
+            acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(n)
+        });
+        while let Some(done) = inflight.try_join_next() {
+            decoded += done??;
+        }
+    }
+    while let Some(done) = inflight.join_next().await {
+        decoded += done??;
     }
     let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    let (broker0, own0) = cpu0.unwrap_or_default();
+    let per_image =
+        |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) * 1e6 / images as f64);
+    let broker_cpu = per_image(broker0, broker.as_ref().and_then(Broker::cpu_seconds));
+    let own_cpu = per_image(own0, cpu_seconds(std::process::id()));
     ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await?;
     let _ = conn.close(200, "bench done".into()).await;
-    Ok(images as f64 / secs)
+    if decode.is_some() && decoded != images {
+        return Err(format!("consume + decode peer: {decoded} of {images} images decoded").into());
+    }
+    Ok(Drain {
+        images_per_s: images as f64 / secs,
+        broker_cpu_us_per_image: broker_cpu,
+        cpu_us_per_image: own_cpu,
+    })
+}
+
+/// The store alone: CPU time per image (this process's, sled's threads included) of staging
+/// (captions, colours, the pack append), committing (the pack's sync, the records'
+/// transaction) and flushing each message's decoded images in a fresh state folder under
+/// `dir`, one message after the other; the decoding between them is not counted.
+fn store_only(bodies: &[Vec<u8>], images: usize, dir: &std::path::Path) -> Result<f64, Error> {
+    // Built before consuming, as the daemon does (0.1 s of one core, not per image).
+    plip_ingest::captions::prepare_colour_table();
+    let state = crate::base::state::State::open(&dir.join("store-only"))?;
+    let store = state.samples(0)?;
+    let limits = plip_ingest::wire::WireLimits::default();
+    let headers = std::collections::HashMap::<String, String>::new();
+    let mut cpu = 0.0;
+    let mut stored = 0usize;
+    for b in bodies {
+        let decoded =
+            plip_ingest::wire::decode_message(Some("application/msgpack"), &headers, b, &limits)
+                .map_err(|e| e.0.message)?;
+        let t = process_cpu_seconds();
+        let staged: Vec<_> = store
+            .stage_all(&decoded.accepted)?
+            .into_iter()
+            .flatten()
+            .collect();
+        let puts = store.commit(staged)?;
+        store.flush()?;
+        cpu += process_cpu_seconds() - t;
+        stored += puts.iter().filter(|p| p.fresh).count();
+    }
+    if stored != images {
+        return Err(format!("store-only peer: {stored} of {images} images stored").into());
+    }
+    Ok(cpu * 1e6 / images as f64)
+}
+
+/// This process's CPU time (every thread), in seconds, to the nanosecond.
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The broker's process when it runs on this machine (RabbitMQ's `beam.smp`), for its CPU time.
+struct Broker(u32);
+
+impl Broker {
+    fn local() -> Option<Self> {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(Self(pid))
+        })
+    }
+
+    fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(self.0)
+    }
 }
 
 /// Median latency of a 4 KiB write + fsync in `dir` (the state folder's file system), over 20
@@ -288,15 +448,19 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let decode_ips = decode_only(&bodies, images, threads)?;
     let decode_ips_1 = decode_only(&bodies, images, 1)?;
-    let peer_ips = if args.no_peer {
+    let bare = if args.no_peer {
         None
     } else {
         Some(rt.block_on(peer(args, &bodies, images))?)
     };
+    let peer_ips = bare.as_ref().map(|d| d.images_per_s);
+    let consumed = rt.block_on(consume_decode(args, &bodies, images, threads))?;
     // The daemon: its topology and backlog first, then the process.
     let dir = std::env::temp_dir().join(format!("plipd-{run}"));
     std::fs::create_dir_all(&dir)?;
     let fsync_us = fsync_latency_us(&dir)?;
+    let store_cpu_us = store_only(&bodies, images, &dir)?;
+    let _ = std::fs::remove_dir_all(dir.join("store-only"));
     let topo = Topology::with_suffix(&run);
     rt.block_on(async {
         let conn = connect(&args.url).await?;
@@ -321,10 +485,13 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     // The clock starts at the last poll that saw no delivery yet (at spawn when the first
     // answering poll already sees some), so a backlog drained between two polls is still
     // timed, to within one poll interval.
+    let broker = Broker::local();
     let mut idle_since = Instant::now();
     let mut idle_cpu = cpu_seconds(pid);
+    let mut idle_broker_cpu = broker.as_ref().and_then(Broker::cpu_seconds);
     let mut t0 = None;
     let mut cpu0 = None;
+    let mut broker_cpu0 = None;
     let mut stored = 0u64;
     let mut captioned = 0u64;
     while Instant::now() < deadline {
@@ -335,9 +502,11 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             if deliveries > 0 {
                 t0.get_or_insert(idle_since);
                 cpu0.get_or_insert(idle_cpu);
+                broker_cpu0.get_or_insert(idle_broker_cpu);
             } else {
                 idle_since = Instant::now();
                 idle_cpu = cpu_seconds(pid);
+                idle_broker_cpu = broker.as_ref().and_then(Broker::cpu_seconds);
             }
             if stored >= images as u64 {
                 break;
@@ -349,6 +518,10 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     let secs = t0.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
     let rss = rss_peak_kib(pid);
     let cpu = cpu0.flatten().zip(cpu_seconds(pid)).map(|(a, b)| b - a);
+    let broker_cpu = broker_cpu0
+        .flatten()
+        .zip(broker.as_ref().and_then(Broker::cpu_seconds))
+        .map(|(a, b)| b - a);
     daemon.stop();
     rt.block_on(async {
         if let Ok(conn) = connect(&args.url).await {
@@ -373,6 +546,8 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             "messages": bodies.len(), "backlog_bytes": bytes, "prefetch": args.prefetch,
             "daemon_images_per_s": ips, "daemon_seconds": secs,
             "peer_images_per_s": peer_ips, "ratio": peer_ips.map(|p| ips / p),
+            "peer_cpu_us_per_image": bare.as_ref().and_then(|d| d.cpu_us_per_image),
+            "peer_broker_cpu_us_per_image": bare.as_ref().and_then(|d| d.broker_cpu_us_per_image),
             "decode_only_images_per_s": decode_ips, "decode_only_threads": threads,
             "decode_only_1_thread_images_per_s": decode_ips_1,
             "ratio_to_decode_only": ips / decode_ips,
@@ -381,6 +556,17 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             "decode_only_cpu_us_per_image": decode_cpu_us,
             "cpu_ratio_to_decode_only": cpu_us.map(|c| decode_cpu_us / c),
             "fsync_4k_median_us": fsync_us,
+            // The floor for any consumer of this broker that validates what it takes: the
+            // same backlog consumed, decoded and acked, nothing stored.
+            "consume_decode_images_per_s": consumed.images_per_s,
+            "consume_decode_ratio_to_decode_only": consumed.images_per_s / decode_ips,
+            "ratio_to_consume_decode": ips / consumed.images_per_s,
+            // The broker's CPU per image during each drain, where it runs on this machine.
+            "broker_cpu_us_per_image": broker_cpu.map(|c| c * 1e6 / images as f64),
+            "consume_decode_broker_cpu_us_per_image": consumed.broker_cpu_us_per_image,
+            "consume_decode_cpu_us_per_image": consumed.cpu_us_per_image,
+            // Staging, committing and flushing decoded images, one message at a time.
+            "store_only_cpu_us_per_image": store_cpu_us,
             // Intake captions what it stores, so every stored image is captioned when the
             // clock stops (the last sample flushed).
             "captioned_when_drained": captioned,
