@@ -170,10 +170,17 @@ fn a_server_follows_the_trainer_and_answers() {
     });
     assert_ne!(s["serving"]["version"], 999);
     assert_ne!(s["follower"]["model_version"], 999);
+    // The trainer goes on checkpointing, so the server may swap between the status reads and
+    // the answer: the answer's version lies between what it served before and after.
+    let served_before = sv.status().unwrap()["serving"]["version"].as_u64();
     let r = ask_k(&rt, 0);
     assert!(r["error"].is_null(), "{r:#}");
-    let served = sv.status().unwrap()["serving"]["version"].clone();
-    assert_eq!(r["model_version"], served, "{r:#}");
+    let served_after = sv.status().unwrap()["serving"]["version"].as_u64();
+    let answered = r["model_version"].as_u64();
+    assert!(
+        answered.is_some() && served_before <= answered && answered <= served_after,
+        "{served_before:?} <= {answered:?} <= {served_after:?}: {r:#}"
+    );
     assert!(
         r["served_by"]
             .as_str()

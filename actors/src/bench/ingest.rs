@@ -336,34 +336,54 @@ async fn drain_peer(
 /// (captions, colours, the pack append), committing (the pack's sync, the records'
 /// transaction) and flushing each message's decoded images in a fresh state folder under
 /// `dir`, one message after the other; the decoding between them is not counted.
-fn store_only(bodies: &[Vec<u8>], images: usize, dir: &std::path::Path) -> Result<f64, Error> {
+fn store_only(bodies: &[Vec<u8>], images: usize, dir: &std::path::Path) -> Result<StoreCpu, Error> {
     // Built before consuming, as the daemon does (0.1 s of one core, not per image).
     plip_ingest::captions::prepare_colour_table();
     let state = crate::base::state::State::open(&dir.join("store-only"))?;
     let store = state.samples(0)?;
     let limits = plip_ingest::wire::WireLimits::default();
     let headers = std::collections::HashMap::<String, String>::new();
-    let mut cpu = 0.0;
+    let mut cpu = [0.0; 3];
     let mut stored = 0usize;
     for b in bodies {
         let decoded =
             plip_ingest::wire::decode_message(Some("application/msgpack"), &headers, b, &limits)
                 .map_err(|e| e.0.message)?;
-        let t = process_cpu_seconds();
+        let t0 = process_cpu_seconds();
         let staged: Vec<_> = store
             .stage_all(&decoded.accepted)?
             .into_iter()
             .flatten()
             .collect();
+        let t1 = process_cpu_seconds();
         let puts = store.commit(staged)?;
+        let t2 = process_cpu_seconds();
         store.flush()?;
-        cpu += process_cpu_seconds() - t;
+        let t3 = process_cpu_seconds();
+        for (c, d) in cpu.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
+            *c += d;
+        }
         stored += puts.iter().filter(|p| p.fresh).count();
     }
     if stored != images {
         return Err(format!("store-only peer: {stored} of {images} images stored").into());
     }
-    Ok(cpu * 1e6 / images as f64)
+    let [stage, commit, flush] = cpu.map(|c| c * 1e6 / images as f64);
+    Ok(StoreCpu {
+        stage,
+        commit,
+        flush,
+    })
+}
+
+/// The store-only peer's CPU time per image, microseconds, by step.
+struct StoreCpu {
+    /// Captions, colours, record encoding, the pack append.
+    stage: f64,
+    /// The pack's sync and the records' transaction.
+    commit: f64,
+    /// sled's flush.
+    flush: f64,
 }
 
 /// This process's CPU time (every thread), in seconds, to the nanosecond.
@@ -459,7 +479,7 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("plipd-{run}"));
     std::fs::create_dir_all(&dir)?;
     let fsync_us = fsync_latency_us(&dir)?;
-    let store_cpu_us = store_only(&bodies, images, &dir)?;
+    let store_cpu = store_only(&bodies, images, &dir)?;
     let _ = std::fs::remove_dir_all(dir.join("store-only"));
     let topo = Topology::with_suffix(&run);
     rt.block_on(async {
@@ -566,7 +586,10 @@ pub fn run(args: &IngestBenchArgs) -> Result<(), Error> {
             "consume_decode_broker_cpu_us_per_image": consumed.broker_cpu_us_per_image,
             "consume_decode_cpu_us_per_image": consumed.cpu_us_per_image,
             // Staging, committing and flushing decoded images, one message at a time.
-            "store_only_cpu_us_per_image": store_cpu_us,
+            "store_only_cpu_us_per_image": store_cpu.stage + store_cpu.commit + store_cpu.flush,
+            "store_only_stage_cpu_us_per_image": store_cpu.stage,
+            "store_only_commit_cpu_us_per_image": store_cpu.commit,
+            "store_only_flush_cpu_us_per_image": store_cpu.flush,
             // Intake captions what it stores, so every stored image is captioned when the
             // clock stops (the last sample flushed).
             "captioned_when_drained": captioned,
