@@ -115,8 +115,9 @@ pub enum BenchCommand {
     /// CPU-vs-device agreement on one batch (embeddings, losses, SGD and AdamW updates); prints
     /// one JSON line and fails when a difference exceeds the tolerance.
     Agree(crate::bench::train::AgreeArgs),
-    /// Ingest throughput (broker → durable samples) next to a bare consume + ack loop, and
-    /// the daemon's peak RSS; prints one JSON line.
+    /// Ingest throughput (broker → durable samples) next to its peers — decode-only, consume +
+    /// decode, the store alone, a bare consume + ack loop — and the daemon's peak RSS; prints
+    /// one JSON line.
     Ingest(crate::bench::ingest::IngestBenchArgs),
     /// Top-k queries per second of the ReID index, single and batched; prints one JSON line.
     Search(crate::bench::search::SearchBenchArgs),

@@ -445,8 +445,9 @@ fn publish_cli_feeds_the_daemon() {
 }
 
 /// `plipd bench ingest` end to end on a small backlog against the real broker: the daemon
-/// stores every image, and the JSON line carries the daemon's rate, both peers' rates (the
-/// bare consume + ack loop and decode-only), the ratios, the fsync latency and the peak RSS.
+/// stores every image, and the JSON line carries the daemon's rate, its peers' (the bare
+/// consume + ack loop, decode-only, consume + decode; the store alone's CPU), the ratios, the
+/// CPU per image (the broker's where it is local), the fsync latency and the peak RSS.
 #[test]
 fn bench_ingest_reports_the_daemon_and_its_peers() {
     let _serial = serial();
