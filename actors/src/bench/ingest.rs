@@ -165,6 +165,18 @@ async fn publish_all(
     Ok(())
 }
 
+/// One backlog message parsed, validated and decoded as the daemon does (`decode_message`
+/// with the default limits; the backlog's messages carry no headers).
+fn decode_body(body: &[u8]) -> Result<plip_ingest::wire::Decoded, plip_ingest::wire::Refusal> {
+    let headers = std::collections::HashMap::<String, String>::new();
+    plip_ingest::wire::decode_message(
+        Some("application/msgpack"),
+        &headers,
+        body,
+        &plip_ingest::wire::WireLimits::default(),
+    )
+}
+
 /// The decode-only peer: images/s of parsing and decoding every message on `threads` threads
 /// (messages spread over them), nothing stored; the best of three passes.
 fn decode_only(bodies: &[Vec<u8>], images: usize, threads: usize) -> Result<f64, Error> {
@@ -172,23 +184,13 @@ fn decode_only(bodies: &[Vec<u8>], images: usize, threads: usize) -> Result<f64,
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let limits = plip_ingest::wire::WireLimits::default();
-    let headers = std::collections::HashMap::<String, String>::new();
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
         let decoded: usize = pool.install(|| {
             bodies
                 .par_iter()
-                .map(|b| {
-                    plip_ingest::wire::decode_message(
-                        Some("application/msgpack"),
-                        &headers,
-                        b,
-                        &limits,
-                    )
-                    .map_or(0, |d| d.accepted.len())
-                })
+                .map(|b| decode_body(b).map_or(0, |d| d.accepted.len()))
                 .sum()
         });
         best = best.min(t.elapsed().as_secs_f64());
@@ -277,7 +279,7 @@ async fn drain_peer(
         cpu0.get_or_insert_with(|| {
             (
                 broker.as_ref().and_then(Broker::cpu_seconds),
-                cpu_seconds(std::process::id()),
+                Some(process_cpu_seconds()),
             )
         });
         n += 1;
@@ -287,15 +289,7 @@ async fn drain_peer(
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         pool.spawn(move || {
-            let limits = plip_ingest::wire::WireLimits::default();
-            let headers = std::collections::HashMap::<String, String>::new();
-            let n = plip_ingest::wire::decode_message(
-                Some("application/msgpack"),
-                &headers,
-                &d.data,
-                &limits,
-            )
-            .map_or(0, |m| m.accepted.len());
+            let n = decode_body(&d.data).map_or(0, |m| m.accepted.len());
             let _ = tx.send((n, d.acker));
         });
         inflight.spawn(async move {
@@ -318,7 +312,7 @@ async fn drain_peer(
     let per_image =
         |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (b - a) * 1e6 / images as f64);
     let broker_cpu = per_image(broker0, broker.as_ref().and_then(Broker::cpu_seconds));
-    let own_cpu = per_image(own0, cpu_seconds(std::process::id()));
+    let own_cpu = per_image(own0, Some(process_cpu_seconds()));
     ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await?;
     let _ = conn.close(200, "bench done".into()).await;
@@ -341,14 +335,10 @@ fn store_only(bodies: &[Vec<u8>], images: usize, dir: &std::path::Path) -> Resul
     plip_ingest::captions::prepare_colour_table();
     let state = crate::base::state::State::open(&dir.join("store-only"))?;
     let store = state.samples(0)?;
-    let limits = plip_ingest::wire::WireLimits::default();
-    let headers = std::collections::HashMap::<String, String>::new();
     let mut cpu = [0.0; 3];
     let mut stored = 0usize;
     for b in bodies {
-        let decoded =
-            plip_ingest::wire::decode_message(Some("application/msgpack"), &headers, b, &limits)
-                .map_err(|e| e.0.message)?;
+        let decoded = decode_body(b).map_err(|e| e.0.message)?;
         let t0 = process_cpu_seconds();
         let staged: Vec<_> = store
             .stage_all(&decoded.accepted)?
